@@ -1,0 +1,24 @@
+"""heksher_shm: a Heksher client with one poller per host.
+
+A drop-in replacement for ``heksher`` 0.2.2: ``import heksher_shm as heksher``.
+"""
+
+from heksher_shm._protocol import TRACK_ALL
+from heksher_shm._version import __version__
+from heksher_shm.clients.async_client import AsyncHeksherClient
+from heksher_shm.clients.thread_client import ThreadHeksherClient
+from heksher_shm.setting import Setting
+from heksher_shm.setting_types import HeksherEnum, HeksherFlags, HeksherMapping, HeksherSequence, SettingType
+
+__all__ = [
+    "TRACK_ALL",
+    "AsyncHeksherClient",
+    "HeksherEnum",
+    "HeksherFlags",
+    "HeksherMapping",
+    "HeksherSequence",
+    "Setting",
+    "SettingType",
+    "ThreadHeksherClient",
+    "__version__",
+]

@@ -1,0 +1,562 @@
+"""The background loop every client runs, written once for both clients.
+
+The loop is a generator that yields *effects* instead of doing I/O: an HTTP
+call, a wait, "apply the latest snapshot", "report the update's outcome".
+The async client runs it in an asyncio task with an ``httpx.AsyncClient``,
+the thread client in a thread with an ``httpx.Client``; each driver is a few
+lines (:func:`drive_sync` here, its twin in the async client). The
+declare/update logic therefore exists once.
+
+A client alternates between two roles:
+
+* **follower**: every ``poll`` seconds, try to take the leader lock without
+  blocking; otherwise apply a new snapshot when the generation word moved,
+  and report the leader's update results to this process's callbacks.
+* **leader**: holds the lock; declares every distinct declaration that live
+  processes registered (once per term), queries the union of their settings
+  and tracked contexts every ``update_interval`` (or at once when someone
+  asks for a reload, declares something new or tracks other contexts),
+  publishes, and heart-beats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import msgspec
+
+from heksher_shm import _protocol as proto
+from heksher_shm._snapshot import FORMAT, Ack, Head, Outcome, SettingEntry, blob_of, decode_head, encode_head
+from heksher_shm.exceptions import HeksherProtocolError
+
+__all__ = [
+    "Apply",
+    "Call",
+    "Engine",
+    "Report",
+    "Wait",
+    "Wish",
+    "drive_sync",
+]
+
+logger = logging.getLogger("heksher_shm.engine")
+
+
+# -- effects ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """Send an HTTP request; the driver sends back the :class:`httpx.Response` or throws its error."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] | None = None
+    content: bytes | None = None
+    headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Wait until woken or *timeout* seconds passed (``None``: until woken)."""
+
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Apply the latest published snapshot to this process's settings, under ``modification_lock``.
+
+    Not *blocking*: skip it when ``modification_lock`` is taken (it is tried
+    again on the next tick), so that a process holding its lock never holds
+    back the host's leader.
+    """
+
+    blocking: bool
+
+
+@dataclass(frozen=True)
+class Report:
+    """Call ``on_update_ok()`` (``error`` is None) or ``on_update_error(error)``."""
+
+    error: BaseException | None
+
+
+Effect = Call | Wait | Apply | Report
+
+
+# -- what the engine works with ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wish:
+    """One live process's registration, as the leader needs it."""
+
+    key: str
+    declarations: Sequence[proto.DeclarationBody]
+    tracked: Mapping[str, str | Sequence[str]]
+    reload_seq: int
+
+
+class Transport(Protocol):
+    """Where snapshots are published and read: the shared segment or an in-process stand-in."""
+
+    def generation(self) -> int: ...
+
+    def read_head(self) -> Any: ...
+
+    def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None: ...
+
+    def publish(self, head: bytes, blobs: Sequence[bytes]) -> int: ...
+
+    def set_leader(self, pid: int, create_time: float) -> None: ...
+
+    def beat(self, now: float | None = None) -> None: ...
+
+    def record_update_ok(self, when: float) -> None: ...
+
+    def record_error(self, message: str, when: float) -> None: ...
+
+
+class Lock(Protocol):
+    """The leader election lock."""
+
+    def try_acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+    @property
+    def held(self) -> bool: ...
+
+
+class WishSource(Protocol):
+    """The registrations of every live process (the registry, or this process alone)."""
+
+    def wishes(self) -> list[Wish]: ...
+
+    def changed(self) -> bool: ...
+
+
+class Observer(Protocol):
+    """What a follower watches for update results in the segment header."""
+
+    def update_marks(self) -> tuple[float, int, str | None]:
+        """(time of the last successful update, count of errors, last error text)."""
+        ...
+
+
+@dataclass
+class _Term:
+    """A leader's state for one term: what it declared and what it last queried."""
+
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    declared: dict[str, Outcome] = field(default_factory=dict)
+    context_features: list[str] | None = None
+    etag: str = ""
+    spec: tuple[tuple[str, ...], str] | None = None
+    next_update: float = 0.0
+    served: dict[str, Ack] = field(default_factory=dict)
+    entries: list[SettingEntry] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
+    published: bool = False
+    error_ids: int = 0
+
+
+class LeaderLost(Exception):
+    """The lock was lost (or the engine closed) during a term."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+class Engine:
+    """One client's background loop (see the module docstring).
+
+    Args:
+        transport: where snapshots go.
+        lock: the election lock.
+        source: the live processes' wishes.
+        observer: header marks a follower watches (None when alone in the process).
+        update_interval: seconds between two regular queries.
+        context_features: the client's context features, used for ordering
+            when the service's cannot be fetched.
+        identity: (pid, create_time) recorded as the leader.
+        poll: seconds between a follower's checks, and a leader's registry scans.
+        errors: where the leader keeps the exceptions it reported, by id, so
+            that its own process can raise the original exception.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        lock: Lock,
+        source: WishSource,
+        observer: Observer | None,
+        update_interval: float,
+        context_features: Sequence[str],
+        identity: tuple[int, float],
+        poll: float | None,
+        errors: dict[int, BaseException],
+    ) -> None:
+        self.transport = transport
+        self.lock = lock
+        self.source = source
+        self.observer = observer
+        self.update_interval = update_interval
+        self.context_features = list(context_features)
+        self.identity = identity
+        self.poll = poll
+        self.errors = errors
+        self.closed = False
+        self.leading = False
+        self.term: _Term | None = None
+        self.applied_generation: Callable[[], int] = lambda: -1
+        self._marks: tuple[float, int, str | None] | None = None
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run(self) -> Generator[Effect, Any, None]:
+        """The whole background life of a client, until :attr:`closed` is set."""
+        while not self.closed:
+            if self.lock.try_acquire():
+                try:
+                    yield from self._lead()
+                except LeaderLost:
+                    pass
+                finally:
+                    self.leading = False
+                    self.term = None
+                    self._marks = None
+                    if self.lock.held:
+                        self.lock.release()
+                continue
+            yield from self._follow_once()
+            yield Wait(self.poll)
+
+    def _follow_once(self) -> Generator[Effect, Any, None]:
+        if self.transport.generation() != self.applied_generation():
+            yield Apply(blocking=False)
+        if self.observer is None:
+            return
+        marks = self.observer.update_marks()
+        previous, self._marks = self._marks, marks
+        if previous is None or marks == previous:
+            return
+        ok_time, errors, message = marks
+        if errors != previous[1]:
+            yield Report(LeaderUpdateError(message or "the leader's update failed"))
+        elif ok_time != previous[0]:
+            yield Report(None)
+
+    # -- leading ----------------------------------------------------------------------------------------
+
+    def _lead(self) -> Generator[Effect, Any, None]:
+        self.leading = True
+        term = self.term = _Term()
+        pid, create_time = self.identity
+        self.transport.set_leader(pid, create_time)
+        self.transport.beat()
+        logger.info("became the leader", extra={"term": term.id, "pid": pid})
+        self._inherit(term)
+        term.context_features = (yield from self._fetch_context_features()) or term.context_features
+        while not self.closed:
+            wishes = self.source.wishes()
+            declared_new = yield from self._declare(term, wishes)
+            spec = self._spec(term, wishes)
+            now = time.time()
+            asked = any(w.reload_seq > term.served.get(w.key, Ack(0)).seq for w in wishes)
+            if declared_new or asked or spec != term.spec or now >= term.next_update:
+                error = yield from self._update(term, wishes, spec)
+                # Alone in the process (no sharing), the update waits for
+                # modification_lock as heksher 0.2.2's does; a host's leader
+                # must not, and retries on its next tick instead.
+                yield Apply(blocking=self.poll is None)
+                yield Report(error)
+            elif self.transport.generation() != self.applied_generation():
+                yield Apply(blocking=False)
+            self.transport.beat()
+            timeout = max(0.0, term.next_update - time.time())
+            if self.poll is not None:
+                timeout = min(timeout, self.poll)
+            yield Wait(timeout)
+            if not self.lock.held:
+                raise LeaderLost
+
+    def _inherit(self, term: _Term) -> None:
+        """Start from the snapshot the previous leader left, so a failing first update loses nothing."""
+        for _ in range(10):
+            try:
+                read = self.transport.read_head()
+                if read is None:
+                    return
+                head = decode_head(read.head)
+                blobs = self.transport.read_blobs(read.generation, [e.blob for e in head.settings])
+            except Exception:
+                logger.warning("the previous snapshot is unreadable; starting afresh", exc_info=True)
+                return
+            if blobs is not None:
+                term.entries = [
+                    SettingEntry(e.name, i, e.digest, e.rule_count) for i, e in enumerate(head.settings)
+                ]
+                term.blobs = blobs
+                term.served = dict(head.acks)
+                if head.context_features:
+                    term.context_features = head.context_features
+                return
+
+    def _fetch_context_features(self) -> Generator[Effect, Any, list[str] | None]:
+        try:
+            response = yield Call("GET", proto.CONTEXT_FEATURES)
+            response.raise_for_status()
+            features = proto.decode(
+                proto.CONTEXT_FEATURES, response.status_code, response.content, proto.ContextFeaturesResponse
+            ).context_features
+        except (httpx.HTTPError, HeksherProtocolError):
+            logger.exception("failed to get context features from the service")
+            return None
+        if features != self.context_features:
+            logger.warning(
+                "context feature mismatch",
+                extra={"features_in_service": features, "features_in_client": self.context_features},
+            )
+        return features
+
+    def _declare(self, term: _Term, wishes: Iterable[Wish]) -> Generator[Effect, Any, bool]:
+        """Declare what was not declared yet this term, retrying transient failures.
+
+        Returns whether any declaration succeeded (new settings to query).
+        """
+        pending: dict[str, proto.DeclarationBody] = {}
+        now = time.time()
+        for wish in wishes:
+            for body in wish.declarations:
+                digest = proto.declaration_digest(body)
+                done = term.declared.get(digest)
+                if done is None or (done.error is not None and _transient(done) and now >= term.next_update):
+                    pending[digest] = body
+        any_ok = False
+        for digest, body in pending.items():
+            outcome = yield from self._declare_one(term, body)
+            term.declared[digest] = outcome
+            any_ok = any_ok or outcome.error is None
+        return any_ok
+
+    def _declare_one(self, term: _Term, body: proto.DeclarationBody) -> Generator[Effect, Any, Outcome]:
+        try:
+            response = yield Call(
+                "POST",
+                proto.DECLARE,
+                content=msgspec.json.encode(body),
+                headers={"Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as e:
+            logger.exception("setting declaration failed", extra={"setting": body.name})
+            return self._failed(term, body.name, 0, e)
+        status = response.status_code
+        if status == 409:
+            logger.error(
+                "conflict when declaring setting",
+                extra={"setting_name": body.name, "response_content": response.content},
+            )
+        elif response.is_error:
+            logger.error(
+                "error when declaring setting",
+                extra={"setting_name": body.name, "response_content": response.content},
+            )
+            try:
+                response.raise_for_status()
+            except httpx.HTTPStatusError as e:
+                return self._failed(term, body.name, status, e)
+        try:
+            answer = proto.decode(proto.DECLARE, status, response.content, proto.DeclareResponse)
+        except HeksherProtocolError as e:
+            logger.exception("unexpected declaration response", extra={"setting_name": body.name})
+            return self._failed(term, body.name, status, e)
+        default = None
+        if answer.outcome == "outdated":
+            logger.info(
+                "setting is outdated",
+                extra={
+                    "setting_name": body.name,
+                    "declared_version": body.version,
+                    "latest_version": answer.latest_version,
+                },
+            )
+            for difference in answer.differences:
+                if difference.attribute == "default_value" and bytes(difference.latest_value):
+                    default = bytes(difference.latest_value)
+        elif answer.outcome not in ("created", "uptodate", "upgraded", "mismatch", "rejected"):
+            logger.warning(
+                "unexpected declaration outcome", extra={"setting_name": body.name, "outcome": answer.outcome}
+            )
+        return Outcome(body.name, answer.outcome, status, None, default)
+
+    def _failed(self, term: _Term, name: str, status: int, exc: BaseException) -> Outcome:
+        term.error_ids += 1
+        self.errors[term.error_ids] = exc
+        return Outcome(name, None, status, f"{_describe(exc)} (error #{term.error_ids})")
+
+    def _spec(self, term: _Term, wishes: Sequence[Wish]) -> tuple[tuple[str, ...], str]:
+        """What to query: settings whose declaration got an answer, and the union of tracked contexts.
+
+        A setting whose declaration failed for want of an answer (the service
+        is down) is still queried if the snapshot already had it: it existed.
+        """
+        names: set[str] = set()
+        known = {entry.name for entry in term.entries}
+        for wish in wishes:
+            for body in wish.declarations:
+                outcome = term.declared.get(proto.declaration_digest(body))
+                if outcome is None:
+                    continue
+                if outcome.error is None or (_transient(outcome) and body.name in known):
+                    names.add(body.name)
+        union: dict[str, str | set[str]] = {}
+        for wish in wishes:
+            for feature, values in wish.tracked.items():
+                if values == proto.TRACK_ALL or union.get(feature) == proto.TRACK_ALL:
+                    union[feature] = proto.TRACK_ALL
+                else:
+                    current = union.setdefault(feature, set())
+                    assert isinstance(current, set)
+                    current.update(values)
+        return tuple(sorted(names)), proto.context_filters(union)
+
+    def _update(
+        self, term: _Term, wishes: Sequence[Wish], spec: tuple[tuple[str, ...], str]
+    ) -> Generator[Effect, Any, BaseException | None]:
+        """Query and publish; returns the error, if any. The update timer restarts here."""
+        if spec != term.spec:
+            term.etag = ""
+        error: BaseException | None = None
+        changed = False
+        try:
+            changed = yield from self._query(term, spec)
+        except (httpx.HTTPError, HeksherProtocolError) as e:
+            error = e
+            log_extra: dict[str, Any] = {}
+            if isinstance(e, httpx.HTTPStatusError):
+                log_extra["response_content"] = e.response.content
+            logger.exception("error during heksher update", extra=log_extra)
+        else:
+            term.spec = spec
+        now = time.time()
+        term.next_update = now + self.update_interval
+        ack_error: str | None = None
+        error_id = 0
+        if error is not None:
+            term.error_ids += 1
+            error_id = term.error_ids
+            self.errors[error_id] = error
+            ack_error = _describe(error)
+        acks = dict(term.served)
+        for wish in wishes:
+            served = acks.get(wish.key)
+            if served is None or served.seq < wish.reload_seq or (served.error and error is None):
+                acks[wish.key] = Ack(wish.reload_seq, ack_error, error_id)
+        live = {w.key for w in wishes}
+        acks = {k: v for k, v in acks.items() if k in live}
+        if changed or acks != term.served or not term.published:
+            head = Head(
+                format=FORMAT,
+                term=term.id,
+                published=now,
+                context_features=term.context_features or self.context_features,
+                settings=term.entries,
+                outcomes=dict(term.declared),
+                acks=acks,
+                ok=error is None,
+                error=ack_error,
+            )
+            self.transport.publish(encode_head(head), term.blobs)
+            term.served = acks
+            term.published = True
+        if error is None:
+            self.transport.record_update_ok(now)
+        else:
+            self.transport.record_error(ack_error or "", now)
+        return error
+
+    def _query(self, term: _Term, spec: tuple[tuple[str, ...], str]) -> Generator[Effect, Any, bool]:
+        names, filters = spec
+        if not names:
+            return False
+        response = yield Call(
+            "GET",
+            proto.QUERY,
+            params=proto.query_params(names, filters),
+            headers={"If-None-Match": term.etag} if term.etag else None,
+        )
+        if response.status_code == 304:
+            logger.debug("heksher reload not necessary")
+            return False
+        response.raise_for_status()
+        result = proto.decode(proto.QUERY, response.status_code, response.content, proto.QueryResponse)
+        term.etag = response.headers.get("ETag", "")
+        entries: list[SettingEntry] = []
+        blobs: list[bytes] = []
+        for name in sorted(result.settings):
+            blob, digest, count = blob_of(result.settings[name])
+            entries.append(SettingEntry(name, len(blobs), digest, count))
+            blobs.append(blob)
+        changed = entries != term.entries
+        term.entries, term.blobs = entries, blobs
+        logger.info("heksher reload done", extra={"settings": len(entries)})
+        return changed
+
+
+def _transient(outcome: Outcome) -> bool:
+    """Worth declaring again: no answer at all, or a server error."""
+    return outcome.status == 0 or outcome.status >= 500
+
+
+class LeaderUpdateError(httpx.HTTPError):
+    """The leader (maybe another process) reported that an update or a declaration failed.
+
+    A subclass of :class:`httpx.HTTPError`, so code written for heksher 0.2.2
+    that catches HTTP errors from ``reload()`` keeps working in followers.
+    """
+
+
+def drive_sync(
+    steps: Generator[Effect, Any, Any],
+    http: httpx.Client,
+    wait: Callable[[float | None], object],
+    apply: Callable[[bool], None],
+    report: Callable[[BaseException | None], None],
+) -> Any:
+    """Run *steps* to completion with blocking I/O (the thread client's driver)."""
+    to_send: Any = None
+    to_throw: BaseException | None = None
+    while True:
+        try:
+            effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
+        except StopIteration as stop:
+            return stop.value
+        to_send, to_throw = None, None
+        try:
+            if isinstance(effect, Call):
+                to_send = http.request(
+                    effect.method,
+                    effect.path,
+                    params=effect.params,
+                    content=effect.content,
+                    headers=effect.headers,
+                )
+            elif isinstance(effect, Wait):
+                to_send = wait(effect.timeout)
+            elif isinstance(effect, Apply):
+                apply(effect.blocking)
+            else:
+                report(effect.error)
+        except Exception as e:
+            to_throw = e

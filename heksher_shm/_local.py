@@ -1,0 +1,103 @@
+"""In-process stand-ins for the segment, the election lock and the registry.
+
+With ``shared=False`` a client runs the same engine as with sharing on, but
+snapshots stay in this process's memory, the lock is always free for it, and
+the only wishes are its own. This is also the whole story of a process that
+is alone on its host and opted out of sharing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from heksher_shm._engine import Wish
+
+__all__ = ["HeadRead", "LocalLock", "LocalSource", "LocalTransport"]
+
+
+class HeadRead(NamedTuple):
+    """A verified snapshot head (same shape as the shared segment's)."""
+
+    generation: int
+    head: bytes
+    blob_count: int
+
+
+class LocalTransport:
+    """Snapshots kept in this process: publish swaps one tuple, reads copy nothing."""
+
+    def __init__(self) -> None:
+        self._current: tuple[int, bytes, tuple[bytes, ...]] = (0, b"", ())
+        self._marks: tuple[float, int, str | None] = (0.0, 0, None)
+
+    def generation(self) -> int:
+        return self._current[0]
+
+    def read_head(self) -> HeadRead | None:
+        generation, head, blobs = self._current
+        return HeadRead(generation, head, len(blobs)) if generation else None
+
+    def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None:
+        current, _, blobs = self._current
+        if current != generation:
+            return None
+        return [blobs[i] for i in indices]
+
+    def publish(self, head: bytes, blobs: Sequence[bytes]) -> int:
+        generation = self._current[0] + 1
+        self._current = (generation, head, tuple(blobs))
+        return generation
+
+    def set_leader(self, pid: int, create_time: float) -> None:
+        pass
+
+    def beat(self, now: float | None = None) -> None:
+        pass
+
+    def record_update_ok(self, when: float) -> None:
+        self._marks = (when, self._marks[1], self._marks[2])
+
+    def record_error(self, message: str, when: float) -> None:
+        self._marks = (self._marks[0], self._marks[1] + 1, message)
+
+    def update_marks(self) -> tuple[float, int, str | None]:
+        return self._marks
+
+
+class LocalLock:
+    """A lock no one else competes for."""
+
+    def __init__(self) -> None:
+        self._held = False
+
+    def try_acquire(self) -> bool:
+        self._held = True
+        return True
+
+    def release(self) -> None:
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+
+class LocalSource:
+    """This process's own wish, and nothing else."""
+
+    def __init__(self, wish: Callable[[], Wish]) -> None:
+        self._wish = wish
+        self._changed = threading.Event()
+
+    def wishes(self) -> list[Wish]:
+        self._changed.clear()
+        return [self._wish()]
+
+    def changed(self) -> bool:
+        return self._changed.is_set()
+
+    def touch(self) -> None:
+        """Note that the wish changed."""
+        self._changed.set()

@@ -1,0 +1,195 @@
+"""The Heksher v1 HTTP API as the clients use it: requests to build, typed responses to decode.
+
+Every body the service sends is decoded into a msgspec struct. A body that is
+not JSON, or JSON of the wrong shape, raises
+:class:`~heksher_shm.exceptions.HeksherProtocolError` naming the endpoint, the
+status and what was wrong, never a bare ``KeyError`` from deep inside.
+
+Rule and default values stay raw JSON (:class:`msgspec.Raw`): they travel to
+other processes untouched, and each process converts them with its own types.
+
+This module does no I/O: the clients send what it builds and hand it what
+they receive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from heksher_shm.exceptions import HeksherProtocolError
+
+__all__ = [
+    "CONTEXT_FEATURES",
+    "DECLARE",
+    "HEALTH",
+    "QUERY",
+    "SETTINGS",
+    "TRACK_ALL",
+    "ContextFeaturesResponse",
+    "DeclarationBody",
+    "DeclareResponse",
+    "Difference",
+    "QueryResponse",
+    "QueryRule",
+    "QuerySetting",
+    "SettingData",
+    "SettingsResponse",
+    "context_filters",
+    "declaration_digest",
+    "decode",
+    "query_params",
+]
+
+HEALTH: Final = "/api/health"
+CONTEXT_FEATURES: Final = "/api/v1/context_features"
+DECLARE: Final = "/api/v1/settings/declare"
+QUERY: Final = "/api/v1/query"
+SETTINGS: Final = "/api/v1/settings"
+
+TRACK_ALL: Final = "*"
+"""Track every value of a context feature (see ``track_contexts``)."""
+
+T = TypeVar("T")
+
+_ABSENT = msgspec.Raw(b"")
+
+
+class ContextFeaturesResponse(msgspec.Struct):
+    """``GET /api/v1/context_features``."""
+
+    context_features: list[str]
+
+
+class Difference(msgspec.Struct):
+    """One difference between a declaration and the service's stored one."""
+
+    level: str
+    attribute: str | None = None
+    latest_value: msgspec.Raw = msgspec.field(default_factory=lambda: _ABSENT)
+    """The stored declaration's value of :attr:`attribute`, as raw JSON (empty when absent)."""
+    message: str | None = None
+
+
+class DeclareResponse(msgspec.Struct):
+    """``POST /api/v1/settings/declare``, for every outcome."""
+
+    outcome: str
+    differences: list[Difference] = []
+    previous_version: str | None = None
+    latest_version: str | None = None
+
+
+class QueryRule(msgspec.Struct):
+    """One rule of a query result; conditions follow the service's feature order."""
+
+    value: msgspec.Raw
+    context_features: list[tuple[str, str]]
+    rule_id: int
+    metadata: dict[str, Any] | None = None
+
+
+class QuerySetting(msgspec.Struct):
+    """One setting of a query result."""
+
+    default_value: msgspec.Raw
+    rules: list[QueryRule]
+
+
+class QueryResponse(msgspec.Struct):
+    """``GET /api/v1/query``."""
+
+    settings: dict[str, QuerySetting]
+
+
+class SettingData(msgspec.Struct):
+    """A setting as the service describes it, as returned by ``get_settings()``.
+
+    Attributes:
+        name: the setting's name.
+        configurable_features: the context features it can be configured by.
+        type: its type string, by Heksher specs.
+        default_value: its default value.
+        metadata: its metadata.
+        aliases: its former names.
+        version: the version of its latest declaration.
+    """
+
+    name: str
+    configurable_features: list[str]
+    type: str
+    default_value: Any
+    metadata: dict[str, Any]
+    aliases: list[str]
+    version: str
+
+
+class SettingsResponse(msgspec.Struct):
+    """``GET /api/v1/settings?include_additional_data=true``."""
+
+    settings: list[SettingData]
+
+
+class DeclarationBody(msgspec.Struct, omit_defaults=True):
+    """The body of a declaration request."""
+
+    name: str
+    configurable_features: list[str]
+    type: str
+    default_value: Any
+    metadata: dict[str, Any]
+    version: str
+    alias: str | None = None
+
+
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def decode(endpoint: str, status: int, content: bytes, into: type[T]) -> T:
+    """Decode *content* as *into*, or raise :class:`HeksherProtocolError` saying what was wrong."""
+    decoder = _decoders.get(into)
+    if decoder is None:
+        decoder = _decoders[into] = msgspec.json.Decoder(into)
+    try:
+        return decoder.decode(content)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as e:
+        preview = content[:200]
+        problem = "empty body" if not content else f"unexpected body ({e}): {preview!r}"
+        raise HeksherProtocolError(endpoint, status, problem, content) from None
+
+
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def declaration_digest(body: DeclarationBody) -> str:
+    """A stable digest of a declaration, so identical declarations are sent once per leader term."""
+    return hashlib.sha256(_canonical.encode(body)).hexdigest()[:32]
+
+
+def context_filters(tracked: Mapping[str, str | Iterable[str]]) -> str:
+    """The ``context_filters`` query parameter for tracked context values.
+
+    Features come sorted, values sorted inside parentheses, ``*`` for
+    :data:`TRACK_ALL`; nothing tracked gives the empty string, which the
+    service answers with no rules (as heksher 0.2.2 sends it).
+    """
+    parts = []
+    for feature in sorted(tracked):
+        values = tracked[feature]
+        if values == TRACK_ALL:
+            parts.append(f"{feature}:*")
+        else:
+            parts.append(f"{feature}:(" + ",".join(sorted(values)) + ")")
+    return ",".join(parts)
+
+
+def query_params(settings: Iterable[str], filters: str) -> dict[str, str]:
+    """The parameters of a query for *settings* (any order) and a ``context_filters`` string."""
+    return {
+        "settings": ",".join(sorted(settings)),
+        "context_filters": filters,
+        "include_metadata": "false",
+    }

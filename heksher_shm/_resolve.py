@@ -1,0 +1,123 @@
+"""Rule resolution, compiled once per update so that a lookup is a few dict probes.
+
+The service's semantics: a rule holds exact-match conditions on a subset of a
+setting's configurable features, taken in the service's context-feature order.
+Among the rules whose every condition matches a context, the winner is the one
+whose last (deepest) condition comes latest in that order; a tie is broken in
+favour of the rule with an exact match at the earliest feature where the tied
+rules differ.
+
+Rules that condition on the same *set* of features (a "pattern") can never both
+match one context with different values, so a pattern is one dict from the
+tuple of its features' values to the rule's value. The ordering above is a
+total order over patterns: compare the index of their deepest feature, then
+the features they condition on, earliest first, "present" beating "absent".
+Resolving is therefore: walk the patterns from best to worst and return the
+first hit. There are at most 2**k patterns for k features, and in practice a
+handful.
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Final
+
+__all__ = ["NO_MATCH", "CompiledRules", "compile_rules"]
+
+logger = logging.getLogger("heksher_shm.resolve")
+
+
+class _NoMatch:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_MATCH"
+
+
+NO_MATCH: Final = _NoMatch()
+"""Returned by :meth:`CompiledRules.resolve` when no rule matches."""
+
+Conditions = Sequence[tuple[str, str]]
+
+
+class CompiledRules:
+    """Rules of one setting, compiled for resolution over an ordered feature list."""
+
+    __slots__ = ("catch_all", "features", "patterns", "rule_count")
+
+    def __init__(
+        self,
+        features: tuple[str, ...],
+        patterns: list[tuple[Callable[[Mapping[str, str]], Any], dict[Any, Any]]],
+        catch_all: Any,
+        rule_count: int,
+    ) -> None:
+        self.features = features
+        self.patterns = patterns
+        self.catch_all = catch_all
+        self.rule_count = rule_count
+
+    def resolve(self, namespace: Mapping[str, str]) -> Any:
+        """The winning rule's value for *namespace*, or :data:`NO_MATCH`.
+
+        *namespace* must hold a value for every feature in :attr:`features`.
+        """
+        for key_of, table in self.patterns:
+            value = table.get(key_of(namespace), NO_MATCH)
+            if value is not NO_MATCH:
+                return value
+        return self.catch_all
+
+
+def _pattern_rank(indices: tuple[int, ...], width: int) -> tuple[int, tuple[bool, ...]]:
+    present = set(indices)
+    return (max(indices, default=-1), tuple(i in present for i in range(width)))
+
+
+def compile_rules(features: Sequence[str], rules: Iterable[tuple[Conditions, Any]]) -> CompiledRules:
+    """Compile *rules* (conditions, value) over *features*, given in the service's order.
+
+    Conditions may come in any order; a condition on a feature outside
+    *features* is the caller's to filter out beforehand (it raises
+    :class:`ValueError` here). Two rules with the same conditions: the later
+    one wins and a conflict is logged, as the service cannot send such a pair.
+    """
+    order = {feature: i for i, feature in enumerate(features)}
+    tables: dict[tuple[int, ...], dict[Any, Any]] = {}
+    catch_all: Any = NO_MATCH
+    count = 0
+    for conditions, value in rules:
+        count += 1
+        try:
+            pairs = sorted(((order[f], v) for f, v in conditions), key=itemgetter(0))
+        except KeyError as e:
+            raise ValueError(
+                f"rule condition on {e.args[0]!r}, not one of the features {list(features)}"
+            ) from None
+        if not pairs:
+            if catch_all is not NO_MATCH:
+                logger.error("rule conflict: two rules without conditions")
+            catch_all = value
+            continue
+        indices = tuple(i for i, _ in pairs)
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"rule conditions name a feature twice: {list(conditions)}")
+        key = pairs[0][1] if len(pairs) == 1 else tuple(v for _, v in pairs)
+        table = tables.setdefault(indices, {})
+        if key in table:
+            logger.error(
+                "rule conflict: two rules with the same conditions", extra={"conditions": conditions}
+            )
+        table[key] = value
+    width = len(features)
+    ranked = sorted(tables, key=lambda idx: _pattern_rank(idx, width), reverse=True)
+    # itemgetter with one name returns the bare value, with several a tuple:
+    # the table keys above were built to match.
+    patterns: list[tuple[Callable[[Mapping[str, str]], Any], dict[Any, Any]]] = [
+        (itemgetter(*(features[i] for i in idx)), tables[idx]) for idx in ranked
+    ]
+    return CompiledRules(tuple(features), patterns, catch_all, count)

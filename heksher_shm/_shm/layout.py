@@ -1,0 +1,276 @@
+"""Byte layout of a heksher_shm segment file (pure: no I/O, no mapping).
+
+A segment is one regular file, mapped ``MAP_SHARED`` by every process on the
+host that uses it. It starts with a fixed 4096-byte header, followed by the
+regions of two *slots*. The elected writer fills the slot that is not current,
+then publishes it by storing one aligned 8-byte word (the generation). All
+integers are little-endian; times are IEEE-754 doubles (epoch seconds, ``0.0``
+meaning "never").
+
+Header (offsets in bytes)::
+
+    offset  size  field                  notes
+    ------  ----  ---------------------  ---------------------------------------------
+         0     8  magic                  b"HKSHMSEG"
+         8     4  format_version  u32    FORMAT_VERSION
+        12     4  header_size     u32    HEADER_SIZE (4096)
+        16     8  generation      u64    THE publish word; 0 = nothing published
+        24     8  heartbeat       f64    one aligned word, written by the leader
+        32     8  status_seq      u64    seqlock over the status block (odd = writing)
+        40     8  generation_floor u64   next generation = max(generation, floor) + 1
+        48    16  reserved               zero
+        64    64  slot descriptor 0      see below
+       128    64  slot descriptor 1      see below
+       192     8  leader_pid      u64    --- status block, guarded by status_seq ---
+       200     8  leader_create_time f64  (psutil create_time, so (pid, time) is unique)
+       208     8  last_update_ok  f64
+       216     8  last_error_time f64
+       224     8  error_count     u64    only ever increases
+       232     4  error_length    u32    bytes of error text used (<= ERROR_TEXT_MAX)
+       236     4  reserved
+       240  1024  error_text             UTF-8, truncated on a character boundary
+      1264  2832  reserved               zero, up to HEADER_SIZE
+
+Slot descriptor (64 bytes, at ``64 + 64 * index``)::
+
+    offset  size  field                  notes
+    ------  ----  ---------------------  ---------------------------------------------
+        +0     8  generation      u64    0 while the writer fills the slot
+        +8     8  offset          u64    absolute file offset of the slot region
+       +16     8  capacity        u64    bytes reserved for the region
+       +24     8  length          u64    bytes used: table + head + blobs
+       +32     8  blob_count      u64
+       +40     8  head_length     u64
+       +48     8  published_at    f64
+       +56     4  crc             u32    crc32 of bytes +0..+56, then table, then head
+       +60     4  reserved
+
+Slot region (at ``descriptor.offset``, ``n = blob_count``)::
+
+    offset        size        field
+    ------------  ----------  --------------------------------------------------
+    0             8 * n       blob ends: u64 end offset of blob i in the blob area
+    8 * n         4 * n       blob crcs: u32 crc32 of blob i
+    12 * n        head_length head (opaque bytes supplied by the caller)
+    12 * n + h    ...         blob area: the blobs back to back
+
+Blob ``i`` is ``blob_area[ends[i - 1]:ends[i]]`` (``ends[-1]`` read as 0). The
+table is a structure of arrays rather than an array of structs so the writer
+can build it with two ``array.tobytes()`` calls instead of a Python loop over
+100k entries; a reader looks up one blob with three small reads.
+
+The slot crc covers the descriptor, the table and the head; each blob carries
+its own crc, so reading a few blobs never touches the data of the others.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+__all__ = [
+    "BLOB_CRC_SIZE",
+    "BLOB_END_SIZE",
+    "DESCRIPTOR_CRC_SPAN",
+    "DESCRIPTOR_OFFSETS",
+    "DESCRIPTOR_SIZE",
+    "ERROR_TEXT_MAX",
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "MAGIC",
+    "OFF_ERROR_COUNT",
+    "OFF_GENERATION",
+    "OFF_GENERATION_FLOOR",
+    "OFF_HEARTBEAT",
+    "OFF_STATUS",
+    "OFF_STATUS_SEQ",
+    "PAGE",
+    "SLOT_COUNT",
+    "STATUS_SIZE",
+    "TABLE_ENTRY_SIZE",
+    "WORD_ERROR_COUNT",
+    "WORD_GENERATION",
+    "WORD_HEARTBEAT",
+    "WORD_STATUS_SEQ",
+    "HeaderPrefix",
+    "SlotDescriptor",
+    "StatusBlock",
+    "align_up",
+    "descriptor_offset",
+    "encode_error_text",
+    "format_header",
+    "pack_descriptor",
+    "pack_status",
+    "slot_capacity_for",
+    "unpack_descriptor",
+    "unpack_prefix",
+    "unpack_status",
+]
+
+MAGIC = b"HKSHMSEG"
+"""First 8 bytes of every formatted segment."""
+
+FORMAT_VERSION = 1
+"""Bumped on any incompatible layout change; readers refuse other versions."""
+
+HEADER_SIZE = 4096
+"""Fixed header size; slot regions start at or after this offset."""
+
+PAGE = 4096
+"""Alignment of slot regions (and the unit in which capacity is reserved)."""
+
+SLOT_COUNT = 2
+"""Double buffering: one current slot readers use, one the writer fills."""
+
+# Header field offsets. Every word that is read or written on its own sits on an
+# 8-byte boundary so one aligned load/store moves it whole (see segment.py).
+OFF_MAGIC = 0
+OFF_VERSION = 8
+OFF_HEADER_SIZE = 12
+OFF_GENERATION = 16
+OFF_HEARTBEAT = 24
+OFF_STATUS_SEQ = 32
+OFF_GENERATION_FLOOR = 40
+OFF_DESCRIPTORS = 64
+DESCRIPTOR_SIZE = 64
+OFF_STATUS = 192
+OFF_ERROR_COUNT = 224
+ERROR_TEXT_MAX = 1024
+STATUS_SIZE = 48 + ERROR_TEXT_MAX
+"""Bytes of the status block, fixed part plus error text."""
+
+# Indices into the header viewed as an array of 8-byte words.
+WORD_GENERATION = OFF_GENERATION // 8
+WORD_HEARTBEAT = OFF_HEARTBEAT // 8
+WORD_STATUS_SEQ = OFF_STATUS_SEQ // 8
+WORD_ERROR_COUNT = OFF_ERROR_COUNT // 8
+
+BLOB_END_SIZE = 8
+BLOB_CRC_SIZE = 4
+TABLE_ENTRY_SIZE = BLOB_END_SIZE + BLOB_CRC_SIZE
+"""Bytes of blob table per blob (end offset + crc)."""
+
+DESCRIPTOR_CRC_SPAN = 56
+"""The descriptor bytes (from its start) that its crc covers."""
+
+_PREFIX = struct.Struct("<8sIIQdQQ")  # magic, version, header_size, generation, heartbeat, seq, floor
+_DESCRIPTOR = struct.Struct("<QQQQQQdI4x")
+_STATUS_FIXED = struct.Struct("<QdddQI4x")
+
+assert _PREFIX.size == 48
+assert _DESCRIPTOR.size == DESCRIPTOR_SIZE
+assert _STATUS_FIXED.size == 48
+assert OFF_STATUS + STATUS_SIZE <= HEADER_SIZE
+assert OFF_DESCRIPTORS + SLOT_COUNT * DESCRIPTOR_SIZE == OFF_STATUS
+
+DESCRIPTOR_OFFSETS = tuple(OFF_DESCRIPTORS + i * DESCRIPTOR_SIZE for i in range(SLOT_COUNT))
+"""Header offset of each slot descriptor."""
+
+
+class HeaderPrefix(NamedTuple):
+    """The first 48 header bytes, decoded."""
+
+    magic: bytes
+    version: int
+    header_size: int
+    generation: int
+    heartbeat: float
+    status_seq: int
+    generation_floor: int
+
+
+class SlotDescriptor(NamedTuple):
+    """One decoded slot descriptor; every field is untrusted until checked."""
+
+    generation: int
+    offset: int
+    capacity: int
+    length: int
+    blob_count: int
+    head_length: int
+    published_at: float
+    crc: int
+
+
+class StatusBlock(NamedTuple):
+    """The decoded status block (without its seqlock)."""
+
+    leader_pid: int
+    leader_create_time: float
+    last_update_ok: float
+    last_error_time: float
+    error_count: int
+    error_text: bytes
+
+
+def descriptor_offset(index: int) -> int:
+    """Header offset of slot descriptor ``index``."""
+    return DESCRIPTOR_OFFSETS[index]
+
+
+def unpack_prefix(header: bytes) -> HeaderPrefix:
+    """Decode the first 48 bytes of a header copy."""
+    return HeaderPrefix._make(_PREFIX.unpack_from(header, 0))
+
+
+def unpack_descriptor(header: bytes, index: int) -> SlotDescriptor:
+    """Decode slot descriptor ``index`` from a copy of (at least) the first 192 header bytes."""
+    return SlotDescriptor._make(_DESCRIPTOR.unpack_from(header, DESCRIPTOR_OFFSETS[index]))
+
+
+def pack_descriptor(desc: SlotDescriptor) -> bytes:
+    """Encode a slot descriptor (64 bytes)."""
+    return _DESCRIPTOR.pack(*desc)
+
+
+def unpack_status(block: bytes) -> StatusBlock:
+    """Decode a copy of the status block; the error text length is clamped to what fits."""
+    pid, create_time, update_ok, error_time, count, length = _STATUS_FIXED.unpack_from(block, 0)
+    length = min(length, ERROR_TEXT_MAX)
+    start = _STATUS_FIXED.size
+    return StatusBlock(pid, create_time, update_ok, error_time, count, block[start : start + length])
+
+
+def pack_status(status: StatusBlock) -> bytes:
+    """Encode the status block, error text padded with zeros to its fixed size."""
+    text = status.error_text[:ERROR_TEXT_MAX]
+    fixed = _STATUS_FIXED.pack(
+        status.leader_pid,
+        status.leader_create_time,
+        status.last_update_ok,
+        status.last_error_time,
+        status.error_count,
+        len(text),
+    )
+    return fixed + text.ljust(ERROR_TEXT_MAX, b"\0")
+
+
+def format_header(generation_floor: int) -> bytes:
+    """A freshly formatted header: no snapshot, no leader, the given generation floor."""
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, 0.0, 0, generation_floor)
+    return prefix.ljust(HEADER_SIZE, b"\0")
+
+
+def encode_error_text(message: str) -> bytes:
+    """UTF-8 of ``message``, cut to at most ERROR_TEXT_MAX bytes without splitting a character."""
+    # backslashreplace: lone surrogates (e.g. from os.fsdecode) must not make error reporting fail.
+    raw = message.encode("utf-8", "backslashreplace")
+    if len(raw) <= ERROR_TEXT_MAX:
+        return raw
+    # Dropping a partial trailing sequence is all "ignore" can do here: the rest is valid UTF-8.
+    return raw[:ERROR_TEXT_MAX].decode("utf-8", "ignore").encode("utf-8")
+
+
+def align_up(value: int, alignment: int = PAGE) -> int:
+    """Round ``value`` up to a multiple of ``alignment``."""
+    return -(-value // alignment) * alignment
+
+
+def slot_capacity_for(needed: int) -> int:
+    """Capacity to reserve for a slot that must hold ``needed`` bytes.
+
+    One eighth of slack (then page rounding) absorbs the small size changes of
+    steady-state republishing without growing the file, while two slots stay
+    close to 2x the payload.
+    """
+    return max(PAGE, align_up(needed + needed // 8))

@@ -1,0 +1,562 @@
+"""The followers' registry: how each process's wishes reach whichever process leads.
+
+Every process attached to a segment keeps one file in the segment's registry
+directory (``<segment path>.d/``)::
+
+    <segment>.d/                         0700, owned by this user
+        <pid>-<start µs>.reg             one Registration per live process, 0600
+        .<pid>-<start µs>.<hex>.tmp      a write in progress (named after the writer)
+
+A file holds one JSON-encoded :class:`Registration`: the setting
+declarations the process needs, the context values it tracks, and a
+``reload_seq`` it bumps to ask the leader to query the service now. The
+leader calls :meth:`Registry.changed` often (it costs one ``lstat``) and
+:meth:`Registry.scan` when something changed or now and then to notice dead
+processes.
+
+Rules the code below keeps:
+
+* **Atomic replacement.** A file is written under a temporary name with
+  ``O_EXCL | O_NOFOLLOW`` and renamed over the old one, so a reader sees the
+  old content or the new, never a mix; nothing is modified in place.
+* **Liveness by identity.** The file name carries the owner's
+  :class:`~heksher_shm._shm.identity.ProcessIdentity`; a scan deletes the
+  files (and stale temporary files) of processes that are gone or whose PID
+  was reused, which are the two known traps about registrations.
+* **Hostile files are skipped, never trusted.** Symlinks, FIFOs and other
+  non-regular files, files owned by another user, files over
+  :data:`MAX_REGISTRATION_BYTES` and undecodable content are reported in
+  :attr:`ScanResult.rejected` and logged once; a scan never raises for them
+  and never blocks on them.
+* **Cheap repeats.** Decoded files are cached by ``(inode, mtime, size)``.
+  File timestamps tick coarsely (a few ms), so two writes within one tick
+  can leave equal stamps: the "racy git" problem. Stamps younger than
+  :data:`_RACY_WINDOW_NS` are therefore never trusted, by the cache or by
+  :meth:`Registry.changed`, until they have aged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from heksher_shm._shm.identity import ProcessIdentity, current_identity, is_alive
+from heksher_shm.exceptions import SegmentError
+
+__all__ = [
+    "MAX_REGISTRATION_BYTES",
+    "REGISTRATION_FORMAT",
+    "Registration",
+    "Registry",
+    "Rejection",
+    "ScanResult",
+    "encode_declaration",
+    "registry_directory",
+    "validate_registration",
+]
+
+logger = logging.getLogger("heksher_shm.registry")
+
+REGISTRATION_FORMAT = 1
+"""The registration format this module writes and reads; files with another ``format`` are rejected."""
+
+MAX_REGISTRATION_BYTES = 1 << 20
+"""Largest registration file a scan reads (1 MiB); larger ones are rejected unread."""
+
+# How long a file or directory timestamp must have aged before it is trusted
+# to change whenever the content does (see the module docstring). Filesystems
+# with whole-second timestamps (their mtime_ns is a multiple of 10**9) need
+# more than a second.
+_RACY_WINDOW_NS = 100_000_000
+_RACY_WINDOW_COARSE_NS = 2_100_000_000
+
+_ENTRY_RE = re.compile(r"([1-9][0-9]{0,9})-([0-9]{1,16})\.reg")
+_TEMP_RE = re.compile(r"\.([1-9][0-9]{0,9})-([0-9]{1,16})\.[0-9a-f]{1,32}\.tmp")
+_NAME_RE = re.compile(r"[a-zA-Z_0-9.]+")
+_VERSION_RE = re.compile(r"[0-9]+\.[0-9]+")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Registration(msgspec.Struct, frozen=True, kw_only=True):
+    """What one process asks of the leader. Stored as JSON in the process's registry file.
+
+    Attributes:
+        format: :data:`REGISTRATION_FORMAT`. Fields may be added without
+            changing it (readers ignore unknown fields); anything a reader
+            would misread needs a new format.
+        pid: the registering process.
+        create_time: its start time, as in
+            :class:`~heksher_shm._shm.identity.ProcessIdentity`.
+        kind: which client registered: ``"async"`` or ``"thread"``.
+        declarations: the declaration bodies the process needs declared, each a
+            JSON object with at least a ``name`` (``[a-zA-Z_0-9.]+``) and a
+            ``version`` (``<major>.<minor>``); otherwise passed through as is.
+        tracked: context feature -> the values the process tracks, or ``"*"``
+            for all values.
+        reload_seq: bumped by the process to ask the leader for a query now.
+        updated: ``time.time()`` of the last write; :meth:`Registry.write` sets it.
+    """
+
+    format: int = REGISTRATION_FORMAT
+    pid: int
+    create_time: float
+    kind: Literal["async", "thread"]
+    declarations: list[msgspec.Raw] = msgspec.field(default_factory=list)
+    tracked: dict[str, list[str] | str] = msgspec.field(default_factory=dict)
+    reload_seq: int = 0
+    updated: float = 0.0
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        """The identity of the registered process."""
+        return ProcessIdentity(self.pid, self.create_time)
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """A registry entry a scan skipped: its file name and why."""
+
+    name: str
+    reason: str
+
+
+class ScanResult(msgspec.Struct, frozen=True):
+    """What :meth:`Registry.scan` found.
+
+    Attributes:
+        registrations: valid registrations of live processes, by (pid, create_time).
+        rejected: entries skipped as unusable, with reasons.
+        dead: file names of processes found dead (deleted when the scan prunes).
+    """
+
+    registrations: tuple[Registration, ...]
+    rejected: tuple[Rejection, ...]
+    dead: tuple[str, ...]
+
+
+class _DeclarationHead(msgspec.Struct):
+    # Only the fields the registry validates; the rest of the body is opaque.
+    name: str
+    version: str
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Registration)
+_head_decoder = msgspec.json.Decoder(_DeclarationHead)
+
+
+def encode_declaration(body: Mapping[str, object]) -> msgspec.Raw:
+    """Encode one declaration body (a JSON object) for :attr:`Registration.declarations`."""
+    return msgspec.Raw(_encoder.encode(body))
+
+
+def registry_directory(segment_path: str | os.PathLike[str]) -> Path:
+    """Return the registry directory that belongs to the segment at ``segment_path``."""
+    return Path(f"{os.fspath(segment_path)}.d")
+
+
+def validate_registration(registration: Registration) -> str | None:
+    """Return what is wrong with ``registration``, or ``None`` when it is valid.
+
+    Checks what the decoder's types cannot: the format, the identity, each
+    declaration's ``name`` and ``version``, and the ``tracked`` values.
+    """
+    if registration.format != REGISTRATION_FORMAT:
+        return f"unsupported format {registration.format} (this version reads {REGISTRATION_FORMAT})"
+    if registration.pid <= 0:
+        return f"invalid pid {registration.pid}"
+    if not (math.isfinite(registration.create_time) and registration.create_time >= 0):
+        return f"invalid create_time {registration.create_time}"
+    if registration.reload_seq < 0:
+        return f"invalid reload_seq {registration.reload_seq}"
+    for index, raw in enumerate(registration.declarations):
+        try:
+            head = _head_decoder.decode(raw)
+        except msgspec.DecodeError as error:
+            return f"declaration {index}: {error}"
+        if not _NAME_RE.fullmatch(head.name):
+            return f"declaration {index}: invalid name {head.name!r}"
+        if not _VERSION_RE.fullmatch(head.version):
+            return f"declaration {index} ({head.name}): invalid version {head.version!r}"
+    for feature, values in registration.tracked.items():
+        if not feature:
+            return "tracked: empty context feature name"
+        if isinstance(values, str) and values != "*":
+            return f"tracked[{feature!r}]: expected a list of values or '*', not {values!r}"
+    return None
+
+
+def _token(identity: ProcessIdentity) -> str:
+    return f"{identity.pid}-{round(identity.create_time * 1_000_000)}"
+
+
+def _entry_name(identity: ProcessIdentity) -> str:
+    return f"{_token(identity)}.reg"
+
+
+def _identity_from(match: re.Match[str]) -> ProcessIdentity:
+    return ProcessIdentity(int(match[1]), int(match[2]) / 1_000_000)
+
+
+def _is_racy(mtime_ns: int, now_ns: int) -> bool:
+    window = _RACY_WINDOW_COARSE_NS if mtime_ns % 1_000_000_000 == 0 else _RACY_WINDOW_NS
+    # abs(): a clock stepped backwards must not make every stamp look fresh forever.
+    return abs(now_ns - mtime_ns) < window
+
+
+class _Cached(msgspec.Struct, frozen=True):
+    key: tuple[int, int, int, int, int]  # inode, mtime_ns, size, mode, uid
+    outcome: Registration | str  # the registration, or why it was rejected
+
+
+@dataclass
+class _Scan:
+    # One scan's inputs and findings.
+    dir_fd: int
+    now_ns: int
+    prune: bool
+    cache: dict[str, _Cached] = field(default_factory=dict)
+    registrations: list[Registration] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid)
+
+
+class Registry:
+    """One segment's registry directory: followers write their wishes, the leader scans them.
+
+    The directory is created ``0700`` if missing. An existing one must be a
+    real directory (not a symlink) owned by this user, or
+    :class:`~heksher_shm.exceptions.SegmentError` is raised; its mode is
+    tightened to ``0700``. Every operation opens the directory afresh and then
+    works relative to that descriptor, so nothing here follows a symlink or
+    keeps a descriptor across ``fork()``.
+
+    Args:
+        directory: the registry directory, usually :func:`registry_directory`.
+        alive: liveness test used by :meth:`scan` (injectable for tests).
+        identity: returns the calling process's identity; names temporary
+            files so a scan can clean up after a writer that died mid-write.
+        max_bytes: largest file :meth:`scan` reads, and :meth:`write` writes.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        alive: Callable[[ProcessIdentity], bool] = is_alive,
+        identity: Callable[[], ProcessIdentity] = current_identity,
+        max_bytes: int = MAX_REGISTRATION_BYTES,
+    ) -> None:
+        self._directory = Path(directory)
+        self._alive = alive
+        self._identity = identity
+        self._max_bytes = max_bytes
+        # Replaced wholesale, never mutated, so concurrent scans (and a fork
+        # in the middle of one) only ever see a complete mapping.
+        self._cache: dict[str, _Cached] = {}
+        self._logged: dict[str, tuple[int, int, int, int, int]] = {}
+        self._stamp: tuple[int, int] | None = None
+        os.close(self._open_directory())
+
+    @property
+    def directory(self) -> Path:
+        """The registry directory."""
+        return self._directory
+
+    def path_for(self, identity: ProcessIdentity) -> Path:
+        """Return the path of the registry file of the process ``identity``."""
+        return self._directory / _entry_name(identity)
+
+    # -- the follower's side --------------------------------------------------
+
+    def write(self, registration: Registration) -> None:
+        """Publish ``registration`` atomically, replacing the process's previous one.
+
+        The file is named after ``registration``'s identity (normally this
+        process's); ``updated`` is set to the current time.
+
+        Raises:
+            ValueError: the registration is invalid (see
+                :func:`validate_registration`) or larger than ``max_bytes``.
+            SegmentError: the registry directory cannot be used safely.
+        """
+        problem = validate_registration(registration)
+        if problem is not None:
+            raise ValueError(f"invalid registration: {problem}")
+        data = _encoder.encode(msgspec.structs.replace(registration, updated=time.time()))
+        if len(data) > self._max_bytes:
+            raise ValueError(f"registration is {len(data)} bytes, over the limit of {self._max_bytes}")
+        # The temporary name carries the writer's identity, so that if the
+        # writer dies before the rename, a scan knows the file is abandoned.
+        temp = f".{_token(self._identity())}.{secrets.token_hex(8)}.tmp"
+        final = _entry_name(registration.identity)
+        dir_fd = self._open_directory()
+        try:
+            fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
+            try:
+                with open(fd, "wb", closefd=True) as file:
+                    file.write(data)
+                # No fsync: registrations describe running processes, and
+                # nothing they say survives a crash of the machine anyway.
+                os.replace(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=dir_fd)
+                raise
+        finally:
+            os.close(dir_fd)
+
+    def remove(self, identity: ProcessIdentity | None = None) -> None:
+        """Delete the registry file of ``identity`` (default: this process), if present."""
+        name = _entry_name(self._identity() if identity is None else identity)
+        dir_fd = self._open_directory()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # -- the leader's side ----------------------------------------------------
+
+    def changed(self) -> bool:
+        """Return whether the registry may have changed since the last :meth:`scan`.
+
+        One ``lstat`` of the directory: every write renames a file into it and
+        every removal unlinks one, and both update the directory's mtime. A
+        recent mtime is reported as a change until it has aged (see the
+        module docstring), so this errs towards ``True``, never ``False``.
+        """
+        stamp = self._stamp
+        if stamp is None:
+            return True
+        try:
+            st = os.lstat(self._directory)
+        except OSError:
+            return True
+        return (st.st_ino, st.st_mtime_ns) != stamp
+
+    def scan(self, *, prune: bool = True) -> ScanResult:
+        """Read every registration; delete those of dead processes when ``prune``.
+
+        Never raises for a bad entry: unusable files are skipped and listed in
+        :attr:`ScanResult.rejected`, and logged once per version of the file.
+        Stale temporary files of dead writers are deleted too (when
+        ``prune``). Unchanged files are not read again.
+
+        Raises:
+            SegmentError: the registry directory itself cannot be used safely.
+        """
+        dir_fd = self._open_directory()
+        try:
+            now_ns = time.time_ns()
+            st = os.fstat(dir_fd)
+            stamp = None if _is_racy(st.st_mtime_ns, now_ns) else (st.st_ino, st.st_mtime_ns)
+            with os.scandir(dir_fd) as it:
+                names = sorted(entry.name for entry in it)
+            found = _Scan(dir_fd=dir_fd, now_ns=now_ns, prune=prune)
+            for name in names:
+                self._scan_one(found, name)
+        finally:
+            os.close(dir_fd)
+        self._cache = found.cache
+        present = set(names)
+        self._logged = {name: key for name, key in self._logged.items() if name in present}
+        self._stamp = stamp
+        registrations = sorted(found.registrations, key=lambda reg: (reg.pid, reg.create_time))
+        return ScanResult(tuple(registrations), tuple(found.rejected), tuple(found.dead))
+
+    # -- internals ------------------------------------------------------------
+
+    def _scan_one(self, found: _Scan, name: str) -> None:
+        dir_fd = found.dir_fd
+        temp = _TEMP_RE.fullmatch(name)
+        if temp is not None:
+            # A write in progress, unless its writer is gone.
+            if not self._alive(_identity_from(temp)):
+                found.dead.append(name)
+                if found.prune:
+                    self._unlink(dir_fd, name)
+            return
+        entry = _ENTRY_RE.fullmatch(name)
+        if entry is None:
+            self._reject(found, name, None, "unexpected file name")
+            return
+        owner = _identity_from(entry)
+        if not self._alive(owner):
+            found.dead.append(name)
+            if found.prune:
+                self._unlink(dir_fd, name)
+            return
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # removed since the listing
+        key = _stat_key(st)
+        cached = self._cache.get(name)
+        if cached is not None and cached.key == key:
+            outcome = cached.outcome
+        else:
+            read = self._load(dir_fd, name, st, owner)
+            if read is None:
+                return  # removed since the listing
+            key, outcome = read
+        # Only an aged stamp identifies a version of the file (racy git).
+        if not _is_racy(key[1], found.now_ns):
+            found.cache[name] = _Cached(key, outcome)
+        if isinstance(outcome, str):
+            self._reject(found, name, key, outcome)
+        else:
+            found.registrations.append(outcome)
+
+    def _load(
+        self, dir_fd: int, name: str, st: os.stat_result, owner: ProcessIdentity
+    ) -> tuple[tuple[int, int, int, int, int], Registration | str] | None:
+        # Judge by lstat first, so that a FIFO or a device is never opened at all.
+        problem = self._refuse(st)
+        if problem is not None:
+            return _stat_key(st), problem
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return _stat_key(st), "a symbolic link"
+            return _stat_key(st), f"cannot open: {error.strerror}"
+        try:
+            # Replaced between the lstat and the open? Judge what was opened.
+            st = os.fstat(fd)
+            problem = self._refuse(st)
+            if problem is not None:
+                return _stat_key(st), problem
+            data = _read_at_most(fd, self._max_bytes + 1)
+        except OSError as error:
+            return _stat_key(st), f"cannot read: {error.strerror}"
+        finally:
+            os.close(fd)
+        key = _stat_key(st)
+        if len(data) > self._max_bytes:
+            return key, f"too large (over {self._max_bytes} bytes)"
+        try:
+            registration = _decoder.decode(data)
+        except msgspec.DecodeError as error:
+            return key, f"not a valid registration: {error}"
+        problem = validate_registration(registration)
+        if problem is not None:
+            return key, f"not a valid registration: {problem}"
+        if _entry_name(registration.identity) != name:
+            return key, f"names process {_token(registration.identity)}, not the file's owner {_token(owner)}"
+        return key, registration
+
+    def _refuse(self, st: os.stat_result) -> str | None:
+        if stat.S_ISLNK(st.st_mode):
+            return "a symbolic link"
+        if not stat.S_ISREG(st.st_mode):
+            return f"not a regular file (mode {st.st_mode:o})"
+        if st.st_uid != os.geteuid():
+            return f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        if st.st_size > self._max_bytes:
+            return f"too large ({st.st_size} bytes, limit {self._max_bytes})"
+        return None
+
+    def _reject(
+        self, found: _Scan, name: str, key: tuple[int, int, int, int, int] | None, reason: str
+    ) -> None:
+        found.rejected.append(Rejection(name, reason))
+        stamp = key if key is not None else (0, 0, 0, 0, 0)
+        if self._logged.get(name) == stamp:
+            return  # already reported this version of the file
+        self._logged = {**self._logged, name: stamp}
+        path = self._directory / name
+        logger.warning(
+            "skipping registry entry %s: %s",
+            path,
+            reason,
+            extra={"heksher_shm_path": str(path), "heksher_shm_reason": reason},
+        )
+
+    def _unlink(self, dir_fd: int, name: str) -> None:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            path = self._directory / name
+            logger.warning(
+                "cannot remove the registry entry %s of a dead process: %s",
+                path,
+                error.strerror,
+                extra={"heksher_shm_path": str(path), "heksher_shm_reason": error.strerror},
+            )
+            return
+        logger.debug("removed the registry entry %s of a dead process", self._directory / name)
+
+    def _open_directory(self) -> int:
+        path = self._directory
+        fd = None
+        for _ in range(3):
+            try:
+                fd = os.open(path, _DIR_FLAGS)
+                break
+            except FileNotFoundError:
+                try:
+                    os.mkdir(path, 0o700)
+                except FileExistsError:
+                    pass  # created concurrently; open it
+                except OSError as error:
+                    reason = error.strerror
+                    raise SegmentError(f"{path}: cannot create the registry directory: {reason}") from error
+            except OSError as error:
+                reason = (
+                    "it is a symbolic link"
+                    if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path)
+                    else error.strerror
+                )
+                raise SegmentError(f"{path}: cannot use the registry directory: {reason}") from error
+        if fd is None:
+            raise SegmentError(f"{path}: cannot use the registry directory: it keeps disappearing")
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise SegmentError(
+                    f"{path}: refusing the registry directory: owned by uid {st.st_uid}, "
+                    f"not by this user (uid {os.geteuid()})"
+                )
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                # Also repairs a restrictive umask at mkdir time.
+                os.fchmod(fd, 0o700)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(limit - size, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

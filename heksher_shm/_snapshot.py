@@ -1,0 +1,142 @@
+"""What a leader publishes and every process reads: the snapshot's head and blobs.
+
+A snapshot is one *head* and one *blob* per setting. The head is small: the
+service's context features, one entry per setting (name, blob index, digest
+of the blob), the outcome of every declaration made this term, and the
+acknowledgements of processes' requests. A blob holds one setting's default
+and rules with their values as raw JSON, exactly as the service sent them.
+
+A process decodes the head of each new snapshot, then only the blobs of the
+settings *it* uses whose digest changed, and converts raw values with its own
+types and validators. Both are msgpack, with array-like structs to keep the
+segment compact.
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import msgspec
+
+from heksher_shm._protocol import QuerySetting
+
+__all__ = [
+    "FORMAT",
+    "Ack",
+    "Head",
+    "Outcome",
+    "RuleRecord",
+    "SettingBlob",
+    "SettingEntry",
+    "blob_of",
+    "decode_blob",
+    "decode_head",
+    "encode_head",
+]
+
+FORMAT = 1
+"""Version of the head/blob encoding; a reader refuses heads of another version."""
+
+
+class RuleRecord(msgspec.Struct, array_like=True, frozen=True):
+    """A rule: its id, its (feature, value) conditions in service order, and its raw JSON value."""
+
+    rule_id: int
+    conditions: list[tuple[str, str]]
+    value: bytes
+
+
+class SettingBlob(msgspec.Struct, array_like=True, frozen=True):
+    """One setting's raw default and rules."""
+
+    default: bytes
+    rules: list[RuleRecord]
+
+
+class SettingEntry(msgspec.Struct, array_like=True, frozen=True):
+    """Where a setting's blob is and a digest to tell whether it changed."""
+
+    name: str
+    blob: int
+    digest: bytes
+    rule_count: int
+
+
+class Outcome(msgspec.Struct, array_like=True, frozen=True):
+    """What the service answered to one declaration.
+
+    ``status`` is the HTTP status, 0 when no response came; ``error`` is set
+    when the declaration failed; ``default`` is the service's newer default
+    (raw JSON) when the outcome was ``outdated`` and the default differed.
+    """
+
+    name: str
+    outcome: str | None
+    status: int
+    error: str | None = None
+    default: bytes | None = None
+
+
+class Ack(msgspec.Struct, array_like=True, frozen=True):
+    """The leader's answer to a process's request number ``seq`` (``error`` set when it failed)."""
+
+    seq: int
+    error: str | None = None
+    error_id: int = 0
+
+
+class Head(msgspec.Struct, frozen=True):
+    """The snapshot's table of contents."""
+
+    format: int
+    term: str
+    published: float
+    context_features: list[str]
+    settings: list[SettingEntry]
+    outcomes: dict[str, Outcome]
+    acks: dict[str, Ack]
+    ok: bool
+    error: str | None = None
+
+
+_head_encoder = msgspec.msgpack.Encoder()
+_head_decoder = msgspec.msgpack.Decoder(Head)
+_blob_encoder = msgspec.msgpack.Encoder()
+_blob_decoder = msgspec.msgpack.Decoder(SettingBlob)
+
+
+def blob_of(result: QuerySetting) -> tuple[bytes, bytes, int]:
+    """Encode a setting's query result as a blob: (blob bytes, digest, rule count)."""
+    blob = SettingBlob(
+        bytes(result.default_value),
+        [RuleRecord(r.rule_id, r.context_features, bytes(r.value)) for r in result.rules],
+    )
+    data = _blob_encoder.encode(blob)
+    return data, hashlib.blake2b(data, digest_size=16).digest(), len(result.rules)
+
+
+def encode_head(head: Head) -> bytes:
+    """Encode a head."""
+    return _head_encoder.encode(head)
+
+
+def decode_head(data: bytes) -> Head:
+    """Decode a head; raises :class:`msgspec.DecodeError` or :class:`ValueError` for a foreign one."""
+    head = _head_decoder.decode(data)
+    if head.format != FORMAT:
+        raise ValueError(f"snapshot head format {head.format}, this version reads {FORMAT}")
+    return head
+
+
+def decode_blob(data: bytes) -> SettingBlob:
+    """Decode a setting's blob."""
+    return _blob_decoder.decode(data)
+
+
+def blob_indices(head: Head, names: Sequence[str]) -> dict[str, SettingEntry]:
+    """The head's entries for *names* (those it has)."""
+    wanted = set(names)
+    return {entry.name: entry for entry in head.settings if entry.name in wanted}

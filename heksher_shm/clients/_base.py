@@ -1,0 +1,544 @@
+"""What the async and thread clients share: everything but how they wait and do HTTP.
+
+A client here is the *front end* of one process: it holds the context
+defaults and tracked contexts, registers the process's wishes (declarations,
+tracked contexts, reload requests) where the leader reads them, and applies
+published snapshots to the process's settings. The background work itself is
+:class:`heksher_shm._engine.Engine`, driven by each client in its own way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from heksher_shm import _main
+from heksher_shm._engine import Engine, LeaderUpdateError, Wish
+from heksher_shm._local import LocalLock, LocalSource, LocalTransport
+from heksher_shm._protocol import TRACK_ALL, DeclarationBody, declaration_digest
+from heksher_shm._resolve import compile_rules
+from heksher_shm._shm.identity import current_identity
+from heksher_shm._shm.registry import Registration, encode_declaration
+from heksher_shm._shm.segment import Segment
+from heksher_shm._shm.shared import RegistrySource, SegmentObserver, SharedParts, open_shared, wish_key
+from heksher_shm._snapshot import Ack, Head, SettingBlob, decode_blob, decode_head
+from heksher_shm.clients._defaults import ContextDefaults
+from heksher_shm.setting import QueriedRule, Setting, _State
+
+__all__ = ["BaseHeksherClient"]
+
+logger = logging.getLogger("heksher_shm.client")
+
+POLL_INTERVAL = 0.02
+"""Seconds between a follower's checks of the segment, and a leader's scans of the registry."""
+
+_json_decoder = msgspec.json.Decoder()
+
+
+class BaseHeksherClient(ContextDefaults):
+    """State and logic shared by :class:`AsyncHeksherClient` and :class:`ThreadHeksherClient`."""
+
+    _is_stub = False
+    _kind: Literal["async", "thread"]
+
+    def __init__(
+        self,
+        service_url: str,
+        update_interval: float,
+        context_features: Sequence[str],
+        *,
+        http_client_args: Mapping[str, Any] | None = None,
+        shared: bool = True,
+        shm_dir: str | os.PathLike[str] | None = None,
+        segment_name: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(service_url, str) or not service_url:
+            raise TypeError(f"service_url must be a non-empty string, got {service_url!r}")
+        _check_seconds("update_interval", update_interval)
+        if isinstance(context_features, str) or not all(isinstance(f, str) for f in context_features):
+            raise TypeError(f"context_features must be a sequence of names, got {context_features!r}")
+        if http_client_args is not None and not isinstance(http_client_args, Mapping):
+            raise TypeError(f"http_client_args must be a mapping, got {http_client_args!r}")
+        _check_seconds("startup_timeout", startup_timeout)
+        super().__init__()
+        self._service_url = service_url
+        self._update_interval = float(update_interval)
+        self._context_features = tuple(context_features)
+        self._http_client_args = dict(http_client_args or {})
+        self._shared = bool(shared)
+        self._shm_dir = None if shm_dir is None else os.fspath(shm_dir)
+        self._segment_name = segment_name
+        self._startup_timeout = float(startup_timeout)
+
+        self._tracked: dict[str, str | set[str]] = {}
+        self._warned_untracked: set[tuple[str, str]] = set()
+
+        self._settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
+        self._applied: weakref.WeakKeyDictionary[Setting[Any], bytes] = weakref.WeakKeyDictionary()
+        self._apply_lock = threading.Lock()
+        self._applied_generation = -1
+        self._head: Head | None = None
+        self._ack = Ack(0)
+        self._reload_seq = 0
+        self._errors: dict[int, BaseException] = {}
+        self._main = False
+        self._closed = False
+        self._parts: SharedParts | None = None
+        self._transport: LocalTransport | Segment = LocalTransport()
+        self._local_source = LocalSource(self._wish)
+        self._key = f"local-{id(self):x}"
+        self._engine = self._make_engine()
+        _live_clients.add(self)
+
+    def _make_engine(self) -> Engine:
+        parts = self._parts
+        if parts is None:
+            engine = Engine(
+                transport=self._transport,
+                lock=LocalLock(),
+                source=self._local_source,
+                observer=None,
+                update_interval=self._update_interval,
+                context_features=self._context_features,
+                identity=(os.getpid(), 0.0),
+                poll=None,
+                errors=self._errors,
+            )
+        else:
+            identity = current_identity()
+            engine = Engine(
+                transport=parts.segment,
+                lock=parts.lock,
+                source=RegistrySource(parts.registry),
+                observer=SegmentObserver(parts.segment),
+                update_interval=self._update_interval,
+                context_features=self._context_features,
+                identity=(identity.pid, identity.create_time),
+                poll=POLL_INTERVAL,
+                errors=self._errors,
+            )
+        engine.applied_generation = lambda: self._applied_generation
+        return engine
+
+    def _join_shared(self) -> None:
+        """Open the host's segment (once): from now on this client leads or follows there."""
+        if not self._shared or self._parts is not None:
+            return
+        self._parts = open_shared(
+            self._service_url, self._context_features, shm_dir=self._shm_dir, segment_name=self._segment_name
+        )
+        self._transport = self._parts.segment
+        self._key = wish_key(current_identity())
+        self._applied_generation = -1
+        self._engine = self._make_engine()
+
+    @property
+    def segment_path(self) -> str | None:
+        """The shared segment's file, once this client joined one (``None`` with ``shared=False``)."""
+        return None if self._parts is None else str(self._parts.segment.path)
+
+    # -- documented API shared by both clients ----------------------------------------------------------
+
+    def track_contexts(self, **context_values: str | Collection[str]) -> None:
+        """Track context feature values: a string, a collection of strings, or :data:`TRACK_ALL`.
+
+        Only rules whose every condition is on tracked values are used.
+
+        Raises:
+            RuntimeError: mixing :data:`TRACK_ALL` and specific values for one feature.
+            TypeError: a value that is not a string or a collection of strings.
+        """
+        unknown = context_values.keys() - set(self._context_features)
+        if unknown:
+            logger.warning("context features are not specified in server", extra={"redundant_keys": unknown})
+        for feature, values in context_values.items():
+            existing = self._tracked.get(feature)
+            if values == TRACK_ALL:
+                if existing is not None and existing != TRACK_ALL:
+                    raise RuntimeError("cannot set TRACK_ALL to a feature that's already been used to track")
+                self._tracked[feature] = TRACK_ALL
+                continue
+            new = {values} if isinstance(values, str) else set(values)
+            if not all(isinstance(v, str) for v in new):
+                raise TypeError(f"tracked values of {feature} must be strings, got {values!r}")
+            if existing == TRACK_ALL:
+                raise RuntimeError("cannot track a specific value after the feature's been set to TRACK_ALL")
+            if existing is None:
+                self._tracked[feature] = new
+            else:
+                assert isinstance(existing, set)
+                existing.update(new)
+        self._warned_untracked.clear()
+        if self._main:
+            self._force_reapply()
+            self._wish_changed()
+
+    def on_update_error(self, exc: Exception) -> None:
+        """Called when a rule update fails. Override to handle errors."""
+
+    def on_update_ok(self) -> None:
+        """Called after a successful rule update (including when nothing changed). Override to add one."""
+
+    # -- what settings call (see heksher_shm.setting._Client) ------------------------------------------
+
+    def _namespace(self, state: _State, contexts: Mapping[str, str]) -> dict[str, str]:
+        namespace = self._with_defaults(contexts)
+        for feature, value in contexts.items():
+            tracked = self._tracked.get(feature, ())
+            if (
+                tracked != TRACK_ALL
+                and value not in tracked
+                and (feature, value) not in self._warned_untracked
+            ):
+                if len(self._warned_untracked) < 1024:
+                    self._warned_untracked.add((feature, value))
+                logger.warning(
+                    "context feature value is not tracked by client",
+                    extra={"context_feature": feature, "context_feature_value": value},
+                )
+        return namespace
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: forget the parent's threads, loop and HTTP client, and join as a follower.
+
+        Nothing here unlocks or unlinks anything of the parent's: the election
+        lock's descriptor is closed (not unlocked) by its own fork hook.
+        """
+        self._apply_lock = threading.Lock()
+        if self._parts is not None:
+            self._key = wish_key(current_identity())
+        self._engine = self._make_engine()
+        self._fresh_after_fork()
+        if self._main and not self._closed:
+            self._wish_changed()
+            self._restart_after_fork()
+
+    def _fresh_after_fork(self) -> None:
+        """Replace what the parent's threads may have held at fork time (locks, events, HTTP client)."""
+        raise NotImplementedError
+
+    def _restart_after_fork(self) -> None:
+        """Resume background work in the child."""
+        raise NotImplementedError
+
+    def _stale(self) -> bool:
+        return self._transport.generation() != self._applied_generation
+
+    def _refresh(self) -> None:
+        """Apply a new snapshot from ``get()``, unless that would block (then the old rules answer)."""
+        if self._try_modification_lock():
+            try:
+                self._apply_latest(blocking=False)
+            finally:
+                self._release_modification_lock()
+
+    def _try_modification_lock(self) -> bool:
+        raise NotImplementedError
+
+    def _release_modification_lock(self) -> None:
+        raise NotImplementedError
+
+    def _notify_applied(self) -> None:
+        """Wake whoever waits for an acknowledgement (set_as_main, reload)."""
+
+    # -- main client -----------------------------------------------------------------------------------
+
+    def _become_main(self) -> int:
+        """Become the process's main client; returns the request number to wait for."""
+        if self._closed:
+            raise RuntimeError("this client is closed")
+        self._join_shared()
+        settings = _main.set_main(self)
+        self._main = True
+        for setting in settings:
+            self._settings.add(setting)
+            setting._set_state(_State(self, frozenset(setting.configurable_features), None, None, ()))
+        self._applied_generation = -1
+        self._reload_seq += 1
+        self._wish_changed()
+        return self._reload_seq
+
+    def _setting_added(self, setting: Setting[Any]) -> None:
+        self._settings.add(setting)
+        setting._set_state(_State(self, frozenset(setting.configurable_features), None, None, ()))
+        self._applied_generation = -1
+        self._wish_changed()
+
+    def _request_reload(self) -> int:
+        self._reload_seq += 1
+        self._wish_changed()
+        return self._reload_seq
+
+    def _wish(self) -> Wish:
+        declarations: dict[str, DeclarationBody] = {}
+        for setting in list(self._settings):
+            body = setting._declaration_body()
+            declarations.setdefault(declaration_digest(body), body)
+        tracked = {f: (v if v == TRACK_ALL else sorted(v)) for f, v in self._tracked.items()}
+        return Wish(self._key, list(declarations.values()), tracked, self._reload_seq)
+
+    def _wish_changed(self) -> None:
+        parts = self._parts
+        if parts is None:
+            self._local_source.touch()
+        elif not self._closed:
+            wish = self._wish()
+            identity = current_identity()
+            parts.registry.write(
+                Registration(
+                    pid=identity.pid,
+                    create_time=identity.create_time,
+                    kind=self._kind,
+                    declarations=[encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations],
+                    tracked={f: list(v) if not isinstance(v, str) else v for f, v in wish.tracked.items()},
+                    reload_seq=wish.reload_seq,
+                )
+            )
+        self._wake()
+
+    def _leave_shared(self) -> None:
+        """On close: take this process's registration away (the segment stays for the others)."""
+        parts = self._parts
+        if parts is not None:
+            try:
+                parts.registry.remove()
+            except OSError:
+                logger.warning("could not remove this process's registration", exc_info=True)
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _acked(self, seq: int) -> bool:
+        return self._ack.seq >= seq
+
+    def _ack_error(self, seq: int, starting: bool) -> BaseException | None:
+        """The error to raise for request *seq*, or None when it went well.
+
+        When *starting* (``set_as_main``) and the service cannot be reached but
+        a snapshot from an earlier leader covers this process's settings, that
+        snapshot serves: a warning is logged instead.
+        """
+        head = self._head
+        problems: list[str] = []
+        original: BaseException | None = None
+        if head is not None:
+            for setting in list(self._settings):
+                outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
+                if outcome is not None and outcome.error is not None:
+                    problems.append(f"declaring {setting.name} failed: {outcome.error}")
+                    original = original or self._original_error(outcome.error)
+        if self._ack.error is not None and self._ack.seq >= seq:
+            problems.append(f"the update failed: {self._ack.error}")
+            original = original or self._errors.get(self._ack.error_id)
+        if not problems:
+            return None
+        if starting and self._covered_by_snapshot():
+            logger.warning(
+                "the service could not be reached; serving the last published snapshot",
+                extra={"problems": problems, "published": head.published if head else None},
+            )
+            return None
+        if len(problems) > 1:
+            logger.error("several failures", extra={"problems": problems})
+        # The leader's own process raises the very exception it met; other
+        # processes only have its description.
+        return original if original is not None else LeaderUpdateError("; ".join(problems))
+
+    def _covered_by_snapshot(self) -> bool:
+        """Whether a published snapshot (from an earlier leader) covers all this process's settings."""
+        head = self._head
+        if head is None or self._parts is None:
+            return False
+        names = {entry.name for entry in head.settings}
+        return all(setting.name in names for setting in list(self._settings))
+
+    def _original_error(self, text: str) -> BaseException | None:
+        marker = "(error #"
+        if marker not in text:
+            return None
+        try:
+            return self._errors.get(int(text.rsplit(marker, 1)[1].rstrip(")")))
+        except ValueError:
+            return None
+
+    # -- applying snapshots ----------------------------------------------------------------------------
+
+    def _force_reapply(self) -> None:
+        with self._apply_lock:
+            self._applied.clear()
+            self._applied_generation = -1
+
+    def _defaults_changed(self) -> None:
+        self._reinstall_all()
+
+    def _reinstall_all(self) -> None:
+        """Rebuild every setting's state (defaults changed): caches must not outlive them."""
+        self._force_reapply()
+        for setting in list(self._settings):
+            state = setting._state
+            if state.client is self:
+                setting._set_state(
+                    _State(
+                        self,
+                        state.features,
+                        state.rules,
+                        state.server_default,
+                        self._contextvars_for(setting),
+                    )
+                )
+
+    def _apply_latest(self, blocking: bool = True) -> None:
+        """Apply the newest published snapshot to this process's settings.
+
+        Call with ``modification_lock`` held. Only settings whose blob changed
+        are decoded and converted.
+        """
+        if not self._apply_lock.acquire(blocking=blocking):
+            return
+        try:
+            self._apply_locked()
+        finally:
+            self._apply_lock.release()
+        self._notify_applied()
+
+    def _apply_locked(self) -> None:
+        transport = self._transport
+        for _ in range(100):
+            if transport.generation() == self._applied_generation:
+                return
+            read = transport.read_head()
+            if read is None or read.generation == self._applied_generation:
+                return
+            head = decode_head(read.head)
+            entries = {entry.name: entry for entry in head.settings}
+            settings = [s for s in self._settings if s._state.client is self]
+            todo = [
+                s for s in settings if s.name in entries and self._applied.get(s) != entries[s.name].digest
+            ]
+            indices = sorted({entries[s.name].blob for s in todo})
+            blobs = transport.read_blobs(read.generation, indices) if indices else []
+            if blobs is None:
+                continue  # the leader published again while we read: start over
+            by_index = dict(zip(indices, blobs, strict=True))
+            for setting in todo:
+                entry = entries[setting.name]
+                self._install(setting, decode_blob(by_index[entry.blob]), head.context_features)
+                self._applied[setting] = entry.digest
+            for setting in settings:
+                if setting.name not in entries:
+                    self._apply_outdated_default(setting, head)
+            self._head = head
+            self._applied_generation = read.generation
+            ack = head.acks.get(self._key)
+            if ack is not None:
+                self._ack = ack
+            return
+        logger.warning("the snapshot kept changing while being read; keeping the previous one")
+
+    def _apply_outdated_default(self, setting: Setting[Any], head: Head) -> None:
+        outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
+        if outcome is None or outcome.default is None:
+            return
+        if self._convert_default(setting, outcome.default):
+            state = setting._state
+            setting._set_state(
+                _State(self, state.features, state.rules, setting.server_default_value, state.contextvars)
+            )
+
+    def _convert_default(self, setting: Setting[Any], raw_json: bytes) -> bool:
+        raw = _json_decoder.decode(raw_json)
+        try:
+            converted = setting._convert(raw, None)
+        except TypeError:
+            logger.warning(
+                "setting default value discarded due to conversion error",
+                exc_info=True,
+                extra={"setting_name": setting.name, "new_default": raw},
+            )
+            return False
+        if converted.coercions:
+            logger.warning(
+                "setting default value coerced to local value",
+                extra={"setting_name": setting.name, "new_default": raw, "coercions": converted.coercions},
+            )
+        setting.server_default_value = converted.value
+        return True
+
+    def _install(self, setting: Setting[Any], blob: SettingBlob, service_order: Sequence[str]) -> None:
+        """Convert one setting's raw rules with its own type and validators, filter, compile, swap in."""
+        position = {f: i for i, f in enumerate(service_order)}
+        features = sorted(
+            setting.configurable_features,
+            key=lambda f: (position.get(f, len(position)), setting.configurable_features.index(f)),
+        )
+        feature_set = frozenset(features)
+        tracked = self._tracked
+        rules: list[tuple[Sequence[tuple[str, str]], Any]] = []
+        rejected: list[tuple[int, str]] = []
+        coerced: list[tuple[int, Sequence[str]]] = []
+        for record in blob.rules:
+            conditions = record.conditions
+            unknown = {f for f, _ in conditions} - feature_set
+            if unknown:
+                rejected.append((record.rule_id, f"rule refers to unrecognized features {sorted(unknown)}"))
+                continue
+            if not all(tracked.get(f) == TRACK_ALL or v in tracked.get(f, ()) for f, v in conditions):
+                continue  # another process tracks these contexts; this one does not
+            rule = QueriedRule(record.rule_id, conditions)
+            try:
+                converted = setting._convert(_json_decoder.decode(record.value), rule)
+            except TypeError as e:
+                rejected.append((record.rule_id, f"rule value could not be converted: {e!r}"))
+                continue
+            except (ValueError, msgspec.DecodeError) as e:
+                rejected.append((record.rule_id, f"rule value rejected: {e!r}"))
+                continue
+            if converted.coercions:
+                coerced.append((record.rule_id, converted.coercions))
+            rules.append((conditions, converted.value))
+        if rejected:
+            logger.warning(
+                "setting update rejected rules",
+                extra={"setting_name": setting.name, "rejected_rules": rejected},
+            )
+        if coerced:
+            logger.info(
+                "setting update coerced values", extra={"setting_name": setting.name, "coercions": coerced}
+            )
+        self._convert_default(setting, blob.default)
+        compiled = compile_rules(features, rules)
+        setting._set_state(
+            _State(
+                self,
+                frozenset(setting.configurable_features),
+                compiled,
+                setting.server_default_value,
+                self._contextvars_for(setting),
+            )
+        )
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+_live_clients: weakref.WeakSet[BaseHeksherClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live_clients):
+        try:
+            client._after_fork_in_child()
+        except Exception:
+            logger.exception("heksher client could not resume after fork")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,195 @@
+"""The synchronous client: its background work runs in one daemon thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from heksher_shm import _protocol as proto
+from heksher_shm._engine import drive_sync
+from heksher_shm.clients._base import BaseHeksherClient
+
+__all__ = ["ThreadHeksherClient"]
+
+logger = logging.getLogger("heksher_shm.client")
+
+
+class ThreadHeksherClient(BaseHeksherClient):
+    """A synchronous client for Heksher. Declares and updates settings in a background thread.
+
+    Errors in the background are logged, never raised: ``set_as_main()`` and
+    ``reload()`` log a failed declaration or update and return.
+
+    Args:
+        service_url: the URL of the Heksher service.
+        update_interval: seconds between two updates.
+        context_features: the context features to check for existence.
+        http_client_args: keyword arguments for the underlying :class:`httpx.Client`.
+        shared: share one poller with the host's other processes (the default);
+            ``False`` makes this a plain single-process client.
+        shm_dir: the folder of the shared files (default: ``HEKSHER_SHM_DIR``,
+            else a per-user folder under ``/dev/shm`` or the temp dir).
+        segment_name: the shared segment's name (default: derived from the
+            service URL and the context features).
+        startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait for
+            their update before logging an error and returning.
+    """
+
+    _kind = "thread"
+
+    def __init__(
+        self,
+        service_url: str,
+        update_interval: float,
+        context_features: Sequence[str],
+        *,
+        http_client_args: Mapping[str, Any] | None = None,
+        shared: bool = True,
+        shm_dir: str | os.PathLike[str] | None = None,
+        segment_name: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(
+            service_url,
+            update_interval,
+            context_features,
+            http_client_args=http_client_args,
+            shared=shared,
+            shm_dir=shm_dir,
+            segment_name=segment_name,
+            startup_timeout=startup_timeout,
+        )
+        self.modification_lock = threading.Lock()
+        """Held while setting values change; hold it to keep them from changing."""
+        self._http = httpx.Client(base_url=service_url, **self._http_client_args)
+        self._wake_event = threading.Event()
+        self._applied_cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # -- documented API ----------------------------------------------------------------------------------
+
+    def set_as_main(self) -> None:
+        """Make this the main client: declare all settings, then wait for an initial update."""
+        seq = self._become_main()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="heksher-shm", daemon=True)
+            self._thread.start()
+        self._wait_for(seq, "set_as_main")
+
+    def reload(self) -> None:
+        """Update all rules now, and wait until done; also resets the update timer."""
+        self._wait_for(self._request_reload(), "reload")
+
+    def close(self) -> None:
+        """Stop the background thread and close the HTTP client."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.closed = True
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._http.close()
+        self._leave_shared()
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+
+    def ping(self) -> None:
+        """Check the health of the Heksher service.
+
+        Raises:
+            httpx.HTTPError: the ping failed.
+        """
+        self._http.get(proto.HEALTH).raise_for_status()
+
+    def get_settings(self) -> dict[str, proto.SettingData]:
+        """All settings declared on the service (not only this client's), by name."""
+        response = self._http.get(proto.SETTINGS, params={"include_additional_data": "true"})
+        response.raise_for_status()
+        data = proto.decode(proto.SETTINGS, response.status_code, response.content, proto.SettingsResponse)
+        return {s.name: s for s in data.settings}
+
+    def __enter__(self) -> ThreadHeksherClient:
+        self.set_as_main()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- the driver --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            drive_sync(self._engine.run(), self._http, self._wait, self._apply, self._report)
+        except Exception:
+            logger.exception("the heksher background thread stopped on an error")
+
+    def _wait(self, timeout: float | None) -> bool:
+        woke = self._wake_event.wait(timeout)
+        self._wake_event.clear()
+        return woke
+
+    def _wake(self) -> None:
+        self._wake_event.set()
+
+    def _apply(self, blocking: bool) -> None:
+        if self.modification_lock.acquire(blocking=blocking):
+            try:
+                self._apply_latest()
+            finally:
+                self.modification_lock.release()
+
+    def _report(self, error: BaseException | None) -> None:
+        try:
+            if error is None:
+                self.on_update_ok()
+            elif isinstance(error, Exception):
+                self.on_update_error(error)
+        except Exception:
+            logger.exception("update callback raised")
+
+    def _fresh_after_fork(self) -> None:
+        self.modification_lock = threading.Lock()
+        self._wake_event = threading.Event()
+        self._applied_cond = threading.Condition()
+        # The parent's client (and its sockets) belong to the parent: abandon, never close.
+        self._http = httpx.Client(base_url=self._service_url, **self._http_client_args)
+        self._thread = None
+
+    def _restart_after_fork(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="heksher-shm", daemon=True)
+        self._thread.start()
+
+    def _try_modification_lock(self) -> bool:
+        return self.modification_lock.acquire(blocking=False)
+
+    def _release_modification_lock(self) -> None:
+        self.modification_lock.release()
+
+    def _notify_applied(self) -> None:
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+
+    def _wait_for(self, seq: int, what: str) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        with self._applied_cond:
+            done = self._applied_cond.wait_for(
+                lambda: self._acked(seq) or self._closed, max(0.0, deadline - time.monotonic())
+            )
+        if self._closed:
+            return
+        if not done:
+            logger.error(f"{what} timed out waiting for an update", extra={"timeout": self._startup_timeout})
+            return
+        error = self._ack_error(seq, starting=what == "set_as_main")
+        if error is not None:
+            logger.error(f"{what} failed", exc_info=error)

@@ -1,0 +1,50 @@
+"""Exceptions raised by heksher_shm."""
+
+from __future__ import annotations
+
+__all__ = [
+    "HeksherProtocolError",
+    "HeksherShmError",
+    "NoMatchError",
+    "SegmentCorruptedError",
+    "SegmentError",
+]
+
+
+class HeksherShmError(Exception):
+    """Base class for errors specific to heksher_shm."""
+
+
+class NoMatchError(Exception):
+    """No rule matched a context (raised internally during resolution)."""
+
+
+class HeksherProtocolError(HeksherShmError):
+    """The Heksher service answered with a status or body the client cannot use.
+
+    The message names the endpoint, the HTTP status and what was wrong.
+    """
+
+    def __init__(self, endpoint: str, status: int, problem: str, content: bytes = b"") -> None:
+        self.endpoint = endpoint
+        self.status = status
+        self.problem = problem
+        self.content = content
+        super().__init__(f"{endpoint} answered {status}: {problem}")
+
+
+class SegmentError(HeksherShmError):
+    """A shared-memory segment or one of its helper files cannot be used safely.
+
+    Raised for files owned by another user, symlinks, wrong file types,
+    corrupted headers and similar; the message names the path and the reason.
+    """
+
+
+class SegmentCorruptedError(SegmentError):
+    """A segment's header, slot descriptor, blob table or blob failed validation.
+
+    Raised by readers when a check keeps failing while the generation word
+    stays the same (so it is not a publish in progress). The next publish by
+    the elected writer repairs the segment.
+    """

@@ -1,0 +1,291 @@
+"""Settings: what an application declares, and the hot path that answers ``get()``.
+
+A :class:`Setting` registers itself with the process's main client on
+creation (or waits for one). The process keeps settings weakly: a setting that
+is garbage collected is neither declared nor updated.
+
+``get()`` is the hot path. Each update compiles a setting's rules once
+(:mod:`heksher_shm._resolve`) into an immutable :class:`_State`; ``get()``
+checks one generation word, then answers repeated contexts from a small
+per-state cache keyed by the call's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import msgspec
+
+from heksher_shm._protocol import DeclarationBody
+from heksher_shm._resolve import NO_MATCH, CompiledRules
+from heksher_shm.setting_types import Conversion, SettingType, setting_type
+
+if TYPE_CHECKING:
+    from heksher_shm._protocol import QuerySetting
+
+__all__ = ["QueriedRule", "Setting"]
+
+logger = logging.getLogger("heksher_shm.setting")
+
+T = TypeVar("T")
+
+SETTING_NAME = re.compile(r"[a-zA-Z_0-9.]+")
+FEATURE_NAME = re.compile(r"[a-zA-Z_0-9]+")
+VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
+
+_CACHE_LIMIT = 4096
+"""Distinct contexts remembered per setting between updates; the cache is cleared when full."""
+
+
+@dataclass(frozen=True)
+class QueriedRule:
+    """The rule a value came from, as passed to validators and ``on_coerce``.
+
+    Attributes:
+        rule_id: the service's id of the rule (``None`` for stub rules).
+        context_features: the rule's exact-match conditions, as (feature, value) pairs.
+    """
+
+    rule_id: int | None
+    context_features: Sequence[tuple[str, str]]
+
+
+Validator = Callable[[T, "QueriedRule | None", "Setting[T]"], T]
+OnCoerce = Callable[[T, Any, Sequence[str], "QueriedRule | None", "Setting[T]"], T]
+
+
+def _keep_coerced(value: T, *_: Any) -> T:
+    return value
+
+
+def _reject_coerced(
+    value: Any, raw: Any, coercions: Sequence[str], rule: QueriedRule | None, setting: Setting[Any]
+) -> Any:
+    raise TypeError(f"coercion is disabled for setting {setting.name}, coercions: {list(coercions)}")
+
+
+class _Client(Protocol):
+    """What a setting needs from the client that feeds it."""
+
+    def _namespace(self, state: _State, contexts: Mapping[str, str]) -> dict[str, str]: ...
+
+    def _stale(self) -> bool: ...
+
+    def _refresh(self) -> None: ...
+
+
+class _State:
+    """Everything ``get()`` reads, replaced whole on every change (never mutated but for the cache)."""
+
+    __slots__ = ("cache", "client", "contextvars", "features", "rules", "server_default")
+
+    def __init__(
+        self,
+        client: _Client | None,
+        features: frozenset[str],
+        rules: CompiledRules | None,
+        server_default: Any,
+        contextvars: tuple[ContextVar[str], ...],
+    ) -> None:
+        self.client = client
+        self.features = features
+        self.rules = rules
+        self.server_default = server_default
+        self.contextvars = contextvars
+        self.cache: dict[Any, Any] = {}
+
+
+_order = itertools.count()
+
+
+class Setting(Generic[T]):
+    """A setting whose value depends on context.
+
+    Args:
+        name: the setting's name (``[a-zA-Z_0-9.]+``).
+        type: its type: a :class:`~heksher_shm.SettingType`, ``int``, ``float``,
+            ``str``, ``bool``, an :class:`enum.Enum` or :class:`enum.IntFlag`
+            subclass, ``Sequence[T]`` or ``Mapping[str, T]``.
+        configurable_features: the context features it can be configured by.
+        default_value: the value when no rule matches and the service sent no
+            usable default.
+        metadata: declared with the setting.
+        alias: the setting's former name (the service renames it).
+        version: ``"major.minor"``.
+        on_coerce: ``on_coerce(coerced, raw, coercions, rule_or_None, setting)``
+            is called when a server value had to be coerced to the local type;
+            it returns the value to use or raises :class:`TypeError` to reject
+            it. ``None`` rejects every coercion. The default keeps the coerced
+            value.
+
+    Raises:
+        ValueError: a malformed name, feature, version or feature list.
+        TypeError: an unusable *type*.
+
+    Creating a setting registers it with the main client, or holds it until a
+    client becomes main; it is then declared.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        type: Any,
+        configurable_features: Sequence[str],
+        default_value: T,
+        metadata: Mapping[str, Any] | None = None,
+        alias: str | None = None,
+        version: str = "1.0",
+        on_coerce: OnCoerce[T] | None = _keep_coerced,
+    ) -> None:
+        if not isinstance(name, str) or not SETTING_NAME.fullmatch(name):
+            raise ValueError(f"setting name must match [a-zA-Z_0-9.]+, got {name!r}")
+        if isinstance(configurable_features, str):
+            raise ValueError(f"configurable_features of {name} must be a sequence of names, not a string")
+        features = tuple(configurable_features)
+        for feature in features:
+            if not isinstance(feature, str) or not FEATURE_NAME.fullmatch(feature):
+                raise ValueError(f"context feature names must match [a-zA-Z_0-9]+, got {feature!r} in {name}")
+        if len(set(features)) != len(features):
+            raise ValueError(f"configurable_features of {name} repeat a feature: {list(features)}")
+        version_match = VERSION.fullmatch(version) if isinstance(version, str) else None
+        if version_match is None:
+            raise ValueError(f'version of {name} must be "major.minor", got {version!r}')
+        if alias is not None and not (isinstance(alias, str) and SETTING_NAME.fullmatch(alias)):
+            raise ValueError(f"alias of {name} must match [a-zA-Z_0-9.]+, got {alias!r}")
+
+        self.name = name
+        self.type: SettingType[T] = setting_type(type)
+        self.configurable_features = features
+        self.default_value = default_value
+        self.metadata: Mapping[str, Any] = dict(metadata or {})
+        self.alias = alias
+        self.version_str = version
+        self.version = (int(version_match[1]), int(version_match[2]))
+        self.on_coerce: OnCoerce[T] = _reject_coerced if on_coerce is None else on_coerce
+        self.server_default_value: T | None = None
+        self._validators: list[Validator[T]] = []
+        self._order = next(_order)
+        self._state = _State(None, frozenset(features), None, None, ())
+        # Encoding the default here surfaces a default the type cannot express
+        # at once, rather than inside a background declaration.
+        self._declaration = DeclarationBody(
+            name=name,
+            configurable_features=list(features),
+            type=self.type.heksher_string(),
+            default_value=self.type.convert_to_heksher(default_value),
+            metadata=dict(self.metadata),
+            version=version,
+            alias=alias,
+        )
+        try:
+            msgspec.json.encode(self._declaration)
+        except (TypeError, msgspec.EncodeError) as e:
+            raise TypeError(f"default value of {name} cannot be sent to the service: {e}") from None
+        from heksher_shm import _main
+
+        _main.register(self)
+
+    def __repr__(self) -> str:
+        return f"<Setting {self.name} {self.type.heksher_string()} v{self.version_str}>"
+
+    # -- public API -------------------------------------------------------------------------------------
+
+    def add_validator(self, validator: Validator[T]) -> Validator[T]:
+        """Add ``validator(value, rule_or_None, setting) -> value``, run on every server value.
+
+        Validators run in the order added, on each rule value and on the
+        server default at every update; raising :class:`TypeError` rejects
+        that value. Local defaults are not validated. Returns *validator*, so
+        this works as a decorator.
+        """
+        self._validators.append(validator)
+        return validator
+
+    def get(self, **contexts: str) -> T:
+        """The value for a context: the best matching rule, else the server default, else ``default_value``.
+
+        Args:
+            **contexts: values of context features; features left out are taken
+                from the client's defaults (``set_defaults``).
+
+        Raises:
+            ValueError: a keyword that is not a configurable feature of this setting.
+            RuntimeError: a configurable feature has neither a value nor a
+                default (once rules for the setting were received).
+        """
+        state = self._state
+        client = state.client
+        if client is not None and client._stale():
+            client._refresh()
+            state = self._state
+        key: Any = tuple(contexts.items())
+        if state.contextvars:
+            key = (key, tuple(var.get(None) for var in state.contextvars))
+        try:
+            return state.cache[key]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        value = self._resolve(state, contexts)
+        if len(state.cache) >= _CACHE_LIMIT:
+            state.cache.clear()
+        state.cache[key] = value
+        return value
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _resolve(self, state: _State, contexts: Mapping[str, str]) -> T:
+        redundant = contexts.keys() - state.features
+        if redundant:
+            raise ValueError(f"the following keys are not configurable for {self.name}: {sorted(redundant)}")
+        if state.rules is None:
+            value: Any = NO_MATCH
+        else:
+            namespace = state.client._namespace(state, contexts) if state.client is not None else contexts
+            for feature in state.rules.features:
+                if feature not in namespace:
+                    raise RuntimeError(
+                        f"configurable context feature {feature} of {self.name} is missing from both "
+                        "the arguments and the client's defaults"
+                    )
+            value = state.rules.resolve(namespace)
+        if value is NO_MATCH:
+            value = state.server_default if state.server_default is not None else self.default_value
+        return value  # type: ignore[no-any-return]
+
+    def _convert(self, raw: Any, rule: QueriedRule | None) -> Conversion[T]:
+        """Convert a server value: type, then ``on_coerce`` if it coerced, then validators."""
+        converted = self.type.convert_from_heksher(raw)
+        value = converted.value
+        if converted.coercions:
+            value = self.on_coerce(value, raw, converted.coercions, rule, self)
+        for validator in self._validators:
+            value = validator(value, rule, self)
+        return Conversion(value, converted.coercions)
+
+    def _set_state(self, state: _State) -> None:
+        self._state = state
+
+    def _apply(
+        self,
+        client: _Client | None,
+        result: QuerySetting | None,
+        rules: CompiledRules | None,
+        contextvars: tuple[ContextVar[str], ...],
+    ) -> None:
+        """Install compiled rules (already converted by the caller)."""
+        del result
+        self._state = _State(client, self._state.features, rules, self.server_default_value, contextvars)
+
+    def _declaration_body(self) -> DeclarationBody:
+        return self._declaration
+
+
+def _settings_sorted(settings: weakref.WeakSet[Setting[Any]]) -> list[Setting[Any]]:
+    return sorted(settings, key=lambda s: s._order)

@@ -1,0 +1,82 @@
+"""Fixtures for the whole suite.
+
+Behaviour tests run against the in-memory service by default, and against a
+real Heksher when ``HEKSHER_TEST_URL`` is set; tests that need fault
+injection or request counters ask for ``memory_service`` and skip there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from heksher_shm import _main
+from heksher_shm.testing import HeksherService
+from tests._support import FEATURES, REAL_URL, Admin, Driver
+
+
+@pytest.fixture(autouse=True)
+def _private_shm_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test shares segments only with its own processes."""
+    directory = tmp_path_factory.mktemp("shm")
+    directory.chmod(0o700)
+    monkeypatch.setenv("HEKSHER_SHM_DIR", str(directory))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_main_client() -> Iterator[None]:
+    """Each test starts with no main client (the main client is process-wide state)."""
+    _main._main = None
+    yield
+    _main._main = None
+    _main._settings.clear()
+
+
+@pytest.fixture
+def memory_service() -> Iterator[HeksherService]:
+    """The in-memory service; tests using it skip against a real Heksher."""
+    if REAL_URL:
+        pytest.skip("needs the in-memory service (fault injection / request counters)")
+    with HeksherService(context_features=FEATURES) as service:
+        yield service
+
+
+@pytest.fixture
+def service_url() -> Iterator[str]:
+    """A Heksher to test against: HEKSHER_TEST_URL, or a fresh in-memory one."""
+    if REAL_URL:
+        yield REAL_URL
+        return
+    with HeksherService(context_features=FEATURES) as service:
+        yield service.url
+
+
+@pytest.fixture
+def admin(service_url: str) -> Iterator[Admin]:
+    """Rule administration over HTTP against ``service_url``."""
+    a = Admin(service_url)
+    yield a
+    a.close()
+
+
+@pytest.fixture(params=["async", "thread"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Each client behaviour test runs once per client kind."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def make_driver(kind: str) -> AsyncIterator[Any]:
+    """A factory of clients of the current kind, closed at teardown."""
+    drivers: list[Driver] = []
+
+    def make(url: str, update_interval: float = 60, **kwargs: Any) -> Driver:
+        driver = Driver(kind, url, update_interval, **kwargs)
+        drivers.append(driver)
+        return driver
+
+    yield make
+    for driver in drivers:
+        await driver.close()
