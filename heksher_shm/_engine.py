@@ -320,7 +320,7 @@ class Engine:
             features = proto.decode(
                 proto.CONTEXT_FEATURES, response.status_code, response.content, proto.ContextFeaturesResponse
             ).context_features
-        except (httpx.HTTPError, HeksherProtocolError):
+        except Exception:  # whatever went wrong, the term goes on with the client's order
             logger.exception("failed to get context features from the service")
             return None
         if features != self.context_features:
@@ -358,7 +358,7 @@ class Engine:
                 content=msgspec.json.encode(body),
                 headers={"Content-Type": "application/json"},
             )
-        except httpx.HTTPError as e:
+        except Exception as e:  # transport errors, and anything unexpected: the loop must survive
             logger.exception("setting declaration failed", extra={"setting": body.name})
             return self._failed(term, body.name, 0, e)
         status = response.status_code
@@ -441,7 +441,7 @@ class Engine:
         changed = False
         try:
             changed = yield from self._query(term, spec)
-        except (httpx.HTTPError, HeksherProtocolError) as e:
+        except Exception as e:  # transport, protocol, and anything unexpected: reported, never fatal
             error = e
             log_extra: dict[str, Any] = {}
             if isinstance(e, httpx.HTTPStatusError):
@@ -476,6 +476,7 @@ class Engine:
                 acks=acks,
                 ok=error is None,
                 error=ack_error,
+                update_interval=self.update_interval,
             )
             self.transport.publish(encode_head(head), term.blobs)
             term.served = acks

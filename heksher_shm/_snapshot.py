@@ -100,6 +100,7 @@ class Head(msgspec.Struct, frozen=True):
     acks: dict[str, Ack]
     ok: bool
     error: str | None = None
+    update_interval: float = 0.0
 
 
 _head_encoder = msgspec.msgpack.Encoder()

@@ -92,8 +92,9 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NON
 # Serialises every change to a LeaderLock's descriptor with fork(): the
 # before-fork hook takes it, so a child never inherits a descriptor that was
 # opened or locked but not yet recorded (a lock the child could not find to
-# close would stay held after the parent died). Reentrant because garbage
-# collection can run a LeaderLock.__del__ inside a critical section.
+# close would stay held after the parent died). An RLock, so that a signal
+# handler that closes a client (say, a worker's SIGTERM handler) while this
+# thread is inside a critical section cannot deadlock it.
 _GATE = threading.RLock()
 _LIVE: weakref.WeakSet[LeaderLock] = weakref.WeakSet()
 
@@ -102,9 +103,9 @@ class LeaderLock:
     """An exclusive, host-wide lock on one file: whoever holds it leads the segment.
 
     Backed by ``flock(2)``, so the kernel releases it when the holder dies.
-    Not reentrant and not thread-local: one instance represents the process's
-    candidacy, and any thread may release it. Two instances, even in one
-    process, exclude each other.
+    Not counted and not thread-local: acquiring a held lock again returns
+    ``True``, one :meth:`release` (from any thread) releases it. Two
+    instances, even in one process, exclude each other.
 
     Fork-safe: in a child the inherited lock is closed without being
     unlocked, so the parent keeps leading, the child's :attr:`held` is

@@ -17,7 +17,7 @@ Header (offsets in bytes)::
         16     8  generation      u64    THE publish word; 0 = nothing published
         24     8  heartbeat       f64    one aligned word, written by the leader
         32     8  status_seq      u64    seqlock over the status block (odd = writing)
-        40     8  generation_floor u64   next generation = max(generation, floor) + 1
+        40     8  generation_floor u64   set on (re)format; the next generation exceeds it
         48    16  reserved               zero
         64    64  slot descriptor 0      see below
        128    64  slot descriptor 1      see below

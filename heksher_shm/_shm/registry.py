@@ -360,7 +360,9 @@ class Registry:
         Never raises for a bad entry: unusable files are skipped and listed in
         :attr:`ScanResult.rejected`, and logged once per version of the file.
         Stale temporary files of dead writers are deleted too (when
-        ``prune``). Unchanged files are not read again.
+        ``prune``). Unchanged files are not read again: their registrations
+        come back as the very same objects as in the previous scan, so treat
+        them as read-only.
 
         Raises:
             SegmentError: the registry directory itself cannot be used safely.

@@ -35,6 +35,7 @@ crc check is the backstop (a reader may retry, but never accepts a mix).
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import mmap
 import operator
@@ -225,8 +226,8 @@ def _check_file(path: pathlib.Path, st: os.stat_result) -> None:
     raise SegmentError(f"segment file {path}: {reason}")
 
 
-def _open_segment_file(path: pathlib.Path) -> int:
-    """Open or create the segment file without following symlinks or blocking."""
+def _open_segment_file(path: pathlib.Path, create: bool) -> int:
+    """Open (or create) the segment file without following symlinks or blocking."""
     # O_NOFOLLOW: a symlink planted in our place fails with ELOOP instead of being followed.
     # O_NONBLOCK: a FIFO planted in our place cannot hang open(); we refuse it after fstat.
     # O_CLOEXEC: an exec'd child must not inherit the mapping's descriptor.
@@ -237,6 +238,8 @@ def _open_segment_file(path: pathlib.Path) -> int:
             # that is not a regular file is refused without ever being opened.
             st = os.lstat(path)
         except FileNotFoundError:
+            if not create:
+                raise SegmentError(f"segment file {path}: does not exist") from None
             try:
                 # O_EXCL makes creation race-safe: of two processes creating at once, one wins
                 # and the other opens the winner's file through the branch below.
@@ -307,8 +310,11 @@ class Segment:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: os.PathLike[str] | str) -> Segment:
+    def open(cls, path: os.PathLike[str] | str, *, create: bool = True) -> Segment:
         """Open the segment file at ``path``, creating it (mode 0600) if missing.
+
+        With ``create=False`` a missing file raises :class:`SegmentError`
+        instead (for status tools that must not leave files behind).
 
         Never blocks and never follows a symlink. Raises :class:`SegmentError`
         (naming the path and the reason) for a symlink, FIFO, directory or other
@@ -320,7 +326,7 @@ class Segment:
             # The hot path reads the generation as a native word; the layout is little-endian.
             raise SegmentError(f"segment file {path}: big-endian hosts are not supported")
         seg_path = pathlib.Path(os.path.abspath(os.fspath(path)))
-        fd = _open_segment_file(seg_path)
+        fd = _open_segment_file(seg_path, create)
         try:
             st = os.fstat(fd)
             # The lstat check ran on a name; this one runs on the file we actually opened.
@@ -362,6 +368,23 @@ class Segment:
         self._install(mapping)
         return mapping
 
+    def is_replaced(self) -> bool:
+        """Whether the path no longer names the file this segment maps (removed or replaced).
+
+        A process that keeps using an unlinked segment talks to nobody new: a
+        newcomer creates a fresh file at the path. One ``lstat`` and one
+        ``fstat``; meant for periodic checks, not the hot path.
+        """
+        self._check_open()
+        try:
+            named = os.lstat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            raise SegmentError(f"segment file {self.path}: cannot inspect it: {exc.strerror}") from exc
+        mapped = os.fstat(self._fd)
+        return (named.st_dev, named.st_ino) != (mapped.st_dev, mapped.st_ino)
+
     def _check_open(self) -> None:
         if self._closed:
             raise SegmentError(f"segment file {self.path}: segment is closed")
@@ -386,10 +409,8 @@ class Segment:
         """Close a segment that was dropped without :meth:`close`, so its descriptor is not leaked."""
         # getattr: __init__ may have failed before _closed was set.
         if not getattr(self, "_closed", True):
-            try:
+            with contextlib.suppress(Exception):  # nothing useful to do while being collected
                 self.close()
-            except Exception:  # pragma: no cover - nothing useful to do while being collected
-                pass
 
     def __enter__(self) -> Segment:
         """Return self; the segment is closed on exit."""

@@ -142,7 +142,9 @@ def _wish_of(registration: Registration) -> Wish:
                 "skipping a malformed declaration in a registration",
                 extra={"pid": registration.pid, "problem": str(e)},
             )
-    return Wish(wish_key(registration.identity), declarations, dict(registration.tracked), registration.reload_seq)
+    return Wish(
+        wish_key(registration.identity), declarations, dict(registration.tracked), registration.reload_seq
+    )
 
 
 class SegmentObserver:

@@ -29,7 +29,9 @@ from heksher_shm._shm.segment import Segment
 from heksher_shm._shm.shared import RegistrySource, SegmentObserver, SharedParts, open_shared, wish_key
 from heksher_shm._snapshot import Ack, Head, SettingBlob, decode_blob, decode_head
 from heksher_shm.clients._defaults import ContextDefaults
+from heksher_shm.exceptions import SegmentError
 from heksher_shm.setting import QueriedRule, Setting, _State
+from heksher_shm.status import SegmentStatus, segment_status
 
 __all__ = ["BaseHeksherClient"]
 
@@ -143,6 +145,20 @@ class BaseHeksherClient(ContextDefaults):
     def segment_path(self) -> str | None:
         """The shared segment's file, once this client joined one (``None`` with ``shared=False``)."""
         return None if self._parts is None else str(self._parts.segment.path)
+
+    @property
+    def leading(self) -> bool:
+        """Whether this client is currently its host's leader (always, alone with ``shared=False``)."""
+        return self._engine.leading
+
+    def shared_status(self) -> SegmentStatus:
+        """The status of this client's shared segment: leader, generation, freshness, processes, counts.
+
+        Raises:
+            heksher_shm.exceptions.SegmentError: not joined to a segment (``shared=False``, or before
+                ``set_as_main``).
+        """
+        return segment_status(self.segment_path)
 
     # -- documented API shared by both clients ----------------------------------------------------------
 
@@ -411,12 +427,21 @@ class BaseHeksherClient(ContextDefaults):
     def _apply_locked(self) -> None:
         transport = self._transport
         for _ in range(100):
-            if transport.generation() == self._applied_generation:
+            generation = transport.generation()
+            if generation == self._applied_generation:
                 return
-            read = transport.read_head()
-            if read is None or read.generation == self._applied_generation:
+            try:
+                read = transport.read_head()
+                if read is None or read.generation == self._applied_generation:
+                    return
+                head = decode_head(read.head)
+            except (SegmentError, ValueError, msgspec.DecodeError):
+                # Keep serving what we have; remember this generation so that
+                # get() does not retry it on every call. The leader repairs
+                # the segment with its next publish (a new generation).
+                logger.exception("the shared segment is unreadable; keeping the previous rules")
+                self._applied_generation = generation
                 return
-            head = decode_head(read.head)
             entries = {entry.name: entry for entry in head.settings}
             settings = [s for s in self._settings if s._state.client is self]
             todo = [

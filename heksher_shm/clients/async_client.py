@@ -158,6 +158,10 @@ class AsyncHeksherClient(BaseHeksherClient):
         loop = asyncio.get_running_loop()
         if self._task is not None and self._loop is loop and not self._needs_restart:
             return
+        if self._loop is not None and self._loop is not loop:
+            # Connections belong to the loop that opened them: a new loop needs
+            # a new client (the old one is abandoned, its loop being gone).
+            self._http = httpx.AsyncClient(base_url=self._service_url, **self._http_client_args)
         self._needs_restart = False
         self._loop = loop
         self._wake_event = asyncio.Event()

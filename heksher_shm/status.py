@@ -1,0 +1,160 @@
+"""What a shared segment holds and who serves it: the data behind ``heksher-shm status``.
+
+.. code-block:: python
+
+    from heksher_shm.status import list_segments, segment_status
+
+    for path in list_segments():
+        print(segment_status(path).verdict)
+
+Reading status never creates, locks or repairs anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from heksher_shm._shm.identity import ProcessIdentity, describe
+from heksher_shm._shm.registry import Registry, registry_directory
+from heksher_shm._shm.segment import Segment, resolve_shm_dir
+from heksher_shm._snapshot import Head, decode_head
+from heksher_shm.exceptions import SegmentError
+
+__all__ = ["ProcessInfo", "SegmentStatus", "list_segments", "segment_status"]
+
+HEARTBEAT_STALE_AFTER = 5.0
+"""Seconds without a leader heartbeat after which the leader counts as unresponsive."""
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process: the leader, or one attached to the segment."""
+
+    pid: int
+    create_time: float
+    alive: bool
+    cmdline: str | None
+    uptime: float | None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
+class SegmentStatus:
+    """One segment's state, as read at :attr:`read_at` (epoch seconds).
+
+    ``verdict`` is ``"ok"``, ``"empty"`` (nothing published yet),
+    ``"leaderless"`` (no live leader), ``"unresponsive"`` (the leader stopped
+    beating) or ``"stale"`` (no successful update for over two update
+    intervals); ``healthy`` is true only for ``"ok"``.
+    """
+
+    path: str
+    name: str
+    read_at: float
+    generation: int
+    leader: ProcessInfo | None
+    heartbeat_age: float | None
+    last_update_ok: float | None
+    last_update_age: float | None
+    last_error: str | None
+    last_error_time: float | None
+    error_count: int
+    update_interval: float | None
+    published: float | None
+    settings: int
+    rules: int
+    processes: list[ProcessInfo] = field(default_factory=list)
+    verdict: str = "ok"
+    problem: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the segment is served and fresh."""
+        return self.verdict == "ok"
+
+
+def list_segments(shm_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The segment files in the shared folder (``HEKSHER_SHM_DIR`` or the default), sorted."""
+    directory = resolve_shm_dir(shm_dir)
+    return sorted(p for p in directory.glob("*.seg") if p.is_file() and not p.is_symlink())
+
+
+def _process(identity: ProcessIdentity, kind: str | None = None) -> ProcessInfo:
+    described = describe(identity)
+    return ProcessInfo(
+        identity.pid,
+        identity.create_time,
+        described["alive"],
+        described["cmdline"],
+        described["uptime"],
+        kind,
+    )
+
+
+def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
+    """Read one segment's status.
+
+    Raises:
+        SegmentError: the file is missing, or not safe to read (another user's,
+            a symlink, not a regular file...).
+    """
+    if path is None:
+        raise SegmentError("this client has not joined a shared segment (shared=False, or not main yet)")
+    path = Path(path)
+    now = time.time()
+    segment = Segment.open(path, create=False)
+    try:
+        header = segment.status()
+        head: Head | None = None
+        problem = header.header_problem
+        try:
+            read = segment.read_head()
+            head = decode_head(read.head) if read is not None else None
+        except (SegmentError, ValueError) as e:
+            problem = problem or str(e)
+    finally:
+        segment.close()
+    leader = None
+    if header.leader_pid is not None and header.leader_create_time is not None:
+        leader = _process(ProcessIdentity(header.leader_pid, header.leader_create_time))
+    processes: list[ProcessInfo] = []
+    registry_path = registry_directory(path)
+    if registry_path.is_dir():
+        scan = Registry(registry_path).scan(prune=False)
+        processes = [_process(r.identity, r.kind) for r in scan.registrations]
+    heartbeat_age = None if header.heartbeat is None else max(0.0, now - header.heartbeat)
+    last_ok_age = None if header.last_update_ok is None else max(0.0, now - header.last_update_ok)
+    interval = head.update_interval if head is not None and head.update_interval else None
+    if head is None:
+        verdict = "empty"
+    elif leader is None or not leader.alive:
+        verdict = "leaderless"
+    elif heartbeat_age is None or heartbeat_age > HEARTBEAT_STALE_AFTER:
+        verdict = "unresponsive"
+    elif interval is not None and (last_ok_age is None or last_ok_age > 2 * interval + HEARTBEAT_STALE_AFTER):
+        verdict = "stale"
+    else:
+        verdict = "ok"
+    return SegmentStatus(
+        path=str(path),
+        name=path.name.removesuffix(".seg"),
+        read_at=now,
+        generation=header.generation,
+        leader=leader,
+        heartbeat_age=heartbeat_age,
+        last_update_ok=header.last_update_ok,
+        last_update_age=last_ok_age,
+        last_error=header.last_error,
+        last_error_time=header.last_error_time,
+        error_count=header.error_count,
+        update_interval=interval,
+        published=head.published if head is not None else None,
+        settings=len(head.settings) if head is not None else 0,
+        rules=sum(e.rule_count for e in head.settings) if head is not None else 0,
+        processes=[p for p in processes if p.alive],
+        verdict=verdict,
+        problem=problem,
+    )

@@ -1,0 +1,111 @@
+"""Worker processes for the multi-process tests (importable, so the spawn start method can run them).
+
+A worker makes settings, starts a client of the asked kind, becomes main, and
+then answers commands from the test over a pipe until told to exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import heksher_shm as heksher
+from heksher_shm.status import segment_status
+
+FEATURES = ["user", "theme", "environment"]
+
+
+def _make(names: list[str], defaults: dict[str, int]) -> dict[str, heksher.Setting[int]]:
+    return {name: heksher.Setting(name, int, ["user"], defaults.get(name, 0)) for name in names}
+
+
+def _answer(cmd: tuple[Any, ...], settings: dict[str, heksher.Setting[int]], client: Any) -> Any:
+    op = cmd[0]
+    if op == "get":
+        return settings[cmd[1]].get(**cmd[2])
+    if op == "pid":
+        return os.getpid()
+    if op == "leading":
+        return client._engine.leading
+    if op == "status":
+        return segment_status(client.segment_path)
+    if op == "add":
+        settings.update(_make([cmd[1]], {cmd[1]: cmd[2]}))
+        return True
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+def worker(
+    conn: Connection, url: str, kind: str, names: list[str], interval: float, extra: dict[str, Any]
+) -> None:
+    """Serve commands until ("exit",)."""
+    settings = _make(names, extra.get("defaults", {}))
+    if kind == "thread":
+        client = heksher.ThreadHeksherClient(url, interval, FEATURES, **extra.get("client", {}))
+        client.track_contexts(**extra.get("track", {"user": heksher.TRACK_ALL}))
+        try:
+            client.set_as_main()
+            conn.send(("ready", os.getpid()))
+        except Exception as e:
+            conn.send(("error", repr(e)))
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "exit":
+                client.close()
+                conn.send("bye")
+                return
+            if cmd[0] == "reload":
+                client.reload()
+                conn.send(True)
+                continue
+            if cmd[0] == "wait_value":
+                _, name, ctx, expected, timeout = cmd
+                start = time.monotonic()
+                while settings[name].get(**ctx) != expected and time.monotonic() - start < timeout:
+                    time.sleep(0.001)
+                ok = settings[name].get(**ctx) == expected
+                conn.send(time.monotonic() - start if ok else None)
+                continue
+            conn.send(_answer(cmd, settings, client))
+    else:
+        asyncio.run(_async_worker(conn, url, names, interval, extra, settings))
+
+
+async def _async_worker(
+    conn: Connection,
+    url: str,
+    names: list[str],
+    interval: float,
+    extra: dict[str, Any],
+    settings: dict[str, heksher.Setting[int]],
+) -> None:
+    loop = asyncio.get_running_loop()
+    client = heksher.AsyncHeksherClient(url, interval, FEATURES, **extra.get("client", {}))
+    client.track_contexts(**extra.get("track", {"user": heksher.TRACK_ALL}))
+    try:
+        await client.set_as_main()
+        conn.send(("ready", os.getpid()))
+    except Exception as e:
+        conn.send(("error", repr(e)))
+    while True:
+        cmd = await loop.run_in_executor(None, conn.recv)
+        if cmd[0] == "exit":
+            await client.aclose()
+            conn.send("bye")
+            return
+        if cmd[0] == "reload":
+            await client.reload()
+            conn.send(True)
+            continue
+        if cmd[0] == "wait_value":
+            _, name, ctx, expected, timeout = cmd
+            start = loop.time()
+            while settings[name].get(**ctx) != expected and loop.time() - start < timeout:
+                await asyncio.sleep(0.001)
+            ok = settings[name].get(**ctx) == expected
+            conn.send(loop.time() - start if ok else None)
+            continue
+        conn.send(_answer(cmd, settings, client))

@@ -1,0 +1,219 @@
+"""The shared cache with real processes: one poller, identical values, takeover, fork."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from heksher_shm.testing import HeksherService
+from tests._support import FEATURES, unique
+from tests._workers import worker
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+class Worker:
+    """A worker process and the test's end of its pipe."""
+
+    def __init__(self, url: str, kind: str, names: list[str], interval: float, **extra: Any) -> None:
+        self.conn, child = SPAWN.Pipe()
+        self.kind = kind
+        self.process = SPAWN.Process(
+            target=worker, args=(child, url, kind, names, interval, extra), daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.pid: int | None = None
+
+    def ready(self, timeout: float = 30) -> Worker:
+        assert self.conn.poll(timeout), "worker did not start"
+        status, detail = self.conn.recv()
+        assert status == "ready", detail
+        self.pid = detail
+        return self
+
+    def ask(self, *cmd: Any, timeout: float = 30) -> Any:
+        self.conn.send(cmd)
+        assert self.conn.poll(timeout), f"no answer to {cmd}"
+        return self.conn.recv()
+
+    def kill(self) -> None:
+        assert self.process.pid is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(AssertionError, OSError, EOFError):
+                self.ask("exit", timeout=10)
+            self.process.join(10)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture
+def service() -> Iterator[HeksherService]:
+    with HeksherService(context_features=FEATURES) as svc:
+        yield svc
+
+
+def leaders(ws: list[Worker]) -> list[Worker]:
+    return [w for w in ws if w.process.is_alive() and w.ask("leading")]
+
+
+def test_one_poller_same_values_and_fast_propagation(service: HeksherService, workers: list[Worker]) -> None:
+    name = unique("shared")
+    interval = 0.5
+    kinds = ["thread", "async", "thread", "async", "thread", "async"]
+    workers.extend(Worker(service.url, kind, [name], interval) for kind in kinds)
+    for w in workers:
+        w.ready()
+    assert len(leaders(workers)) == 1
+    rule = service.add_rule(name, {"user": "alice"}, 1)
+    for w in workers:
+        assert w.ask("wait_value", name, {"user": "alice"}, 1, interval + 2) is not None
+
+    # Over several update intervals the service sees one poller: about one query per interval.
+    service.reset_requests()
+    t0 = time.monotonic()
+    service.set_rule_value(rule, 2)
+    delays = [w.ask("wait_value", name, {"user": "alice"}, 2, interval + 2) for w in workers]
+    assert all(d is not None and d <= interval + 0.25 for d in delays), delays
+    observed = 3 * interval
+    deadline = t0 + observed
+    # the workers' answers above took some time already; wait out the window by waiting for queries
+    assert service.wait_for_requests(
+        int(observed / interval) - 1, path="/api/v1/query", timeout=deadline - time.monotonic() + interval
+    )
+    elapsed = time.monotonic() - t0
+    queries = service.count(path="/api/v1/query")
+    assert queries <= elapsed / interval + 2, (queries, elapsed)
+    declares = service.count(path="/api/v1/settings/declare")
+    assert declares == 0  # declared once, before the window
+    assert {w.ask("get", name, {"user": "alice"}) for w in workers} == {2}
+
+
+def test_followers_declarations_and_reload(service: HeksherService, workers: list[Worker]) -> None:
+    leader_only, follower_only = unique("leaders"), unique("followers")
+    first = Worker(service.url, "thread", [leader_only], 60)
+    workers.append(first)
+    first.ready()
+    assert first.ask("leading")
+    second = Worker(service.url, "async", [follower_only], 60, defaults={follower_only: 5})
+    workers.append(second)
+    second.ready()  # returns once the leader declared its setting and published rules covering it
+    assert not second.ask("leading")
+    assert follower_only in service.settings
+    service.add_rule(follower_only, {"user": "bob"}, 42)
+    assert second.ask("get", follower_only, {"user": "bob"}) == 5  # update_interval is 60 s
+    assert second.ask("reload") is True  # the leader queries now, and the result is visible on return
+    assert second.ask("get", follower_only, {"user": "bob"}) == 42
+
+
+def test_takeover_after_sigkill(service: HeksherService, workers: list[Worker]) -> None:
+    name = unique("takeover")
+    interval = 60.0  # takeover must not wait for an interval
+    workers.extend(
+        Worker(service.url, kind, [name], interval) for kind in ["thread", "async", "thread", "async"]
+    )
+    for w in workers:
+        w.ready()
+    rule = service.add_rule(name, {"user": "alice"}, 0)
+    for w in workers:
+        w.ask("reload")
+    for round_ in range(1, 4):
+        (leader,) = leaders(workers)
+        leader.kill()
+        alive = [w for w in workers if w.process.is_alive()]
+        t0 = time.monotonic()
+        while not leaders(alive):
+            assert time.monotonic() - t0 < 2, "no takeover within 2 s"
+        # the new leader re-declared and serves: a reload from any survivor reaches the service
+        service.set_rule_value(rule, round_)
+        alive[-1].ask("reload")
+        for w in alive:
+            assert w.ask("get", name, {"user": "alice"}) == round_
+        workers.append(Worker(service.url, "thread", [name], interval))
+        workers[-1].ready()
+
+
+def test_service_down_at_start(workers: list[Worker]) -> None:
+    name = unique("down")
+    with HeksherService(context_features=FEATURES) as svc:
+        url = svc.url
+        first = Worker(url, "thread", [name], 60)
+        workers.append(first)
+        first.ready()
+        svc.add_rule(name, {"user": "alice"}, 7)
+        first.ask("reload")
+        first.stop()
+        workers.remove(first)
+    # the service is gone; a snapshot covering the setting remains
+    late = Worker(url, "async", [name], 60)
+    workers.append(late)
+    late.ready()
+    assert late.ask("get", name, {"user": "alice"}) == 7
+    # a setting no snapshot covers cannot be served: set_as_main fails (async raises)
+    other = Worker(url, "async", [unique("uncovered")], 60, client={"startup_timeout": 10})
+    workers.append(other)
+    assert other.conn.poll(30)
+    status, detail = other.conn.recv()
+    assert status == "error"
+    assert "ConnectError" in detail
+
+
+FORK_APP = __import__("pathlib").Path(__file__).parent / "apps" / "fork_app.py"
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+@pytest.mark.parametrize("exit_how", ["os_exit", "normal"])
+@pytest.mark.parametrize("role", ["leader", "follower"])
+def test_fork(service: HeksherService, workers: list[Worker], kind: str, exit_how: str, role: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    name = unique("forked")
+    if role == "follower":
+        workers.append(Worker(service.url, "thread", [name], 60))
+        workers[-1].ready()
+    service.declare(name, "int", 0, ["user"])
+    service.add_rule(name, {"user": "alice"}, 11)
+    out = subprocess.run(
+        [sys.executable, str(FORK_APP), service.url, name, kind, exit_how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # An async client made main in a loop that has ended (forking with no
+    # loop running) no longer leads: its task ended with that loop.
+    leads = role == "leader" and not (kind == "async" and exit_how == "normal")
+    assert result["leading_before"] is leads
+    assert result["child"].get("value") == 11, result
+    if leads or role == "follower":
+        assert result["child"]["leading"] is False  # a forked leader's children are followers
+    assert result["child_status"] == 0
+    assert result["leading_after"] is leads  # the child released nothing of the parent's
+    assert result["lock_held"] is leads
+    assert result["parent_value_after"] == 11
+    if role == "follower":
+        assert workers[-1].ask("leading") is True  # still the leader after the follower's child exited
