@@ -33,7 +33,7 @@ import msgspec
 
 # No stubs ship with psutil (types-psutil is a separate package); `unused-ignore`
 # keeps this line valid once the stubs are installed.
-import psutil  # type: ignore[import-untyped, unused-ignore]
+import psutil
 
 __all__ = [
     "IdentityProvider",
