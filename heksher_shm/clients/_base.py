@@ -23,6 +23,7 @@ from heksher_shm._engine import Engine, LeaderUpdateError, Wish
 from heksher_shm._local import LocalLock, LocalSource, LocalTransport
 from heksher_shm._protocol import TRACK_ALL, DeclarationBody, declaration_digest
 from heksher_shm._resolve import compile_rules
+from heksher_shm._servers import check_background_threads
 from heksher_shm._shm.identity import current_identity
 from heksher_shm._shm.registry import Registration, encode_declaration
 from heksher_shm._shm.segment import Segment
@@ -270,6 +271,7 @@ class BaseHeksherClient(ContextDefaults):
         """Become the process's main client; returns the request number to wait for."""
         if self._closed:
             raise RuntimeError("this client is closed")
+        check_background_threads()
         self._join_shared()
         settings = _main.set_main(self)
         self._main = True
