@@ -75,10 +75,12 @@ class Apply:
 
     Not *blocking*: skip it when ``modification_lock`` is taken (it is tried
     again on the next tick), so that a process holding its lock never holds
-    back the host's leader.
+    back the host's leader. *fallback*: apply this process's own fallback
+    snapshot (see :attr:`Engine.fallback`) rather than the shared one.
     """
 
     blocking: bool
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,11 +152,16 @@ class Observer(Protocol):
         """(time of the last successful update, count of errors, last error text)."""
         ...
 
+    def heartbeat(self) -> float | None:
+        """The leader's last heartbeat (epoch seconds), None if it never beat."""
+        ...
+
 
 @dataclass
 class _Term:
     """A leader's state for one term: what it declared and what it last queried."""
 
+    transport: Transport
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     declared: dict[str, Outcome] = field(default_factory=dict)
     context_features: list[str] | None = None
@@ -165,7 +172,11 @@ class _Term:
     entries: list[SettingEntry] = field(default_factory=list)
     blobs: list[bytes] = field(default_factory=list)
     published: bool = False
-    error_ids: int = 0
+    queried: float = 0.0
+
+
+UNRESPONSIVE_AFTER = 3.0
+"""Seconds without a heartbeat after which followers consider the leader unresponsive and poll themselves."""
 
 
 class LeaderLost(Exception):
@@ -192,6 +203,19 @@ class Engine:
         poll: seconds between a follower's checks, and a leader's registry scans.
         errors: where the leader keeps the exceptions it reported, by id, so
             that its own process can raise the original exception.
+        key: this process's key among the wishes.
+        fallback_transport: makes the in-process transport a follower polls
+            into while the leader is unresponsive.
+
+    **Unresponsive leader.** A leader that holds the lock but stopped beating
+    (SIGSTOP, a debugger, a starved VM) for :data:`UNRESPONSIVE_AFTER`
+    seconds cannot be replaced: the kernel still sees its lock. Each follower
+    then polls the service itself, for its own settings only, into
+    :attr:`fallback` (never into the shared segment: the leader may resume in
+    the middle of a write). When the heartbeat resumes, followers stop.
+    Snapshots carry the (host-wide, monotonic) time their query answered, and
+    a process never applies one older than what it has: a leader resuming
+    with a result fetched before it stopped cannot move values backwards.
     """
 
     def __init__(
@@ -206,6 +230,8 @@ class Engine:
         identity: tuple[int, float],
         poll: float | None,
         errors: dict[int, BaseException],
+        key: str = "",
+        fallback_transport: Callable[[], Transport] | None = None,
     ) -> None:
         self.transport = transport
         self.lock = lock
@@ -216,6 +242,10 @@ class Engine:
         self.identity = identity
         self.poll = poll
         self.errors = errors
+        self.key = key
+        self.fallback_transport = fallback_transport
+        self.fallback: _Term | None = None
+        self._error_ids = 0
         self.closed = False
         self.leading = False
         self.term: _Term | None = None
@@ -247,6 +277,23 @@ class Engine:
             yield Apply(blocking=False)
         if self.observer is None:
             return
+        beat = self.observer.heartbeat()
+        if (
+            beat is not None
+            and time.time() - beat > UNRESPONSIVE_AFTER
+            and self.fallback_transport is not None
+        ):
+            if self.fallback is None:
+                logger.warning(
+                    "the leader is unresponsive; this process polls the service itself until it recovers",
+                    extra={"heartbeat_age": time.time() - (beat or 0.0)},
+                )
+                self.fallback = _Term(self.fallback_transport())
+            yield from self._fall_back(self.fallback)
+            return
+        if self.fallback is not None:
+            logger.warning("the leader is responsive again; this process stopped polling the service")
+            self.fallback = None
         marks = self.observer.update_marks()
         previous, self._marks = self._marks, marks
         if previous is None or marks == previous:
@@ -259,9 +306,32 @@ class Engine:
 
     # -- leading ----------------------------------------------------------------------------------------
 
+    def _fall_back(self, term: _Term) -> Generator[Effect, Any, None]:
+        """One tick of polling for this process alone (see "Unresponsive leader" above)."""
+        wishes = [w for w in self.source.wishes() if w.key == self.key]
+        if term.context_features is None:
+            term.context_features = self.context_features
+        updated, error = yield from self._cycle(term, wishes)
+        if updated:
+            yield Apply(blocking=False, fallback=True)
+            yield Report(error)
+
+    def _cycle(
+        self, term: _Term, wishes: list[Wish]
+    ) -> Generator[Effect, Any, tuple[bool, BaseException | None]]:
+        """Declare what is new, and update when due; returns (updated, error)."""
+        declared_new = yield from self._declare(term, wishes)
+        spec = self._spec(term, wishes)
+        asked = any(w.reload_seq > term.served.get(w.key, Ack(0)).seq for w in wishes)
+        if declared_new or asked or spec != term.spec or time.time() >= term.next_update:
+            error = yield from self._update(term, wishes, spec)
+            return True, error
+        return False, None
+
     def _lead(self) -> Generator[Effect, Any, None]:
         self.leading = True
-        term = self.term = _Term()
+        self.fallback = None
+        term = self.term = _Term(self.transport)
         pid, create_time = self.identity
         self.transport.set_leader(pid, create_time)
         self.transport.beat()
@@ -269,13 +339,8 @@ class Engine:
         self._inherit(term)
         term.context_features = (yield from self._fetch_context_features()) or term.context_features
         while not self.closed:
-            wishes = self.source.wishes()
-            declared_new = yield from self._declare(term, wishes)
-            spec = self._spec(term, wishes)
-            now = time.time()
-            asked = any(w.reload_seq > term.served.get(w.key, Ack(0)).seq for w in wishes)
-            if declared_new or asked or spec != term.spec or now >= term.next_update:
-                error = yield from self._update(term, wishes, spec)
+            updated, error = yield from self._cycle(term, self.source.wishes())
+            if updated:
                 # Alone in the process (no sharing), the update waits for
                 # modification_lock as heksher 0.2.2's does; a host's leader
                 # must not, and retries on its next tick instead.
@@ -300,6 +365,7 @@ class Engine:
                     return
                 head = decode_head(read.head)
                 blobs = self.transport.read_blobs(read.generation, [e.blob for e in head.settings])
+                term.queried = head.queried
             except Exception:
                 logger.warning("the previous snapshot is unreadable; starting afresh", exc_info=True)
                 return
@@ -400,10 +466,15 @@ class Engine:
             )
         return Outcome(body.name, answer.outcome, status, None, default)
 
+    def _remember(self, exc: BaseException) -> int:
+        """Keep *exc* under a new id, so this process can raise the very exception it reported."""
+        self._error_ids += 1
+        self.errors[self._error_ids] = exc
+        self.errors.pop(self._error_ids - 100, None)
+        return self._error_ids
+
     def _failed(self, term: _Term, name: str, status: int, exc: BaseException) -> Outcome:
-        term.error_ids += 1
-        self.errors[term.error_ids] = exc
-        return Outcome(name, None, status, f"{_describe(exc)} (error #{term.error_ids})")
+        return Outcome(name, None, status, f"{_describe(exc)} (error #{self._remember(exc)})")
 
     def _spec(self, term: _Term, wishes: Sequence[Wish]) -> tuple[tuple[str, ...], str]:
         """What to query: settings whose declaration got an answer, and the union of tracked contexts.
@@ -454,9 +525,7 @@ class Engine:
         ack_error: str | None = None
         error_id = 0
         if error is not None:
-            term.error_ids += 1
-            error_id = term.error_ids
-            self.errors[error_id] = error
+            error_id = self._remember(error)
             ack_error = _describe(error)
         acks = dict(term.served)
         for wish in wishes:
@@ -477,14 +546,15 @@ class Engine:
                 ok=error is None,
                 error=ack_error,
                 update_interval=self.update_interval,
+                queried=term.queried,
             )
-            self.transport.publish(encode_head(head), term.blobs)
+            term.transport.publish(encode_head(head), term.blobs)
             term.served = acks
             term.published = True
         if error is None:
-            self.transport.record_update_ok(now)
+            term.transport.record_update_ok(now)
         else:
-            self.transport.record_error(ack_error or "", now)
+            term.transport.record_error(ack_error or "", now)
         return error
 
     def _query(self, term: _Term, spec: tuple[tuple[str, ...], str]) -> Generator[Effect, Any, bool]:
@@ -499,6 +569,7 @@ class Engine:
         )
         if response.status_code == 304:
             logger.debug("heksher reload not necessary")
+            term.queried = time.monotonic()
             return False
         response.raise_for_status()
         result = proto.decode(proto.QUERY, response.status_code, response.content, proto.QueryResponse)
@@ -511,6 +582,7 @@ class Engine:
             blobs.append(blob)
         changed = entries != term.entries
         term.entries, term.blobs = entries, blobs
+        term.queried = time.monotonic()
         logger.info("heksher reload done", extra={"settings": len(entries)})
         return changed
 
@@ -532,7 +604,7 @@ def drive_sync(
     steps: Generator[Effect, Any, Any],
     http: httpx.Client,
     wait: Callable[[float | None], object],
-    apply: Callable[[bool], None],
+    apply: Callable[[Apply], None],
     report: Callable[[BaseException | None], None],
 ) -> Any:
     """Run *steps* to completion with blocking I/O (the thread client's driver)."""
@@ -556,7 +628,7 @@ def drive_sync(
             elif isinstance(effect, Wait):
                 to_send = wait(effect.timeout)
             elif isinstance(effect, Apply):
-                apply(effect.blocking)
+                apply(effect)
             else:
                 report(effect.error)
         except Exception as e:

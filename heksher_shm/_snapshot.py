@@ -101,6 +101,8 @@ class Head(msgspec.Struct, frozen=True):
     ok: bool
     error: str | None = None
     update_interval: float = 0.0
+    queried: float = 0.0
+    """When the service answered the query behind these rules (``time.monotonic()``, host-wide on Linux)."""
 
 
 _head_encoder = msgspec.msgpack.Encoder()

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from heksher_shm._engine import UNRESPONSIVE_AFTER
 from heksher_shm._shm.identity import ProcessIdentity, describe
 from heksher_shm._shm.registry import Registry, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
@@ -25,7 +26,7 @@ from heksher_shm.exceptions import SegmentError
 
 __all__ = ["ProcessInfo", "SegmentStatus", "list_segments", "segment_status"]
 
-HEARTBEAT_STALE_AFTER = 5.0
+HEARTBEAT_STALE_AFTER = UNRESPONSIVE_AFTER
 """Seconds without a leader heartbeat after which the leader counts as unresponsive."""
 
 

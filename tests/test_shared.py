@@ -217,3 +217,52 @@ def test_fork(service: HeksherService, workers: list[Worker], kind: str, exit_ho
     assert result["parent_value_after"] == 11
     if role == "follower":
         assert workers[-1].ask("leading") is True  # still the leader after the follower's child exited
+
+
+def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
+    """SIGSTOP the leader: followers keep serving and poll themselves; SIGCONT: one poller again, no regression."""
+    from heksher_shm._engine import UNRESPONSIVE_AFTER
+
+    name = unique("stopped")
+    interval = 0.5
+    workers.extend(Worker(service.url, kind, [name], interval) for kind in ["thread", "async", "thread"])
+    for w in workers:
+        w.ready()
+    rule = service.add_rule(name, {"user": "alice"}, 1)
+    for w in workers:
+        assert w.ask("wait_value", name, {"user": "alice"}, 1, interval + 2) is not None
+    (leader,) = leaders(workers)
+    followers = [w for w in workers if w is not leader]
+    assert leader.process.pid is not None
+    os.kill(leader.process.pid, signal.SIGSTOP)
+    try:
+        service.set_rule_value(rule, 2)
+        for w in followers:
+            delay = w.ask("wait_value", name, {"user": "alice"}, 2, UNRESPONSIVE_AFTER + 3 * interval + 2)
+            assert delay is not None
+            assert delay <= UNRESPONSIVE_AFTER + 2 * interval + 0.5
+        status = followers[0].ask("status")
+        assert status.verdict == "unresponsive"
+        assert status.leader.pid == leader.process.pid
+        service.set_rule_value(rule, 3)
+        for w in followers:
+            assert w.ask("wait_value", name, {"user": "alice"}, 3, 2 * interval + 1) is not None
+    finally:
+        os.kill(leader.process.pid, signal.SIGCONT)
+    # The leader beats again: followers stop polling within a tick; the leader's
+    # first result may predate the stop, and must not move anyone backwards.
+    for w in workers:
+        assert w.ask("wait_value", name, {"user": "alice"}, 3, 2 * interval + 2) is not None
+    t0 = time.monotonic()
+    seen: set[int] = set()
+    while time.monotonic() - t0 < 3 * interval:
+        seen |= {w.ask("get", name, {"user": "alice"}) for w in workers}
+    assert seen == {3}
+    service.reset_requests()
+    assert service.wait_for_requests(3, path="/api/v1/query", timeout=10)
+    window = time.monotonic()
+    assert service.wait_for_requests(6, path="/api/v1/query", timeout=10)
+    elapsed = time.monotonic() - window
+    # six queries after three: one poller needs about three intervals, three pollers one
+    assert elapsed >= 2 * interval, f"more than one poller after SIGCONT ({elapsed:.2f}s for 3 queries)"
+    assert followers[0].ask("status").verdict == "ok"

@@ -156,3 +156,6 @@ class SegmentObserver:
     def update_marks(self) -> tuple[float, int, str | None]:
         status = self._segment.status()
         return (status.last_update_ok or 0.0, status.error_count, status.last_error)
+
+    def heartbeat(self) -> float | None:
+        return self._segment.heartbeat()

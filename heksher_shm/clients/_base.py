@@ -87,6 +87,8 @@ class BaseHeksherClient(ContextDefaults):
         self._applied: weakref.WeakKeyDictionary[Setting[Any], bytes] = weakref.WeakKeyDictionary()
         self._apply_lock = threading.Lock()
         self._applied_generation = -1
+        self._fallback_seen: tuple[int, int] = (0, 0)
+        self._queried = 0.0
         self._head: Head | None = None
         self._ack = Ack(0)
         self._reload_seq = 0
@@ -126,6 +128,8 @@ class BaseHeksherClient(ContextDefaults):
                 identity=(identity.pid, identity.create_time),
                 poll=POLL_INTERVAL,
                 errors=self._errors,
+                key=self._key,
+                fallback_transport=LocalTransport,
             )
         engine.applied_generation = lambda: self._applied_generation
         return engine
@@ -412,29 +416,45 @@ class BaseHeksherClient(ContextDefaults):
                     )
                 )
 
-    def _apply_latest(self, blocking: bool = True) -> None:
-        """Apply the newest published snapshot to this process's settings.
+    def _apply_latest(self, blocking: bool = True, fallback: bool = False) -> None:
+        """Apply the newest snapshot to this process's settings.
 
         Call with ``modification_lock`` held. Only settings whose blob changed
-        are decoded and converted.
+        are decoded and converted. *fallback*: read this process's own
+        snapshot, polled while the leader is unresponsive.
         """
         if not self._apply_lock.acquire(blocking=blocking):
             return
         try:
-            self._apply_locked()
+            if fallback:
+                term = self._engine.fallback
+                if term is not None:
+                    self._apply_from(term.transport, fallback=True)
+            else:
+                self._apply_from(self._transport, fallback=False)
         finally:
             self._apply_lock.release()
         self._notify_applied()
 
-    def _apply_locked(self) -> None:
-        transport = self._transport
+    def _apply_from(self, transport: Any, fallback: bool) -> None:
+        def seen(generation: int) -> bool:
+            if fallback:
+                return self._fallback_seen == (id(transport), generation)
+            return generation == self._applied_generation
+
+        def mark(generation: int) -> None:
+            if fallback:
+                self._fallback_seen = (id(transport), generation)
+            else:
+                self._applied_generation = generation
+
         for _ in range(100):
             generation = transport.generation()
-            if generation == self._applied_generation:
+            if seen(generation):
                 return
             try:
                 read = transport.read_head()
-                if read is None or read.generation == self._applied_generation:
+                if read is None or seen(read.generation):
                     return
                 head = decode_head(read.head)
             except (SegmentError, ValueError, msgspec.DecodeError):
@@ -442,7 +462,16 @@ class BaseHeksherClient(ContextDefaults):
                 # get() does not retry it on every call. The leader repairs
                 # the segment with its next publish (a new generation).
                 logger.exception("the shared segment is unreadable; keeping the previous rules")
-                self._applied_generation = generation
+                mark(generation)
+                return
+            if head.queried < self._queried:
+                # Older than what this process applied (a leader resuming after
+                # a stop, with a result fetched before it): never go backwards.
+                logger.info(
+                    "skipping a snapshot older than the applied one", extra={"generation": read.generation}
+                )
+                mark(read.generation)
+                self._take_ack(head)
                 return
             entries = {entry.name: entry for entry in head.settings}
             settings = [s for s in self._settings if s._state.client is self]
@@ -462,12 +491,16 @@ class BaseHeksherClient(ContextDefaults):
                 if setting.name not in entries:
                     self._apply_outdated_default(setting, head)
             self._head = head
-            self._applied_generation = read.generation
-            ack = head.acks.get(self._key)
-            if ack is not None:
-                self._ack = ack
+            self._queried = head.queried
+            mark(read.generation)
+            self._take_ack(head)
             return
         logger.warning("the snapshot kept changing while being read; keeping the previous one")
+
+    def _take_ack(self, head: Head) -> None:
+        ack = head.acks.get(self._key)
+        if ack is not None and ack.seq >= self._ack.seq:
+            self._ack = ack
 
     def _apply_outdated_default(self, setting: Setting[Any], head: Head) -> None:
         outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))

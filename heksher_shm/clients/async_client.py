@@ -199,9 +199,9 @@ class AsyncHeksherClient(BaseHeksherClient):
                 elif isinstance(effect, Apply):
                     if effect.blocking:
                         async with self.modification_lock:
-                            self._apply_latest()
+                            self._apply_latest(fallback=effect.fallback)
                     elif not self.modification_lock.locked():
-                        self._apply_latest()
+                        self._apply_latest(fallback=effect.fallback)
                 else:
                     self._report(effect.error)
             except asyncio.CancelledError:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from heksher_shm import _protocol as proto
-from heksher_shm._engine import drive_sync
+from heksher_shm._engine import Apply, drive_sync
 from heksher_shm.clients._base import BaseHeksherClient
 
 __all__ = ["ThreadHeksherClient"]
@@ -141,10 +141,10 @@ class ThreadHeksherClient(BaseHeksherClient):
     def _wake(self) -> None:
         self._wake_event.set()
 
-    def _apply(self, blocking: bool) -> None:
-        if self.modification_lock.acquire(blocking=blocking):
+    def _apply(self, effect: Apply) -> None:
+        if self.modification_lock.acquire(blocking=effect.blocking):
             try:
-                self._apply_latest()
+                self._apply_latest(fallback=effect.fallback)
             finally:
                 self.modification_lock.release()
 
