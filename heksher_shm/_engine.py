@@ -175,6 +175,9 @@ class _Term:
     queried: float = 0.0
 
 
+HOUSEKEEPING_INTERVAL = 1.0
+"""Seconds between housekeeping calls (see :class:`Engine`)."""
+
 UNRESPONSIVE_AFTER = 3.0
 """Seconds without a heartbeat after which followers consider the leader unresponsive and poll themselves."""
 
@@ -206,6 +209,8 @@ class Engine:
         key: this process's key among the wishes.
         fallback_transport: makes the in-process transport a follower polls
             into while the leader is unresponsive.
+        housekeeping: called about once a second in either role (the client
+            re-registers if its registration vanished).
 
     **Unresponsive leader.** A leader that holds the lock but stopped beating
     (SIGSTOP, a debugger, a starved VM) for :data:`UNRESPONSIVE_AFTER`
@@ -232,6 +237,7 @@ class Engine:
         errors: dict[int, BaseException],
         key: str = "",
         fallback_transport: Callable[[], Transport] | None = None,
+        housekeeping: Callable[[], None] | None = None,
     ) -> None:
         self.transport = transport
         self.lock = lock
@@ -245,6 +251,8 @@ class Engine:
         self.key = key
         self.fallback_transport = fallback_transport
         self.fallback: _Term | None = None
+        self.housekeeping = housekeeping
+        self._housekept = 0.0
         self._error_ids = 0
         self.closed = False
         self.leading = False
@@ -272,7 +280,17 @@ class Engine:
             yield from self._follow_once()
             yield Wait(self.poll)
 
+    def _housekeep(self) -> None:
+        now = time.monotonic()
+        if self.housekeeping is not None and now - self._housekept >= HOUSEKEEPING_INTERVAL:
+            self._housekept = now
+            try:
+                self.housekeeping()
+            except Exception:
+                logger.exception("housekeeping failed")
+
     def _follow_once(self) -> Generator[Effect, Any, None]:
+        self._housekeep()
         if self.transport.generation() != self.applied_generation():
             yield Apply(blocking=False)
         if self.observer is None:
@@ -349,6 +367,7 @@ class Engine:
             elif self.transport.generation() != self.applied_generation():
                 yield Apply(blocking=False)
             self.transport.beat()
+            self._housekeep()
             timeout = max(0.0, term.next_update - time.time())
             if self.poll is not None:
                 timeout = min(timeout, self.poll)

@@ -66,6 +66,9 @@ class Driver:
     """Both clients behind one awaitable facade, so one test body covers both."""
 
     def __init__(self, kind: str, url: str, update_interval: float = 60, **kwargs: Any) -> None:
+        kind, _, unshared = kind.partition("-")
+        if unshared:
+            kwargs.setdefault("shared", False)
         self.kind = kind
         self.updates_ok = threading.Event()
         self.errors: list[Exception] = []

@@ -14,7 +14,10 @@ import pytest
 
 from heksher_shm import _main
 from heksher_shm.testing import HeksherService
+from tests._procs import service, workers  # fixtures for multi-process tests
 from tests._support import FEATURES, REAL_URL, Admin, Driver
+
+__all__ = ["service", "workers"]
 
 
 @pytest.fixture(autouse=True)
@@ -61,9 +64,9 @@ def admin(service_url: str) -> Iterator[Admin]:
     a.close()
 
 
-@pytest.fixture(params=["async", "thread"])
+@pytest.fixture(params=["async", "thread", "async-unshared", "thread-unshared"])
 def kind(request: pytest.FixtureRequest) -> str:
-    """Each client behaviour test runs once per client kind."""
+    """Each client behaviour test runs once per client kind, shared (the default) and not."""
     return str(request.param)
 
 

@@ -401,7 +401,7 @@ async def test_malformed_body_is_named(make_driver: Any, memory_service: Heksher
     driver = make_driver(memory_service.url)
     await driver.set_as_main()
     memory_service.inject_fault(Fault.wrong_shape(), count=1, path="/api/v1/query")
-    if kind == "async":
+    if driver.kind == "async":
         with pytest.raises(heksher.exceptions.HeksherProtocolError, match="/api/v1/query answered 200"):
             await driver.reload()
     else:
@@ -455,6 +455,7 @@ async def test_context_managers(memory_service: HeksherService) -> None:
 
 
 async def test_http_client_args_forwarded(memory_service: HeksherService, kind: str) -> None:
+    kind = kind.partition("-")[0]
     cls = heksher.AsyncHeksherClient if kind == "async" else heksher.ThreadHeksherClient
     client = cls(
         memory_service.url,

@@ -2,79 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from heksher_shm.testing import HeksherService
+from tests._procs import Worker, leaders_of
 from tests._support import FEATURES, unique
-from tests._workers import worker
-
-SPAWN = multiprocessing.get_context("spawn")
-
-
-class Worker:
-    """A worker process and the test's end of its pipe."""
-
-    def __init__(self, url: str, kind: str, names: list[str], interval: float, **extra: Any) -> None:
-        self.conn, child = SPAWN.Pipe()
-        self.kind = kind
-        self.process = SPAWN.Process(
-            target=worker, args=(child, url, kind, names, interval, extra), daemon=True
-        )
-        self.process.start()
-        child.close()
-        self.pid: int | None = None
-
-    def ready(self, timeout: float = 30) -> Worker:
-        assert self.conn.poll(timeout), "worker did not start"
-        status, detail = self.conn.recv()
-        assert status == "ready", detail
-        self.pid = detail
-        return self
-
-    def ask(self, *cmd: Any, timeout: float = 30) -> Any:
-        self.conn.send(cmd)
-        assert self.conn.poll(timeout), f"no answer to {cmd}"
-        return self.conn.recv()
-
-    def kill(self) -> None:
-        assert self.process.pid is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.join(10)
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            with contextlib.suppress(AssertionError, OSError, EOFError):
-                self.ask("exit", timeout=10)
-            self.process.join(10)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop()
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        yield svc
-
-
-def leaders(ws: list[Worker]) -> list[Worker]:
-    return [w for w in ws if w.process.is_alive() and w.ask("leading")]
 
 
 def test_one_poller_same_values_and_fast_propagation(service: HeksherService, workers: list[Worker]) -> None:
@@ -84,7 +20,7 @@ def test_one_poller_same_values_and_fast_propagation(service: HeksherService, wo
     workers.extend(Worker(service.url, kind, [name], interval) for kind in kinds)
     for w in workers:
         w.ready()
-    assert len(leaders(workers)) == 1
+    assert len(leaders_of(workers)) == 1
     rule = service.add_rule(name, {"user": "alice"}, 1)
     for w in workers:
         assert w.ask("wait_value", name, {"user": "alice"}, 1, interval + 2) is not None
@@ -138,11 +74,11 @@ def test_takeover_after_sigkill(service: HeksherService, workers: list[Worker]) 
     for w in workers:
         w.ask("reload")
     for round_ in range(1, 4):
-        (leader,) = leaders(workers)
+        (leader,) = leaders_of(workers)
         leader.kill()
         alive = [w for w in workers if w.process.is_alive()]
         t0 = time.monotonic()
-        while not leaders(alive):
+        while not leaders_of(alive):
             assert time.monotonic() - t0 < 2, "no takeover within 2 s"
         # the new leader re-declared and serves: a reload from any survivor reaches the service
         service.set_rule_value(rule, round_)
@@ -220,7 +156,7 @@ def test_fork(service: HeksherService, workers: list[Worker], kind: str, exit_ho
 
 
 def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
-    """SIGSTOP the leader: followers keep serving and poll themselves; SIGCONT: one poller again, no regression."""
+    """SIGSTOP the leader: followers serve and poll themselves; SIGCONT: one poller, no regression."""
     from heksher_shm._engine import UNRESPONSIVE_AFTER
 
     name = unique("stopped")
@@ -231,7 +167,7 @@ def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
     rule = service.add_rule(name, {"user": "alice"}, 1)
     for w in workers:
         assert w.ask("wait_value", name, {"user": "alice"}, 1, interval + 2) is not None
-    (leader,) = leaders(workers)
+    (leader,) = leaders_of(workers)
     followers = [w for w in workers if w is not leader]
     assert leader.process.pid is not None
     os.kill(leader.process.pid, signal.SIGSTOP)

@@ -130,6 +130,7 @@ class BaseHeksherClient(ContextDefaults):
                 errors=self._errors,
                 key=self._key,
                 fallback_transport=LocalTransport,
+                housekeeping=self._ensure_registered,
             )
         engine.applied_generation = lambda: self._applied_generation
         return engine
@@ -324,6 +325,16 @@ class BaseHeksherClient(ContextDefaults):
                 )
             )
         self._wake()
+
+    def _ensure_registered(self) -> None:
+        """Write this process's registration again if it vanished (a leader that wrongly judged this
+        process dead may have pruned it; someone may have cleaned the folder)."""
+        parts = self._parts
+        if parts is None or not self._main or self._closed:
+            return
+        if not parts.registry.path_for(current_identity()).exists():
+            logger.warning("this process's registration was missing; registering again")
+            self._wish_changed()
 
     def _leave_shared(self) -> None:
         """On close: take this process's registration away (the segment stays for the others)."""

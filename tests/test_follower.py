@@ -1,0 +1,176 @@
+"""A follower in this process (both client kinds), led by a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import heksher_shm as heksher
+from heksher_shm.exceptions import SegmentError
+from heksher_shm.testing import Fault, HeksherService
+from tests._procs import Worker
+from tests._support import unique, until
+
+
+@pytest.fixture(params=["async", "thread"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Followers exist only with sharing on: both client kinds, shared."""
+    return str(request.param)
+
+
+@pytest.fixture
+def leader(service: HeksherService, workers: list[Worker]) -> Worker:
+    w = Worker(service.url, "thread", [], 60)
+    workers.append(w)
+    w.ready()
+    assert w.ask("leading")
+    return w
+
+
+async def test_follower_values_callbacks_and_errors(
+    make_driver: Any, service: HeksherService, leader: Worker
+) -> None:
+    name = unique("follows")
+    setting = heksher.Setting(name, int, ["user"], 0)
+    driver = make_driver(service.url)
+    driver.client.track_contexts(user="alice")
+    await driver.set_as_main()
+    assert not driver.client.leading
+    assert name in service.settings  # the leader declared what this process registered
+    rule = service.add_rule(name, {"user": "alice"}, 1)
+    await driver.reload()
+    assert setting.get(user="alice") == 1
+
+    # on_update_ok fires in followers when the leader's update succeeds
+    driver.updates_ok.clear()
+    service.set_rule_value(rule, 2)
+    await driver.reload()
+    await until(driver.updates_ok.is_set, what="on_update_ok in the follower")
+    assert setting.get(user="alice") == 2
+
+    # a failed update: reload raises (async) or logs (thread); on_update_error fires here too
+    service.inject_fault(Fault(status=503), count=1, path="/api/v1/query")
+    if driver.kind == "async":
+        with pytest.raises(httpx.HTTPError, match="503"):
+            await driver.reload()
+    else:
+        await driver.reload()
+    await until(lambda: len(driver.errors) >= 1, what="on_update_error in the follower")
+    assert "503" in str(driver.errors[0])
+    assert setting.get(user="alice") == 2  # last good values kept
+
+    status = driver.client.shared_status()
+    assert status.leader.pid == leader.pid
+    assert os.getpid() in {p.pid for p in status.processes}
+    assert leader.pid in {p.pid for p in status.processes}
+    assert status.settings >= 1
+    assert status.verdict == "ok"
+
+
+async def test_modification_lock_holds_back_a_follower(
+    make_driver: Any, service: HeksherService, leader: Worker
+) -> None:
+    name = unique("held")
+    setting = heksher.Setting(name, int, ["user"], 0)
+    driver = make_driver(service.url)
+    driver.client.track_contexts(user="alice")
+    await driver.set_as_main()
+    rule = service.add_rule(name, {"user": "alice"}, 1)
+    await driver.reload()
+    lock = driver.client.modification_lock
+    if driver.kind == "async":
+        await lock.acquire()
+    else:
+        lock.acquire()
+    try:
+        service.set_rule_value(rule, 2)
+        leader.ask("reload")  # the leader published the new value...
+        status = driver.client.shared_status()
+        assert status.generation > driver.client._applied_generation
+        for _ in range(50):
+            assert setting.get(user="alice") == 1  # ...but this process does not apply it while locked
+            await asyncio.sleep(0)
+    finally:
+        lock.release()
+    await until(lambda: setting.get(user="alice") == 2, what="applied after release")
+
+
+async def test_files_are_private(make_driver: Any, service: HeksherService) -> None:
+    _keep = heksher.Setting(unique("private"), int, ["user"], 0)
+    driver = make_driver(service.url)
+    await driver.set_as_main()
+    segment = Path(driver.client.segment_path)
+    assert stat.S_IMODE(segment.parent.stat().st_mode) == 0o700
+    for path in [segment, segment.with_suffix(".lock"), *Path(f"{segment}.d").iterdir()]:
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600, path
+    assert stat.S_IMODE(Path(f"{segment}.d").stat().st_mode) == 0o700
+
+
+def _segment_for(client: Any) -> Path:
+    from heksher_shm._shm.segment import resolve_shm_dir
+    from heksher_shm._shm.shared import default_segment_name
+
+    name = default_segment_name(client._service_url, client._context_features)
+    return resolve_shm_dir(None) / f"{name}.seg"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another user")
+async def test_foreign_segment_refused(make_driver: Any, service: HeksherService) -> None:
+    driver = make_driver(service.url)
+    path = _segment_for(driver.client)
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(SegmentError, match=str(path)):
+        await driver.set_as_main()
+
+
+async def test_symlink_segment_refused(make_driver: Any, service: HeksherService, tmp_path: Path) -> None:
+    driver = make_driver(service.url)
+    path = _segment_for(driver.client)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    path.symlink_to(target)
+    with pytest.raises(SegmentError, match=r"symbolic link|symlink"):
+        await driver.set_as_main()
+    assert target.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "zeroed"])
+async def test_damaged_segment_is_repaired(make_driver: Any, service: HeksherService, damage: str) -> None:
+    name = unique("repaired")
+    setting = heksher.Setting(name, int, ["user"], 0)
+    service.declare(name, "int", 5, ["user"])
+    first = heksher.ThreadHeksherClient(service.url, 60, ["user", "theme", "environment"])
+    await asyncio.to_thread(first.set_as_main)
+    path = Path(first.segment_path or "")
+    first.close()
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        if damage == "garbage":
+            f.write(os.urandom(size))
+        elif damage == "zeroed":
+            f.write(bytes(4096))
+        else:
+            f.truncate(100)
+    driver = make_driver(service.url)
+    await driver.set_as_main()  # leads, and republishes over the damage
+    assert setting.get(user="x") == 5
+    assert driver.client.shared_status().verdict == "ok"
+
+
+async def test_registration_restored(make_driver: Any, service: HeksherService, leader: Worker) -> None:
+    _keep = heksher.Setting(unique("restored"), int, ["user"], 0)
+    driver = make_driver(service.url)
+    await driver.set_as_main()
+    from heksher_shm._shm.identity import current_identity
+
+    path = driver.client._parts.registry.path_for(current_identity())
+    path.unlink()
+    await until(path.exists, timeout=5, what="registration written again")
