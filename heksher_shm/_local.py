@@ -8,6 +8,7 @@ is alone on its host and opted out of sharing.
 
 from __future__ import annotations
 
+import array
 import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -30,6 +31,8 @@ class LocalTransport:
 
     def __init__(self) -> None:
         self._current: tuple[int, bytes, tuple[bytes, ...]] = (0, b"", ())
+        self.words = array.array("Q", [0, 0, 0])
+        """Item 2 is the generation, as in the shared segment's header words."""
         self._marks: tuple[float, int, str | None] = (0.0, 0, None)
 
     def generation(self) -> int:
@@ -48,6 +51,7 @@ class LocalTransport:
     def publish(self, head: bytes, blobs: Sequence[bytes]) -> int:
         generation = self._current[0] + 1
         self._current = (generation, head, tuple(blobs))
+        self.words[2] = generation
         return generation
 
     def set_leader(self, pid: int, create_time: float) -> None:

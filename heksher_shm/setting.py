@@ -15,20 +15,16 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from heksher_shm._protocol import DeclarationBody
+from heksher_shm._protocol import TRACK_ALL, DeclarationBody
 from heksher_shm._resolve import NO_MATCH, CompiledRules
 from heksher_shm.setting_types import Conversion, SettingType, setting_type
-
-if TYPE_CHECKING:
-    from heksher_shm._protocol import QuerySetting
 
 __all__ = ["QueriedRule", "Setting"]
 
@@ -39,6 +35,9 @@ T = TypeVar("T")
 SETTING_NAME = re.compile(r"[a-zA-Z_0-9.]+")
 FEATURE_NAME = re.compile(r"[a-zA-Z_0-9]+")
 VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
+
+_MISSING: Any = object()
+_NEVER = (0, 0, 0)  # the words of a setting no client feeds: never stale
 
 _CACHE_LIMIT = 4096
 """Distinct contexts remembered per setting between updates; the cache is cleared when full."""
@@ -71,35 +70,124 @@ def _reject_coerced(
     raise TypeError(f"coercion is disabled for setting {setting.name}, coercions: {list(coercions)}")
 
 
+@dataclass(frozen=True)
+class ContextView:
+    """What a client contributes to resolving a context: defaults, and tracked values to warn about."""
+
+    const: Mapping[str, str]
+    variables: tuple[tuple[str, ContextVar[str]], ...]
+    tracked: Mapping[str, str | set[str]] | None
+    """Tracked values per feature (``TRACK_ALL`` or a set); None: no warnings about untracked values."""
+    warn: Callable[[str, str], None]
+
+
 class _Client(Protocol):
     """What a setting needs from the client that feeds it."""
 
-    def _namespace(self, state: _State, contexts: Mapping[str, str]) -> dict[str, str]: ...
+    def _context_view(self) -> ContextView: ...
 
-    def _stale(self) -> bool: ...
+    def _watch(self) -> tuple[Any, list[int]]: ...
 
     def _refresh(self) -> None: ...
 
 
 class _State:
-    """Everything ``get()`` reads, replaced whole on every change (never mutated but for the cache)."""
+    """Everything ``get()`` reads, replaced whole on every change (never mutated but for the cache).
 
-    __slots__ = ("cache", "client", "contextvars", "features", "rules", "server_default")
+    ``miss`` answers a context the cache does not know: a closure compiled
+    with everything it needs in local variables, because a new context on
+    every call is a case worth making fast too.
+    """
+
+    __slots__ = ("applied", "cache", "client", "contextvars", "miss", "rules", "server_default", "words")
 
     def __init__(
-        self,
-        client: _Client | None,
-        features: frozenset[str],
-        rules: CompiledRules | None,
-        server_default: Any,
-        contextvars: tuple[ContextVar[str], ...],
+        self, setting: Setting[Any], client: _Client | None, rules: CompiledRules | None, server_default: Any
     ) -> None:
         self.client = client
-        self.features = features
         self.rules = rules
         self.server_default = server_default
-        self.contextvars = contextvars
+        # get() is stale when words[2] (the published generation) differs from applied[0]
+        watched: tuple[Any, list[int]] = client._watch() if client is not None else (_NEVER, [0])
+        self.words, self.applied = watched
+        view = client._context_view() if client is not None else None
+        features = frozenset(setting.configurable_features)
+        variables = tuple((f, v) for f, v in view.variables if f in features) if view is not None else ()
+        self.contextvars = tuple(v for _, v in variables)
         self.cache: dict[Any, Any] = {}
+        self.miss = _compile_miss(setting, features, view, variables, rules, server_default)
+
+
+def _compile_miss(
+    setting: Setting[Any],
+    features: frozenset[str],
+    view: ContextView | None,
+    variables: tuple[tuple[str, ContextVar[str]], ...],
+    rules: CompiledRules | None,
+    server_default: Any,
+) -> Callable[[dict[str, str]], Any]:
+    name = setting.name
+    fallback = server_default if server_default is not None else setting.default_value
+
+    def check_keys(contexts: dict[str, str]) -> None:
+        for feature in contexts:
+            if feature not in features:
+                redundant = sorted(contexts.keys() - features)
+                raise ValueError(f"the following keys are not configurable for {name}: {redundant}")
+
+    if rules is None:
+
+        def no_rules(contexts: dict[str, str]) -> Any:
+            check_keys(contexts)
+            return fallback
+
+        return no_rules
+
+    const = tuple(view.const.items()) if view is not None else ()
+    tracked = view.tracked if view is not None else None
+    warn = view.warn if view is not None else None
+    if tracked is not None and all(tracked.get(f) is TRACK_ALL for f in features):
+        tracked = None  # every value of every feature is tracked: nothing to warn about
+    needed = frozenset(rules.features)
+    patterns = rules.patterns
+    otherwise = rules.catch_all if rules.catch_all is not NO_MATCH else fallback
+
+    def missing(namespace: dict[str, str]) -> RuntimeError:
+        feature = sorted(needed - namespace.keys())[0]
+        return RuntimeError(
+            f"configurable context feature {feature} of {name} is missing from both "
+            "the arguments and the client's defaults"
+        )
+
+    # *contexts* is get()'s own keyword dict, made for this call: it is
+    # completed in place rather than copied.
+    def miss(contexts: dict[str, str]) -> Any:
+        for feature in contexts:
+            if feature not in features:
+                check_keys(contexts)
+        if tracked is not None and warn is not None:
+            for feature, value in contexts.items():
+                values = tracked.get(feature)
+                if values is not TRACK_ALL and (values is None or value not in values):
+                    warn(feature, value)
+        for feature, value in const:
+            if feature not in contexts:
+                contexts[feature] = value
+        for feature, var in variables:
+            if feature not in contexts:
+                try:  # noqa: SIM105 - cheaper than contextlib.suppress on this path
+                    contexts[feature] = var.get()  # the variable's own default counts
+                except LookupError:
+                    pass
+        if not needed <= contexts.keys():
+            raise missing(contexts)
+        for key_of, table in patterns:
+            value = table.get(key_of(contexts), NO_MATCH)
+            if value is not NO_MATCH:
+                return value
+        return otherwise
+
+    return miss
 
 
 _order = itertools.count()
@@ -172,7 +260,7 @@ class Setting(Generic[T]):
         self.server_default_value: T | None = None
         self._validators: list[Validator[T]] = []
         self._order = next(_order)
-        self._state = _State(None, frozenset(features), None, None, ())
+        self._state = _State(self, None, None, None)
         # Encoding the default here surfaces a default the type cannot express
         # at once, rather than inside a background declaration.
         self._declaration = DeclarationBody(
@@ -221,43 +309,25 @@ class Setting(Generic[T]):
                 default (once rules for the setting were received).
         """
         state = self._state
-        client = state.client
-        if client is not None and client._stale():
-            client._refresh()
-            state = self._state
+        # The one shared-memory read of the no-change path: has a new snapshot been published?
+        if state.words[2] != state.applied[0]:
+            client = state.client
+            if client is not None:
+                client._refresh()
+                state = self._state
         key: Any = tuple(contexts.items())
         if state.contextvars:
             key = (key, tuple(var.get(None) for var in state.contextvars))
-        try:
-            return state.cache[key]  # type: ignore[no-any-return]
-        except KeyError:
-            pass
-        value = self._resolve(state, contexts)
-        if len(state.cache) >= _CACHE_LIMIT:
-            state.cache.clear()
-        state.cache[key] = value
-        return value
+        value = state.cache.get(key, _MISSING)
+        if value is _MISSING:
+            value = state.miss(contexts)
+            cache = state.cache
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[key] = value
+        return value  # type: ignore[no-any-return]
 
     # -- internals --------------------------------------------------------------------------------------
-
-    def _resolve(self, state: _State, contexts: Mapping[str, str]) -> T:
-        redundant = contexts.keys() - state.features
-        if redundant:
-            raise ValueError(f"the following keys are not configurable for {self.name}: {sorted(redundant)}")
-        if state.rules is None:
-            value: Any = NO_MATCH
-        else:
-            namespace = state.client._namespace(state, contexts) if state.client is not None else contexts
-            for feature in state.rules.features:
-                if feature not in namespace:
-                    raise RuntimeError(
-                        f"configurable context feature {feature} of {self.name} is missing from both "
-                        "the arguments and the client's defaults"
-                    )
-            value = state.rules.resolve(namespace)
-        if value is NO_MATCH:
-            value = state.server_default if state.server_default is not None else self.default_value
-        return value  # type: ignore[no-any-return]
 
     def _convert(self, raw: Any, rule: QueriedRule | None) -> Conversion[T]:
         """Convert a server value: type, then ``on_coerce`` if it coerced, then validators."""
@@ -272,20 +342,9 @@ class Setting(Generic[T]):
     def _set_state(self, state: _State) -> None:
         self._state = state
 
-    def _apply(
-        self,
-        client: _Client | None,
-        result: QuerySetting | None,
-        rules: CompiledRules | None,
-        contextvars: tuple[ContextVar[str], ...],
-    ) -> None:
-        """Install compiled rules (already converted by the caller)."""
-        del result
-        self._state = _State(client, self._state.features, rules, self.server_default_value, contextvars)
+    def _install_state(self, client: _Client | None, rules: CompiledRules | None) -> None:
+        """Compile and swap in what ``get()`` reads, for *client*'s defaults and these rules."""
+        self._state = _State(self, client, rules, self.server_default_value)
 
     def _declaration_body(self) -> DeclarationBody:
         return self._declaration
-
-
-def _settings_sorted(settings: weakref.WeakSet[Setting[Any]]) -> list[Setting[Any]]:
-    return sorted(settings, key=lambda s: s._order)

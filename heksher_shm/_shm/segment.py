@@ -432,6 +432,15 @@ class Segment:
 
     # ------------------------------------------------------------------ reading
 
+    @property
+    def words(self) -> memoryview:
+        """The header as 8-byte words; item 2 is the generation word (see :meth:`generation`).
+
+        For the hottest path (``Setting.get``), which reads the word without a
+        call. The view stays valid while the segment is open, across growth.
+        """
+        return self._words
+
     def generation(self) -> int:
         """The published generation; 0 when nothing was published or the file is unformatted.
 

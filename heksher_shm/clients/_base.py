@@ -31,7 +31,7 @@ from heksher_shm._shm.shared import RegistrySource, SegmentObserver, SharedParts
 from heksher_shm._snapshot import Ack, Head, SettingBlob, decode_blob, decode_head
 from heksher_shm.clients._defaults import ContextDefaults
 from heksher_shm.exceptions import SegmentError
-from heksher_shm.setting import QueriedRule, Setting, _State
+from heksher_shm.setting import ContextView, QueriedRule, Setting
 from heksher_shm.status import SegmentStatus, segment_status
 
 __all__ = ["BaseHeksherClient"]
@@ -86,7 +86,9 @@ class BaseHeksherClient(ContextDefaults):
         self._settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
         self._applied: weakref.WeakKeyDictionary[Setting[Any], bytes] = weakref.WeakKeyDictionary()
         self._apply_lock = threading.Lock()
-        self._applied_generation = -1
+        # A list, not an int: settings' states share it, so get() compares the
+        # segment's generation word with it without calling into the client.
+        self._applied_box = [-1]
         self._fallback_seen: tuple[int, int] = (0, 0)
         self._queried = 0.0
         self._head: Head | None = None
@@ -210,22 +212,20 @@ class BaseHeksherClient(ContextDefaults):
 
     # -- what settings call (see heksher_shm.setting._Client) ------------------------------------------
 
-    def _namespace(self, state: _State, contexts: Mapping[str, str]) -> dict[str, str]:
-        namespace = self._with_defaults(contexts)
-        for feature, value in contexts.items():
-            tracked = self._tracked.get(feature, ())
-            if (
-                tracked != TRACK_ALL
-                and value not in tracked
-                and (feature, value) not in self._warned_untracked
-            ):
-                if len(self._warned_untracked) < 1024:
-                    self._warned_untracked.add((feature, value))
-                logger.warning(
-                    "context feature value is not tracked by client",
-                    extra={"context_feature": feature, "context_feature_value": value},
-                )
-        return namespace
+    def _context_view(self) -> ContextView:
+        return ContextView(
+            self._const_defaults, tuple(self._var_defaults.items()), self._tracked, self._warn_untracked
+        )
+
+    def _warn_untracked(self, feature: str, value: str) -> None:
+        if (feature, value) in self._warned_untracked:
+            return
+        if len(self._warned_untracked) < 1024:  # warn once per value, within bounds
+            self._warned_untracked.add((feature, value))
+        logger.warning(
+            "context feature value is not tracked by client",
+            extra={"context_feature": feature, "context_feature_value": value},
+        )
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: forget the parent's threads, loop and HTTP client, and join as a follower.
@@ -250,8 +250,18 @@ class BaseHeksherClient(ContextDefaults):
         """Resume background work in the child."""
         raise NotImplementedError
 
-    def _stale(self) -> bool:
-        return self._transport.generation() != self._applied_generation
+    @property
+    def _applied_generation(self) -> int:
+        """The generation of the shared snapshot applied to this process's settings."""
+        return self._applied_box[0]
+
+    @_applied_generation.setter
+    def _applied_generation(self, generation: int) -> None:
+        self._applied_box[0] = generation
+
+    def _watch(self) -> tuple[Any, list[int]]:
+        """What get() compares: the transport's words (item 2 is the generation) and the applied box."""
+        return self._transport.words, self._applied_box
 
     def _refresh(self) -> None:
         """Apply a new snapshot from ``get()``, unless that would block (then the old rules answer)."""
@@ -282,7 +292,7 @@ class BaseHeksherClient(ContextDefaults):
         self._main = True
         for setting in settings:
             self._settings.add(setting)
-            setting._set_state(_State(self, frozenset(setting.configurable_features), None, None, ()))
+            setting._install_state(self, None)
         self._applied_generation = -1
         self._reload_seq += 1
         self._wish_changed()
@@ -290,7 +300,7 @@ class BaseHeksherClient(ContextDefaults):
 
     def _setting_added(self, setting: Setting[Any]) -> None:
         self._settings.add(setting)
-        setting._set_state(_State(self, frozenset(setting.configurable_features), None, None, ()))
+        setting._install_state(self, None)
         self._applied_generation = -1
         self._wish_changed()
 
@@ -415,17 +425,8 @@ class BaseHeksherClient(ContextDefaults):
         """Rebuild every setting's state (defaults changed): caches must not outlive them."""
         self._force_reapply()
         for setting in list(self._settings):
-            state = setting._state
-            if state.client is self:
-                setting._set_state(
-                    _State(
-                        self,
-                        state.features,
-                        state.rules,
-                        state.server_default,
-                        self._contextvars_for(setting),
-                    )
-                )
+            if setting._state.client is self:
+                setting._install_state(self, setting._state.rules)
 
     def _apply_latest(self, blocking: bool = True, fallback: bool = False) -> None:
         """Apply the newest snapshot to this process's settings.
@@ -518,10 +519,7 @@ class BaseHeksherClient(ContextDefaults):
         if outcome is None or outcome.default is None:
             return
         if self._convert_default(setting, outcome.default):
-            state = setting._state
-            setting._set_state(
-                _State(self, state.features, state.rules, setting.server_default_value, state.contextvars)
-            )
+            setting._install_state(self, setting._state.rules)
 
     def _convert_default(self, setting: Setting[Any], raw_json: bytes) -> bool:
         raw = _json_decoder.decode(raw_json)
@@ -584,16 +582,7 @@ class BaseHeksherClient(ContextDefaults):
                 "setting update coerced values", extra={"setting_name": setting.name, "coercions": coerced}
             )
         self._convert_default(setting, blob.default)
-        compiled = compile_rules(features, rules)
-        setting._set_state(
-            _State(
-                self,
-                frozenset(setting.configurable_features),
-                compiled,
-                setting.server_default_value,
-                self._contextvars_for(setting),
-            )
-        )
+        setting._install_state(self, compile_rules(features, rules))
 
 
 def _check_seconds(name: str, value: object) -> None:

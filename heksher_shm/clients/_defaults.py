@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from heksher_shm.setting import Setting
+    pass
 
 __all__ = ["ContextDefaults"]
 
@@ -52,17 +50,3 @@ class ContextDefaults:
 
     def _defaults_changed(self) -> None:
         """Hook: settings' cached answers must not outlive the defaults they used."""
-
-    def _contextvars_for(self, setting: Setting[Any]) -> tuple[ContextVar[str], ...]:
-        """The context variables a setting's answers depend on (part of its cache key)."""
-        return tuple(var for f, var in self._var_defaults.items() if f in setting.configurable_features)
-
-    def _with_defaults(self, contexts: Mapping[str, str]) -> dict[str, str]:
-        """The call's contexts, completed by constant then context-variable defaults."""
-        namespace = dict(self._const_defaults)
-        namespace.update(contexts)
-        for feature, var in self._var_defaults.items():
-            if feature not in namespace:
-                with contextlib.suppress(LookupError):
-                    namespace[feature] = var.get()  # the variable's own default counts
-        return namespace

@@ -243,9 +243,6 @@ class AsyncHeksherClient(BaseHeksherClient):
     def _notify_applied(self) -> None:
         self._waiters.notify()
 
-    def _stale(self) -> bool:
-        return self._needs_restart or self._transport.generation() != self._applied_generation
-
     def _refresh(self) -> None:
         if self._needs_restart and not self._closed:
             # Without a running loop here, serve the segment passively for now.
@@ -264,6 +261,7 @@ class AsyncHeksherClient(BaseHeksherClient):
 
     def _restart_after_fork(self) -> None:
         self._needs_restart = True
+        self._applied_generation = -2  # makes the next get() look stale, and try to restart
 
     def _set_event(self, event: asyncio.Event | None) -> None:
         """Set an event of this client's loop from any thread (``get()`` may run anywhere)."""

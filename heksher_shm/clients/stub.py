@@ -24,7 +24,7 @@ from unittest.mock import AsyncMock, MagicMock
 from heksher_shm import _main
 from heksher_shm._resolve import compile_rules
 from heksher_shm.clients._defaults import ContextDefaults
-from heksher_shm.setting import Setting, _State
+from heksher_shm.setting import ContextView, Setting, _State
 
 __all__ = ["AsyncStubHeksherClient", "Rule", "SyncStubHeksherClient"]
 
@@ -83,15 +83,7 @@ class SettingPatcher(Generic[T]):
             self.setting.configurable_features,
             [(list(rule.match_conditions.items()), rule.value) for rule in rules],
         )
-        self.setting._set_state(
-            _State(
-                self.client,
-                frozenset(self.setting.configurable_features),
-                compiled,
-                None,
-                self.client._contextvars_for(self.setting),
-            )
-        )
+        self.setting._install_state(self.client, compiled)
 
 
 class _StubClient(ContextDefaults):
@@ -130,11 +122,11 @@ class _StubClient(ContextDefaults):
     def track_contexts(self, **context_values: Any) -> None:
         """Does nothing: stub rules are all used."""
 
-    def _namespace(self, state: _State, contexts: Mapping[str, str]) -> dict[str, str]:
-        return self._with_defaults(contexts)
+    def _context_view(self) -> ContextView:
+        return ContextView(self._const_defaults, tuple(self._var_defaults.items()), None, _no_warning)
 
-    def _stale(self) -> bool:
-        return False
+    def _watch(self) -> tuple[Any, list[int]]:
+        return (0, 0, 0), [0]  # stub rules never go stale
 
     def _refresh(self) -> None:
         pass
@@ -191,3 +183,7 @@ class AsyncStubHeksherClient(_StubClient):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def _no_warning(feature: str, value: str) -> None:
+    """Stubs track everything: nothing to warn about."""
