@@ -173,7 +173,13 @@ class _Term:
     blobs: list[bytes] = field(default_factory=list)
     published: bool = False
     queried: float = 0.0
+    generation: int = 0
+    head: bytes = b""
+    verified: float = 0.0
 
+
+VERIFY_INTERVAL = 2.0
+"""Seconds between a leader's checks that the segment still holds what it published."""
 
 HOUSEKEEPING_INTERVAL = 1.0
 """Seconds between housekeeping calls (see :class:`Engine`)."""
@@ -368,6 +374,7 @@ class Engine:
                 yield Apply(blocking=False)
             self.transport.beat()
             self._housekeep()
+            self._verify(term)
             timeout = max(0.0, term.next_update - time.time())
             if self.poll is not None:
                 timeout = min(timeout, self.poll)
@@ -567,14 +574,48 @@ class Engine:
                 update_interval=self.update_interval,
                 queried=term.queried,
             )
-            term.transport.publish(encode_head(head), term.blobs)
-            term.served = acks
-            term.published = True
+            failed = self._publish(term, encode_head(head))
+            if failed is None:
+                term.served = acks
+                term.published = True
+            else:
+                error = error or failed
+                ack_error = ack_error or _describe(failed)
         if error is None:
             term.transport.record_update_ok(now)
         else:
             term.transport.record_error(ack_error or "", now)
         return error
+
+    def _publish(self, term: _Term, head: bytes) -> BaseException | None:
+        """Publish; on failure (a full disk...) the previous snapshot stays and the error is returned."""
+        try:
+            term.generation = term.transport.publish(head, term.blobs)
+        except Exception as e:
+            logger.exception("publishing the snapshot failed; the previous one stays")
+            return e
+        term.head = head
+        return None
+
+    def _verify(self, term: _Term) -> None:
+        """Republish if what readers would find is not what this leader published (damaged, overwritten)."""
+        now = time.monotonic()
+        if not term.generation or now - term.verified < VERIFY_INTERVAL:
+            return
+        term.verified = now
+        try:
+            read = term.transport.read_head()
+            intact = (
+                read is not None
+                and read.generation == term.generation
+                and read.head == term.head
+                and term.transport.read_blobs(read.generation, range(len(term.blobs))) == term.blobs
+            )
+        except Exception:
+            intact = False
+        if not intact:
+            logger.warning("the shared segment was damaged or overwritten; publishing again")
+            self._publish(term, term.head)
 
     def _query(self, term: _Term, spec: tuple[tuple[str, ...], str]) -> Generator[Effect, Any, bool]:
         names, filters = spec

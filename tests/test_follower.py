@@ -174,3 +174,32 @@ async def test_registration_restored(make_driver: Any, service: HeksherService, 
     path = driver.client._parts.registry.path_for(current_identity())
     path.unlink()
     await until(path.exists, timeout=5, what="registration written again")
+
+
+async def test_leader_repairs_a_damaged_segment(service: HeksherService, workers: list[Worker]) -> None:
+    from heksher_shm._engine import VERIFY_INTERVAL
+
+    name = unique("scribbled")
+    setting = heksher.Setting(name, int, ["user"], 0)
+    client = heksher.ThreadHeksherClient(service.url, 60, ["user", "theme", "environment"])
+    client.track_contexts(user="alice")
+    await asyncio.to_thread(client.set_as_main)
+    try:
+        assert client.leading
+        service.add_rule(name, {"user": "alice"}, 9)
+        await asyncio.to_thread(client.reload)
+        follower = Worker(service.url, "async", [name], 60)
+        workers.append(follower)
+        follower.ready()
+        assert follower.ask("get", name, {"user": "alice"}) == 9
+        path = Path(client.segment_path or "")
+        before = client.shared_status().generation
+        with path.open("r+b") as f:  # scribble over everything after the header
+            f.seek(4096)
+            f.write(os.urandom(path.stat().st_size - 4096))
+        await until(lambda: client.shared_status().generation > before, timeout=VERIFY_INTERVAL + 3)
+        assert client.shared_status().verdict == "ok"
+        assert follower.ask("get", name, {"user": "alice"}) == 9  # never a wrong value, never an error
+        assert setting.get(user="alice") == 9
+    finally:
+        client.close()

@@ -491,13 +491,25 @@ class BaseHeksherClient(ContextDefaults):
                 s for s in settings if s.name in entries and self._applied.get(s) != entries[s.name].digest
             ]
             indices = sorted({entries[s.name].blob for s in todo})
-            blobs = transport.read_blobs(read.generation, indices) if indices else []
+            try:
+                blobs = transport.read_blobs(read.generation, indices) if indices else []
+            except SegmentError:
+                logger.exception("the shared segment is unreadable; keeping the previous rules")
+                mark(generation)
+                return
             if blobs is None:
                 continue  # the leader published again while we read: start over
             by_index = dict(zip(indices, blobs, strict=True))
             for setting in todo:
                 entry = entries[setting.name]
-                self._install(setting, decode_blob(by_index[entry.blob]), head.context_features)
+                try:
+                    self._install(setting, decode_blob(by_index[entry.blob]), head.context_features)
+                except (ValueError, msgspec.DecodeError):  # verified bytes, but not a rule set
+                    logger.exception(
+                        "unusable rules in the snapshot; keeping the previous ones",
+                        extra={"setting_name": setting.name},
+                    )
+                    continue
                 self._applied[setting] = entry.digest
             for setting in settings:
                 if setting.name not in entries:
