@@ -71,7 +71,7 @@ def _reject_coerced(
 
 
 @dataclass(frozen=True)
-class ContextView:
+class _ContextView:
     """What a client contributes to resolving a context: defaults, and tracked values to warn about."""
 
     const: Mapping[str, str]
@@ -84,7 +84,7 @@ class ContextView:
 class _Client(Protocol):
     """What a setting needs from the client that feeds it."""
 
-    def _context_view(self) -> ContextView: ...
+    def _context_view(self) -> _ContextView: ...
 
     def _watch(self) -> tuple[Any, list[int]]: ...
 
@@ -121,7 +121,7 @@ class _State:
 def _compile_miss(
     setting: Setting[Any],
     features: frozenset[str],
-    view: ContextView | None,
+    view: _ContextView | None,
     variables: tuple[tuple[str, ContextVar[str]], ...],
     rules: CompiledRules | None,
     server_default: Any,

@@ -31,7 +31,7 @@ from heksher_shm._shm.shared import RegistrySource, SegmentObserver, SharedParts
 from heksher_shm._snapshot import Ack, Head, SettingBlob, decode_blob, decode_head
 from heksher_shm.clients._defaults import ContextDefaults
 from heksher_shm.exceptions import SegmentError
-from heksher_shm.setting import ContextView, QueriedRule, Setting
+from heksher_shm.setting import QueriedRule, Setting, _ContextView
 from heksher_shm.status import SegmentStatus, segment_status
 
 __all__ = ["BaseHeksherClient"]
@@ -212,8 +212,8 @@ class BaseHeksherClient(ContextDefaults):
 
     # -- what settings call (see heksher_shm.setting._Client) ------------------------------------------
 
-    def _context_view(self) -> ContextView:
-        return ContextView(
+    def _context_view(self) -> _ContextView:
+        return _ContextView(
             self._const_defaults, tuple(self._var_defaults.items()), self._tracked, self._warn_untracked
         )
 

@@ -24,9 +24,9 @@ from unittest.mock import AsyncMock, MagicMock
 from heksher_shm import _main
 from heksher_shm._resolve import compile_rules
 from heksher_shm.clients._defaults import ContextDefaults
-from heksher_shm.setting import ContextView, Setting, _State
+from heksher_shm.setting import Setting, _ContextView, _State
 
-__all__ = ["AsyncStubHeksherClient", "Rule", "SyncStubHeksherClient"]
+__all__ = ["AsyncStubHeksherClient", "Rule", "SettingPatcher", "SyncStubHeksherClient"]
 
 T = TypeVar("T")
 
@@ -122,8 +122,8 @@ class _StubClient(ContextDefaults):
     def track_contexts(self, **context_values: Any) -> None:
         """Does nothing: stub rules are all used."""
 
-    def _context_view(self) -> ContextView:
-        return ContextView(self._const_defaults, tuple(self._var_defaults.items()), None, _no_warning)
+    def _context_view(self) -> _ContextView:
+        return _ContextView(self._const_defaults, tuple(self._var_defaults.items()), None, _no_warning)
 
     def _watch(self) -> tuple[Any, list[int]]:
         return (0, 0, 0), [0]  # stub rules never go stale
