@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -71,6 +72,7 @@ class Driver:
             kwargs.setdefault("shared", False)
         self.kind = kind
         self.updates_ok = threading.Event()
+        self.ok_times: list[float] = []  # time.monotonic() of each on_update_ok
         self.errors: list[Exception] = []
         driver = self
 
@@ -78,6 +80,7 @@ class Driver:
 
         class Client(base):  # type: ignore[misc, valid-type]
             def on_update_ok(self) -> None:
+                driver.ok_times.append(time.monotonic())
                 driver.updates_ok.set()
 
             def on_update_error(self, exc: Exception) -> None:

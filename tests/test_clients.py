@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from enum import Enum, IntFlag
@@ -489,3 +490,26 @@ async def test_switching_main_client(
     assert setting.get(user="a") == 1
     second.close()
     other.close()
+
+
+async def test_reload_resets_the_update_timer(make_driver: Any, memory_service: HeksherService) -> None:
+    _keep = heksher.Setting(unique("timer"), int, ["user"], 0)
+    interval = 0.6
+    driver = make_driver(memory_service.url, update_interval=interval)
+    await driver.set_as_main()
+    await driver.wait_update()  # a regular update just happened
+    await driver.reload()
+    reloaded = time.monotonic()
+    # the reload's own on_update_ok may land just after reload() returns: look past it
+    await until(lambda: any(t > reloaded + 0.1 for t in driver.ok_times), timeout=5 * interval)
+    regular = min(t for t in driver.ok_times if t > reloaded + 0.1)
+    # the next regular update counts from the reload, not from the previous update
+    assert regular - reloaded >= interval - 0.1
+
+
+async def test_http_client_closed_on_close(make_driver: Any, memory_service: HeksherService) -> None:
+    driver = make_driver(memory_service.url)
+    await driver.set_as_main()
+    http = driver.client._http
+    await driver.close()
+    assert http.is_closed
