@@ -498,6 +498,10 @@ async def test_reload_resets_the_update_timer(make_driver: Any, memory_service: 
     driver = make_driver(memory_service.url, update_interval=interval)
     await driver.set_as_main()
     await driver.wait_update()  # a regular update just happened
+    # Reload late in the interval (this sleep only places the reload in time;
+    # nothing waits on it): without a reset, the next regular update would
+    # come 0.2 s after the reload.
+    await asyncio.sleep(2 * interval / 3)
     await driver.reload()
     reloaded = time.monotonic()
     # the reload's own on_update_ok may land just after reload() returns: look past it
