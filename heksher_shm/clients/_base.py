@@ -102,6 +102,7 @@ class BaseHeksherClient(ContextDefaults):
         self._local_source = LocalSource(self._wish)
         self._key = f"local-{id(self):x}"
         self._engine = self._make_engine()
+        self._init_driver()
         _live_clients.add(self)
 
     def _make_engine(self) -> Engine:
@@ -237,13 +238,17 @@ class BaseHeksherClient(ContextDefaults):
         if self._parts is not None:
             self._key = wish_key(current_identity())
         self._engine = self._make_engine()
-        self._fresh_after_fork()
+        self._init_driver()
         if self._main and not self._closed:
             self._wish_changed()
             self._restart_after_fork()
 
-    def _fresh_after_fork(self) -> None:
-        """Replace what the parent's threads may have held at fork time (locks, events, HTTP client)."""
+    def _init_driver(self) -> None:
+        """Create what the driver owns: ``modification_lock``, the HTTP client, events.
+
+        Called at construction and again in a forked child, where it replaces
+        whatever the parent's threads may have held at fork time.
+        """
         raise NotImplementedError
 
     def _restart_after_fork(self) -> None:

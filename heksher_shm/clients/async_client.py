@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import warnings
-from collections.abc import Callable, Generator, Mapping, Sequence
-from types import TracebackType
+from collections.abc import Callable, Generator
 from typing import Any
 
 import httpx
@@ -17,13 +15,14 @@ import httpx
 from heksher_shm import _protocol as proto
 from heksher_shm._engine import Apply, Call, Effect, Wait
 from heksher_shm.clients._base import BaseHeksherClient
+from heksher_shm.clients._context import AsyncMainContext
 
 __all__ = ["AsyncHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
 
 
-class AsyncHeksherClient(BaseHeksherClient):
+class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
     """An asynchronous client for Heksher. Declares and updates settings in a background asyncio task.
 
     ``set_as_main()`` and ``reload()`` raise when a declaration or the update
@@ -50,31 +49,12 @@ class AsyncHeksherClient(BaseHeksherClient):
 
     _kind = "async"
 
-    def __init__(
-        self,
-        service_url: str,
-        update_interval: float,
-        context_features: Sequence[str],
-        *,
-        http_client_args: Mapping[str, Any] | None = None,
-        shared: bool = True,
-        shm_dir: str | os.PathLike[str] | None = None,
-        segment_name: str | None = None,
-        startup_timeout: float = 30.0,
-    ) -> None:
-        super().__init__(
-            service_url,
-            update_interval,
-            context_features,
-            http_client_args=http_client_args,
-            shared=shared,
-            shm_dir=shm_dir,
-            segment_name=segment_name,
-            startup_timeout=startup_timeout,
-        )
+    def _init_driver(self) -> None:
+        # Also run in a forked child: the parent's loop, task and HTTP client
+        # (with its sockets) belong to the parent and are abandoned, never closed.
         self.modification_lock = asyncio.Lock()
         """Held while setting values change; hold it to keep them from changing."""
-        self._http = httpx.AsyncClient(base_url=service_url, **self._http_client_args)
+        self._http = httpx.AsyncClient(base_url=self._service_url, **self._http_client_args)
         self._wake_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -141,15 +121,6 @@ class AsyncHeksherClient(BaseHeksherClient):
         response.raise_for_status()
         data = proto.decode(proto.SETTINGS, response.status_code, response.content, proto.SettingsResponse)
         return {s.name: s for s in data.settings}
-
-    async def __aenter__(self) -> AsyncHeksherClient:
-        await self.set_as_main()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # -- the driver --------------------------------------------------------------------------------------
 
@@ -249,15 +220,6 @@ class AsyncHeksherClient(BaseHeksherClient):
             with contextlib.suppress(RuntimeError):
                 self._ensure_task()
         super()._refresh()
-
-    def _fresh_after_fork(self) -> None:
-        self.modification_lock = asyncio.Lock()
-        # The parent's client, loop and task belong to the parent: abandon, never close.
-        self._http = httpx.AsyncClient(base_url=self._service_url, **self._http_client_args)
-        self._task = None
-        self._loop = None
-        self._wake_event = None
-        self._waiters = _Waiters()
 
     def _restart_after_fork(self) -> None:
         self._needs_restart = True

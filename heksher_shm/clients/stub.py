@@ -17,12 +17,12 @@ import warnings
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 from unittest.mock import AsyncMock, MagicMock
 
 from heksher_shm import _main
 from heksher_shm._resolve import compile_rules
+from heksher_shm.clients._context import AsyncMainContext, SyncMainContext
 from heksher_shm.clients._defaults import ContextDefaults
 from heksher_shm.setting import Setting, _ContextView, _State
 
@@ -138,7 +138,7 @@ class _StubClient(ContextDefaults):
         _main.set_main(self)
 
 
-class SyncStubHeksherClient(_StubClient):
+class SyncStubHeksherClient(SyncMainContext, _StubClient):
     """A stand-in for :class:`~heksher_shm.ThreadHeksherClient` in tests; takes and ignores any arguments."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -151,17 +151,8 @@ class SyncStubHeksherClient(_StubClient):
         """Become the main client."""
         self._become_main()
 
-    def __enter__(self) -> SyncStubHeksherClient:
-        self.set_as_main()
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class AsyncStubHeksherClient(_StubClient):
+class AsyncStubHeksherClient(AsyncMainContext, _StubClient):
     """A stand-in for :class:`~heksher_shm.AsyncHeksherClient` in tests; takes and ignores any arguments."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -174,15 +165,6 @@ class AsyncStubHeksherClient(_StubClient):
     async def set_as_main(self) -> None:
         """Become the main client."""
         self._become_main()
-
-    async def __aenter__(self) -> AsyncStubHeksherClient:
-        await self.set_as_main()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
 
 def _no_warning(feature: str, value: str) -> None:

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from types import TracebackType
-from typing import Any
 
 import httpx
 
 from heksher_shm import _protocol as proto
 from heksher_shm._engine import Apply, drive_sync
 from heksher_shm.clients._base import BaseHeksherClient
+from heksher_shm.clients._context import SyncMainContext
 
 __all__ = ["ThreadHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
 
 
-class ThreadHeksherClient(BaseHeksherClient):
+class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
     """A synchronous client for Heksher. Declares and updates settings in a background thread.
 
     Errors in the background are logged, never raised: ``set_as_main()`` and
@@ -44,31 +41,12 @@ class ThreadHeksherClient(BaseHeksherClient):
 
     _kind = "thread"
 
-    def __init__(
-        self,
-        service_url: str,
-        update_interval: float,
-        context_features: Sequence[str],
-        *,
-        http_client_args: Mapping[str, Any] | None = None,
-        shared: bool = True,
-        shm_dir: str | os.PathLike[str] | None = None,
-        segment_name: str | None = None,
-        startup_timeout: float = 30.0,
-    ) -> None:
-        super().__init__(
-            service_url,
-            update_interval,
-            context_features,
-            http_client_args=http_client_args,
-            shared=shared,
-            shm_dir=shm_dir,
-            segment_name=segment_name,
-            startup_timeout=startup_timeout,
-        )
+    def _init_driver(self) -> None:
+        # Also run in a forked child: nothing of the parent's threads is kept,
+        # and the parent's HTTP client (with its sockets) is abandoned, never closed.
         self.modification_lock = threading.Lock()
         """Held while setting values change; hold it to keep them from changing."""
-        self._http = httpx.Client(base_url=service_url, **self._http_client_args)
+        self._http = httpx.Client(base_url=self._service_url, **self._http_client_args)
         self._wake_event = threading.Event()
         self._applied_cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -116,15 +94,6 @@ class ThreadHeksherClient(BaseHeksherClient):
         data = proto.decode(proto.SETTINGS, response.status_code, response.content, proto.SettingsResponse)
         return {s.name: s for s in data.settings}
 
-    def __enter__(self) -> ThreadHeksherClient:
-        self.set_as_main()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     # -- the driver --------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -156,14 +125,6 @@ class ThreadHeksherClient(BaseHeksherClient):
                 self.on_update_error(error)
         except Exception:
             logger.exception("update callback raised")
-
-    def _fresh_after_fork(self) -> None:
-        self.modification_lock = threading.Lock()
-        self._wake_event = threading.Event()
-        self._applied_cond = threading.Condition()
-        # The parent's client (and its sockets) belong to the parent: abandon, never close.
-        self._http = httpx.Client(base_url=self._service_url, **self._http_client_args)
-        self._thread = None
 
     def _restart_after_fork(self) -> None:
         self._thread = threading.Thread(target=self._run, name="heksher-shm", daemon=True)
