@@ -22,6 +22,7 @@ A client alternates between two roles:
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -526,6 +527,12 @@ class Engine:
                     current = union.setdefault(feature, set())
                     assert isinstance(current, set)
                     current.update(values)
+        if not all(_FILTERABLE.fullmatch(feature) for feature in union):
+            # Heksher 0.5.7 parses filter feature names as [a-z]+: a feature
+            # like trust_level cannot appear in a filter at all, and would
+            # break the query for every process. Ask for every rule instead;
+            # each process keeps only its own tracked values anyway.
+            return tuple(sorted(names)), proto.TRACK_ALL
         return tuple(sorted(names)), proto.context_filters(union)
 
     def _update(
@@ -645,6 +652,9 @@ class Engine:
         term.queried = time.monotonic()
         logger.info("heksher reload done", extra={"settings": len(entries)})
         return changed
+
+
+_FILTERABLE = re.compile(r"[a-z]+")
 
 
 def _transient(outcome: Outcome) -> bool:

@@ -1,12 +1,44 @@
-"""The ``heksher-shm`` command line."""
+"""The ``heksher-shm`` command line: the parser and the dispatch to each subcommand.
+
+Subcommands live in their own modules: ``status``/``watch`` in
+:mod:`heksher_shm._cli_status`, ``dump`` in :mod:`heksher_shm._cli_dump`,
+``demo`` in :mod:`heksher_shm.demo` and ``serve`` in
+:mod:`heksher_shm.testing._cli`. Expected failures raise
+:class:`heksher_shm._cli_common.CliError` and end as one line on stderr and
+an exit code (see ``EXIT CODES`` in ``heksher-shm --help``), never as a
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+from heksher_shm._cli_common import (
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    EXIT_UNREADABLE,
+    EXIT_USAGE,
+    CliError,
+)
+
+__all__ = ["build_parser", "main"]
+
+_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}  success; for status: every segment shown is healthy (verdict ok)
+  {EXIT_UNHEALTHY}  status: a segment is empty, leaderless, unresponsive or stale; demo: it failed
+  {EXIT_USAGE}  bad command line (also: several segments where watch needs one)
+  {EXIT_NOT_FOUND}  not found: the directory, the named segment or setting, or no segments at all
+  {EXIT_UNREADABLE}  unreadable: a segment or the directory is another user's, a symlink, or corrupted
+  When several segments are shown, status exits with the highest code among them.
+
+The segment directory is --dir, else $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>.
+"""
 
 
 def _features(text: str) -> list[str]:
@@ -16,12 +48,119 @@ def _features(text: str) -> list[str]:
     return features
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _add_segment_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "name", nargs="?", metavar="NAME", help=f"the segment's name, as `status` lists it (default: {what})"
+    )
+    parser.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="the segment directory (default: $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``heksher-shm``."""
     parser = argparse.ArgumentParser(
-        prog="heksher-shm", description="Heksher client with one poller per host: tools."
+        prog="heksher-shm",
+        description="Heksher client with one poller per host: inspect the shared segments,\n"
+        "run the demo, or run an in-memory Heksher service.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = commands.add_parser(
+        "status",
+        help="leader, freshness and processes of each segment; a health check",
+        description="Show each segment's leader, generation, heartbeat, last update and error,\n"
+        "live processes, settings and rules, and a verdict. Exits non-zero unless every\n"
+        "segment shown is healthy, so it can serve as a health check.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_segment_arguments(status, "every segment in the directory")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument(
+        "--ignore-idle",
+        action="store_true",
+        help="leave out segments that no live process uses (left over by processes that exited)",
+    )
+
+    dump = commands.add_parser(
+        "dump",
+        help="the defaults and rules a segment holds",
+        description="Print the settings of the current snapshot: each default and rule,\n"
+        "with their raw JSON values decoded.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_segment_arguments(dump, "every segment in the directory")
+    dump.add_argument("--setting", metavar="NAME", help="only this setting")
+    dump.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    watch = commands.add_parser(
+        "watch",
+        help="one line per published generation, leader change or update error",
+        description="Follow a segment: print a line with the time, generation, settings and\n"
+        "rules, leader pid and outcome of the last update, first for the current state\n"
+        "and then at every change, until Ctrl-C.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_segment_arguments(watch, "the only segment in the directory")
+    watch.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=0.1,
+        metavar="S",
+        help="seconds between looks (default: 0.1)",
+    )
+    watch.add_argument("--count", type=_positive_int, metavar="N", help="stop after printing N lines")
+
+    demo = commands.add_parser(
+        "demo",
+        help="watch worker processes share one poller, survive a SIGKILLed leader",
+        description="Start an in-memory Heksher service and worker processes (thread and async clients) "
+        "serving one setting; change its rules, SIGKILL the leader, and print what happens. "
+        "Finishes by itself and cleans up; exits 0 when every worker converged.",
+    )
+    demo.add_argument(
+        "--workers", type=_positive_int, default=4, metavar="N", help="worker processes (default: 4)"
+    )
+    demo.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds the demo runs once the workers are up (default: 10)",
+    )
+    demo.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="segment directory (default: $HEKSHER_SHM_DIR, else a private temporary one)",
+    )
+
     serve = commands.add_parser("serve", help="run the in-memory Heksher service until interrupted")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument(
@@ -36,14 +175,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        from heksher_shm._cli_status import run_status
+
+        return run_status(args.dir, args.name, args.json, args.ignore_idle)
+    if args.command == "dump":
+        from heksher_shm._cli_dump import run_dump
+
+        return run_dump(args.dir, args.name, args.setting, args.json)
+    if args.command == "watch":
+        from heksher_shm._cli_status import run_watch
+
+        return run_watch(args.dir, args.name, args.interval, args.count)
+    if args.command == "demo":
+        from heksher_shm.demo import run_demo
+
+        return run_demo(workers=args.workers, duration=args.duration, shm_dir=args.dir)
     if args.command == "serve":
         from heksher_shm.testing._cli import serve
 
         return serve(args.host, args.port, args.context_features)
     raise AssertionError(args.command)  # pragma: no cover - argparse rejects unknown commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        # The library's own warnings (a foreign registry entry, say) go to stderr, one line each.
+        logging.basicConfig(level=logging.WARNING, format="heksher-shm: %(name)s: %(levelname)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except CliError as e:
+        print(f"heksher-shm {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`heksher-shm watch | head -3`): nothing left to say to it. Python
+        # would complain again while flushing stdout at exit, so stdout goes to /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK if args.command == "watch" else EXIT_UNHEALTHY
 
 
 if __name__ == "__main__":

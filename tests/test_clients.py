@@ -16,7 +16,7 @@ import pytest
 
 import heksher_shm as heksher
 from heksher_shm.testing import Fault, HeksherService
-from tests._support import Admin, unique, until
+from tests._support import REAL_URL, Admin, unique, until
 
 
 class Color(Enum):
@@ -517,3 +517,49 @@ async def test_http_client_closed_on_close(make_driver: Any, memory_service: Hek
     http = driver.client._http
     await driver.close()
     assert http.is_closed
+
+
+async def test_renamed_setting_through_alias(make_driver: Any, service_url: str, admin: Admin) -> None:
+    old, new = unique("old_name"), unique("new_name")
+    admin.declare(old, "int", 1, ["user"])
+    rule = admin.add_rule(old, {"user": "alice"}, 5)
+    renamed = heksher.Setting(new, int, ["user"], 0, alias=old, version="1.1")
+    driver = make_driver(service_url)
+    driver.client.track_contexts(user="alice")
+    await driver.set_as_main()
+    assert renamed.get(user="alice") == 5  # the service kept the rules through the rename
+    admin.set_value(rule, 6)
+    await driver.reload()
+    assert renamed.get(user="alice") == 6
+
+
+async def test_two_settings_objects_same_name(make_driver: Any, service_url: str, admin: Admin) -> None:
+    name = unique("twice")
+    first = heksher.Setting(name, int, ["user"], 0)
+    second = heksher.Setting(name, int, ["user"], 0)
+    driver = make_driver(service_url)
+    driver.client.track_contexts(user="alice")
+    await driver.set_as_main()
+    admin.add_rule(name, {"user": "alice"}, 3)
+    await driver.reload()
+    assert first.get(user="alice") == second.get(user="alice") == 3
+
+
+async def test_feature_outside_the_filter_grammar(make_driver: Any, kind: str) -> None:
+    """Heksher 0.5.7 cannot filter a feature named like trust_level by value; values still work."""
+    if REAL_URL:
+        pytest.skip("needs a service with the trust_level context feature")
+    with HeksherService(context_features=["user", "trust_level"]) as svc:
+        name = unique("trust")
+        setting = heksher.Setting(name, str, ["trust_level"], "none")
+        driver = make_driver(svc.url)
+        driver.client._context_features = ("user", "trust_level")
+        driver.client.track_contexts(trust_level=["high"])
+        await driver.set_as_main()
+        svc.add_rule(name, {"trust_level": "high"}, "H")
+        svc.add_rule(name, {"trust_level": "low"}, "L")
+        await driver.reload()
+        assert setting.get(trust_level="high") == "H"
+        assert setting.get(trust_level="low") == "none"  # not tracked: filtered locally
+        queries = [r for r in svc.requests if r.path == "/api/v1/query"]
+        assert queries[-1].query["context_filters"] == "*"

@@ -103,6 +103,26 @@ _OPEN_RETRIES = 10
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
+_CRASH_STEPS = (
+    "format-cleared",
+    "format-body",
+    "reserved",
+    "unclaimed",
+    "table",
+    "head",
+    "blobs",
+    "descriptor",
+    "claimed",
+    "published",
+)
+"""The points between the writes of :meth:`Segment.publish` where :data:`_crash_point` is called, in order
+(the ``format-*`` ones only when the header is reformatted)."""
+
+_crash_point: Callable[[str], None] | None = None
+"""Test hook, None in production: called with each name of :data:`_CRASH_STEPS` as publishing passes it, so
+a test can kill the writer between any two writes (tests/test_faults_process.py). Unused, it costs one
+global load and compare per step of a publish, and nothing on the read path."""
+
 # array's "I" is the C unsigned int: 4 bytes on every platform CPython supports on Linux,
 # but the blob table depends on it, so say so loudly rather than write a wrong table.
 assert WORD_GENERATION == 2  # generation() inlines the index
@@ -662,7 +682,7 @@ class Segment:
 
     # ------------------------------------------------------------------ writing
 
-    def publish(self, head: bytes, blobs: Sequence[bytes]) -> int:
+    def publish(self, head: bytes, blobs: Sequence[bytes]) -> int:  # noqa: PLR0915 (the crash-point hooks)
         """Publish a new snapshot (``head`` and ``blobs``) and return its generation.
 
         Writer only. Fills the slot that is not current, then makes it current
@@ -702,6 +722,8 @@ class Segment:
             # process might have punched holes).
             _reserve(self.path, self._fd, offset, capacity if fresh else max(needed, 1))
             mapping = self._refresh_mapping()
+            if _crash_point is not None:
+                _crash_point("reserved")
             # Descriptors count too: if the generation word was scribbled backwards, a reader
             # may still hold the higher generation a descriptor remembers. Never repeat one.
             seen = [d.generation for d in descs if d.generation < _GENERATION_LIMIT]
@@ -712,6 +734,8 @@ class Segment:
             #    the published generation, and that was never this one, but a slow reader of
             #    an older generation now fails fast instead of checksumming half-new data.
             words[descriptor_word] = 0
+            if _crash_point is not None:
+                _crash_point("unclaimed")
             # 2. The payload, into the non-current slot. Readers of the current generation
             #    never look here, so partial bytes are invisible.
             position = offset
@@ -719,9 +743,15 @@ class Segment:
                 raw = chunk.tobytes()
                 mapping[position : position + len(raw)] = raw
                 position += len(raw)
+            if _crash_point is not None:
+                _crash_point("table")
             mapping[position : position + len(head)] = head
             position += len(head)
+            if _crash_point is not None:
+                _crash_point("head")
             mapping[position : position + blob_bytes] = b"".join(blobs)
+            if _crash_point is not None:
+                _crash_point("blobs")
             # 3. The descriptor body, still invisible: its generation word is 0.
             desc = SlotDescriptor(generation, offset, capacity, needed, count, len(head), time.time(), 0)
             raw_desc = layout.pack_descriptor(desc)
@@ -732,11 +762,17 @@ class Segment:
             raw_desc = layout.pack_descriptor(desc._replace(crc=crc))
             start = DESCRIPTOR_OFFSETS[target]
             mapping[start + 8 : start + DESCRIPTOR_SIZE] = raw_desc[8:]
+            if _crash_point is not None:
+                _crash_point("descriptor")
             # 4. The slot claims the new generation (one aligned word) ...
             words[descriptor_word] = generation
+            if _crash_point is not None:
+                _crash_point("claimed")
             # 5. ... and this single aligned store publishes it. Killed before it, readers
             #    keep the previous snapshot; after it, they see the complete new one.
             words[WORD_GENERATION] = generation
+            if _crash_point is not None:
+                _crash_point("published")
             return generation
 
     def _refresh_mapping(self) -> mmap.mmap:
@@ -816,8 +852,12 @@ class Segment:
             # Microseconds since the epoch exceed any count of earlier publishes.
             floor = max(floor, time.time_ns() // 1000)
         words[WORD_GENERATION] = 0  # first: readers see "nothing published" from here on
+        if _crash_point is not None:
+            _crash_point("format-cleared")
         fresh = layout.format_header(floor)
         self._mm[8:HEADER_SIZE] = fresh[8:]
+        if _crash_point is not None:
+            _crash_point("format-body")
         self._mm[:8] = fresh[:8]  # the magic last: a header with our magic is complete
 
     # ------------------------------------------------------------------ status fields (writer)

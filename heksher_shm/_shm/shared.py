@@ -25,8 +25,10 @@ from heksher_shm._engine import Wish
 from heksher_shm._protocol import DeclarationBody
 from heksher_shm._shm.election import LeaderLock
 from heksher_shm._shm.identity import ProcessIdentity
+from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.registry import Registration, Registry, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
+from heksher_shm._snapshot import FORMAT as SNAPSHOT_FORMAT
 
 __all__ = [
     "SEGMENT_NAME",
@@ -48,8 +50,13 @@ RESCAN_INTERVAL = 1.0
 
 
 def default_segment_name(service_url: str, context_features: Sequence[str]) -> str:
-    """The segment shared by every client of this service URL and these context features."""
-    key = service_url.rstrip("/") + "\n" + ",".join(context_features)
+    """The segment shared by every client of this service URL and these context features.
+
+    The formats of the segment and the snapshot are part of the name, so two
+    incompatible versions of heksher_shm on one host never read each other's
+    files: each has its own segment (and its own leader).
+    """
+    key = f"{service_url.rstrip('/')}\n{','.join(context_features)}\n{FORMAT_VERSION}.{SNAPSHOT_FORMAT}"
     return "heksher-" + hashlib.sha256(key.encode()).hexdigest()[:20]
 
 

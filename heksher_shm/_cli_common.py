@@ -1,0 +1,226 @@
+"""What the ``heksher-shm`` subcommands share: exit codes, finding segments, reading snapshots, formatting.
+
+The inspection commands (``status``, ``dump``, ``watch``) only read: they
+never create a segment directory, take the leader lock, prune registrations
+or repair a segment. (Opening a segment file shorter than its header extends
+it with zeros, as every opener does, so that the mapping covers the header.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from heksher_shm._shm.segment import ENV_SHM_DIR, Segment, resolve_shm_dir
+from heksher_shm._shm.shared import SEGMENT_NAME
+from heksher_shm._snapshot import Head, SettingBlob, decode_blob, decode_head
+from heksher_shm.exceptions import SegmentError
+
+__all__ = [
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_UNHEALTHY",
+    "EXIT_UNREADABLE",
+    "EXIT_USAGE",
+    "CliError",
+    "Snapshot",
+    "age",
+    "clock",
+    "decode_json",
+    "one_line",
+    "open_segment",
+    "read_snapshot",
+    "segment_directory",
+    "select_segments",
+    "show_json",
+]
+
+EXIT_OK = 0
+"""Success; for ``status``: every segment shown is healthy."""
+EXIT_UNHEALTHY = 1
+"""``status``: a segment is not healthy (empty, leaderless, unresponsive, stale); ``demo``: it failed."""
+EXIT_USAGE = 2
+"""Bad command line (argparse uses 2 as well), e.g. an invalid segment name or several to choose from."""
+EXIT_NOT_FOUND = 3
+"""Nothing to look at: the directory, the named segment or the setting does not exist, or no segments."""
+EXIT_UNREADABLE = 4
+"""A segment or the directory cannot be used safely (another user's, a symlink, corrupted...)."""
+
+# resolve_shm_dir's default location, repeated here so that a missing default directory can be
+# reported without creating it (resolve_shm_dir creates what is missing).
+_DEV_SHM = "/dev/shm"
+_DIR_PREFIX = "heksher_shm-"
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, without a traceback, and exits with ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def segment_directory(given: str | None) -> Path:
+    """The segment directory to inspect: ``given`` (``--dir``), else ``HEKSHER_SHM_DIR``, else the default.
+
+    Unlike the clients, never creates it: a missing directory is a :class:`CliError`.
+    """
+    if given:
+        candidate = Path(os.path.abspath(given))
+        source = "--dir"
+    elif os.environ.get(ENV_SHM_DIR):
+        candidate = Path(os.path.abspath(os.environ[ENV_SHM_DIR]))
+        source = ENV_SHM_DIR
+    else:
+        base = _DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()
+        candidate = Path(base) / f"{_DIR_PREFIX}{os.geteuid()}"
+        source = "the default"
+    if not os.path.lexists(candidate):
+        raise CliError(
+            f"segment directory {candidate} ({source}) does not exist: no heksher_shm client has run "
+            f"as this user with this directory (set {ENV_SHM_DIR} or --dir to look elsewhere)",
+            EXIT_NOT_FOUND,
+        )
+    try:
+        # Checks ownership, type and mode; the directory exists, so nothing is created.
+        return resolve_shm_dir(given or None)
+    except SegmentError as e:
+        raise CliError(str(e), EXIT_UNREADABLE) from None
+
+
+def select_segments(directory: Path, name: str | None) -> list[Path]:
+    """The segment files to inspect: the one called ``name``, or every one in ``directory``.
+
+    Raises :class:`CliError` for an invalid or unknown name, or when there are none.
+    """
+    if name is not None:
+        name = name.removesuffix(".seg")
+        if not SEGMENT_NAME.fullmatch(name):
+            raise CliError(
+                f"{name!r} is not a segment name (letters, digits, '_', '.', '-'; as `status` lists them)",
+                EXIT_USAGE,
+            )
+        path = directory / f"{name}.seg"
+        # lexists: a symlink or a foreign file under this name is reported by Segment.open, not hidden.
+        if not os.path.lexists(path):
+            raise CliError(f"no segment named {name!r} in {directory}{_listing(directory)}", EXIT_NOT_FOUND)
+        return [path]
+    paths = sorted(p for p in directory.glob("*.seg") if p.is_file() and not p.is_symlink())
+    if not paths:
+        raise CliError(f"no segments in {directory}: no client has shared rules there yet", EXIT_NOT_FOUND)
+    return paths
+
+
+def _listing(directory: Path) -> str:
+    names = sorted(p.name.removesuffix(".seg") for p in directory.glob("*.seg"))
+    return f"; segments there: {', '.join(names)}" if names else "; there are no segments there"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One published snapshot, read whole and decoded (raw JSON values stay raw)."""
+
+    generation: int
+    head: Head
+    blobs: dict[str, SettingBlob]
+    """Each setting's default and rules, by setting name, in the head's order."""
+
+
+_READ_ROUNDS = 20
+
+
+def read_snapshot(segment: Segment) -> Snapshot | None:
+    """Read and decode the current snapshot with every blob; ``None`` when nothing was published.
+
+    Raises:
+        CliError: the segment is corrupted, or kept changing while being read.
+    """
+    for _ in range(_READ_ROUNDS):
+        try:
+            read = segment.read_head()
+            if read is None:
+                return None
+            head = decode_head(read.head)
+            blobs = segment.read_blobs(read.generation, [entry.blob for entry in head.settings])
+            if blobs is None:
+                continue  # a new generation was published meanwhile: read that one
+            decoded = {
+                entry.name: decode_blob(blob) for entry, blob in zip(head.settings, blobs, strict=True)
+            }
+        except SegmentError as e:  # its message names the file
+            raise CliError(str(e), EXIT_UNREADABLE) from None
+        except ValueError as e:  # msgspec.DecodeError is a ValueError
+            raise CliError(
+                f"segment file {segment.path}: undecodable snapshot: {e}", EXIT_UNREADABLE
+            ) from None
+        return Snapshot(read.generation, head, decoded)
+    raise CliError(
+        f"segment file {segment.path}: the snapshot changed {_READ_ROUNDS} times while being read; try again",
+        EXIT_UNREADABLE,
+    )
+
+
+def open_segment(path: Path) -> Segment:
+    """Open an existing segment for reading, turning refusals into :class:`CliError`."""
+    try:
+        return Segment.open(path, create=False)
+    except SegmentError as e:
+        raise CliError(str(e), EXIT_UNREADABLE) from None
+
+
+_json_decoder = msgspec.json.Decoder()
+
+
+def decode_json(raw: bytes) -> Any:
+    """A raw JSON value from the service, decoded; undecodable bytes come back as text in ``<...>``."""
+    try:
+        return _json_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return f"<not JSON: {raw[:200]!r}>"
+
+
+def show_json(value: Any) -> str:
+    """A decoded value in one line of JSON (how values read in text output)."""
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
+def clock(when: float, *, millis: bool = False) -> str:
+    """Local wall-clock time of an epoch timestamp."""
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+    if millis:
+        text += f".{int(when * 1000) % 1000:03d}"
+    return text
+
+
+def age(seconds: float | None) -> str:
+    """A duration for people: ``0.35 s``, ``42 s``, ``3 min 5 s``, ``2 h 4 min``, ``3 d 1 h``."""
+    if seconds is None:
+        return "never"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def one_line(text: str | None, limit: int = 120) -> str:
+    """Collapse whitespace (command lines may hold newlines) and cut to ``limit`` characters."""
+    if text is None:
+        return "?"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

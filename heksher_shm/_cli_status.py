@@ -1,0 +1,304 @@
+"""``heksher-shm status`` (one report per segment, usable as a health check) and ``heksher-shm watch``.
+
+Verdicts are those of :func:`heksher_shm.status.segment_status` (``ok``,
+``empty``, ``leaderless``, ``unresponsive``, ``stale``) plus two of the
+command line's own: ``corrupted`` (the file is there but its header or
+snapshot fails validation) and ``unreadable`` (the file cannot be used
+safely at all: another user's, a symlink...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from heksher_shm._cli_common import (
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    EXIT_UNREADABLE,
+    EXIT_USAGE,
+    CliError,
+    age,
+    clock,
+    one_line,
+    open_segment,
+    segment_directory,
+    select_segments,
+)
+from heksher_shm._shm.identity import ProcessIdentity, is_alive
+from heksher_shm._shm.segment import Segment
+from heksher_shm._snapshot import decode_head
+from heksher_shm.exceptions import SegmentError
+from heksher_shm.status import HEARTBEAT_STALE_AFTER, ProcessInfo, SegmentStatus, segment_status
+
+__all__ = ["Checked", "check_segment", "run_status", "run_watch"]
+
+_UNFORMATTED = "not formatted"  # the header_problem of a file no leader has published into yet
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One segment as ``status`` judges it."""
+
+    path: Path
+    name: str
+    status: SegmentStatus | None
+    """``None`` when the file could not be opened (``verdict`` is then ``"unreadable"``)."""
+    verdict: str
+    summary: str
+    """One sentence saying why the verdict is what it is."""
+    idle: bool
+    """No live leader and no live process attached: left over by processes that have exited."""
+    code: int
+    """This segment's exit code."""
+
+
+def check_segment(path: Path) -> Checked:
+    """Read a segment's status and judge it; never raises for a bad file."""
+    name = path.name.removesuffix(".seg")
+    try:
+        st = segment_status(path)
+    except (SegmentError, OSError) as e:
+        return Checked(path, name, None, "unreadable", str(e), False, EXIT_UNREADABLE)
+    verdict = st.verdict
+    if verdict == "empty" and st.problem is not None and st.problem != _UNFORMATTED:
+        verdict = "corrupted"
+    leader_alive = st.leader is not None and st.leader.alive
+    idle = not leader_alive and not st.processes
+    code = EXIT_OK if verdict == "ok" else EXIT_UNREADABLE if verdict == "corrupted" else EXIT_UNHEALTHY
+    return Checked(path, name, st, verdict, _summary(st, verdict, idle), idle, code)
+
+
+def _summary(st: SegmentStatus, verdict: str, idle: bool) -> str:
+    leader = st.leader
+    if verdict == "ok":
+        assert leader is not None
+        failing = (
+            "; the latest attempt failed"
+            if st.last_error_time is not None and (st.last_update_ok or 0.0) <= st.last_error_time
+            else ""
+        )
+        return (
+            f"leader pid {leader.pid} serves generation {st.generation}, "
+            f"last update {age(st.last_update_age)} ago{failing}"
+        )
+    if verdict == "corrupted":
+        return f"the segment fails validation: {st.problem}; its next leader rewrites it"
+    if verdict == "empty":
+        if leader is not None and leader.alive:
+            return f"nothing published yet; leader pid {leader.pid} is starting"
+        return "nothing published yet, and no live leader"
+    if verdict == "leaderless":
+        if idle:
+            return "no live process uses it: left over by processes that have exited"
+        gone = f"the last leader (pid {leader.pid}) is gone" if leader is not None else "no leader recorded"
+        return f"{gone}, and none of the {len(st.processes)} live processes has taken over"
+    if verdict == "unresponsive":
+        assert leader is not None
+        return (
+            f"leader pid {leader.pid} is alive but has not beaten its heartbeat for "
+            f"{age(st.heartbeat_age)} (limit {HEARTBEAT_STALE_AFTER:g} s)"
+        )
+    if verdict == "stale":
+        interval = f"every {age(st.update_interval)}" if st.update_interval else "at its interval"
+        why = f"; last error: {one_line(st.last_error, 200)}" if st.last_error else ""
+        return f"no successful update for {age(st.last_update_age)} (it should update {interval}){why}"
+    return verdict  # pragma: no cover - a verdict added to heksher_shm.status later
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _process_line(process: ProcessInfo, leader_pid: int | None) -> str:
+    role = "leader" if process.pid == leader_pid else ""
+    uptime = f"up {age(process.uptime)}" if process.uptime is not None else "up ?"
+    return f"{process.pid:>8}  {process.kind or '?':<6}  {uptime:<16}  {role:<6}  {one_line(process.cmdline)}"
+
+
+def _render(checked: Checked) -> list[str]:
+    lines = [f"{checked.name}: {checked.verdict.upper()} - {checked.summary}"]
+    lines.append(f"  file            {checked.path}")
+    st = checked.status
+    if st is None or checked.verdict == "corrupted":
+        return lines  # a corrupted header's fields are noise
+    leader = st.leader
+    if leader is None:
+        lines.append("  leader          none recorded")
+    else:
+        kind = next((p.kind for p in st.processes if p.pid == leader.pid), None)
+        if leader.alive:
+            lines.append(
+                f"  leader          pid {leader.pid}{f' ({kind})' if kind else ''}, "
+                f"up {age(leader.uptime)}: {one_line(leader.cmdline)}"
+            )
+        else:
+            lines.append(f"  leader          pid {leader.pid}, gone")
+    published = (
+        f", published {clock(st.published)} ({age(st.read_at - st.published)} ago)" if st.published else ""
+    )
+    lines.append(f"  generation      {st.generation}{published}")
+    heartbeat = f"{age(st.heartbeat_age)} ago" if st.heartbeat_age is not None else "never"
+    lines.append(f"  heartbeat       {heartbeat}")
+    if st.last_update_ok is not None:
+        interval = f", update interval {age(st.update_interval)}" if st.update_interval else ""
+        lines.append(
+            f"  last update ok  {clock(st.last_update_ok)} ({age(st.last_update_age)} ago){interval}"
+        )
+    else:
+        lines.append("  last update ok  never")
+    if st.last_error is not None:
+        when = (
+            f" at {clock(st.last_error_time)} ({age(st.read_at - st.last_error_time)} ago)"
+            if st.last_error_time
+            else ""
+        )
+        lines.append(f"  last error      {one_line(st.last_error, 200)}{when}; {st.error_count} in all")
+    else:
+        lines.append("  last error      none")
+    lines.append(f"  settings        {_plural(st.settings, 'setting')}, {_plural(st.rules, 'rule')}")
+    lines.append(f"  processes       {len(st.processes)} live")
+    lines.extend(f"    {_process_line(p, leader.pid if leader else None)}" for p in st.processes)
+    if st.problem is not None and checked.verdict != "corrupted" and st.problem != _UNFORMATTED:
+        lines.append(f"  problem         {st.problem}")
+    return lines
+
+
+def _as_json(checked: Checked) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": checked.name, "path": str(checked.path)}
+    if checked.status is not None:
+        base.update(dataclasses.asdict(checked.status))
+        leader = base["leader"]
+        if leader is not None and leader["kind"] is None:
+            leader["kind"] = next((p["kind"] for p in base["processes"] if p["pid"] == leader["pid"]), None)
+    else:
+        base["error"] = checked.summary
+    base.update(
+        verdict=checked.verdict, healthy=checked.code == EXIT_OK, idle=checked.idle, summary=checked.summary
+    )
+    return base
+
+
+def run_status(dir_arg: str | None, name: str | None, as_json: bool, ignore_idle: bool) -> int:
+    """``heksher-shm status``: print every segment's state; the exit code is the worst segment's."""
+    directory = segment_directory(dir_arg)
+    checked = [check_segment(path) for path in select_segments(directory, name)]
+    if ignore_idle:
+        checked = [c for c in checked if not c.idle]
+        if not checked:
+            raise CliError(
+                f"no segments in use in {directory}: every segment there is left over by exited processes",
+                EXIT_NOT_FOUND,
+            )
+    code = max((c.code for c in checked), default=EXIT_OK)
+    if as_json:
+        print(json.dumps({"directory": str(directory), "segments": [_as_json(c) for c in checked]}, indent=2))
+        return code
+    blocks = ["\n".join(_render(c)) for c in checked]
+    print("\n\n".join(blocks))
+    if len(checked) > 1:
+        tally = Counter(c.verdict for c in checked)
+        parts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(tally.items()))
+        print(f"\n{len(checked)} segments: {parts}")
+    return code
+
+
+# -- watch ---------------------------------------------------------------------------------------------
+
+
+class _Watcher:
+    """Polls one segment and describes it in one line; the line's key changes when something happened."""
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self._counted: tuple[int, int, int] | None = None  # (generation, settings, rules)
+        self._leader: tuple[int, float, bool] | None = None
+        self._leader_checked = 0.0
+
+    def observe(self) -> tuple[tuple[object, ...], str]:
+        segment = self.segment
+        generation = segment.generation()
+        header = segment.status()
+        problem = header.header_problem if header.header_problem != _UNFORMATTED else None
+        settings = rules = 0
+        if generation and problem is None:
+            if self._counted is None or self._counted[0] != generation:
+                try:
+                    read = segment.read_head()
+                    if read is not None:
+                        head = decode_head(read.head)
+                        count = sum(e.rule_count for e in head.settings)
+                        self._counted = (read.generation, len(head.settings), count)
+                        generation = read.generation
+                except (SegmentError, ValueError) as e:
+                    problem = str(e)
+            if self._counted is not None and problem is None:
+                generation, settings, rules = self._counted
+        pid, created = header.leader_pid, header.leader_create_time
+        alive = False
+        if pid is not None and created is not None:
+            alive = self._alive(pid, created)
+        if problem is not None:
+            state, kind = f"corrupted: {one_line(problem, 200)}", "corrupted"
+        elif header.error_count and (
+            header.last_update_ok is None or (header.last_error_time or 0.0) >= header.last_update_ok
+        ):
+            state, kind = f"error: {one_line(header.last_error, 200)}", "error"
+        elif not generation:
+            state, kind = "empty", "empty"
+        else:
+            state, kind = "ok", "ok"
+        leader = "none" if pid is None else f"{pid}{'' if alive else ' (gone)'}"
+        line = (
+            f"{clock(time.time(), millis=True)[11:]}  generation {generation}  settings {settings}  "
+            f"rules {rules}  leader {leader}  {state}"
+        )
+        return (generation, pid, alive, kind, header.error_count), line
+
+    def _alive(self, pid: int, created: float) -> bool:
+        # One /proc read; a dead leader stays dead, so only a new identity needs a new check.
+        if self._leader is not None and self._leader[:2] == (pid, created) and not self._leader[2]:
+            return False
+        alive = is_alive(ProcessIdentity(pid, created))
+        self._leader = (pid, created, alive)
+        return alive
+
+
+def run_watch(dir_arg: str | None, name: str | None, interval: float, count: int | None) -> int:
+    """``heksher-shm watch``: one line per change of generation, leader or update outcome."""
+    directory = segment_directory(dir_arg)
+    paths = select_segments(directory, name)
+    if len(paths) > 1:
+        names = ", ".join(p.name.removesuffix(".seg") for p in paths)
+        raise CliError(f"{len(paths)} segments in {directory}; name the one to watch: {names}", EXIT_USAGE)
+    segment = open_segment(paths[0])
+    watcher = _Watcher(segment)
+    print(
+        f"watching {paths[0].name.removesuffix('.seg')} in {directory} (Ctrl-C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    printed = 0
+    last: tuple[object, ...] | None = None
+    try:
+        while count is None or printed < count:
+            key, line = watcher.observe()
+            if key != last:
+                print(line, flush=True)
+                printed += 1
+                last = key
+                if count is not None and printed >= count:
+                    break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how watch normally ends
+    finally:
+        segment.close()
+    return EXIT_OK
