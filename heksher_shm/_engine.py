@@ -21,11 +21,14 @@ A client alternates between two roles:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,7 +37,7 @@ import msgspec
 
 from heksher_shm import _protocol as proto
 from heksher_shm._snapshot import FORMAT, Ack, Head, Outcome, SettingEntry, blob_of, decode_head, encode_head
-from heksher_shm.exceptions import HeksherProtocolError
+from heksher_shm.exceptions import HeksherProtocolError, LeaderUpdateError
 
 __all__ = [
     "Apply",
@@ -54,13 +57,19 @@ logger = logging.getLogger("heksher_shm.engine")
 
 @dataclass(frozen=True)
 class Call:
-    """Send an HTTP request; the driver sends back the :class:`httpx.Response` or throws its error."""
+    """Send an HTTP request; the driver sends back the :class:`httpx.Response` or throws its error.
+
+    *beat*, when set, is called every :data:`BEAT_INTERVAL` while the request
+    is in flight: a leader waiting on a slow service is not an unresponsive
+    leader.
+    """
 
     method: str
     path: str
     params: Mapping[str, str] | None = None
     content: bytes | None = None
     headers: Mapping[str, str] | None = None
+    beat: Callable[[], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,9 @@ class _Term:
 VERIFY_INTERVAL = 2.0
 """Seconds between a leader's checks that the segment still holds what it published."""
 
+BEAT_INTERVAL = 0.5
+"""Seconds between a leader's heartbeats while it waits on the service."""
+
 HOUSEKEEPING_INTERVAL = 1.0
 """Seconds between housekeeping calls (see :class:`Engine`)."""
 
@@ -241,7 +253,7 @@ class Engine:
         context_features: Sequence[str],
         identity: tuple[int, float],
         poll: float | None,
-        errors: dict[int, BaseException],
+        errors: dict[str, BaseException],
         key: str = "",
         fallback_transport: Callable[[], Transport] | None = None,
         housekeeping: Callable[[], None] | None = None,
@@ -408,7 +420,7 @@ class Engine:
 
     def _fetch_context_features(self) -> Generator[Effect, Any, list[str] | None]:
         try:
-            response = yield Call("GET", proto.CONTEXT_FEATURES)
+            response = yield Call("GET", proto.CONTEXT_FEATURES, beat=self.transport.beat)
             response.raise_for_status()
             features = proto.decode(
                 proto.CONTEXT_FEATURES, response.status_code, response.content, proto.ContextFeaturesResponse
@@ -450,6 +462,7 @@ class Engine:
                 proto.DECLARE,
                 content=msgspec.json.encode(body),
                 headers={"Content-Type": "application/json"},
+                beat=self._beat_for(term),
             )
         except Exception as e:  # transport errors, and anything unexpected: the loop must survive
             logger.exception("setting declaration failed", extra={"setting": body.name})
@@ -493,12 +506,21 @@ class Engine:
             )
         return Outcome(body.name, answer.outcome, status, None, default)
 
-    def _remember(self, exc: BaseException) -> int:
-        """Keep *exc* under a new id, so this process can raise the very exception it reported."""
+    def _beat_for(self, term: _Term) -> Callable[[], object] | None:
+        """Heart-beat during requests made for the shared segment (not a follower's own fallback polls)."""
+        return self.transport.beat if term is self.term else None
+
+    def _remember(self, exc: BaseException) -> str:
+        """Keep *exc* under a new id, so this process can raise the very exception it reported.
+
+        The id names this process: another process that finds it in a
+        snapshot cannot mistake it for one of its own.
+        """
         self._error_ids += 1
-        self.errors[self._error_ids] = exc
-        self.errors.pop(self._error_ids - 100, None)
-        return self._error_ids
+        key = f"{os.getpid()}.{self._error_ids}"
+        self.errors[key] = exc
+        self.errors.pop(f"{os.getpid()}.{self._error_ids - 100}", None)
+        return key
 
     def _failed(self, term: _Term, name: str, status: int, exc: BaseException) -> Outcome:
         return Outcome(name, None, status, f"{_describe(exc)} (error #{self._remember(exc)})")
@@ -556,7 +578,7 @@ class Engine:
         now = time.time()
         term.next_update = now + self.update_interval
         ack_error: str | None = None
-        error_id = 0
+        error_id = ""
         if error is not None:
             error_id = self._remember(error)
             ack_error = _describe(error)
@@ -633,6 +655,7 @@ class Engine:
             proto.QUERY,
             params=proto.query_params(names, filters),
             headers={"If-None-Match": term.etag} if term.etag else None,
+            beat=self._beat_for(term),
         )
         if response.status_code == 304:
             logger.debug("heksher reload not necessary")
@@ -662,12 +685,25 @@ def _transient(outcome: Outcome) -> bool:
     return outcome.status == 0 or outcome.status >= 500
 
 
-class LeaderUpdateError(httpx.HTTPError):
-    """The leader (maybe another process) reported that an update or a declaration failed.
+@contextlib.contextmanager
+def beating(beat: Callable[[], object] | None) -> Iterator[None]:
+    """Call *beat* every :data:`BEAT_INTERVAL` from a helper thread while the block runs."""
+    if beat is None:
+        yield
+        return
+    done = threading.Event()
 
-    A subclass of :class:`httpx.HTTPError`, so code written for heksher 0.2.2
-    that catches HTTP errors from ``reload()`` keeps working in followers.
-    """
+    def run() -> None:
+        while not done.wait(BEAT_INTERVAL):
+            beat()
+
+    thread = threading.Thread(target=run, name="heksher-shm-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def drive_sync(
@@ -688,13 +724,14 @@ def drive_sync(
         to_send, to_throw = None, None
         try:
             if isinstance(effect, Call):
-                to_send = http.request(
-                    effect.method,
-                    effect.path,
-                    params=effect.params,
-                    content=effect.content,
-                    headers=effect.headers,
-                )
+                with beating(effect.beat):
+                    to_send = http.request(
+                        effect.method,
+                        effect.path,
+                        params=effect.params,
+                        content=effect.content,
+                        headers=effect.headers,
+                    )
             elif isinstance(effect, Wait):
                 to_send = wait(effect.timeout)
             elif isinstance(effect, Apply):

@@ -85,7 +85,8 @@ class Ack(msgspec.Struct, array_like=True, frozen=True):
 
     seq: int
     error: str | None = None
-    error_id: int = 0
+    error_id: str = ""
+    """Which exception the leader kept for this error (meaningful in the leader's own process only)."""
 
 
 class Head(msgspec.Struct, frozen=True):

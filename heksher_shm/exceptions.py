@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import httpx
+
 __all__ = [
     "HeksherProtocolError",
     "HeksherShmError",
+    "LeaderUpdateError",
     "NoMatchError",
     "SegmentCorruptedError",
     "SegmentError",
@@ -16,7 +19,11 @@ class HeksherShmError(Exception):
 
 
 class NoMatchError(Exception):
-    """No rule matched a context (raised internally during resolution)."""
+    """No rule matched a context.
+
+    Kept for code written for heksher 0.2.2, which exported it; heksher_shm
+    resolves without raising it (``get()`` falls back to the defaults).
+    """
 
 
 class HeksherProtocolError(HeksherShmError):
@@ -31,6 +38,17 @@ class HeksherProtocolError(HeksherShmError):
         self.problem = problem
         self.content = content
         super().__init__(f"{endpoint} answered {status}: {problem}")
+
+
+class LeaderUpdateError(HeksherShmError, httpx.HTTPError):
+    """The leader (maybe another process) reported that an update or a declaration failed.
+
+    Also a subclass of :class:`httpx.HTTPError`, so code written for heksher
+    0.2.2 that catches HTTP errors from ``set_as_main()`` or ``reload()``
+    keeps working in followers. The message carries the leader's description
+    of the error; in the leader's own process the original exception is
+    raised instead.
+    """
 
 
 class SegmentError(HeksherShmError):

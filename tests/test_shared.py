@@ -202,3 +202,22 @@ def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
     # six queries after three: one poller needs about three intervals, three pollers one
     assert elapsed >= 2 * interval, f"more than one poller after SIGCONT ({elapsed:.2f}s for 3 queries)"
     assert followers[0].ask("status").verdict == "ok"
+
+
+def test_slow_service_is_not_an_unresponsive_leader(service: HeksherService, workers: list[Worker]) -> None:
+    """The leader beats while it waits on the service: no follower starts polling for itself."""
+    from heksher_shm._engine import UNRESPONSIVE_AFTER
+    from heksher_shm.testing import Fault
+
+    name = unique("slow")
+    leader = Worker(service.url, "thread", [name], 60, client={"http_client_args": {"timeout": 30}})
+    workers.append(leader)
+    leader.ready()
+    follower = Worker(service.url, "async", [name], 60)
+    workers.append(follower)
+    follower.ready()
+    service.reset_requests()
+    service.inject_fault(Fault(delay=UNRESPONSIVE_AFTER + 1.5), count=1, path="/api/v1/query")
+    assert follower.ask("reload", timeout=30) is True
+    assert follower.ask("status").verdict == "ok"
+    assert service.count(path="/api/v1/query") == 1  # the follower never polled for itself

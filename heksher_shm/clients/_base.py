@@ -19,7 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from heksher_shm import _main
-from heksher_shm._engine import Engine, LeaderUpdateError, Wish
+from heksher_shm._engine import Engine, Wish
 from heksher_shm._local import LocalLock, LocalSource, LocalTransport
 from heksher_shm._protocol import TRACK_ALL, DeclarationBody, declaration_digest
 from heksher_shm._resolve import compile_rules
@@ -27,16 +27,26 @@ from heksher_shm._servers import check_background_threads
 from heksher_shm._shm.identity import current_identity
 from heksher_shm._shm.registry import Registration, encode_declaration
 from heksher_shm._shm.segment import Segment
-from heksher_shm._shm.shared import RegistrySource, SegmentObserver, SharedParts, open_shared, wish_key
+from heksher_shm._shm.shared import (
+    SEGMENT_NAME,
+    RegistrySource,
+    SegmentObserver,
+    SharedParts,
+    open_shared,
+    wish_key,
+)
 from heksher_shm._snapshot import Ack, Head, SettingBlob, decode_blob, decode_head
 from heksher_shm.clients._defaults import ContextDefaults
-from heksher_shm.exceptions import SegmentError
+from heksher_shm.exceptions import LeaderUpdateError, SegmentError
 from heksher_shm.setting import QueriedRule, Setting, _ContextView
 from heksher_shm.status import SegmentStatus, segment_status
 
 __all__ = ["BaseHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
+
+_UNTRACKED_WARNINGS = 1024
+"""Distinct untracked context values warned about (once each) before falling silent."""
 
 POLL_INTERVAL = 0.02
 """Seconds between a follower's checks of the segment, and a leader's scans of the registry."""
@@ -70,6 +80,10 @@ class BaseHeksherClient(ContextDefaults):
         if http_client_args is not None and not isinstance(http_client_args, Mapping):
             raise TypeError(f"http_client_args must be a mapping, got {http_client_args!r}")
         _check_seconds("startup_timeout", startup_timeout)
+        if segment_name is not None and not (
+            isinstance(segment_name, str) and SEGMENT_NAME.fullmatch(segment_name)
+        ):
+            raise ValueError(f"segment_name must match {SEGMENT_NAME.pattern}, got {segment_name!r}")
         super().__init__()
         self._service_url = service_url
         self._update_interval = float(update_interval)
@@ -94,7 +108,7 @@ class BaseHeksherClient(ContextDefaults):
         self._head: Head | None = None
         self._ack = Ack(0)
         self._reload_seq = 0
-        self._errors: dict[int, BaseException] = {}
+        self._errors: dict[str, BaseException] = {}
         self._main = False
         self._closed = False
         self._parts: SharedParts | None = None
@@ -219,10 +233,13 @@ class BaseHeksherClient(ContextDefaults):
         )
 
     def _warn_untracked(self, feature: str, value: str) -> None:
-        if (feature, value) in self._warned_untracked:
+        warned = self._warned_untracked
+        if (feature, value) in warned or len(warned) > _UNTRACKED_WARNINGS:
             return
-        if len(self._warned_untracked) < 1024:  # warn once per value, within bounds
-            self._warned_untracked.add((feature, value))
+        warned.add((feature, value))
+        if len(warned) > _UNTRACKED_WARNINGS:
+            logger.warning("too many untracked context values; no more warnings about them")
+            return
         logger.warning(
             "context feature value is not tracked by client",
             extra={"context_feature": feature, "context_feature_value": value},
@@ -411,10 +428,7 @@ class BaseHeksherClient(ContextDefaults):
         marker = "(error #"
         if marker not in text:
             return None
-        try:
-            return self._errors.get(int(text.rsplit(marker, 1)[1].rstrip(")")))
-        except ValueError:
-            return None
+        return self._errors.get(text.rsplit(marker, 1)[1].rstrip(")"))
 
     # -- applying snapshots ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from heksher_shm import _protocol as proto
-from heksher_shm._engine import Apply, Call, Effect, Wait
+from heksher_shm._engine import BEAT_INTERVAL, Apply, Call, Effect, Wait
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import AsyncMainContext
 
@@ -158,13 +158,18 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             to_send, to_throw = None, None
             try:
                 if isinstance(effect, Call):
-                    to_send = await self._http.request(
-                        effect.method,
-                        effect.path,
-                        params=effect.params,
-                        content=effect.content,
-                        headers=effect.headers,
-                    )
+                    beating = asyncio.create_task(_beat_every(effect.beat)) if effect.beat else None
+                    try:
+                        to_send = await self._http.request(
+                            effect.method,
+                            effect.path,
+                            params=effect.params,
+                            content=effect.content,
+                            headers=effect.headers,
+                        )
+                    finally:
+                        if beating is not None:
+                            beating.cancel()
                 elif isinstance(effect, Wait):
                     to_send = await self._wait(effect.timeout)
                 elif isinstance(effect, Apply):
@@ -237,7 +242,10 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
                 loop.call_soon_threadsafe(event.set)
 
     async def _wait_for(self, seq: int, starting: bool) -> None:
-        await asyncio.wait_for(self._until_acked(seq), self._startup_timeout)
+        try:
+            await asyncio.wait_for(self._until_acked(seq), self._startup_timeout)
+        except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
+            raise TimeoutError(f"no update within startup_timeout={self._startup_timeout}s") from None
         if self._closed:
             return
         error = self._ack_error(seq, starting)
@@ -246,6 +254,13 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
 
     async def _until_acked(self, seq: int) -> None:
         await self._waiters.wait(lambda: self._acked(seq) or self._closed)
+
+
+async def _beat_every(beat: Callable[[], object]) -> None:
+    """Heart-beat while a request is in flight (see :class:`heksher_shm._engine.Call`)."""
+    while True:
+        await asyncio.sleep(BEAT_INTERVAL)
+        beat()
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
