@@ -1,9 +1,10 @@
 """What the ``heksher-shm`` subcommands share: exit codes, finding segments, reading snapshots, formatting.
 
-The inspection commands (``status``, ``dump``, ``watch``) only read: they
-never create a segment directory, take the leader lock, prune registrations
-or repair a segment. (Opening a segment file shorter than its header extends
-it with zeros, as every opener does, so that the mapping covers the header.)
+The inspection commands (``status``, ``dump``, ``watch``) only look: they
+never create the segment directory, take the leader lock, remove a
+registration or publish into a segment. (Opening a segment file shorter than
+its header extends it with zeros, as every opener does, so that the mapping
+covers the header.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from heksher_shm._shm.segment import ENV_SHM_DIR, Segment, resolve_shm_dir
 from heksher_shm._shm.shared import SEGMENT_NAME
 from heksher_shm._snapshot import Head, SettingBlob, decode_blob, decode_head
 from heksher_shm.exceptions import SegmentError
+from heksher_shm.status import list_segments
 
 __all__ = [
     "EXIT_NOT_FOUND",
@@ -112,7 +114,10 @@ def select_segments(directory: Path, name: str | None) -> list[Path]:
         if not os.path.lexists(path):
             raise CliError(f"no segment named {name!r} in {directory}{_listing(directory)}", EXIT_NOT_FOUND)
         return [path]
-    paths = sorted(p for p in directory.glob("*.seg") if p.is_file() and not p.is_symlink())
+    try:
+        paths = list_segments(directory)
+    except SegmentError as e:  # the directory changed since segment_directory() checked it
+        raise CliError(str(e), EXIT_UNREADABLE) from None
     if not paths:
         raise CliError(f"no segments in {directory}: no client has shared rules there yet", EXIT_NOT_FOUND)
     return paths
@@ -191,12 +196,11 @@ def show_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
 
 
-def clock(when: float, *, millis: bool = False) -> str:
-    """Local wall-clock time of an epoch timestamp."""
-    text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-    if millis:
-        text += f".{int(when * 1000) % 1000:03d}"
-    return text
+def clock(when: float, *, precise: bool = False) -> str:
+    """Local wall-clock time of an epoch timestamp: the date and time, or (``precise``) the time in ms."""
+    if precise:
+        return time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
 def age(seconds: float | None) -> str:

@@ -113,6 +113,12 @@ def _summary(st: SegmentStatus, verdict: str, idle: bool) -> str:
     return verdict  # pragma: no cover - a verdict added to heksher_shm.status later
 
 
+def _leader_kind(st: SegmentStatus) -> str | None:
+    """The leader's client kind, which its own registration tells (the header records only its pid)."""
+    leader = st.leader
+    return None if leader is None else next((p.kind for p in st.processes if p.pid == leader.pid), None)
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
@@ -133,7 +139,7 @@ def _render(checked: Checked) -> list[str]:
     if leader is None:
         lines.append("  leader          none recorded")
     else:
-        kind = next((p.kind for p in st.processes if p.pid == leader.pid), None)
+        kind = _leader_kind(st)
         if leader.alive:
             lines.append(
                 f"  leader          pid {leader.pid}{f' ({kind})' if kind else ''}, "
@@ -175,9 +181,8 @@ def _as_json(checked: Checked) -> dict[str, Any]:
     base: dict[str, Any] = {"name": checked.name, "path": str(checked.path)}
     if checked.status is not None:
         base.update(dataclasses.asdict(checked.status))
-        leader = base["leader"]
-        if leader is not None and leader["kind"] is None:
-            leader["kind"] = next((p["kind"] for p in base["processes"] if p["pid"] == leader["pid"]), None)
+        if base["leader"] is not None:
+            base["leader"]["kind"] = _leader_kind(checked.status)
     else:
         base["error"] = checked.summary
     base.update(
@@ -257,7 +262,7 @@ class _Watcher:
             state, kind = "ok", "ok"
         leader = "none" if pid is None else f"{pid}{'' if alive else ' (gone)'}"
         line = (
-            f"{clock(time.time(), millis=True)[11:]}  generation {generation}  settings {settings}  "
+            f"{clock(time.time(), precise=True)}  generation {generation}  settings {settings}  "
             f"rules {rules}  leader {leader}  {state}"
         )
         return (generation, pid, alive, kind, header.error_count), line

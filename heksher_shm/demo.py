@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO
@@ -79,7 +79,6 @@ class _Worker:
     leading: bool = False
     killed: bool = False
     exited: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -166,16 +165,14 @@ class _Demo:
             if not self.quiet:
                 self.say(f"{worker.label} {'is now the leader' if worker.leading else 'stepped down'}")
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float, failure: Callable[[], str]) -> float:
-        """Handle reports until ``predicate()`` holds; returns the seconds waited."""
-        start = time.monotonic()
-        deadline = start + timeout
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, failure: Callable[[], str]) -> None:
+        """Handle reports until ``predicate()`` holds; after ``timeout``, fail with ``failure()``."""
+        deadline = time.monotonic() + timeout
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DemoFailed(failure())
             self.pump(min(remaining, 0.05))
-        return time.monotonic() - start
 
     def sleep_until(self, moment: float) -> None:
         """Handle reports until the demo's clock reaches ``moment`` (seconds after t0)."""

@@ -47,7 +47,8 @@ class SegmentStatus:
     """One segment's state, as read at :attr:`read_at` (epoch seconds).
 
     ``verdict`` is ``"ok"``, ``"empty"`` (nothing published yet),
-    ``"leaderless"`` (no live leader), ``"unresponsive"`` (the leader stopped
+    ``"corrupted"`` (the file fails validation: ``problem`` says how; the
+    next leader rewrites it), ``"leaderless"`` (no live leader), ``"unresponsive"`` (the leader stopped
     beating) or ``"stale"`` (no successful update for over two update
     intervals); ``healthy`` is true only for ``"ok"``.
     """
@@ -110,7 +111,8 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
     try:
         header = segment.status()
         head: Head | None = None
-        problem = header.header_problem
+        # An unformatted file (nothing published yet) is empty, not corrupted.
+        problem = header.header_problem if header.formatted else None
         try:
             read = segment.read_head()
             head = decode_head(read.head) if read is not None else None
@@ -118,18 +120,22 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
             problem = problem or str(e)
     finally:
         segment.close()
-    leader = None
-    if header.leader_pid is not None and header.leader_create_time is not None:
-        leader = _process(ProcessIdentity(header.leader_pid, header.leader_create_time))
     processes: list[ProcessInfo] = []
     registry_path = registry_directory(path)
     if registry_path.is_dir():
         scan = Registry(registry_path).scan(prune=False)
         processes = [_process(r.identity, r.kind) for r in scan.registrations]
+    leader = None
+    if header.leader_pid is not None and header.leader_create_time is not None:
+        identity = ProcessIdentity(header.leader_pid, header.leader_create_time)
+        kind = next((p.kind for p in processes if p.pid == identity.pid), None)  # the header has no kind
+        leader = _process(identity, kind)
     heartbeat_age = None if header.heartbeat is None else max(0.0, now - header.heartbeat)
     last_ok_age = None if header.last_update_ok is None else max(0.0, now - header.last_update_ok)
     interval = head.update_interval if head is not None and head.update_interval else None
-    if head is None:
+    if problem is not None:
+        verdict = "corrupted"
+    elif head is None:
         verdict = "empty"
     elif leader is None or not leader.alive:
         verdict = "leaderless"

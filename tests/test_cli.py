@@ -1,0 +1,430 @@
+"""The ``heksher-shm`` command line, run as a real subprocess against real client processes.
+
+The suite's conftest gives each test its own ``HEKSHER_SHM_DIR``; the CLI
+subprocesses and the worker processes inherit it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heksher_shm.testing import HeksherService
+from tests._procs import Worker, leaders_of
+from tests._support import FEATURES, unique
+
+FOREIGN_UID = 65534  # "nobody"
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``heksher-shm ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "heksher_shm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
+
+
+def status_json(*args: str) -> tuple[int, list[dict[str, Any]]]:
+    result = cli("status", "--json", *args)
+    no_traceback(result)
+    return result.returncode, json.loads(result.stdout)["segments"]
+
+
+class LineReader:
+    """A subprocess's stdout, line by line, with deadlines (a thread does the blocking reads)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        assert process.stdout is not None
+        stdout = process.stdout
+
+        def pump() -> None:
+            for line in stdout:
+                self.lines.put(line.rstrip("\n"))
+            self.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next(self, timeout: float = 15) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout} s") from None
+        assert line is not None, "the process ended"
+        return line
+
+
+@pytest.fixture
+def shm_dir() -> Path:
+    return Path(os.environ["HEKSHER_SHM_DIR"])
+
+
+@pytest.fixture
+def popen() -> Iterator[list[subprocess.Popen[str]]]:
+    """Subprocesses started by a test, killed and reaped at teardown."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def start_pair(service: HeksherService, workers: list[Worker], name: str, interval: float = 60) -> Worker:
+    """A thread worker and an async worker sharing a segment; returns the leader."""
+    workers.extend(Worker(service.url, kind, [name], interval) for kind in ("thread", "async"))
+    for w in workers:
+        w.ready()
+    (leader,) = leaders_of(workers)
+    return leader
+
+
+# -- status and dump with live processes ----------------------------------------------------------------
+
+
+def test_status_and_dump_of_a_healthy_segment(service: HeksherService, workers: list[Worker]) -> None:
+    name = unique("cli")
+    leader = start_pair(service, workers, name)
+    service.add_rule(name, {"user": "alice"}, 5)
+    assert workers[1].ask("reload") is True  # published and visible once this returns
+
+    code, segments = status_json()
+    assert code == 0
+    (seg,) = segments
+    assert seg["verdict"] == "ok"
+    assert seg["healthy"] is True
+    assert seg["leader"]["pid"] == leader.pid
+    assert seg["leader"]["alive"] is True
+    assert seg["leader"]["kind"] == leader.kind
+    assert {p["pid"] for p in seg["processes"]} == {w.pid for w in workers}
+    assert {p["kind"] for p in seg["processes"]} == {"thread", "async"}
+    assert (seg["settings"], seg["rules"]) == (1, 1)
+    assert seg["generation"] >= 1
+    assert seg["last_error"] is None
+    assert seg["heartbeat_age"] < 5
+
+    text = cli("status", seg["name"])
+    no_traceback(text)
+    assert text.returncode == 0
+    first = text.stdout.splitlines()[0]
+    assert first.startswith(f"{seg['name']}: OK")
+    assert f"pid {leader.pid} ({leader.kind}), up " in text.stdout
+    assert "1 setting, 1 rule" in text.stdout
+    assert "2 live" in text.stdout
+
+    dump = cli("dump")
+    no_traceback(dump)
+    assert dump.returncode == 0
+    assert f"{name}: default 0, 1 rule" in dump.stdout
+    assert re.search(r"rule \d+\s+user=alice\s+5$", dump.stdout, re.MULTILINE), dump.stdout
+    assert f"{name}  created" in dump.stdout  # the declaration's outcome this term
+
+    as_json = cli("dump", seg["name"], "--setting", name, "--json")
+    no_traceback(as_json)
+    assert as_json.returncode == 0
+    (dumped,) = json.loads(as_json.stdout)["segments"]
+    (setting,) = dumped["settings"]
+    assert setting["name"] == name
+    assert setting["default"] == 0
+    assert [(r["conditions"], r["value"]) for r in setting["rules"]] == [({"user": "alice"}, 5)]
+    assert dumped["context_features"] == FEATURES
+
+    unknown = cli("dump", "--setting", "no_such_setting")
+    no_traceback(unknown)
+    assert unknown.returncode == 3
+    assert "no setting named 'no_such_setting'" in unknown.stderr
+    assert name in unknown.stderr  # says what the segment does hold
+
+
+def test_status_is_leaderless_when_every_process_died(service: HeksherService, workers: list[Worker]) -> None:
+    start_pair(service, workers, unique("gone"))
+    for w in workers:
+        w.kill()
+    code, (seg,) = status_json()
+    assert code == 1
+    assert seg["verdict"] == "leaderless"
+    assert seg["idle"] is True
+    assert seg["leader"]["alive"] is False
+    assert seg["processes"] == []
+
+    text = cli("status")
+    assert text.returncode == 1
+    assert "LEADERLESS" in text.stdout
+    assert "left over by processes that have exited" in text.stdout
+
+    ignoring = cli("status", "--ignore-idle")
+    no_traceback(ignoring)
+    assert ignoring.returncode == 3
+    assert "left over" in ignoring.stderr
+
+    # the snapshot outlives its processes: dump still shows it
+    assert cli("dump").returncode == 0
+
+
+def test_status_is_stale_while_the_service_is_down(workers: list[Worker]) -> None:
+    name = unique("stale")
+    with HeksherService(context_features=FEATURES) as svc:
+        workers.append(Worker(svc.url, "thread", [name], 0.2))
+        workers[0].ready()
+        code, (seg,) = status_json()
+        assert (code, seg["verdict"]) == (0, "ok")
+    # The service is gone; the leader keeps beating and failing. Stale after two intervals
+    # plus the heartbeat allowance (5 s) without a successful update.
+    deadline = time.monotonic() + 30
+    while True:
+        code, (seg,) = status_json()
+        if seg["verdict"] == "stale":
+            break
+        assert seg["verdict"] == "ok", seg
+        assert time.monotonic() < deadline, f"not stale within 30 s: {seg}"
+    assert code == 1
+    assert "ConnectError" in seg["last_error"]
+    assert seg["error_count"] >= 1
+    assert seg["leader"]["alive"] is True
+    text = cli("status")
+    assert text.returncode == 1
+    assert "STALE - no successful update for" in text.stdout
+    assert "ConnectError" in text.stdout
+
+
+# -- watch -----------------------------------------------------------------------------------------------
+
+LINE = re.compile(
+    r"\d\d:\d\d:\d\d\.\d{3}  generation (\d+)  settings (\d+)  rules (\d+)  "
+    r"leader (\d+|none)( \(gone\))?  (.*)"
+)
+
+
+def test_watch_follows_generations_and_the_takeover(
+    service: HeksherService, workers: list[Worker], popen: list[subprocess.Popen[str]]
+) -> None:
+    name = unique("watched")
+    leader = start_pair(service, workers, name)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heksher_shm", "watch", "--count", "3", "--interval", "0.02"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    popen.append(process)
+    lines = LineReader(process)
+
+    first = LINE.fullmatch(lines.next())
+    assert first is not None
+    assert first[4] == str(leader.pid)
+    assert first[6] == "ok"
+    assert first[3] == "0"
+
+    service.add_rule(name, {"user": "alice"}, 1)
+    (follower,) = [w for w in workers if w is not leader]
+    follower.ask("reload")
+    second = LINE.fullmatch(lines.next())
+    assert second is not None
+    assert int(second[1]) > int(first[1])
+    assert (second[2], second[3]) == ("1", "1")
+
+    leader.kill()
+    third = LINE.fullmatch(lines.next())
+    assert third is not None
+    # Either the dead leader is seen before the takeover, or the new one straight away.
+    assert third[5] == " (gone)" or third[4] == str(follower.pid), third[0]
+
+    assert process.wait(15) == 0
+    assert process.stderr is not None
+    assert "watching" in process.stderr.read()
+
+
+# -- expected errors -------------------------------------------------------------------------------------
+
+
+def test_missing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nothing-here"
+    for args in (
+        ["status", "--dir", str(missing)],
+        ["dump", "--dir", str(missing)],
+        ["watch", "--dir", str(missing)],
+    ):
+        result = cli(*args)
+        no_traceback(result)
+        assert result.returncode == 3, result
+        assert f"segment directory {missing} (--dir) does not exist" in result.stderr
+    monkeypatch.setenv("HEKSHER_SHM_DIR", str(missing))
+    result = cli("status")
+    assert result.returncode == 3
+    assert "(HEKSHER_SHM_DIR) does not exist" in result.stderr
+    assert not missing.exists()  # inspecting never creates the directory
+
+
+def test_empty_directory_and_unknown_or_invalid_names(shm_dir: Path) -> None:
+    empty = cli("status")
+    no_traceback(empty)
+    assert empty.returncode == 3
+    assert "no segments in" in empty.stderr
+
+    (shm_dir / "present.seg").write_bytes(b"")
+    (shm_dir / "present.seg").chmod(0o600)
+    unknown = cli("status", "absent")
+    no_traceback(unknown)
+    assert unknown.returncode == 3
+    assert "no segment named 'absent'" in unknown.stderr
+    assert "segments there: present" in unknown.stderr
+
+    invalid = cli("dump", "../etc/passwd")
+    no_traceback(invalid)
+    assert invalid.returncode == 2
+    assert "is not a segment name" in invalid.stderr
+
+    # A file no leader has published into yet is merely empty.
+    code, (seg,) = status_json("present")
+    assert (code, seg["verdict"]) == (1, "empty")
+    nothing = cli("dump", "present")
+    assert nothing.returncode == 0
+    assert "nothing published yet" in nothing.stdout
+
+
+def test_garbage_segment(shm_dir: Path) -> None:
+    path = shm_dir / "garbage.seg"
+    path.write_bytes(bytes(range(256)) * 32)
+    path.chmod(0o600)
+    code, (seg,) = status_json()
+    assert code == 4
+    assert seg["verdict"] == "corrupted"
+    assert "bad magic" in seg["summary"]
+
+    text = cli("status", "garbage")
+    no_traceback(text)
+    assert text.returncode == 4
+    assert text.stdout.startswith("garbage: CORRUPTED")
+
+    dump = cli("dump", "garbage")
+    no_traceback(dump)
+    assert dump.returncode == 4
+    assert "bad magic" in dump.stderr
+
+    watch = cli("watch", "garbage", "--count", "1")
+    no_traceback(watch)
+    assert watch.returncode == 0
+    assert "corrupted: bad magic" in watch.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_foreign_owned_segment_and_directory(shm_dir: Path) -> None:
+    path = shm_dir / "foreign.seg"
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    os.chown(path, FOREIGN_UID, -1)
+    code, (seg,) = status_json()
+    assert code == 4
+    assert seg["verdict"] == "unreadable"
+    assert f"owned by uid {FOREIGN_UID}" in seg["error"]
+    for command in ("status", "dump"):
+        result = cli(command, "foreign")
+        no_traceback(result)
+        assert result.returncode == 4
+        assert f"owned by uid {FOREIGN_UID}, not by this user" in result.stdout + result.stderr
+    assert path.stat().st_size == 0  # a refused file is not touched
+
+    os.chown(shm_dir, FOREIGN_UID, -1)
+    result = cli("status")
+    no_traceback(result)
+    assert result.returncode == 4
+    assert f"segment directory {shm_dir}: is owned by uid {FOREIGN_UID}" in result.stderr
+
+
+def test_watch_needs_one_segment(shm_dir: Path) -> None:
+    for name in ("one", "two"):
+        (shm_dir / f"{name}.seg").write_bytes(b"")
+        (shm_dir / f"{name}.seg").chmod(0o600)
+    result = cli("watch")
+    no_traceback(result)
+    assert result.returncode == 2
+    assert "name the one to watch: one, two" in result.stderr
+
+
+def test_help_lists_commands_and_exit_codes() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for word in ("status", "dump", "watch", "demo", "serve", "exit codes:"):
+        assert word in result.stdout
+
+
+# -- the demo --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["private", "given"])
+def test_demo(where: str, shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if where == "private":
+        monkeypatch.delenv("HEKSHER_SHM_DIR")
+    result = cli("demo", "--workers", "2", "--duration", "4", timeout=120)
+    no_traceback(result)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "2 worker processes (thread, async) share one poller" in out
+    assert re.search(r"worker \d \((thread|async), pid \d+\) leads", out), out
+    assert "all 2 live workers serve 200" in out
+    assert "all 2 live workers serve 300" in out
+    assert re.search(r"SIGKILL to the leader, worker \d", out), out
+    assert re.search(r"took over \d+ ms after the SIGKILL; meanwhile the workers kept serving 300", out), out
+    assert "the only live worker serves 400" in out
+    assert "SIGKILLed while leading" in out
+    assert out.rstrip().endswith(
+        "demo OK: every worker converged after each change, and the leader's death cost one takeover"
+    )
+    segment = Path(re.search(r"segment  (\S+\.seg)", out)[1])  # type: ignore[index]
+    if where == "private":
+        assert segment.parent != shm_dir
+        assert not segment.parent.exists()  # the private directory is gone
+    else:
+        assert segment.parent == shm_dir
+        assert list(shm_dir.iterdir()) == []  # the demo's files are gone
+
+
+def test_demo_needs_two_workers() -> None:
+    result = cli("demo", "--workers", "1")
+    no_traceback(result)
+    assert result.returncode == 2
+    assert "at least 2" in result.stderr
+
+
+def test_a_killed_demo_leaves_no_workers(popen: list[subprocess.Popen[str]]) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "heksher_shm", "demo", "--workers", "2", "--duration", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    popen.append(process)
+    lines = LineReader(process)
+    pids: list[int] = []
+    while len(pids) < 2:
+        found = re.search(r"worker \d \(\w+, pid (\d+)\) ready", lines.next(timeout=60))
+        if found:
+            pids.append(int(found[1]))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 128 + signal.SIGTERM
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped by the demo, not merely dead
