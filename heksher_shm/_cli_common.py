@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from heksher_shm._shm.segment import ENV_SHM_DIR, Segment, resolve_shm_dir
+from heksher_shm._shm.segment import ENV_SHM_DIR, Segment, resolve_shm_dir, shm_dir_path
 from heksher_shm._shm.shared import SEGMENT_NAME
 from heksher_shm._snapshot import Head, SettingBlob, decode_blob, decode_head
 from heksher_shm.exceptions import SegmentError
@@ -55,11 +54,6 @@ EXIT_NOT_FOUND = 3
 EXIT_UNREADABLE = 4
 """A segment or the directory cannot be used safely (another user's, a symlink, corrupted...)."""
 
-# resolve_shm_dir's default location, repeated here so that a missing default directory can be
-# reported without creating it (resolve_shm_dir creates what is missing).
-_DEV_SHM = "/dev/shm"
-_DIR_PREFIX = "heksher_shm-"
-
 
 class CliError(Exception):
     """An expected failure: printed as one line, without a traceback, and exits with ``code``."""
@@ -74,16 +68,8 @@ def segment_directory(given: str | None) -> Path:
 
     Unlike the clients, never creates it: a missing directory is a :class:`CliError`.
     """
-    if given:
-        candidate = Path(os.path.abspath(given))
-        source = "--dir"
-    elif os.environ.get(ENV_SHM_DIR):
-        candidate = Path(os.path.abspath(os.environ[ENV_SHM_DIR]))
-        source = ENV_SHM_DIR
-    else:
-        base = _DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()
-        candidate = Path(base) / f"{_DIR_PREFIX}{os.geteuid()}"
-        source = "the default"
+    candidate, explicit = shm_dir_path(given or None)
+    source = "--dir" if given else ENV_SHM_DIR if explicit else "the default"
     if not os.path.lexists(candidate):
         raise CliError(
             f"segment directory {candidate} ({source}) does not exist: no heksher_shm client has run "

@@ -929,6 +929,21 @@ def _map(path: pathlib.Path, fd: int, size: int) -> mmap.mmap:
         raise SegmentError(f"segment file {path}: cannot map {size} bytes: {exc}") from exc
 
 
+def shm_dir_path(shm_dir: str | os.PathLike[str] | None = None) -> tuple[pathlib.Path, bool]:
+    """Where the segment directory is, and whether it was given explicitly; checks and creates nothing.
+
+    ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment variable,
+    else ``/dev/shm/heksher_shm-<euid>`` when ``/dev/shm`` is a directory,
+    else ``<tempdir>/heksher_shm-<euid>``.
+    """
+    if shm_dir is None:
+        shm_dir = os.environ.get(ENV_SHM_DIR) or None
+    if shm_dir is not None:
+        return pathlib.Path(os.path.abspath(os.fspath(shm_dir))), True
+    base = _DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()
+    return pathlib.Path(base) / f"{_DIR_PREFIX}{os.geteuid()}", False
+
+
 def resolve_shm_dir(shm_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """The private directory for segments and helper files, created 0700 if missing.
 
@@ -940,14 +955,7 @@ def resolve_shm_dir(shm_dir: str | os.PathLike[str] | None = None) -> pathlib.Pa
     ours with group/other bits is tightened to 0700; an explicit one is refused
     if group or others may write to it.
     """
-    explicit = True
-    if shm_dir is None:
-        shm_dir = os.environ.get(ENV_SHM_DIR) or None
-    if shm_dir is None:
-        explicit = False
-        base = _DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()
-        shm_dir = os.path.join(base, f"{_DIR_PREFIX}{os.geteuid()}")
-    path = pathlib.Path(os.path.abspath(os.fspath(shm_dir)))
+    path, explicit = shm_dir_path(shm_dir)
     if explicit:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
