@@ -1,0 +1,258 @@
+"""The Heksher service both sides talk to: the in-memory one, or a real Heksher at ``HEKSHER_TEST_URL``.
+
+Both sides of every case use the same :class:`BenchService`, with the same
+settings and rules. It runs in the runner process. It seeds settings and rules,
+changes rule values, and counts the requests that reach it (the in-memory
+service records them itself; for a real Heksher the requests of counted cases
+go through a small counting proxy in front of it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import httpx
+
+QUERY_PATH = "/api/v1/query"
+DECLARE_PATH = "/api/v1/settings/declare"
+CONTEXT_FEATURES = ("user", "theme", "environment")
+
+Rule = tuple[str, Mapping[str, str], Any]
+"""(setting name, conditions, value)"""
+
+
+class BenchService:
+    """One service for the whole run."""
+
+    url: str
+    """Where clients connect (uncounted for a real Heksher)."""
+    kind: str
+    """``in-memory`` or ``HEKSHER_TEST_URL``."""
+    prefix: str
+    """Put in front of every setting name: unique per run against a real service, empty in memory."""
+
+    def counted_url(self) -> str:
+        """Where clients connect when their requests must be counted."""
+        raise NotImplementedError
+
+    def times(self, method: str, path: str) -> list[float]:
+        """``time.monotonic()`` of every counted request with this method and path, oldest first."""
+        raise NotImplementedError
+
+    def wait_for_next(self, method: str, path: str, timeout: float) -> float | None:
+        """Wait for the next counted request with this method and path; its time, or None on timeout."""
+        seen = len(self.times(method, path))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            times = self.times(method, path)
+            if len(times) > seen:
+                return times[seen]
+            time.sleep(0.0005)
+        return None
+
+    def declare(self, name: str, type: str, default: Any, features: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def add_rules(self, rules: Iterable[Rule]) -> list[int]:
+        raise NotImplementedError
+
+    def set_rule_value(self, rule_id: int, value: Any) -> None:
+        raise NotImplementedError
+
+    def set_rule_values(self, changes: Iterable[tuple[int, Any]]) -> None:
+        for rule_id, value in changes:
+            self.set_rule_value(rule_id, value)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class InMemoryService(BenchService):
+    """heksher_shm.testing.HeksherService in the runner process."""
+
+    kind = "in-memory"
+    prefix = ""
+
+    def __init__(self) -> None:
+        from heksher_shm.testing import HeksherService
+
+        self._service = HeksherService(context_features=CONTEXT_FEATURES).start()
+        self.url = self._service.url
+
+    def counted_url(self) -> str:
+        return self.url
+
+    def times(self, method: str, path: str) -> list[float]:
+        return [r.time for r in self._service.requests if r.method == method and r.path == path]
+
+    def wait_for_next(self, method: str, path: str, timeout: float) -> float | None:
+        # The service's own condition variable: no polling that would compete with its threads.
+        seen = self._service.count(method=method, path=path)
+        if not self._service.wait_for_requests(seen + 1, method=method, path=path, timeout=timeout):
+            return None
+        return self.times(method, path)[seen]
+
+    def declare(self, name: str, type: str, default: Any, features: Sequence[str]) -> None:
+        self._service.declare(name, type, default, list(features))
+
+    def add_rules(self, rules: Iterable[Rule]) -> list[int]:
+        rules = list(rules)
+        if len(rules) > 200:
+            bulk = self._bulk_add(rules)
+            if bulk is not None:
+                return bulk
+        return [
+            self._service.add_rule(setting, dict(conditions), value) for setting, conditions, value in rules
+        ]
+
+    def _bulk_add(self, rules: list[Rule]) -> list[int] | None:
+        """Insert many rules at once through the state's internals.
+
+        The public ``add_rule`` looks for a duplicate by scanning every rule,
+        which makes 100k rules take minutes; the rules made here are unique by
+        construction. Falls back to the public path if the internals moved.
+        """
+        try:
+            from heksher_shm.testing._state import _Rule
+
+            state = self._service.state
+            with state._lock:
+                ids = []
+                for setting, conditions, value in rules:
+                    target = state._settings[setting]
+                    rule_id = state._next_rule_id
+                    state._next_rule_id += 1
+                    state._rules[rule_id] = _Rule(rule_id, target, dict(conditions), value, {})
+                    ids.append(rule_id)
+                return ids
+        except (ImportError, AttributeError, TypeError):
+            return None
+
+    def set_rule_value(self, rule_id: int, value: Any) -> None:
+        self._service.set_rule_value(rule_id, value)
+
+    def close(self) -> None:
+        self._service.stop()
+
+
+class RemoteService(BenchService):
+    """A real Heksher (``HEKSHER_TEST_URL``), seeded over its HTTP API, with a counting proxy for counts."""
+
+    kind = "HEKSHER_TEST_URL"
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.prefix = f"b{uuid.uuid4().hex[:4]}_"
+        self._http = httpx.Client(base_url=self.url, timeout=120)
+        self._http.get("/api/health").raise_for_status()
+        self._declared: list[str] = []
+        self._proxy: _CountingProxy | None = None
+
+    def counted_url(self) -> str:
+        if self._proxy is None:
+            self._proxy = _CountingProxy(self.url)
+        return self._proxy.url
+
+    def times(self, method: str, path: str) -> list[float]:
+        return [] if self._proxy is None else self._proxy.times(method, path)
+
+    def declare(self, name: str, type: str, default: Any, features: Sequence[str]) -> None:
+        body = {
+            "name": name,
+            "configurable_features": list(features),
+            "type": type,
+            "default_value": default,
+            "metadata": {},
+            "version": "1.0",
+        }
+        self._http.post(DECLARE_PATH, json=body).raise_for_status()
+        self._declared.append(name)
+
+    def add_rules(self, rules: Iterable[Rule]) -> list[int]:
+        ids = []
+        for setting, conditions, value in rules:
+            body = {"setting": setting, "feature_values": dict(conditions), "value": value, "metadata": {}}
+            response = self._http.post("/api/v1/rules", json=body)
+            response.raise_for_status()
+            ids.append(int(response.json()["rule_id"]))
+        return ids
+
+    def set_rule_value(self, rule_id: int, value: Any) -> None:
+        self._http.put(f"/api/v1/rules/{rule_id}/value", json={"value": value}).raise_for_status()
+
+    def close(self) -> None:
+        # Leave the real service as we found it: the settings of this run go, and their rules with them.
+        for name in self._declared:
+            with contextlib.suppress(httpx.HTTPError):
+                self._http.delete(f"/api/v1/settings/{name}")
+        self._http.close()
+        if self._proxy is not None:
+            self._proxy.close()
+
+
+def open_service() -> BenchService:
+    """The real Heksher at ``HEKSHER_TEST_URL`` if set, else a fresh in-memory service."""
+    url = os.environ.get("HEKSHER_TEST_URL")
+    return RemoteService(url) if url else InMemoryService()
+
+
+class _CountingProxy:
+    """A forwarding HTTP proxy that records (method, path, time) of every request it passes on."""
+
+    def __init__(self, upstream: str) -> None:
+        records: list[tuple[str, str, float]] = []
+        lock = threading.Lock()
+        local = threading.local()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                received = time.monotonic()
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                http_client = getattr(local, "client", None)
+                if http_client is None:
+                    http_client = local.client = httpx.Client(base_url=upstream, timeout=120)
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
+                }
+                response = http_client.request(self.command, self.path, content=body, headers=headers)
+                with lock:
+                    records.append((self.command, self.path.split("?", 1)[0], received))
+                content = response.content
+                self.send_response(response.status_code)
+                for name, value in response.headers.items():
+                    if name.lower() not in ("content-length", "transfer-encoding", "content-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._records = records
+        self._lock = lock
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def times(self, method: str, path: str) -> list[float]:
+        with self._lock:
+            return [t for m, p, t in self._records if m == method and p == path]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
