@@ -602,6 +602,7 @@ class Engine:
                 error=ack_error,
                 update_interval=self.update_interval,
                 queried=term.queried,
+                filters=term.spec[1] if term.spec is not None else None,
             )
             failed = self._publish(term, encode_head(head))
             if failed is None:
@@ -708,7 +709,7 @@ def beating(beat: Callable[[], object] | None) -> Iterator[None]:
 
 def drive_sync(
     steps: Generator[Effect, Any, Any],
-    http: httpx.Client,
+    http: Callable[[], httpx.Client],
     wait: Callable[[float | None], object],
     apply: Callable[[Apply], None],
     report: Callable[[BaseException | None], None],
@@ -725,7 +726,7 @@ def drive_sync(
         try:
             if isinstance(effect, Call):
                 with beating(effect.beat):
-                    to_send = http.request(
+                    to_send = http().request(
                         effect.method,
                         effect.path,
                         params=effect.params,

@@ -15,6 +15,7 @@ they receive.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -39,6 +40,7 @@ __all__ = [
     "SettingData",
     "SettingsResponse",
     "context_filters",
+    "covers",
     "declaration_digest",
     "decode",
     "query_params",
@@ -184,6 +186,25 @@ def context_filters(tracked: Mapping[str, str | Iterable[str]]) -> str:
         else:
             parts.append(f"{feature}:(" + ",".join(sorted(values)) + ")")
     return ",".join(parts)
+
+
+_FILTER_PART = re.compile(r"([^:,]+):(\*|\([^)]*\))")
+
+
+def covers(filters: str, tracked: Mapping[str, str | Iterable[str]]) -> bool:
+    """Whether a query with these ``context_filters`` returned every rule *tracked* admits."""
+    if filters == TRACK_ALL:
+        return True
+    admitted: dict[str, str | set[str]] = {}
+    for feature, values in _FILTER_PART.findall(filters):
+        admitted[feature] = TRACK_ALL if values == TRACK_ALL else set(values[1:-1].split(","))
+    for feature, values in tracked.items():
+        have = admitted.get(feature)
+        if have is None:
+            return False
+        if have != TRACK_ALL and (values == TRACK_ALL or not set(values) <= set(have)):
+            return False
+    return True
 
 
 def query_params(settings: Iterable[str], filters: str) -> dict[str, str]:

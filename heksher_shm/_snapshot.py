@@ -103,6 +103,8 @@ class Head(msgspec.Struct, frozen=True):
     error: str | None = None
     update_interval: float = 0.0
     queried: float = 0.0
+    filters: str | None = None
+    """The ``context_filters`` of the query behind these rules (None: unknown)."""
     """When the service answered the query behind these rules (``time.monotonic()``, host-wide on Linux)."""
 
 

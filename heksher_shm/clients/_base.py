@@ -21,7 +21,7 @@ import msgspec
 from heksher_shm import _main
 from heksher_shm._engine import Engine, Wish
 from heksher_shm._local import LocalLock, LocalSource, LocalTransport
-from heksher_shm._protocol import TRACK_ALL, DeclarationBody, declaration_digest
+from heksher_shm._protocol import TRACK_ALL, DeclarationBody, covers, declaration_digest
 from heksher_shm._resolve import compile_rules
 from heksher_shm._servers import check_background_threads
 from heksher_shm._shm.identity import current_identity
@@ -415,6 +415,26 @@ class BaseHeksherClient(ContextDefaults):
         # The leader's own process raises the very exception it met; other
         # processes only have its description.
         return original if original is not None else LeaderUpdateError("; ".join(problems))
+
+    def _already_served(self) -> bool:
+        """Whether the applied snapshot already answers this process, so set_as_main need not wait.
+
+        True when, in this leader's term, every declaration of this process was
+        made successfully, every setting is in the snapshot, the query behind
+        it succeeded and admitted every value this process tracks. (Its
+        registration is written anyway, so the leader keeps serving it.)
+        """
+        head = self._head
+        if head is None or self._parts is None or not head.ok or head.filters is None:
+            return False
+        names = {entry.name for entry in head.settings}
+        for setting in list(self._settings):
+            outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
+            if outcome is None or outcome.error is not None or setting.name not in names:
+                return False
+        return covers(
+            head.filters, {f: v if isinstance(v, str) else sorted(v) for f, v in self._tracked.items()}
+        )
 
     def _covered_by_snapshot(self) -> bool:
         """Whether a published snapshot (from an earlier leader) covers all this process's settings."""

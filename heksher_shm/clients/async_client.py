@@ -54,7 +54,7 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         # (with its sockets) belong to the parent and are abandoned, never closed.
         self.modification_lock = asyncio.Lock()
         """Held while setting values change; hold it to keep them from changing."""
-        self._http = httpx.AsyncClient(base_url=self._service_url, **self._http_client_args)
+        self._http_client: httpx.AsyncClient | None = None
         self._wake_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -72,6 +72,10 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         """
         seq = self._become_main()
         self._ensure_task()
+        async with self.modification_lock:
+            self._apply_latest()
+        if self._already_served():
+            return  # a leader already serves everything this process needs
         try:
             await self._wait_for(seq, starting=True)
         except BaseException:
@@ -98,7 +102,8 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._http.aclose()
+        if self._http_client is not None:
+            await self._http_client.aclose()
         self._leave_shared()
         self._waiters.notify()
 
@@ -132,11 +137,22 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         if self._loop is not None and self._loop is not loop:
             # Connections belong to the loop that opened them: a new loop needs
             # a new client (the old one is abandoned, its loop being gone).
-            self._http = httpx.AsyncClient(base_url=self._service_url, **self._http_client_args)
+            self._http_client = None
         self._needs_restart = False
         self._loop = loop
         self._wake_event = asyncio.Event()
         self._task = loop.create_task(self._run(), name="heksher-shm")
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The client's one HTTP client, made on first use: a follower may never need one, and
+        making one costs tens of milliseconds (TLS setup)."""
+        client = self._http_client
+        if client is None:
+            client = self._http_client = httpx.AsyncClient(
+                base_url=self._service_url, **self._http_client_args
+            )
+        return client
 
     async def _run(self) -> None:
         try:

@@ -46,7 +46,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         # and the parent's HTTP client (with its sockets) is abandoned, never closed.
         self.modification_lock = threading.Lock()
         """Held while setting values change; hold it to keep them from changing."""
-        self._http = httpx.Client(base_url=self._service_url, **self._http_client_args)
+        self._http_client: httpx.Client | None = None
         self._wake_event = threading.Event()
         self._applied_cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -59,6 +59,9 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="heksher-shm", daemon=True)
             self._thread.start()
+        self._apply(Apply(blocking=True))
+        if self._already_served():
+            return  # a leader already serves everything this process needs
         self._wait_for(seq, "set_as_main")
 
     def reload(self) -> None:
@@ -74,7 +77,8 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        self._http.close()
+        if self._http_client is not None:
+            self._http_client.close()
         self._leave_shared()
         with self._applied_cond:
             self._applied_cond.notify_all()
@@ -96,9 +100,18 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
 
     # -- the driver --------------------------------------------------------------------------------------
 
+    @property
+    def _http(self) -> httpx.Client:
+        """The client's one HTTP client, made on first use: a follower may never need one, and
+        making one costs tens of milliseconds (TLS setup)."""
+        client = self._http_client
+        if client is None:
+            client = self._http_client = httpx.Client(base_url=self._service_url, **self._http_client_args)
+        return client
+
     def _run(self) -> None:
         try:
-            drive_sync(self._engine.run(), self._http, self._wait, self._apply, self._report)
+            drive_sync(self._engine.run(), lambda: self._http, self._wait, self._apply, self._report)
         except Exception:
             logger.exception("the heksher background thread stopped on an error")
 
