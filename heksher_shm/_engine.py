@@ -36,6 +36,7 @@ import httpx
 import msgspec
 
 from heksher_shm import _protocol as proto
+from heksher_shm._gc import paused_gc
 from heksher_shm._snapshot import FORMAT, Ack, Head, Outcome, SettingEntry, blob_of, decode_head, encode_head
 from heksher_shm.exceptions import HeksherProtocolError, LeaderUpdateError
 
@@ -663,14 +664,16 @@ class Engine:
             term.queried = time.monotonic()
             return False
         response.raise_for_status()
-        result = proto.decode(proto.QUERY, response.status_code, response.content, proto.QueryResponse)
-        term.etag = response.headers.get("ETag", "")
         entries: list[SettingEntry] = []
         blobs: list[bytes] = []
-        for name in sorted(result.settings):
-            blob, digest, count = blob_of(result.settings[name])
-            entries.append(SettingEntry(name, len(blobs), digest, count))
-            blobs.append(blob)
+        with paused_gc():
+            result = proto.decode(proto.QUERY, response.status_code, response.content, proto.QueryResponse)
+            for name in sorted(result.settings):
+                blob, digest, count = blob_of(result.settings[name])
+                entries.append(SettingEntry(name, len(blobs), digest, count))
+                blobs.append(blob)
+            del result
+        term.etag = response.headers.get("ETag", "")
         changed = entries != term.entries
         term.entries, term.blobs = entries, blobs
         term.queried = time.monotonic()

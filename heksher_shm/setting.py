@@ -99,7 +99,17 @@ class _State:
     every call is a case worth making fast too.
     """
 
-    __slots__ = ("applied", "cache", "client", "contextvars", "miss", "rules", "server_default", "words")
+    __slots__ = (
+        "applied",
+        "cache",
+        "client",
+        "contextvars",
+        "miss",
+        "pending",
+        "rules",
+        "server_default",
+        "words",
+    )
 
     def __init__(
         self, setting: Setting[Any], client: _Client | None, rules: CompiledRules | None, server_default: Any
@@ -116,6 +126,8 @@ class _State:
         self.contextvars = tuple(v for _, v in variables)
         self.cache: dict[Any, Any] = {}
         self.miss = _compile_miss(setting, features, view, variables, rules, server_default)
+        self.pending: Callable[[], None] | None = None
+        """Set on a state whose rules arrived but are not compiled yet (see ``Setting._defer``)."""
 
 
 def _compile_miss(
@@ -146,8 +158,12 @@ def _compile_miss(
     const = tuple(view.const.items()) if view is not None else ()
     tracked = view.tracked if view is not None else None
     warn = view.warn if view is not None else None
-    if tracked is not None and all(tracked.get(f) is TRACK_ALL for f in features):
-        tracked = None  # every value of every feature is tracked: nothing to warn about
+    # Only features not tracked with TRACK_ALL can carry an untracked value.
+    watched = (
+        tuple((f, tracked.get(f)) for f in sorted(features) if tracked.get(f) is not TRACK_ALL)
+        if tracked is not None
+        else ()
+    )
     needed = frozenset(rules.features)
     patterns = rules.patterns
     otherwise = rules.catch_all if rules.catch_all is not NO_MATCH else fallback
@@ -162,14 +178,12 @@ def _compile_miss(
     # *contexts* is get()'s own keyword dict, made for this call: it is
     # completed in place rather than copied.
     def miss(contexts: dict[str, str]) -> Any:
-        for feature in contexts:
-            if feature not in features:
-                check_keys(contexts)
-        if tracked is not None and warn is not None:
-            for feature, value in contexts.items():
-                values = tracked.get(feature)
-                if values is not TRACK_ALL and (values is None or value not in values):
-                    warn(feature, value)
+        if not contexts.keys() <= features:
+            check_keys(contexts)
+        for feature, values in watched:
+            value = contexts.get(feature)
+            if value is not None and (values is None or value not in values) and warn is not None:
+                warn(feature, value)
         for feature, value in const:
             if feature not in contexts:
                 contexts[feature] = value
@@ -340,6 +354,24 @@ class Setting(Generic[T]):
         return Conversion(value, converted.coercions)
 
     def _set_state(self, state: _State) -> None:
+        self._state = state
+
+    def _defer(self, client: _Client, load: Callable[[], None]) -> None:
+        """Swap in a state whose first ``get()`` runs *load*, which must install the real state.
+
+        A process that uses one setting of a thousand pays for that one: new
+        rules are decoded, converted and compiled on the setting's next
+        ``get()``, not when the snapshot arrives.
+        """
+        state = _State(self, client, None, self.server_default_value)
+
+        def first(contexts: dict[str, str]) -> Any:
+            if self._state is state:
+                load()
+            return self._state.miss(contexts)
+
+        state.miss = first
+        state.pending = load
         self._state = state
 
     def _install_state(self, client: _Client | None, rules: CompiledRules | None) -> None:

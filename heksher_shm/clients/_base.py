@@ -20,6 +20,7 @@ import msgspec
 
 from heksher_shm import _main
 from heksher_shm._engine import Engine, Wish
+from heksher_shm._gc import paused_gc
 from heksher_shm._local import LocalLock, LocalSource, LocalTransport
 from heksher_shm._protocol import TRACK_ALL, DeclarationBody, covers, declaration_digest
 from heksher_shm._resolve import compile_rules
@@ -99,7 +100,8 @@ class BaseHeksherClient(ContextDefaults):
 
         self._settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
         self._applied: weakref.WeakKeyDictionary[Setting[Any], bytes] = weakref.WeakKeyDictionary()
-        self._apply_lock = threading.Lock()
+        # Reentrant: validators run while it is held, and may call get() on other settings.
+        self._apply_lock = threading.RLock()
         # A list, not an int: settings' states share it, so get() compares the
         # segment's generation word with it without calling into the client.
         self._applied_box = [-1]
@@ -251,7 +253,7 @@ class BaseHeksherClient(ContextDefaults):
         Nothing here unlocks or unlinks anything of the parent's: the election
         lock's descriptor is closed (not unlocked) by its own fork hook.
         """
-        self._apply_lock = threading.Lock()
+        self._apply_lock = threading.RLock()
         if self._parts is not None:
             self._key = wish_key(current_identity())
         self._engine = self._make_engine()
@@ -465,6 +467,9 @@ class BaseHeksherClient(ContextDefaults):
         self._force_reapply()
         for setting in list(self._settings):
             if setting._state.client is self:
+                pending = setting._state.pending
+                if pending is not None:
+                    pending()  # compile the rules it has before rebuilding around them
                 setting._install_state(self, setting._state.rules)
 
     def _apply_latest(self, blocking: bool = True, fallback: bool = False) -> None:
@@ -541,14 +546,7 @@ class BaseHeksherClient(ContextDefaults):
             by_index = dict(zip(indices, blobs, strict=True))
             for setting in todo:
                 entry = entries[setting.name]
-                try:
-                    self._install(setting, decode_blob(by_index[entry.blob]), head.context_features)
-                except (ValueError, msgspec.DecodeError):  # verified bytes, but not a rule set
-                    logger.exception(
-                        "unusable rules in the snapshot; keeping the previous ones",
-                        extra={"setting_name": setting.name},
-                    )
-                    continue
+                self._defer_install(setting, by_index[entry.blob], head.context_features)
                 self._applied[setting] = entry.digest
             for setting in settings:
                 if setting.name not in entries:
@@ -559,6 +557,26 @@ class BaseHeksherClient(ContextDefaults):
             self._take_ack(head)
             return
         logger.warning("the snapshot kept changing while being read; keeping the previous one")
+
+    def _defer_install(self, setting: Setting[Any], blob: bytes, service_order: Sequence[str]) -> None:
+        """Keep a setting's new rules (bytes copied now, under modification_lock) for its next get()."""
+        previous = setting._state
+
+        def load() -> None:
+            with self._apply_lock:
+                if setting._state.pending is not load:
+                    return  # installed meanwhile, or replaced by newer rules
+                try:
+                    with paused_gc():
+                        self._install(setting, decode_blob(blob), service_order)
+                except (ValueError, msgspec.DecodeError):  # verified bytes, but not a rule set
+                    logger.exception(
+                        "unusable rules in the snapshot; keeping the previous ones",
+                        extra={"setting_name": setting.name},
+                    )
+                    setting._set_state(previous)
+
+        setting._defer(self, load)
 
     def _take_ack(self, head: Head) -> None:
         ack = head.acks.get(self._key)
