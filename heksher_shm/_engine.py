@@ -376,6 +376,7 @@ class Engine:
         logger.info("became the leader", extra={"term": term.id, "pid": pid})
         self._inherit(term)
         term.context_features = (yield from self._fetch_context_features()) or term.context_features
+        yield from self._refresh_inherited(term)
         while not self.closed:
             updated, error = yield from self._cycle(term, self.source.wishes())
             if updated:
@@ -395,6 +396,21 @@ class Engine:
             yield Wait(timeout)
             if not self.lock.held:
                 raise LeaderLost
+
+    def _refresh_inherited(self, term: _Term) -> Generator[Effect, Any, None]:
+        """A new term's first update, before its declarations: the settings the previous leader
+        served (and live processes still want) existed, so they can be queried at once. Declaring
+        a thousand settings one request at a time must not keep every process on old rules."""
+        if not term.entries:
+            return
+        wishes = self.source.wishes()
+        wanted = {body.name for wish in wishes for body in wish.declarations}
+        names = tuple(sorted(wanted & {entry.name for entry in term.entries}))
+        if not names:
+            return
+        error = yield from self._update(term, wishes, (names, self._spec(term, wishes)[1]))
+        yield Apply(blocking=self.poll is None)
+        yield Report(error)
 
     def _inherit(self, term: _Term) -> None:
         """Start from the snapshot the previous leader left, so a failing first update loses nothing."""
@@ -585,6 +601,8 @@ class Engine:
             ack_error = _describe(error)
         acks = dict(term.served)
         for wish in wishes:
+            if not all(proto.declaration_digest(body) in term.declared for body in wish.declarations):
+                continue  # its set_as_main waits for its declarations, not just for any update
             served = acks.get(wish.key)
             if served is None or served.seq < wish.reload_seq or (served.error and error is None):
                 acks[wish.key] = Ack(wish.reload_seq, ack_error, error_id)
