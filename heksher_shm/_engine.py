@@ -144,6 +144,8 @@ class Lock(Protocol):
 
     def release(self) -> None: ...
 
+    def verify(self) -> bool: ...
+
     @property
     def held(self) -> bool: ...
 
@@ -273,6 +275,8 @@ class Engine:
         self.fallback: _Term | None = None
         self.housekeeping = housekeeping
         self._housekept = 0.0
+        self._lock_failed = False
+        self._lock_checked = 0.0
         self._error_ids = 0
         self.closed = False
         self.leading = False
@@ -282,10 +286,32 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
+    def replace_transport(self, transport: Transport, observer: Observer | None) -> None:
+        """Publish to and watch another file from now on (the segment file was replaced)."""
+        self.transport = transport
+        self.observer = observer
+        self._marks = None
+        if self.term is not None:
+            self.term.transport = transport
+            self.term.published = False  # the new file has nothing yet: publish at the next tick
+            self.term.generation = 0
+            self.term.next_update = 0.0
+
+    def _try_lead(self) -> bool:
+        try:
+            return self.lock.try_acquire()
+        except Exception:
+            # An unusable lock file (replaced by a directory, another user's...):
+            # keep following, keep serving; say so once.
+            if not self._lock_failed:
+                self._lock_failed = True
+                logger.exception("cannot use the election lock; this process will not lead")
+            return False
+
     def run(self) -> Generator[Effect, Any, None]:
         """The whole background life of a client, until :attr:`closed` is set."""
         while not self.closed:
-            if self.lock.try_acquire():
+            if self._try_lead():
                 try:
                     yield from self._lead()
                 except LeaderLost:
@@ -390,6 +416,7 @@ class Engine:
             self.transport.beat()
             self._housekeep()
             self._verify(term)
+            self._check_lock()
             timeout = max(0.0, term.next_update - time.time())
             if self.poll is not None:
                 timeout = min(timeout, self.poll)
@@ -577,13 +604,18 @@ class Engine:
     def _update(
         self, term: _Term, wishes: Sequence[Wish], spec: tuple[tuple[str, ...], str]
     ) -> Generator[Effect, Any, BaseException | None]:
-        """Query and publish; returns the error, if any. The update timer restarts here."""
+        """Query and publish; returns the error, if any. The update timer restarts here.
+
+        What the query brought is committed to the term only once published:
+        a publish that fails (a full disk) leaves the term describing what
+        readers have, and the next update fetches again.
+        """
         if spec != term.spec:
             term.etag = ""
         error: BaseException | None = None
-        changed = False
+        fresh: _Fresh | None = None
         try:
-            changed = yield from self._query(term, spec)
+            fresh = yield from self._query(term, spec)
         except Exception as e:  # transport, protocol, and anything unexpected: reported, never fatal
             error = e
             log_extra: dict[str, Any] = {}
@@ -599,57 +631,88 @@ class Engine:
         if error is not None:
             error_id = self._remember(error)
             ack_error = _describe(error)
-        acks = dict(term.served)
-        for wish in wishes:
-            if not all(proto.declaration_digest(body) in term.declared for body in wish.declarations):
-                continue  # its set_as_main waits for its declarations, not just for any update
-            served = acks.get(wish.key)
-            if served is None or served.seq < wish.reload_seq or (served.error and error is None):
-                acks[wish.key] = Ack(wish.reload_seq, ack_error, error_id)
-        live = {w.key for w in wishes}
-        acks = {k: v for k, v in acks.items() if k in live}
+        acks = self._acks(term, wishes, ack_error, error_id)
+        entries, blobs, queried = term.entries, term.blobs, term.queried
+        changed = False
+        if fresh is not None:
+            queried = fresh.queried
+            if fresh.entries is not None and fresh.entries != term.entries:
+                entries, blobs, changed = fresh.entries, fresh.blobs, True
         if changed or acks != term.served or not term.published:
             head = Head(
                 format=FORMAT,
                 term=term.id,
                 published=now,
                 context_features=term.context_features or self.context_features,
-                settings=term.entries,
+                settings=entries,
                 outcomes=dict(term.declared),
                 acks=acks,
                 ok=error is None,
                 error=ack_error,
                 update_interval=self.update_interval,
-                queried=term.queried,
+                queried=queried,
                 filters=term.spec[1] if term.spec is not None else None,
             )
-            failed = self._publish(term, encode_head(head))
+            failed = self._publish(term, encode_head(head), blobs)
             if failed is None:
+                term.entries, term.blobs, term.queried = entries, blobs, queried
                 term.served = acks
                 term.published = True
+                if fresh is not None:
+                    term.etag = fresh.etag
             else:
+                term.etag = ""  # what the service answered is not what readers have: fetch again
                 error = error or failed
                 ack_error = ack_error or _describe(failed)
+        elif fresh is not None:
+            term.etag, term.queried = fresh.etag, queried
         if error is None:
             term.transport.record_update_ok(now)
         else:
             term.transport.record_error(ack_error or "", now)
         return error
 
-    def _publish(self, term: _Term, head: bytes) -> BaseException | None:
+    @staticmethod
+    def _acks(term: _Term, wishes: Sequence[Wish], error: str | None, error_id: str) -> dict[str, Ack]:
+        """The acknowledgements to publish with this update, for live processes only."""
+        acks = dict(term.served)
+        for wish in wishes:
+            if not all(proto.declaration_digest(body) in term.declared for body in wish.declarations):
+                continue  # its set_as_main waits for its declarations, not just for any update
+            served = acks.get(wish.key)
+            if served is None or served.seq < wish.reload_seq or (served.error and error is None):
+                acks[wish.key] = Ack(wish.reload_seq, error, error_id)
+        live = {w.key for w in wishes}
+        return {k: v for k, v in acks.items() if k in live}
+
+    def _publish(self, term: _Term, head: bytes, blobs: list[bytes]) -> BaseException | None:
         """Publish; on failure (a full disk...) the previous snapshot stays and the error is returned."""
         try:
-            term.generation = term.transport.publish(head, term.blobs)
+            term.generation = term.transport.publish(head, blobs)
         except Exception as e:
             logger.exception("publishing the snapshot failed; the previous one stays")
             return e
         term.head = head
         return None
 
+    def _check_lock(self) -> None:
+        """Step down if the lock file was removed or replaced: someone else may lock the new one."""
+        now = time.monotonic()
+        if now - self._lock_checked < HOUSEKEEPING_INTERVAL:
+            return
+        self._lock_checked = now
+        if not self.lock.verify():
+            logger.warning("the election lock file was removed or replaced; stepping down")
+            raise LeaderLost
+
     def _verify(self, term: _Term) -> None:
         """Republish if what readers would find is not what this leader published (damaged, overwritten)."""
         now = time.monotonic()
-        if not term.generation or now - term.verified < VERIFY_INTERVAL:
+        if (
+            term.transport is not self.transport
+            or not term.generation
+            or now - term.verified < VERIFY_INTERVAL
+        ):
             return
         term.verified = now
         try:
@@ -664,12 +727,13 @@ class Engine:
             intact = False
         if not intact:
             logger.warning("the shared segment was damaged or overwritten; publishing again")
-            self._publish(term, term.head)
+            self._publish(term, term.head, term.blobs)
 
-    def _query(self, term: _Term, spec: tuple[tuple[str, ...], str]) -> Generator[Effect, Any, bool]:
+    def _query(self, term: _Term, spec: tuple[tuple[str, ...], str]) -> Generator[Effect, Any, _Fresh | None]:
+        """Ask the service; None when there is nothing to ask. Commits nothing to the term."""
         names, filters = spec
         if not names:
-            return False
+            return None
         response = yield Call(
             "GET",
             proto.QUERY,
@@ -679,8 +743,7 @@ class Engine:
         )
         if response.status_code == 304:
             logger.debug("heksher reload not necessary")
-            term.queried = time.monotonic()
-            return False
+            return _Fresh(None, [], term.etag, time.monotonic())
         response.raise_for_status()
         entries: list[SettingEntry] = []
         blobs: list[bytes] = []
@@ -691,12 +754,18 @@ class Engine:
                 entries.append(SettingEntry(name, len(blobs), digest, count))
                 blobs.append(blob)
             del result
-        term.etag = response.headers.get("ETag", "")
-        changed = entries != term.entries
-        term.entries, term.blobs = entries, blobs
-        term.queried = time.monotonic()
         logger.info("heksher reload done", extra={"settings": len(entries)})
-        return changed
+        return _Fresh(entries, blobs, response.headers.get("ETag", ""), time.monotonic())
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """What one query brought: its settings (None: unchanged, a 304) with their blobs, and its ETag."""
+
+    entries: list[SettingEntry] | None
+    blobs: list[bytes]
+    etag: str
+    queried: float
 
 
 _FILTERABLE = re.compile(r"[a-z]+")

@@ -10,12 +10,13 @@ two of its settings decide whether a client's background work can run at all:
   idle followers never take over. (From 2.0.27 on threads are always on.)
 * **Fork hooks.** Without ``--lazy-apps`` the app, and so the client, is
   loaded in the master, which forks the workers with ``fork(2)`` directly.
-  Unless ``--py-call-uwsgi-fork-hooks`` is given, Python's fork hooks
-  (``os.register_at_fork``) do not run: the workers keep a copy of the
-  master's client with no background thread and an inherited descriptor of
-  the leader lock, and a worker forked while the master's client thread held
-  the GIL deadlocks before serving anything (uwsgi issue 2387). With the
-  flag, the hooks run and the workers' clients resume as followers.
+  Unless ``--py-call-uwsgi-fork-hooks`` is given (and threads are on, or
+  uwsgi ignores it), Python's fork hooks (``os.register_at_fork``) do not
+  run: the workers keep a copy of the master's client with no background
+  thread, claiming to lead, with an inherited descriptor of the leader lock;
+  and a worker forked while the master's client thread held the GIL hangs
+  before serving anything (uwsgi issue 2387). With the flag, the hooks run
+  and the workers' clients resume as followers.
 
 :func:`check_background_threads` runs whenever a client becomes main, and
 names the option that fixes each problem. Missing threads are logged as a
@@ -80,19 +81,22 @@ def uwsgi_problems(uwsgi: Any) -> dict[str, str]:
     """
     opt: Mapping[str, Any] = getattr(uwsgi, "opt", None) or {}
     problems: dict[str, str] = {}
-    if not _threads_enabled(uwsgi, opt):
+    threads = _threads_enabled(uwsgi, opt)
+    if not threads:
         problems["threads"] = (
             "uwsgi runs this process without Python threads: heksher_shm's background thread only runs "
             "while a request is being served, so this process stops polling, following and taking over "
             "when traffic stops. Start uwsgi with --enable-threads (enable-threads = true in its ini "
             "file), or upgrade to uwsgi 2.0.27 or later."
         )
-    if _forks_workers_from_here(uwsgi, opt) and not _on(opt, "py-call-uwsgi-fork-hooks"):
+    # Without threads, uwsgi skips the fork hooks even when asked to call them.
+    if _forks_workers_from_here(uwsgi, opt) and not (threads and _on(opt, "py-call-uwsgi-fork-hooks")):
         problems["fork-hooks"] = (
             "uwsgi loaded the app in the master and will fork the workers from it without running "
             "Python's fork hooks: the workers' heksher_shm clients cannot resume after the fork, and a "
             "worker forked while the master's client thread holds the GIL hangs. Start uwsgi with "
-            "--py-call-uwsgi-fork-hooks (py-call-uwsgi-fork-hooks = true), or with --lazy-apps."
+            "--py-call-uwsgi-fork-hooks (py-call-uwsgi-fork-hooks = true; before uwsgi 2.0.27 it also "
+            "needs --enable-threads), or with --lazy-apps."
         )
     return problems
 

@@ -482,7 +482,7 @@ def _disk_full(
         finally:
             restore()
         # Space is back. The next change on the service goes through everywhere (that the change made
-        # while the disk was full goes through by itself is test_failed_publish_is_retried, xfail).
+        # while the disk was full goes through by itself is test_failed_publish_is_retried).
         t0 = time.monotonic()
         service.set_rule_value(rule, 2)
         for w in workers:
@@ -522,15 +522,9 @@ def test_disk_full_simulated(service: HeksherService, leader_kind: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Known bugs (xfail, strict: they start passing when fixed)
+# Bugs these tests found (fixed; each test guards its fix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a segment truncated below its current slot while mapped kills the leader with SIGBUS at "
-    "its next self-check, then every successor (Segment._select_slot trusts the mapping's length, not the "
-    "file's)",
-)
 def test_truncated_under_running_clients(service: HeksherService) -> None:
     # This process must not map the segment: it would get the SIGBUS too.
     interval = 0.3
@@ -555,12 +549,6 @@ def test_truncated_under_running_clients(service: HeksherService) -> None:
             assert w.alive, f"{w} died with {w.process.exitcode} (-7 is SIGBUS)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after a failed publish (full disk) the leader keeps the unpublished rules and ETag in its "
-    "term, so the next query is a 304 and nothing is published again; its self-check then republishes the "
-    "last good head with the new blobs (running processes keep the old values, new ones get the new)",
-)
 def test_failed_publish_is_retried(service: HeksherService) -> None:
     # One process: with followers, a pending acknowledgement for one of them can make the leader publish
     # again by chance (which is what the disk-full tests above see); alone, nothing does.
@@ -587,12 +575,6 @@ def test_failed_publish_is_retried(service: HeksherService) -> None:
             leader.process.join(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the engine never checks that its lock file is still the one at the path "
-    "(LeaderLock.verify exists, nothing calls it); once the file is removed, a newcomer locks a new one "
-    "and two processes lead and write one segment",
-)
 def test_removed_lock_file_never_makes_two_leaders(service: HeksherService) -> None:
     interval = 0.3
     name, _ = counter_setting(service, "lockless")
@@ -608,12 +590,6 @@ def test_removed_lock_file_never_makes_two_leaders(service: HeksherService) -> N
             workers[1].process.join(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the leader keeps publishing into a segment file that was removed (Segment.is_replaced "
-    "exists, nothing calls it); a process started afterwards opens a new file nobody publishes to, and its "
-    "set_as_main times out",
-)
 def test_removed_segment_file_is_recreated(service: HeksherService) -> None:
     interval = 0.3
     name, rule = counter_setting(service, "unlinked")
@@ -628,12 +604,6 @@ def test_removed_segment_file_is_recreated(service: HeksherService) -> None:
         assert late.ask("wait_value", 1, interval + 3) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a process re-registers only when its registration file is missing "
-    "(BaseHeksherClient._ensure_registered checks existence), so after it is damaged the leader drops "
-    "the process's own settings from its queries and they are never updated again",
-)
 def test_damaged_registration_is_restored(service: HeksherService) -> None:
     interval = 0.3
     shared_name, _ = counter_setting(service, "shared")

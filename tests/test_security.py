@@ -170,7 +170,7 @@ async def test_impostor_is_refused_by_the_client(
 
 @pytest.mark.parametrize("what", ["symlink", "fifo", "directory", pytest.param("foreign", marks=needs_root)])
 def test_impostor_lock_file_is_refused_by_the_lock(tmp_path: Path, what: str) -> None:
-    """The client-level counterpart is test_impostor_lock_file_is_refused_by_the_client (xfail)."""
+    """The client-level counterpart is test_impostor_lock_file_is_refused_by_the_client."""
     directory = tmp_path / "private"
     directory.mkdir(mode=0o700)
     path = directory / "x.lock"
@@ -180,12 +180,6 @@ def test_impostor_lock_file_is_refused_by_the_lock(tmp_path: Path, what: str) ->
     untouched()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an unusable lock file (symlink, FIFO, folder, other owner) raises SegmentError inside the "
-    "background loop, which dies; set_as_main does not raise it (thread: returns after startup_timeout, "
-    "async: TimeoutError) and the process can never lead",
-)
 @pytest.mark.parametrize("kind", ["thread", "async"])
 async def test_impostor_lock_file_is_refused_by_the_client(
     service: HeksherService, tmp_path: Path, kind: str
@@ -218,12 +212,6 @@ async def test_impostor_at_our_registration_is_replaced_not_followed(
         assert (elsewhere / "precious").read_bytes() == b"precious"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: a folder in place of this process's own registration makes set_as_main raise a bare "
-    "IsADirectoryError that names the file relative to the registry folder, not a SegmentError with the "
-    "path (Registry.write does not wrap OSError)",
-)
 async def test_folder_at_our_registration_is_a_clear_error(service: HeksherService, tmp_path: Path) -> None:
     registry = _paths(service.url, Path(os.environ["HEKSHER_SHM_DIR"]))["registry"]
     registry.mkdir(mode=0o700)
@@ -456,12 +444,6 @@ def test_hostile_registrations(
         assert all(path.exists() or path.is_symlink() for path in bad.values())  # reported, not deleted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (minor): RegistrySource logs 'skipping a malformed declaration' on every scan that re-reads "
-    "the file (every 20 ms scan while its timestamp is younger than the racy window), not once per version "
-    "of the file as the registry does for the entries it rejects",
-)
 def test_malformed_declaration_is_logged_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

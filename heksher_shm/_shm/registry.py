@@ -288,16 +288,18 @@ class Registry:
 
     # -- the follower's side --------------------------------------------------
 
-    def write(self, registration: Registration) -> None:
+    def write(self, registration: Registration) -> bytes:
         """Publish ``registration`` atomically, replacing the process's previous one.
 
         The file is named after ``registration``'s identity (normally this
-        process's); ``updated`` is set to the current time.
+        process's); ``updated`` is set to the current time. Returns the bytes
+        written (see :meth:`holds`).
 
         Raises:
             ValueError: the registration is invalid (see
                 :func:`validate_registration`) or larger than ``max_bytes``.
-            SegmentError: the registry directory cannot be used safely.
+            SegmentError: the registry directory cannot be used safely, or the
+                file cannot be written (the message names it).
         """
         problem = validate_registration(registration)
         if problem is not None:
@@ -322,8 +324,28 @@ class Registry:
                 with contextlib.suppress(OSError):
                     os.unlink(temp, dir_fd=dir_fd)
                 raise
+        except OSError as exc:
+            raise SegmentError(
+                f"registration file {self._directory / final}: cannot write it: {exc.strerror or exc}"
+            ) from exc
         finally:
             os.close(dir_fd)
+        return data
+
+    def holds(self, identity: ProcessIdentity, data: bytes) -> bool:
+        """Whether the registry file of ``identity`` holds exactly ``data`` (never follows a symlink)."""
+        try:
+            fd = os.open(self.path_for(identity), _READ_FLAGS)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            return _read_at_most(fd, len(data) + 1) == data
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def remove(self, identity: ProcessIdentity | None = None) -> None:
         """Delete the registry file of ``identity`` (default: this process), if present."""

@@ -530,6 +530,14 @@ class Segment:
         if problem is not None:
             return problem
         end = desc.offset + desc.length
+        try:
+            size = os.fstat(self._fd).st_size
+        except OSError as exc:  # pragma: no cover - the descriptor is ours and open
+            return f"cannot stat the segment file: {exc.strerror}"
+        if end > size:
+            # Someone truncated the file: touching a mapped page past its end
+            # would raise SIGBUS, so check against the file, not the mapping.
+            return f"slot {index} ends at byte {end}, beyond the end of the file ({size} bytes)"
         if end > len(mapping):
             # The writer reserved and grew the file before publishing this descriptor, so a
             # larger file is expected; re-fstat and remap rather than read past our mapping.

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.registry import Registration, Registry, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
 from heksher_shm._snapshot import FORMAT as SNAPSHOT_FORMAT
+from heksher_shm.exceptions import SegmentError
 
 __all__ = [
     "SEGMENT_NAME",
@@ -96,10 +99,28 @@ def open_shared(
         raise ValueError(f"segment_name must match {SEGMENT_NAME.pattern}, got {segment_name!r}")
     directory = resolve_shm_dir(shm_dir)
     segment_path = directory / f"{segment_name}.seg"
-    lock = LeaderLock(directory / f"{segment_name}.lock")
+    lock_path = directory / f"{segment_name}.lock"
+    _check_lock_file(lock_path)
+    lock = LeaderLock(lock_path)
     registry = Registry(registry_directory(segment_path))
     segment = Segment.open(segment_path)
     return SharedParts(directory, segment_name, segment, lock, registry)
+
+
+def _check_lock_file(path: Path) -> None:
+    """Refuse an impostor lock file now, with a clear error, rather than in the background loop."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise SegmentError(f"lock file {path}: is a symbolic link; refusing to follow it")
+    if not stat.S_ISREG(st.st_mode):
+        raise SegmentError(f"lock file {path}: is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise SegmentError(
+            f"lock file {path}: is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        )
 
 
 _declaration_decoder = msgspec.json.Decoder(DeclarationBody)
@@ -139,16 +160,22 @@ class RegistrySource:
         return wishes
 
 
+_logged_malformed: set[tuple[int, bytes]] = set()
+
+
 def _wish_of(registration: Registration) -> Wish:
     declarations = []
     for raw in registration.declarations:
         try:
             declarations.append(_declaration_decoder.decode(raw))
         except msgspec.DecodeError as e:
-            logger.warning(
-                "skipping a malformed declaration in a registration",
-                extra={"pid": registration.pid, "problem": str(e)},
-            )
+            seen = (registration.pid, bytes(raw))
+            if seen not in _logged_malformed and len(_logged_malformed) < 1024:  # once each
+                _logged_malformed.add(seen)
+                logger.warning(
+                    "skipping a malformed declaration in a registration",
+                    extra={"pid": registration.pid, "problem": str(e)},
+                )
     return Wish(
         wish_key(registration.identity), declarations, dict(registration.tracked), registration.reload_seq
     )

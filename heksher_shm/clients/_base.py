@@ -9,6 +9,7 @@ published snapshots to the process's settings. The background work itself is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -114,6 +115,7 @@ class BaseHeksherClient(ContextDefaults):
         self._main = False
         self._closed = False
         self._parts: SharedParts | None = None
+        self._registered = b""
         self._transport: LocalTransport | Segment = LocalTransport()
         self._local_source = LocalSource(self._wish)
         self._key = f"local-{id(self):x}"
@@ -348,7 +350,7 @@ class BaseHeksherClient(ContextDefaults):
         elif not self._closed:
             wish = self._wish()
             identity = current_identity()
-            parts.registry.write(
+            self._registered = parts.registry.write(
                 Registration(
                     pid=identity.pid,
                     create_time=identity.create_time,
@@ -366,9 +368,29 @@ class BaseHeksherClient(ContextDefaults):
         parts = self._parts
         if parts is None or not self._main or self._closed:
             return
-        if not parts.registry.path_for(current_identity()).exists():
-            logger.warning("this process's registration was missing; registering again")
+        if parts.segment.is_replaced():
+            self._reopen_segment()
+        if not parts.registry.holds(current_identity(), self._registered):
+            logger.warning("this process's registration was missing or damaged; registering again")
             self._wish_changed()
+
+    def _reopen_segment(self) -> None:
+        """The segment file was removed or replaced: move to the file now at its path.
+
+        Runs in the background loop (housekeeping), between its steps. The old
+        mapping stays valid for readers still holding it; new snapshots go to,
+        and come from, the new file.
+        """
+        parts = self._parts
+        assert parts is not None
+        logger.warning(
+            "the segment file was removed or replaced; reopening it", extra={"path": str(parts.segment.path)}
+        )
+        segment = Segment.open(parts.segment.path)
+        self._parts = dataclasses.replace(parts, segment=segment)
+        self._transport = segment
+        self._engine.replace_transport(segment, SegmentObserver(segment))
+        self._reinstall_all()  # states watch the new file's generation word
 
     def _leave_shared(self) -> None:
         """On close: take this process's registration away (the segment stays for the others)."""
