@@ -10,10 +10,10 @@ status block first names a new leader pid, to split the latency into
 and published". A fresh process then replaces the dead one, so every round
 starts with four.
 
-A new leader re-declares every setting the live processes need (once per
-term) before its first publish, so the latency grows with the number of
-settings: the main row has the usual ten settings, a second row (full mode
-only) has 1,000.
+A new leader first queries the settings its predecessor served that live
+processes still want, then re-declares every setting (once per term): the
+main row has the usual ten settings, a second row (full mode only) has 1,000,
+to show the first snapshot does not wait for the declarations.
 
 Heksher 0.2.2 has no leader, so there is no peer number.
 """
