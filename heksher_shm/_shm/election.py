@@ -361,12 +361,14 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     # The child runs with a single thread, so walking the set is safe; every
     # lock the parent knew of, held or merely open while waiting, is
-    # forgotten. The gate was taken by this same thread before the fork.
-    try:
-        for lock in list(_LIVE):
-            lock._forget_inherited()
-    finally:
-        _GATE.release()
+    # forgotten. The gate is made anew rather than released: some servers
+    # (uwsgi's fork hooks) run only this child hook, without the before-fork
+    # one that took it, and a gate another thread held at fork time would
+    # otherwise stay locked in the child forever.
+    global _GATE
+    _GATE = threading.RLock()
+    for lock in list(_LIVE):
+        lock._forget_inherited()
 
 
 os.register_at_fork(

@@ -1,0 +1,91 @@
+"""uwsgi --master --processes 4, for real, with and without --lazy-apps.
+
+Skipped when uwsgi is not installed (``pip install uwsgi`` compiles it; CI
+installs it). The same five checks as the gunicorn tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from heksher_shm.testing import HeksherService
+from tests._support import FEATURES
+from tests.apps.prefork import harness as h
+
+UWSGI = shutil.which("uwsgi", path=str(Path(sys.executable).parent)) or shutil.which("uwsgi")
+pytestmark = pytest.mark.skipif(UWSGI is None, reason="uwsgi is not installed (pip install uwsgi)")
+
+INTERVAL = 0.3
+WORKERS = 4
+TEST_OPTIONS = ["--disable-logging", "--home", sys.prefix]  # quiet, and this virtualenv's packages
+REFUSAL = "uwsgi loaded the app in the master and will fork the workers from it without running"
+
+
+@pytest.fixture
+def service() -> Iterator[HeksherService]:
+    with HeksherService(context_features=FEATURES) as svc:
+        svc.declare(h.SETTING, "int", h.DEFAULT, ["user"])
+        yield svc
+
+
+def uwsgi(port: int, *options: str) -> list[str]:
+    """A command line with every option given on it (no ini file)."""
+    assert UWSGI is not None
+    argv = [UWSGI, "--master", "--processes", str(WORKERS), "--http-socket", f"127.0.0.1:{port}"]
+    argv += ["--chdir", str(h.HERE), "--wsgi-file", "wsgi_app.py", "--callable", "app"]
+    return [*argv, "--need-app", "--die-on-term", *TEST_OPTIONS, *options]
+
+
+def with_ini(port: int, *options: str) -> list[str]:
+    """``uwsgi --ini uwsgi.ini`` (the file the docs show) on a test port."""
+    assert UWSGI is not None
+    return [UWSGI, "--ini", "uwsgi.ini", "--http-socket", f"127.0.0.1:{port}", *TEST_OPTIONS, *options]
+
+
+def starter(service: HeksherService, tmp_path: Path, *options: str, ini: bool = True) -> h.Start:
+    def start(tag: str) -> h.Server:
+        port = h.free_port()
+        log = tmp_path / f"uwsgi{tag}.log"
+        argv = with_ini(port, *options) if ini else uwsgi(port, *options)
+        return h.Server(argv, h.server_env(service.url, INTERVAL), h.HERE, port, log)
+
+    return start
+
+
+def test_uwsgi_lazy_apps(service: HeksherService, tmp_path: Path) -> None:
+    """--lazy-apps: each worker imports the app and makes its client main; one of them leads."""
+    h.full_run(starter(service, tmp_path, "--lazy-apps"), service, WORKERS, INTERVAL)
+    assert REFUSAL not in h.read_logs(tmp_path, "uwsgi")
+
+
+def test_uwsgi_master_loads_app(service: HeksherService, tmp_path: Path) -> None:
+    """uwsgi.ini as is: the master imports the app, so its client leads; forked workers follow.
+
+    uwsgi's workers exit as soon as the master dies, so killing the leader
+    here takes the server down; the next start works.
+    """
+    h.master_leads_run(starter(service, tmp_path), service, WORKERS, INTERVAL)
+    assert REFUSAL not in h.read_logs(tmp_path, "uwsgi")
+
+
+def test_uwsgi_without_fork_hooks_refuses(service: HeksherService, tmp_path: Path) -> None:
+    """No --lazy-apps and no --py-call-uwsgi-fork-hooks: set_as_main raises, naming both options.
+
+    Without the hooks a worker forked while the master's client thread holds
+    the GIL hangs for good (uwsgi issue 2387); refusing to load is better.
+    """
+    server = starter(service, tmp_path, ini=False)("")
+    try:
+        assert server.process.wait(30) != 0  # --need-app: uwsgi exits when the app did not load
+        log = server.log()
+        assert "RuntimeError: " + REFUSAL in log
+        assert "--py-call-uwsgi-fork-hooks" in log
+        assert "--lazy-apps" in log
+        h.until(lambda: not server.group(), 15, "uwsgi exits")
+    finally:
+        server.close()
