@@ -462,18 +462,29 @@ def _thread_worker(url: str, interval: float, segment: str, stop: threading.Even
     client.track_contexts(user=heksher.TRACK_ALL)
     client.set_as_main()
     try:
-        value, leading = setting.get(user=USER), client.leading
-        _emit({"event": "ready", "pid": os.getpid(), "value": value, "leading": leading})
+        seen = _Seen(setting, client)
         while not stop.wait(_POLL):
-            now_value, now_leading = setting.get(user=USER), client.leading
-            if now_value != value:
-                value = now_value
-                _emit({"event": "value", "value": value})
-            if now_leading != leading:
-                leading = now_leading
-                _emit({"event": "leading", "leading": leading})
+            seen.report()
     finally:
         client.close()
+
+
+class _Seen:
+    """What a worker last told the demo: it reports its value and role once, then each change."""
+
+    def __init__(self, setting: Any, client: Any) -> None:
+        self.setting, self.client = setting, client
+        self.value, self.leading = setting.get(user=USER), client.leading
+        _emit({"event": "ready", "pid": os.getpid(), "value": self.value, "leading": self.leading})
+
+    def report(self) -> None:
+        value, leading = self.setting.get(user=USER), self.client.leading
+        if value != self.value:
+            self.value = value
+            _emit({"event": "value", "value": value})
+        if leading != self.leading:
+            self.leading = leading
+            _emit({"event": "leading", "leading": leading})
 
 
 async def _async_worker(url: str, interval: float, segment: str, stop: threading.Event) -> None:
@@ -484,17 +495,10 @@ async def _async_worker(url: str, interval: float, segment: str, stop: threading
     client.track_contexts(user=heksher.TRACK_ALL)
     await client.set_as_main()
     try:
-        value, leading = setting.get(user=USER), client.leading
-        _emit({"event": "ready", "pid": os.getpid(), "value": value, "leading": leading})
+        seen = _Seen(setting, client)
         while not stop.is_set():
             await asyncio.sleep(_POLL)
-            now_value, now_leading = setting.get(user=USER), client.leading
-            if now_value != value:
-                value = now_value
-                _emit({"event": "value", "value": value})
-            if now_leading != leading:
-                leading = now_leading
-                _emit({"event": "leading", "leading": leading})
+            seen.report()
     finally:
         await client.aclose()
 

@@ -7,7 +7,9 @@ injection or request counters ask for ``memory_service`` and skip there.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import multiprocessing
+from collections.abc import AsyncIterator, Callable, Iterator
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import pytest
@@ -18,6 +20,8 @@ from tests._procs import service, workers  # fixtures for multi-process tests
 from tests._support import FEATURES, REAL_URL, Admin, Driver
 
 __all__ = ["service", "workers"]
+
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +39,26 @@ def _fresh_main_client() -> Iterator[None]:
     yield
     _main._main = None
     _main._settings.clear()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., BaseProcess]]:
+    """Start spawned processes; kill and reap whatever is left at the end."""
+    started: list[BaseProcess] = []
+
+    def start(target: Callable[..., object], *args: object) -> BaseProcess:
+        process = _SPAWN.Process(target=target, args=args, daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.is_alive():
+                process.kill()
+            process.join(5.0)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -49,26 +49,6 @@ def private_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "shm"
     directory.mkdir(mode=0o700)
     return directory
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., BaseProcess]]:
-    """Start spawned processes; kill and reap whatever is left at the end."""
-    started: list[BaseProcess] = []
-
-    def start(target: Callable[..., object], *args: object) -> BaseProcess:
-        process = SPAWN.Process(target=target, args=args, daemon=True)
-        process.start()
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(STEP_DEADLINE)
 
 
 def fork() -> int:

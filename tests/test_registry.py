@@ -7,7 +7,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -30,26 +30,6 @@ from tests import _election_workers as workers
 SPAWN = multiprocessing.get_context("spawn")
 STARTUP_DEADLINE = 20.0
 STEP_DEADLINE = 5.0
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., BaseProcess]]:
-    """Start spawned processes; kill and reap whatever is left at the end."""
-    started: list[BaseProcess] = []
-
-    def start(target: Callable[..., object], *args: object) -> BaseProcess:
-        process = SPAWN.Process(target=target, args=args, daemon=True)
-        process.start()
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(STEP_DEADLINE)
 
 
 @pytest.fixture
