@@ -310,10 +310,16 @@ def status() -> SegmentStatus:
     return segment_status(the_segment())
 
 
-def leader_pid() -> int:
+def leader_pid(timeout: float = 5.0) -> int:
+    """The live leader's pid; waits out a takeover in progress (a recycled leader, say)."""
+
+    def led() -> bool:
+        leader = status().leader
+        return leader is not None and leader.alive
+
+    until(led, timeout, "a live leader")
     leader = status().leader
     assert leader is not None, status()
-    assert leader.alive, status()
     return leader.pid
 
 
