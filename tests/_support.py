@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,24 @@ REAL_URL = os.environ.get("HEKSHER_TEST_URL")
 def unique(prefix: str) -> str:
     """A setting name no other test (or earlier run against a persistent server) uses."""
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def poke(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes of a file in place, as a stray process would (never truncating it)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def peek(path: Path, offset: int, size: int) -> bytes:
+    """Read raw bytes of a file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
 
 
 class Admin:

@@ -33,7 +33,7 @@ from heksher_shm._shm.segment import Segment
 from heksher_shm._snapshot import decode_blob, decode_head
 from heksher_shm.testing import HeksherService
 from tests._fault_workers import Counter, FaultWorker, drain_all, percentile, reaping, stress_seconds
-from tests._support import unique
+from tests._support import peek, poke, unique
 
 KINDS = ("thread", "async")
 FAST_VERIFY = 0.5
@@ -42,23 +42,6 @@ FAST_VERIFY = 0.5
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def poke(path: Path, offset: int, data: bytes) -> None:
-    """Overwrite bytes of a file in place, as a stray process would (never truncating it)."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def peek(path: Path, offset: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 def flip(path: Path, offset: int, mask: int) -> None:

@@ -31,6 +31,7 @@ from heksher_shm._shm import segment as segment_module
 from heksher_shm._shm.segment import HeadRead, Segment, resolve_shm_dir
 from heksher_shm.exceptions import SegmentCorruptedError, SegmentError
 from tests import _segment_workers as workers
+from tests._support import peek, poke
 
 IS_ROOT = os.geteuid() == 0
 NOBODY = 65534
@@ -52,22 +53,6 @@ def writer(seg_path: Path) -> Iterator[Segment]:
     """An open segment, used as the (single) writer."""
     with Segment.open(seg_path) as segment:
         yield segment
-
-
-def poke(path: Path, offset: int, data: bytes) -> None:
-    """Overwrite bytes of the file behind the segment's back (another process scribbling)."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def peek(path: Path, offset: int, size: int) -> bytes:
-    """Read raw bytes of the file."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
 
 
 def read_everything(segment: Segment) -> tuple[int, bytes, list[bytes]] | None:
