@@ -52,12 +52,14 @@ class CompiledRules:
     def __init__(
         self,
         features: tuple[str, ...],
-        patterns: list[tuple[Callable[[Mapping[str, str]], Any], dict[Any, Any]]],
+        patterns: list[tuple[tuple[int, ...], dict[Any, Any]]],
         catch_all: Any,
         rule_count: int,
     ) -> None:
         self.features = features
         self.patterns = patterns
+        """Best first: the indices (into :attr:`features`, ascending) a pattern conditions on, and its
+        table from their values (the bare value for one feature, else a tuple) to the rule's value."""
         self.catch_all = catch_all
         self.rule_count = rule_count
 
@@ -65,8 +67,12 @@ class CompiledRules:
         """The winning rule's value for *namespace*, or :data:`NO_MATCH`.
 
         *namespace* must hold a value for every feature in :attr:`features`.
+        ``Setting.get()`` does not call this: its lookup is generated from the
+        same patterns (:mod:`heksher_shm._lookup`).
         """
-        for key_of, table in self.patterns:
+        features = self.features
+        for indices, table in self.patterns:
+            key_of: Callable[[Mapping[str, str]], Any] = itemgetter(*(features[i] for i in indices))
             value = table.get(key_of(namespace), NO_MATCH)
             if value is not NO_MATCH:
                 return value
@@ -115,9 +121,4 @@ def compile_rules(features: Sequence[str], rules: Iterable[tuple[Conditions, Any
         table[key] = value
     width = len(features)
     ranked = sorted(tables, key=lambda idx: _pattern_rank(idx, width), reverse=True)
-    # itemgetter with one name returns the bare value, with several a tuple:
-    # the table keys above were built to match.
-    patterns: list[tuple[Callable[[Mapping[str, str]], Any], dict[Any, Any]]] = [
-        (itemgetter(*(features[i] for i in idx)), tables[idx]) for idx in ranked
-    ]
-    return CompiledRules(tuple(features), patterns, catch_all, count)
+    return CompiledRules(tuple(features), [(idx, tables[idx]) for idx in ranked], catch_all, count)

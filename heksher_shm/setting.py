@@ -22,8 +22,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from heksher_shm._protocol import TRACK_ALL, DeclarationBody
-from heksher_shm._resolve import NO_MATCH, CompiledRules
+from heksher_shm._lookup import compile_miss
+from heksher_shm._protocol import DeclarationBody
+from heksher_shm._resolve import CompiledRules
 from heksher_shm.setting_types import Conversion, SettingType, setting_type
 
 __all__ = ["QueriedRule", "Setting"]
@@ -122,86 +123,21 @@ class _State:
         self.words, self.applied = watched
         view = client._context_view() if client is not None else None
         features = frozenset(setting.configurable_features)
-        variables = tuple((f, v) for f, v in view.variables if f in features) if view is not None else ()
-        self.contextvars = tuple(v for _, v in variables)
+        variables = {f: v for f, v in view.variables if f in features} if view is not None else {}
+        self.contextvars = tuple(variables.values())
         self.cache: dict[Any, Any] = {}
-        self.miss = _compile_miss(setting, features, view, variables, rules, server_default)
+        self.miss = compile_miss(
+            setting.name,
+            features,
+            view.const if view is not None else {},
+            variables,
+            view.tracked if view is not None else None,
+            view.warn if view is not None else None,
+            rules,
+            server_default if server_default is not None else setting.default_value,
+        )
         self.pending: Callable[[], None] | None = None
         """Set on a state whose rules arrived but are not compiled yet (see ``Setting._defer``)."""
-
-
-def _compile_miss(
-    setting: Setting[Any],
-    features: frozenset[str],
-    view: _ContextView | None,
-    variables: tuple[tuple[str, ContextVar[str]], ...],
-    rules: CompiledRules | None,
-    server_default: Any,
-) -> Callable[[dict[str, str]], Any]:
-    name = setting.name
-    fallback = server_default if server_default is not None else setting.default_value
-
-    def check_keys(contexts: dict[str, str]) -> None:
-        for feature in contexts:
-            if feature not in features:
-                redundant = sorted(contexts.keys() - features)
-                raise ValueError(f"the following keys are not configurable for {name}: {redundant}")
-
-    if rules is None:
-
-        def no_rules(contexts: dict[str, str]) -> Any:
-            check_keys(contexts)
-            return fallback
-
-        return no_rules
-
-    const = tuple(view.const.items()) if view is not None else ()
-    tracked = view.tracked if view is not None else None
-    warn = view.warn if view is not None else None
-    # Only features not tracked with TRACK_ALL can carry an untracked value.
-    watched = (
-        tuple((f, tracked.get(f)) for f in sorted(features) if tracked.get(f) is not TRACK_ALL)
-        if tracked is not None
-        else ()
-    )
-    needed = frozenset(rules.features)
-    patterns = rules.patterns
-    otherwise = rules.catch_all if rules.catch_all is not NO_MATCH else fallback
-
-    def missing(namespace: dict[str, str]) -> RuntimeError:
-        feature = sorted(needed - namespace.keys())[0]
-        return RuntimeError(
-            f"configurable context feature {feature} of {name} is missing from both "
-            "the arguments and the client's defaults"
-        )
-
-    # *contexts* is get()'s own keyword dict, made for this call: it is
-    # completed in place rather than copied.
-    def miss(contexts: dict[str, str]) -> Any:
-        if not contexts.keys() <= features:
-            check_keys(contexts)
-        for feature, values in watched:
-            value = contexts.get(feature)
-            if value is not None and (values is None or value not in values) and warn is not None:
-                warn(feature, value)
-        for feature, value in const:
-            if feature not in contexts:
-                contexts[feature] = value
-        for feature, var in variables:
-            if feature not in contexts:
-                try:  # noqa: SIM105 - cheaper than contextlib.suppress on this path
-                    contexts[feature] = var.get()  # the variable's own default counts
-                except LookupError:
-                    pass
-        if not needed <= contexts.keys():
-            raise missing(contexts)
-        for key_of, table in patterns:
-            value = table.get(key_of(contexts), NO_MATCH)
-            if value is not NO_MATCH:
-                return value
-        return otherwise
-
-    return miss
 
 
 _order = itertools.count()
