@@ -117,6 +117,14 @@ class Wish:
     reload_seq: int
 
 
+class Blob(Protocol):
+    """A blob taken from a snapshot to be decoded later (``Transport.copy_blobs``)."""
+
+    def verified(self) -> bytes | memoryview:
+        """Its bytes, checked; raises :class:`~heksher_shm.exceptions.SegmentCorruptedError` if damaged."""
+        ...
+
+
 class Transport(Protocol):
     """Where snapshots are published and read: the shared segment or an in-process stand-in."""
 
@@ -125,6 +133,8 @@ class Transport(Protocol):
     def read_head(self) -> Any: ...
 
     def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None: ...
+
+    def copy_blobs(self, generation: int, indices: Sequence[int]) -> Sequence[Blob] | None: ...
 
     def publish(self, head: bytes, blobs: Sequence[bytes]) -> int: ...
 

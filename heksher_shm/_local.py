@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from heksher_shm._engine import Wish
 
-__all__ = ["HeadRead", "LocalLock", "LocalSource", "LocalTransport"]
+__all__ = ["HeadRead", "KeptBlob", "LocalLock", "LocalSource", "LocalTransport"]
 
 
 class HeadRead(NamedTuple):
@@ -24,6 +24,15 @@ class HeadRead(NamedTuple):
     generation: int
     head: bytes
     blob_count: int
+
+
+class KeptBlob(NamedTuple):
+    """A blob of a snapshot kept in this process: nothing can damage it."""
+
+    data: bytes
+
+    def verified(self) -> bytes:
+        return self.data
 
 
 class LocalTransport:
@@ -47,6 +56,10 @@ class LocalTransport:
         if current != generation:
             return None
         return [blobs[i] for i in indices]
+
+    def copy_blobs(self, generation: int, indices: Sequence[int]) -> list[KeptBlob] | None:
+        blobs = self.read_blobs(generation, indices)
+        return None if blobs is None else [KeptBlob(blob) for blob in blobs]
 
     def publish(self, head: bytes, blobs: Sequence[bytes]) -> int:
         generation = self._current[0] + 1

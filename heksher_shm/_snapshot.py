@@ -137,7 +137,7 @@ def decode_head(data: bytes) -> Head:
     return head
 
 
-def decode_blob(data: bytes) -> SettingBlob:
+def decode_blob(data: bytes | memoryview) -> SettingBlob:
     """Decode a setting's blob."""
     return _blob_decoder.decode(data)
 

@@ -89,7 +89,7 @@ class _Client(Protocol):
 
     def _watch(self) -> tuple[Any, list[int]]: ...
 
-    def _refresh(self) -> None: ...
+    def _refresh(self, setting: Setting[Any]) -> None: ...
 
 
 class _State:
@@ -105,6 +105,7 @@ class _State:
         "cache",
         "client",
         "contextvars",
+        "digest",
         "miss",
         "pending",
         "rules",
@@ -113,14 +114,26 @@ class _State:
     )
 
     def __init__(
-        self, setting: Setting[Any], client: _Client | None, rules: CompiledRules | None, server_default: Any
+        self,
+        setting: Setting[Any],
+        client: _Client | None,
+        rules: CompiledRules | None,
+        server_default: Any,
+        digest: bytes | None = None,
+        applied: list[int] | None = None,
     ) -> None:
         self.client = client
         self.rules = rules
+        self.digest = digest
+        """The digest of the snapshot blob the rules came from (None: not from a snapshot, or to be
+        rebuilt from the next one): the client skips a setting whose blob it already holds."""
         self.server_default = server_default
-        # get() is stale when words[2] (the published generation) differs from applied[0]
+        # get() is stale when words[2] (the published generation) differs from applied[0]: the
+        # client's box, shared by its settings, or one of this state's own (see Setting._defer)
         watched: tuple[Any, list[int]] = client._watch() if client is not None else (_NEVER, [0])
         self.words, self.applied = watched
+        if applied is not None:
+            self.applied = applied
         view = client._context_view() if client is not None else None
         features = frozenset(setting.configurable_features)
         variables = {f: v for f, v in view.variables if f in features} if view is not None else {}
@@ -138,6 +151,31 @@ class _State:
         )
         self.pending: Callable[[], None] | None = None
         """Set on a state whose rules arrived but are not compiled yet (see ``Setting._defer``)."""
+
+    def pending_copy(
+        self,
+        miss: Callable[[dict[str, str]], Any],
+        pending: Callable[[], None],
+        digest: bytes,
+        applied: list[int],
+    ) -> _State:
+        """This state, with an empty cache, no rules, and the rest given: built without asking the
+        client anything or compiling a lookup, as a snapshot may defer a thousand."""
+        state = _State.__new__(_State)
+        state.client, state.words, state.applied = self.client, self.words, applied
+        state.contextvars, state.server_default = self.contextvars, self.server_default
+        state.rules, state.cache, state.miss, state.pending = None, {}, miss, pending
+        state.digest = digest
+        return state
+
+    def reboxed(self, applied: list[int], digest: bytes | None) -> _State:
+        """This state (its rules, lookup and cache) compared with another applied box."""
+        state = _State.__new__(_State)
+        state.client, state.words, state.applied = self.client, self.words, applied
+        state.contextvars, state.server_default = self.contextvars, self.server_default
+        state.rules, state.cache, state.miss, state.pending = self.rules, self.cache, self.miss, self.pending
+        state.digest = digest
+        return state
 
 
 _order = itertools.count()
@@ -263,7 +301,7 @@ class Setting(Generic[T]):
         if state.words[2] != state.applied[0]:
             client = state.client
             if client is not None:
-                client._refresh()
+                client._refresh(self)
                 state = self._state
         key: Any = tuple(contexts.items())
         if state.contextvars:
@@ -292,27 +330,38 @@ class Setting(Generic[T]):
     def _set_state(self, state: _State) -> None:
         self._state = state
 
-    def _defer(self, client: _Client, load: Callable[[], None]) -> None:
+    def _defer(self, client: _Client, load: Callable[[], None], digest: bytes, applied: list[int]) -> None:
         """Swap in a state whose first ``get()`` runs *load*, which must install the real state.
 
         A process that uses one setting of a thousand pays for that one: new
         rules are decoded, converted and compiled on the setting's next
-        ``get()``, not when the snapshot arrives.
+        ``get()``, not when the snapshot arrives. *load* must leave a state
+        without ``pending`` in place: the new rules, or the previous ones.
         """
-        state = _State(self, client, None, self.server_default_value)
+        current = self._state
+        if current.client is client:
+            self._state = current.pending_copy(self._load_then_miss, load, digest, applied)
+        else:
+            state = _State(self, client, None, self.server_default_value, digest, applied)
+            state.miss, state.pending = self._load_then_miss, load
+            self._state = state
 
-        def first(contexts: dict[str, str]) -> Any:
-            if self._state is state:
-                load()
-            return self._state.miss(contexts)
+    def _load_then_miss(self, contexts: dict[str, str]) -> Any:
+        """The lookup of a deferred state: install the rules it waits for, then look up."""
+        pending = self._state.pending
+        if pending is not None:
+            pending()
+        return self._state.miss(contexts)
 
-        state.miss = first
-        state.pending = load
-        self._state = state
-
-    def _install_state(self, client: _Client | None, rules: CompiledRules | None) -> None:
+    def _install_state(
+        self,
+        client: _Client | None,
+        rules: CompiledRules | None,
+        digest: bytes | None = None,
+        applied: list[int] | None = None,
+    ) -> None:
         """Compile and swap in what ``get()`` reads, for *client*'s defaults and these rules."""
-        self._state = _State(self, client, rules, self.server_default_value)
+        self._state = _State(self, client, rules, self.server_default_value, digest, applied)
 
     def _declaration_body(self) -> DeclarationBody:
         return self._declaration

@@ -15,7 +15,7 @@ import heksher_shm as heksher
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.testing import Fault, HeksherService
 from tests._procs import Worker
-from tests._support import unique, until
+from tests._support import FEATURES, unique, until
 
 
 @pytest.fixture(params=["async", "thread"])
@@ -99,6 +99,74 @@ async def test_modification_lock_holds_back_a_follower(
     finally:
         lock.release()
     await until(lambda: setting.get(user="alice") == 2, what="applied after release")
+
+
+async def test_get_applies_its_own_setting_first(service: HeksherService, leader: Worker) -> None:
+    """The get() that finds a new snapshot applies it to its own setting only; the others follow
+    with their own get() or the next full apply, after which all share the client's applied box.
+
+    An async client, so that its background task cannot apply anything while this test does not
+    await: every step below runs between two awaits.
+    """
+    names = [unique("first"), unique("other")]
+    first, other = (heksher.Setting(name, int, ["user"], 0) for name in names)
+    client = heksher.AsyncHeksherClient(service.url, 60, FEATURES)
+    client.track_contexts(user="alice")
+    await client.set_as_main()
+    try:
+        rules = [service.add_rule(name, {"user": "alice"}, 1) for name in names]
+        await client.reload()
+        assert (first.get(user="alice"), other.get(user="alice")) == (1, 1)
+        box = client._applied_box
+        assert first._state.applied is box
+        assert other._state.applied is box
+        applied = client._applied_generation
+
+        for rule in rules:
+            service.set_rule_value(rule, 2)
+        leader.ask("reload")  # published; this loop is not awaited, so nothing applies it yet
+        assert client._transport.generation() > applied
+        assert first.get(user="alice") == 2
+        assert first._state.applied is not box  # its own box, at the new generation
+        assert client._applied_generation == applied  # the process as a whole: not yet
+        assert other._state.digest is not None
+        assert other._state.applied is box
+        assert other.get(user="alice") == 2
+        assert other._state.applied is not box
+
+        await client.reload()  # a full apply: everything back on the client's box
+        assert first._state.applied is box
+        assert other._state.applied is box
+        assert client._applied_generation > applied
+        assert (first.get(user="alice"), other.get(user="alice")) == (2, 2)
+    finally:
+        await client.aclose()
+
+
+async def test_waiting_rules_keep_one_fallback(service: HeksherService, leader: Worker) -> None:
+    """A setting nobody reads gets new rules with every snapshot; each waits for its first get().
+    What it would fall back to stays the rules last in use, not a chain of earlier waiting ones
+    (which would keep every earlier snapshot's copy alive)."""
+    name = unique("unread")
+    setting = heksher.Setting(name, int, ["user"], 0)
+    client = heksher.AsyncHeksherClient(service.url, 60, FEATURES)
+    client.track_contexts(user="alice")
+    await client.set_as_main()
+    try:
+        rule = service.add_rule(name, {"user": "alice"}, 0)
+        await client.reload()
+        assert setting.get(user="alice") == 0
+        in_use = setting._state
+        for value in range(1, 6):
+            service.set_rule_value(rule, value)
+            await client.reload()
+            pending = setting._state.pending
+            assert pending is not None, "the rules were decoded before anyone asked"
+            assert pending.restore is in_use  # type: ignore[attr-defined]
+        assert setting.get(user="alice") == 5
+        assert setting._state.pending is None
+    finally:
+        await client.aclose()
 
 
 async def test_files_are_private(make_driver: Any, service: HeksherService) -> None:

@@ -111,6 +111,36 @@ def test_round_trip(writer: Segment, seg_path: Path) -> None:
     assert stat.S_IMODE(os.stat(seg_path).st_mode) == 0o600
 
 
+def test_copy_blobs_checks_when_used(writer: Segment, seg_path: Path) -> None:
+    """copy_blobs: the same bytes as read_blobs, each checked by verified(), not before."""
+    blobs = [bytes([i]) * (100 + i) for i in range(10)]
+    generation = writer.publish(b"head", blobs)
+    with Segment.open(seg_path) as reader:
+        copies = reader.copy_blobs(generation, [7, 2, 3])
+        assert copies is not None
+        assert [bytes(c.verified()) for c in copies] == [blobs[7], blobs[2], blobs[3]]
+        # one copy for blobs close together: they share its buffer
+        assert copies[0].data.obj is copies[1].data.obj
+        assert reader.copy_blobs(generation, []) == []
+        assert reader.copy_blobs(generation + 1, [0]) is None  # not the published generation
+        with pytest.raises(SegmentCorruptedError, match="out of range"):
+            reader.copy_blobs(generation, [10])
+        damaged = copies[0]._replace(crc=copies[0].crc ^ 1)
+        with pytest.raises(SegmentCorruptedError, match="checksum mismatch in blob 7"):
+            damaged.verified()
+
+
+def test_copy_blobs_far_apart_are_copied_apart(writer: Segment, seg_path: Path) -> None:
+    """Two small blobs with a megabyte between them: two small copies, not one that spans it."""
+    blobs = [b"first", b"x" * (1 << 20), b"last"]
+    generation = writer.publish(b"", blobs)
+    with Segment.open(seg_path) as reader:
+        copies = reader.copy_blobs(generation, [0, 2])
+        assert copies is not None
+        assert [bytes(c.verified()) for c in copies] == [b"first", b"last"]
+        assert all(len(c.data.obj) < 100 for c in copies)  # type: ignore[arg-type]
+
+
 def test_empty_head_and_no_blobs(writer: Segment) -> None:
     generation = writer.publish(b"", [])
     assert writer.read_head() == HeadRead(generation, b"", 0)

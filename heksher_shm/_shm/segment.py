@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from types import TracebackType
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from heksher_shm._shm import layout
 from heksher_shm._shm.layout import (
@@ -77,7 +77,7 @@ from heksher_shm._shm.layout import (
 )
 from heksher_shm.exceptions import SegmentCorruptedError, SegmentError
 
-__all__ = ["HeadRead", "HeaderStatus", "Segment", "SlotInfo", "resolve_shm_dir"]
+__all__ = ["BlobCopy", "HeadRead", "HeaderStatus", "Segment", "SlotInfo", "resolve_shm_dir"]
 
 ENV_SHM_DIR = "HEKSHER_SHM_DIR"
 """Environment variable naming the directory for segments and helper files."""
@@ -140,6 +140,31 @@ class HeadRead(NamedTuple):
     """The head bytes exactly as given to :meth:`Segment.publish`."""
     blob_count: int
     """How many blobs the snapshot holds."""
+
+
+class BlobCopy(NamedTuple):
+    """A blob copied out of a snapshot (see :meth:`Segment.copy_blobs`), not yet checked."""
+
+    data: memoryview
+    crc: int
+    """The checksum the snapshot's table gives for it."""
+    number: int
+    """Its index in the snapshot."""
+    where: str
+    """The segment file and generation it came from, for the error message."""
+
+    def verified(self) -> memoryview:
+        """The blob's bytes; raises :class:`SegmentCorruptedError` if they fail their checksum."""
+        if zlib.crc32(self.data) != self.crc:
+            raise SegmentCorruptedError(f"{self.where}: checksum mismatch in blob {self.number}")
+        return self.data
+
+
+_Read = TypeVar("_Read", bytes, BlobCopy)
+
+_ONE_COPY_SLACK = 64 * 1024
+"""copy_blobs copies the span its blobs cover at once unless that holds more than twice their size
+plus this many bytes of other blobs."""
 
 
 @dataclass(frozen=True)
@@ -574,12 +599,32 @@ class Segment:
         the head again). Raises :class:`SegmentCorruptedError` for an index
         outside the snapshot or for data that fails its checks.
         """
+        return self._read_stable(generation, indices, self._try_read_blobs)
+
+    def copy_blobs(self, generation: int, indices: Sequence[int]) -> list[BlobCopy] | None:
+        """Copies of the blobs at ``indices`` of snapshot ``generation``, checked when used.
+
+        What a follower takes from a new snapshot for its settings, to decode
+        later: blobs close together are copied with one copy of the span they
+        cover, and each blob's checksum is compared by :meth:`BlobCopy.verified`
+        when it is decoded rather than here. Returns None and raises as
+        :meth:`read_blobs` does.
+        """
+        return self._read_stable(generation, indices, self._try_copy_blobs)
+
+    def _read_stable(
+        self,
+        generation: int,
+        indices: Sequence[int],
+        attempt: Callable[[int, Sequence[int]], list[_Read] | str | None],
+    ) -> list[_Read] | None:
+        """Run *attempt* until it succeeds, the generation moves (None), or it keeps failing (raise)."""
         self._check_open()
         problem = ""
         for _ in range(STABLE_FAILURES):
             if self._words[WORD_GENERATION] != generation:
                 return None
-            result = self._try_read_blobs(generation, indices)
+            result = attempt(generation, indices)
             if not isinstance(result, str):
                 return result
             if self._words[WORD_GENERATION] != generation:
@@ -588,19 +633,22 @@ class Segment:
             os.sched_yield()
         raise SegmentCorruptedError(f"segment file {self.path}: {problem} (generation {generation})")
 
-    def _try_read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | str | None:
+    def _blob_spans(
+        self, generation: int, indices: Sequence[int]
+    ) -> tuple[mmap.mmap, int, list[tuple[int, int, int, int]]] | str | None:
+        """The mapping, the start of the blob area, and (index, begin, end, crc) of each blob asked for."""
         selected = self._select_slot(generation)
         if isinstance(selected, str):
             return selected
-        mapping, _, index, desc = selected
+        mapping, _, slot, desc = selected
         count = desc.blob_count
-        base = desc.offset
-        crcs_at = base + count * layout.BLOB_END_SIZE
-        area = base + count * TABLE_ENTRY_SIZE + desc.head_length
+        table_at = desc.offset
+        area = table_at + count * TABLE_ENTRY_SIZE + desc.head_length
         area_length = desc.offset + desc.length - area
-        unpack_u64 = _U64.unpack_from
-        unpack_u32 = _U32.unpack_from
-        blobs = []
+        table = mapping[table_at : table_at + count * TABLE_ENTRY_SIZE]
+        ends = struct.unpack_from(f"<{count}Q", table)
+        crcs = struct.unpack_from(f"<{count}I", table, count * layout.BLOB_END_SIZE)
+        spans = []
         for raw_index in indices:
             i = operator.index(raw_index)
             if not 0 <= i < count:
@@ -610,14 +658,42 @@ class Segment:
                     f"segment file {self.path}: blob index {i} out of range"
                     f" (generation {generation} has {count} blobs)"
                 )
-            end = unpack_u64(mapping, base + 8 * i)[0]
-            begin = unpack_u64(mapping, base + 8 * (i - 1))[0] if i else 0
+            begin, end = ends[i - 1] if i else 0, ends[i]
             if not begin <= end <= area_length:
-                return f"blob {i} spans {begin}..{end}, outside the blob area of slot {index}"
-            data = mapping[area + begin : area + end]
-            if zlib.crc32(data) != unpack_u32(mapping, crcs_at + 4 * i)[0]:
-                return f"checksum mismatch in blob {i} of slot {index}"
+                return f"blob {i} spans {begin}..{end}, outside the blob area of slot {slot}"
+            spans.append((i, area + begin, area + end, crcs[i]))
+        return mapping, area, spans
+
+    def _try_read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | str | None:
+        found = self._blob_spans(generation, indices)
+        if found is None or isinstance(found, str):
+            return found
+        mapping, _, spans = found
+        blobs = []
+        for i, begin, end, crc in spans:
+            data = mapping[begin:end]
+            if zlib.crc32(data) != crc:
+                return f"checksum mismatch in blob {i}"
             blobs.append(data)
+        if self._words[WORD_GENERATION] != generation:
+            return None
+        return blobs
+
+    def _try_copy_blobs(self, generation: int, indices: Sequence[int]) -> list[BlobCopy] | str | None:
+        found = self._blob_spans(generation, indices)
+        if found is None or isinstance(found, str):
+            return found
+        mapping, _, spans = found
+        where = f"segment file {self.path}, generation {generation}"
+        if not spans:
+            return []
+        low = min(begin for _, begin, _, _ in spans)
+        high = max(end for _, _, end, _ in spans)
+        if high - low <= 2 * sum(end - begin for _, begin, end, _ in spans) + _ONE_COPY_SLACK:
+            whole = memoryview(mapping[low:high])
+            blobs = [BlobCopy(whole[b - low : e - low], crc, i, where) for i, b, e, crc in spans]
+        else:  # a few blobs far apart: copying what lies between them would waste memory
+            blobs = [BlobCopy(memoryview(mapping[b:e]), crc, i, where) for i, b, e, crc in spans]
         if self._words[WORD_GENERATION] != generation:
             return None
         return blobs

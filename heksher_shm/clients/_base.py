@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from heksher_shm import _main
-from heksher_shm._engine import Engine, Wish
+from heksher_shm._engine import Blob, Engine, Wish
 from heksher_shm._gc import paused_gc
 from heksher_shm._local import LocalLock, LocalSource, LocalTransport
 from heksher_shm._protocol import TRACK_ALL, DeclarationBody, covers, declaration_digest
@@ -37,10 +37,10 @@ from heksher_shm._shm.shared import (
     open_shared,
     wish_key,
 )
-from heksher_shm._snapshot import Ack, Head, SettingBlob, decode_blob, decode_head
+from heksher_shm._snapshot import Ack, Head, SettingBlob, SettingEntry, decode_blob, decode_head
 from heksher_shm.clients._defaults import ContextDefaults
 from heksher_shm.exceptions import LeaderUpdateError, SegmentError
-from heksher_shm.setting import QueriedRule, Setting, _ContextView
+from heksher_shm.setting import QueriedRule, Setting, _ContextView, _State
 from heksher_shm.status import SegmentStatus, segment_status
 
 __all__ = ["BaseHeksherClient"]
@@ -48,6 +48,46 @@ __all__ = ["BaseHeksherClient"]
 logger = logging.getLogger("heksher_shm.client")
 
 _UNTRACKED_WARNINGS = 1024
+
+
+class _PendingRules:
+    """A setting's new rules, copied from a snapshot, decoded and installed at its next ``get()``."""
+
+    __slots__ = ("blob", "client", "digest", "restore", "service_order", "setting")
+
+    def __init__(
+        self,
+        client: BaseHeksherClient,
+        setting: Setting[Any],
+        blob: Blob,
+        digest: bytes,
+        service_order: Sequence[str],
+        restore: _State,
+    ) -> None:
+        self.client, self.setting, self.blob, self.digest = client, setting, blob, digest
+        self.service_order = service_order
+        self.restore = restore
+        """The state to go back to if these rules are unusable: the last one that was not waiting."""
+
+    def __call__(self) -> None:
+        client, setting = self.client, self.setting
+        with client._apply_lock:
+            state = setting._state
+            if state.pending is not self:
+                return  # installed meanwhile, or replaced by newer rules
+            try:
+                with paused_gc():
+                    blob = decode_blob(self.blob.verified())
+                    client._install(setting, blob, self.service_order, self.digest, state.applied)
+            except (SegmentError, ValueError, msgspec.DecodeError):  # damaged, or not a rule set
+                logger.exception(
+                    "unusable rules in the snapshot; keeping the previous ones",
+                    extra={"setting_name": setting.name},
+                )
+                # digest None: rebuild it from the next snapshot, whatever that holds for it
+                setting._set_state(self.restore.reboxed(state.applied, None))
+
+
 """Distinct untracked context values warned about (once each) before falling silent."""
 
 POLL_INTERVAL = 0.02
@@ -100,7 +140,10 @@ class BaseHeksherClient(ContextDefaults):
         self._warned_untracked: set[tuple[str, str]] = set()
 
         self._settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
-        self._applied: weakref.WeakKeyDictionary[Setting[Any], bytes] = weakref.WeakKeyDictionary()
+        self._reapply_all = False
+        """Set when every setting must be rebuilt from the next snapshot, whatever its blob digest."""
+        self._peeked: tuple[int, Head, dict[str, SettingEntry]] | None = None
+        """The head get() decoded to apply one setting (see _apply_one), until the full apply."""
         # Reentrant: validators run while it is held, and may call get() on other settings.
         self._apply_lock = threading.RLock()
         # A list, not an int: settings' states share it, so get() compares the
@@ -289,13 +332,19 @@ class BaseHeksherClient(ContextDefaults):
         """What get() compares: the transport's words (item 2 is the generation) and the applied box."""
         return self._transport.words, self._applied_box
 
-    def _refresh(self) -> None:
-        """Apply a new snapshot from ``get()``, unless that would block (then the old rules answer)."""
-        if self._try_modification_lock():
-            try:
-                self._apply_latest(blocking=False)
-            finally:
-                self._release_modification_lock()
+    def _refresh(self, setting: Setting[Any]) -> None:
+        """From ``get()``: a new snapshot is out. Apply it to *setting* now, unless that would block
+        (then the old rules answer); the background loop applies it to the others shortly."""
+        if not self._try_modification_lock():
+            return
+        try:
+            if self._apply_lock.acquire(blocking=False):
+                try:
+                    self._apply_one(setting)
+                finally:
+                    self._apply_lock.release()
+        finally:
+            self._release_modification_lock()
 
     def _try_modification_lock(self) -> bool:
         raise NotImplementedError
@@ -478,7 +527,7 @@ class BaseHeksherClient(ContextDefaults):
 
     def _force_reapply(self) -> None:
         with self._apply_lock:
-            self._applied.clear()
+            self._reapply_all = True
             self._applied_generation = -1
 
     def _defaults_changed(self) -> None:
@@ -503,16 +552,63 @@ class BaseHeksherClient(ContextDefaults):
         """
         if not self._apply_lock.acquire(blocking=blocking):
             return
+        # The head and a new state per changed setting are thousands of small objects, made in one
+        # go (often by a get() that waits for them): no collection needs to run in between.
         try:
-            if fallback:
-                term = self._engine.fallback
-                if term is not None:
-                    self._apply_from(term.transport, fallback=True)
-            else:
-                self._apply_from(self._transport, fallback=False)
+            with paused_gc():
+                if fallback:
+                    term = self._engine.fallback
+                    if term is not None:
+                        self._apply_from(term.transport, fallback=True)
+                else:
+                    self._apply_from(self._transport, fallback=False)
         finally:
             self._apply_lock.release()
         self._notify_applied()
+
+    def _apply_one(self, setting: Setting[Any]) -> None:
+        """Apply the newest snapshot to *setting* alone (see "What a follower does on get()").
+
+        The setting's new state gets an applied box of its own, holding the
+        snapshot's generation, so that its ``get()`` stops seeing a new
+        snapshot; the next full apply puts it back on the client's box. Anything
+        out of the ordinary (no such setting in the snapshot, an older snapshot,
+        a damaged segment) is left to the full apply, which handles it for all.
+        """
+        transport = self._transport
+        generation = transport.generation()
+        state = setting._state
+        if generation == self._applied_generation:
+            if state.applied is not self._applied_box and state.client is self:
+                setting._set_state(state.reboxed(self._applied_box, state.digest))
+            return
+        peeked = self._peeked
+        if peeked is None or peeked[0] != generation:
+            try:
+                read = transport.read_head()
+                if read is None or read.generation != generation:
+                    return  # nothing published, or published again meanwhile: the next get() tries
+                head = decode_head(read.head)
+            except (SegmentError, ValueError, msgspec.DecodeError):
+                self._apply_latest(blocking=False)  # it logs, and marks the generation seen
+                return
+            peeked = self._peeked = (generation, head, {entry.name: entry for entry in head.settings})
+        _, head, entries = peeked
+        entry = entries.get(setting.name)
+        if entry is None or head.queried < self._queried or state.client is not self:
+            self._apply_latest(blocking=False)
+            return
+        box = [generation]
+        if state.digest == entry.digest and not self._reapply_all:
+            setting._set_state(state.reboxed(box, state.digest))
+            return
+        try:
+            blobs = transport.copy_blobs(generation, [entry.blob])
+        except SegmentError:
+            self._apply_latest(blocking=False)
+            return
+        if blobs is not None:  # else published again meanwhile: the next get() tries
+            self._defer_install(setting, blobs[0], entry.digest, head.context_features, box)
 
     def _apply_from(self, transport: Any, fallback: bool) -> None:
         def seen(generation: int) -> bool:
@@ -553,12 +649,16 @@ class BaseHeksherClient(ContextDefaults):
                 return
             entries = {entry.name: entry for entry in head.settings}
             settings = [s for s in self._settings if s._state.client is self]
+            reapply = self._reapply_all
+            # A setting's state carries the digest of the blob it was built from.
             todo = [
-                s for s in settings if s.name in entries and self._applied.get(s) != entries[s.name].digest
+                (s, entry)
+                for s in settings
+                if (entry := entries.get(s.name)) is not None and (reapply or s._state.digest != entry.digest)
             ]
-            indices = sorted({entries[s.name].blob for s in todo})
+            indices = sorted({entry.blob for _, entry in todo})
             try:
-                blobs = transport.read_blobs(read.generation, indices) if indices else []
+                blobs = transport.copy_blobs(read.generation, indices) if indices else []
             except SegmentError:
                 logger.exception("the shared segment is unreadable; keeping the previous rules")
                 mark(generation)
@@ -566,10 +666,15 @@ class BaseHeksherClient(ContextDefaults):
             if blobs is None:
                 continue  # the leader published again while we read: start over
             by_index = dict(zip(indices, blobs, strict=True))
-            for setting in todo:
-                entry = entries[setting.name]
-                self._defer_install(setting, by_index[entry.blob], head.context_features)
-                self._applied[setting] = entry.digest
+            box = self._applied_box
+            for setting, entry in todo:
+                self._defer_install(setting, by_index[entry.blob], entry.digest, head.context_features, box)
+            for setting in settings:  # back on the client's box, those get() applied on their own
+                state = setting._state
+                if state.applied is not box:
+                    setting._set_state(state.reboxed(box, state.digest))
+            self._reapply_all = False
+            self._peeked = None
             for setting in settings:
                 if setting.name not in entries:
                     self._apply_outdated_default(setting, head)
@@ -580,25 +685,21 @@ class BaseHeksherClient(ContextDefaults):
             return
         logger.warning("the snapshot kept changing while being read; keeping the previous one")
 
-    def _defer_install(self, setting: Setting[Any], blob: bytes, service_order: Sequence[str]) -> None:
-        """Keep a setting's new rules (bytes copied now, under modification_lock) for its next get()."""
+    def _defer_install(
+        self,
+        setting: Setting[Any],
+        blob: Blob,
+        digest: bytes,
+        service_order: Sequence[str],
+        applied: list[int],
+    ) -> None:
+        """Keep a setting's new rules (copied now, under modification_lock) for its next get()."""
         previous = setting._state
-
-        def load() -> None:
-            with self._apply_lock:
-                if setting._state.pending is not load:
-                    return  # installed meanwhile, or replaced by newer rules
-                try:
-                    with paused_gc():
-                        self._install(setting, decode_blob(blob), service_order)
-                except (ValueError, msgspec.DecodeError):  # verified bytes, but not a rule set
-                    logger.exception(
-                        "unusable rules in the snapshot; keeping the previous ones",
-                        extra={"setting_name": setting.name},
-                    )
-                    setting._set_state(previous)
-
-        setting._defer(self, load)
+        earlier = previous.pending
+        # What to keep if the new rules turn out unusable: the rules in use, not other waiting ones.
+        restore = earlier.restore if isinstance(earlier, _PendingRules) else previous
+        pending = _PendingRules(self, setting, blob, digest, service_order, restore)
+        setting._defer(self, pending, digest, applied)
 
     def _take_ack(self, head: Head) -> None:
         ack = head.acks.get(self._key)
@@ -631,7 +732,14 @@ class BaseHeksherClient(ContextDefaults):
         setting.server_default_value = converted.value
         return True
 
-    def _install(self, setting: Setting[Any], blob: SettingBlob, service_order: Sequence[str]) -> None:
+    def _install(
+        self,
+        setting: Setting[Any],
+        blob: SettingBlob,
+        service_order: Sequence[str],
+        digest: bytes,
+        applied: list[int],
+    ) -> None:
         """Convert one setting's raw rules with its own type and validators, filter, compile, swap in."""
         position = {f: i for i, f in enumerate(service_order)}
         features = sorted(
@@ -673,7 +781,7 @@ class BaseHeksherClient(ContextDefaults):
                 "setting update coerced values", extra={"setting_name": setting.name, "coercions": coerced}
             )
         self._convert_default(setting, blob.default)
-        setting._install_state(self, compile_rules(features, rules))
+        setting._install_state(self, compile_rules(features, rules), digest, applied)
 
 
 def _check_seconds(name: str, value: object) -> None:

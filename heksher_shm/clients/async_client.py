@@ -16,6 +16,7 @@ from heksher_shm import _protocol as proto
 from heksher_shm._engine import BEAT_INTERVAL, Apply, Call, Effect, Wait
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import AsyncMainContext
+from heksher_shm.setting import Setting
 
 __all__ = ["AsyncHeksherClient"]
 
@@ -235,12 +236,12 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
     def _notify_applied(self) -> None:
         self._waiters.notify()
 
-    def _refresh(self) -> None:
+    def _refresh(self, setting: Setting[Any]) -> None:
         if self._needs_restart and not self._closed:
             # Without a running loop here, serve the segment passively for now.
             with contextlib.suppress(RuntimeError):
                 self._ensure_task()
-        super()._refresh()
+        super()._refresh(setting)
 
     def _restart_after_fork(self) -> None:
         self._needs_restart = True

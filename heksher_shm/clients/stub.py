@@ -128,7 +128,7 @@ class _StubClient(ContextDefaults):
     def _watch(self) -> tuple[Any, list[int]]:
         return (0, 0, 0), [0]  # stub rules never go stale
 
-    def _refresh(self) -> None:
+    def _refresh(self, setting: Setting[Any]) -> None:
         pass
 
     def _setting_added(self, setting: Setting[Any]) -> None:
