@@ -162,16 +162,20 @@ class _State:
         """This state, with an empty cache, no rules, and the rest given: built without asking the
         client anything or compiling a lookup, as a snapshot may defer a thousand."""
         state = _State.__new__(_State)
-        state.client, state.words, state.applied = self.client, self.words, applied
+        state.client, state.words, state.applied = self.client, self._current_words(), applied
         state.contextvars, state.server_default = self.contextvars, self.server_default
         state.rules, state.cache, state.miss, state.pending = None, {}, miss, pending
         state.digest = digest
         return state
 
+    def _current_words(self) -> Any:
+        """The words of the client's segment now (it may have moved to a new file since)."""
+        return self.client._watch()[0] if self.client is not None else self.words
+
     def reboxed(self, applied: list[int], digest: bytes | None) -> _State:
         """This state (its rules, lookup and cache) compared with another applied box."""
         state = _State.__new__(_State)
-        state.client, state.words, state.applied = self.client, self.words, applied
+        state.client, state.words, state.applied = self.client, self._current_words(), applied
         state.contextvars, state.server_default = self.contextvars, self.server_default
         state.rules, state.cache, state.miss, state.pending = self.rules, self.cache, self.miss, self.pending
         state.digest = digest
