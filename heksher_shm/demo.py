@@ -342,7 +342,7 @@ class _Demo:
             f"{indent}(the setting is declared once per leader term);\n"
             f"{indent}one poller at a {self.interval:g} s interval makes about {polls:.0f} queries, "
             f"{self.n} separate clients about {self.n * polls:.0f}\n"
-            f"{indent}(a few more answer each worker's set_as_main and the new leader's first update)\n"
+            f"{indent}(a few more answer the first worker's set_as_main and the new leader's first update)\n"
             f"{indent}takeover after the leader's SIGKILL: {(self.takeover or 0) * 1000:.0f} ms",
             file=self.out,
             flush=True,

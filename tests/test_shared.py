@@ -62,6 +62,36 @@ def test_followers_declarations_and_reload(service: HeksherService, workers: lis
     assert second.ask("get", follower_only, {"user": "bob"}) == 42
 
 
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_served_newcomer_costs_the_service_nothing(
+    service: HeksherService, workers: list[Worker], kind: str
+) -> None:
+    """A new process whose settings and tracked contexts the snapshot already serves (a new
+    preforked worker) starts without any request reaching the service; one that needs more
+    (a setting the leader has not declared) gets its declaration and one query."""
+    name, extra = unique("served"), unique("newcomer")
+    first = Worker(service.url, "thread", [name], 60)
+    workers.append(first)
+    first.ready()
+    service.add_rule(name, {"user": "alice"}, 7)
+    assert first.ask("reload") is True
+    service.reset_requests()
+    served = Worker(service.url, kind, [name], 60)
+    workers.append(served)
+    served.ready()
+    assert served.ask("get", name, {"user": "alice"}) == 7
+    assert not served.ask("leading")
+    assert served.pid in {p.pid for p in first.ask("status").processes}  # registered
+    # the leader reads registrations every 20 ms: give it fifty scans to (wrongly) ask for something
+    assert not service.wait_for_requests(1, timeout=1.0), service.requests
+
+    needs_more = Worker(service.url, kind, [name, extra], 60)
+    workers.append(needs_more)
+    needs_more.ready()  # returns once the leader declared `extra` and published rules covering it
+    assert service.count(path="/api/v1/settings/declare") == 1
+    assert service.count(path="/api/v1/query") == 1
+
+
 def test_takeover_after_sigkill(service: HeksherService, workers: list[Worker]) -> None:
     name = unique("takeover")
     interval = 60.0  # takeover must not wait for an interval

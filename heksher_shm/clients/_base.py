@@ -357,8 +357,10 @@ class BaseHeksherClient(ContextDefaults):
 
     # -- main client -----------------------------------------------------------------------------------
 
-    def _become_main(self) -> int:
-        """Become the process's main client; returns the request number to wait for."""
+    def _become_main(self) -> None:
+        """Become the process's main client. ``set_as_main`` then registers what it needs, asking the
+        leader for a query only if the current snapshot does not serve it already (see
+        :meth:`_register_as_main`)."""
         if self._closed:
             raise RuntimeError("this client is closed")
         check_background_threads()
@@ -369,9 +371,18 @@ class BaseHeksherClient(ContextDefaults):
             self._settings.add(setting)
             setting._install_state(self, None)
         self._applied_generation = -1
-        self._reload_seq += 1
-        self._wish_changed()
-        return self._reload_seq
+
+    def _register_as_main(self) -> int | None:
+        """Write this process's registration, once the current snapshot is applied.
+
+        Returns the request number to wait for, or None when the snapshot
+        already serves this process (then nobody queries on its behalf, so a
+        new preforked worker costs the service nothing).
+        """
+        if self._already_served():
+            self._wish_changed()
+            return None
+        return self._request_reload()
 
     def _setting_added(self, setting: Setting[Any]) -> None:
         self._settings.add(setting)

@@ -71,11 +71,12 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             httpx.HTTPError: a declaration or the initial update failed.
             TimeoutError: no update arrived within ``startup_timeout``.
         """
-        seq = self._become_main()
+        self._become_main()
         self._ensure_task()
         async with self.modification_lock:
             self._apply_latest()
-        if self._already_served():
+        seq = self._register_as_main()
+        if seq is None:
             return  # a leader already serves everything this process needs
         try:
             await self._wait_for(seq, starting=True)

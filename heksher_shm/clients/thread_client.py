@@ -55,14 +55,14 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
 
     def set_as_main(self) -> None:
         """Make this the main client: declare all settings, then wait for an initial update."""
-        seq = self._become_main()
+        self._become_main()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="heksher-shm", daemon=True)
             self._thread.start()
         self._apply(Apply(blocking=True))
-        if self._already_served():
-            return  # a leader already serves everything this process needs
-        self._wait_for(seq, "set_as_main")
+        seq = self._register_as_main()
+        if seq is not None:
+            self._wait_for(seq, "set_as_main")
 
     def reload(self) -> None:
         """Update all rules now, and wait until done; also resets the update timer."""
