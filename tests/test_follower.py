@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,51 @@ async def test_waiting_rules_keep_one_fallback(service: HeksherService, leader: 
         assert setting._state.pending is None
     finally:
         await client.aclose()
+
+
+def test_registration_writers_leave_the_latest_wish(
+    service: HeksherService, leader: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """set_as_main/reload write the registration from the caller's thread while the background loop
+    may re-register a missing one. A re-registration computed before a request and written after it
+    would leave a stale request number (and a set_as_main waiting for an acknowledgement nobody was
+    asked for): the writes are serialised, so the request's comes last."""
+    client = heksher.ThreadHeksherClient(service.url, 60, FEATURES)
+    client.set_as_main()
+    try:
+        assert client._parts is not None
+        registry = client._parts.registry
+        write = registry.write
+        computed, requested = threading.Event(), threading.Event()
+        housekeeper_ident: list[int] = []
+
+        def slow_housekeeper_write(registration: Any) -> bytes:
+            if threading.get_ident() in housekeeper_ident:
+                computed.set()  # its wish is computed, its write not done
+                requested.wait(1.0)  # the request, if it can get in first (it cannot: it waits)
+            return write(registration)
+
+        monkeypatch.setattr(registry, "write", slow_housekeeper_write)
+
+        def housekeeping() -> None:  # what the housekeeping does when it finds no registration
+            housekeeper_ident.append(threading.get_ident())
+            client._wish_changed()
+
+        def request() -> None:
+            client._request_reload()
+            requested.set()
+
+        housekeeper = threading.Thread(target=housekeeping)
+        housekeeper.start()
+        assert computed.wait(10), "the housekeeping did not re-register"
+        requester = threading.Thread(target=request)
+        requester.start()
+        for t in (housekeeper, requester):
+            t.join(10)
+        (ours,) = [r for r in registry.scan(prune=False).registrations if r.pid == os.getpid()]
+        assert ours.reload_seq == client._reload_seq
+    finally:
+        client.close()
 
 
 async def test_files_are_private(make_driver: Any, service: HeksherService) -> None:

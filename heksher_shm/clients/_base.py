@@ -159,6 +159,10 @@ class BaseHeksherClient(ContextDefaults):
         self._closed = False
         self._parts: SharedParts | None = None
         self._registered = b""
+        """What this process last wrote as its registration (empty until set_as_main writes it)."""
+        # Held while the registration is computed and written, from set_as_main/reload/track_contexts
+        # and from the background loop's housekeeping: the last write carries the latest wish.
+        self._register_lock = threading.Lock()
         self._transport: LocalTransport | Segment = LocalTransport()
         self._local_source = LocalSource(self._wish)
         self._key = f"local-{id(self):x}"
@@ -299,6 +303,7 @@ class BaseHeksherClient(ContextDefaults):
         lock's descriptor is closed (not unlocked) by its own fork hook.
         """
         self._apply_lock = threading.RLock()
+        self._register_lock = threading.Lock()
         if self._parts is not None:
             self._key = wish_key(current_identity())
         self._engine = self._make_engine()
@@ -408,18 +413,20 @@ class BaseHeksherClient(ContextDefaults):
         if parts is None:
             self._local_source.touch()
         elif not self._closed:
-            wish = self._wish()
-            identity = current_identity()
-            self._registered = parts.registry.write(
-                Registration(
-                    pid=identity.pid,
-                    create_time=identity.create_time,
-                    kind=self._kind,
-                    declarations=[encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations],
-                    tracked={f: list(v) if not isinstance(v, str) else v for f, v in wish.tracked.items()},
-                    reload_seq=wish.reload_seq,
+            with self._register_lock:
+                wish = self._wish()
+                identity = current_identity()
+                tracked = {f: list(v) if not isinstance(v, str) else v for f, v in wish.tracked.items()}
+                self._registered = parts.registry.write(
+                    Registration(
+                        pid=identity.pid,
+                        create_time=identity.create_time,
+                        kind=self._kind,
+                        declarations=[encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations],
+                        tracked=tracked,
+                        reload_seq=wish.reload_seq,
+                    )
                 )
-            )
         self._wake()
 
     def _ensure_registered(self) -> None:
@@ -430,7 +437,8 @@ class BaseHeksherClient(ContextDefaults):
             return
         if parts.segment.is_replaced():
             self._reopen_segment()
-        if not parts.registry.holds(current_identity(), self._registered):
+        # Not before set_as_main has registered (it does so once the current snapshot is applied).
+        if self._registered and not parts.registry.holds(current_identity(), self._registered):
             logger.warning("this process's registration was missing or damaged; registering again")
             self._wish_changed()
 
