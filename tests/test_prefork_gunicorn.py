@@ -88,8 +88,8 @@ def test_gunicorn_max_requests(service: HeksherService, tmp_path: Path, preload:
     """Workers recycled while serving (--max-requests 100 under steady traffic).
 
     Every answer is the rule's value (a fresh worker never answers before it
-    has the rules), the poller stays one (plus one query per worker start-up:
-    its set_as_main asks for an update), and changes propagate during the
+    has the rules), the poller stays one (plus a new leader's first query and
+    declaration when the leader is recycled), and changes propagate during the
     churn. With --preload the arbiter leads and is never recycled: changes
     arrive within an interval. Without it the leader is a worker and is
     recycled too; each handover costs the new leader's first requests, so

@@ -372,9 +372,9 @@ def one_poller(
     """Check 2: over a few update intervals the service sees the queries of one poller, not one per worker.
 
     *allowance* (plus what *extra* returns at the end of the window) adds
-    queries that workers' start-ups legitimately cause: a booting worker's
-    ``set_as_main`` asks the leader for a fresh update, and a new leader
-    declares once.
+    requests that workers' start-ups legitimately cause: a new leader's first
+    query and its declarations (once per term), and the update a booting
+    worker asks for when the snapshot does not serve it yet.
     """
     t0 = time.monotonic()
     before = [r for r in service.requests if r.path == QUERY]
@@ -394,7 +394,11 @@ def one_poller(
     declarations = sum(1 for r in window if r.path == DECLARE)
     traffic = Traffic(queries, declarations, t1 - t0, interval)
     assert queries <= (t1 - t0) / interval + 2 + allowance, traffic
-    assert declarations <= allowance, traffic
+    # With workers recycled during the window (*extra*), a leader term started just before it may
+    # declare inside it, and one started just before its end may declare before the replacement
+    # worker's boot is logged: one declaration at each edge beyond the boots counted.
+    edges = 2 if extra is not None else 0
+    assert declarations <= allowance + edges, traffic
     return traffic
 
 
