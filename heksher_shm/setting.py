@@ -109,7 +109,6 @@ class _State:
         "miss",
         "pending",
         "rules",
-        "server_default",
         "words",
     )
 
@@ -127,7 +126,6 @@ class _State:
         self.digest = digest
         """The digest of the snapshot blob the rules came from (None: not from a snapshot, or to be
         rebuilt from the next one): the client skips a setting whose blob it already holds."""
-        self.server_default = server_default
         # get() is stale when words[2] (the published generation) differs from applied[0]: the
         # client's box, shared by its settings, or one of this state's own (see Setting._defer)
         watched: tuple[Any, list[int]] = client._watch() if client is not None else (_NEVER, [0])
@@ -161,24 +159,28 @@ class _State:
     ) -> _State:
         """This state, with an empty cache, no rules, and the rest given: built without asking the
         client anything or compiling a lookup, as a snapshot may defer a thousand."""
-        state = _State.__new__(_State)
-        state.client, state.words, state.applied = self.client, self._current_words(), applied
-        state.contextvars, state.server_default = self.contextvars, self.server_default
-        state.rules, state.cache, state.miss, state.pending = None, {}, miss, pending
-        state.digest = digest
-        return state
-
-    def _current_words(self) -> Any:
-        """The words of the client's segment now (it may have moved to a new file since)."""
-        return self.client._watch()[0] if self.client is not None else self.words
+        return self._derived(applied, digest, None, {}, miss, pending)
 
     def reboxed(self, applied: list[int], digest: bytes | None) -> _State:
         """This state (its rules, lookup and cache) compared with another applied box."""
+        return self._derived(applied, digest, self.rules, self.cache, self.miss, self.pending)
+
+    def _derived(
+        self,
+        applied: list[int],
+        digest: bytes | None,
+        rules: CompiledRules | None,
+        cache: dict[Any, Any],
+        miss: Callable[[dict[str, str]], Any],
+        pending: Callable[[], None] | None,
+    ) -> _State:
+        """A state of the same client and defaults, watching the words of the client's segment now
+        (it may have moved to a new file since this one was made)."""
         state = _State.__new__(_State)
-        state.client, state.words, state.applied = self.client, self._current_words(), applied
-        state.contextvars, state.server_default = self.contextvars, self.server_default
-        state.rules, state.cache, state.miss, state.pending = self.rules, self.cache, self.miss, self.pending
-        state.digest = digest
+        state.client, state.applied, state.contextvars = self.client, applied, self.contextvars
+        state.words = self.client._watch()[0] if self.client is not None else self.words
+        state.digest, state.rules, state.cache = digest, rules, cache
+        state.miss, state.pending = miss, pending
         return state
 
 
