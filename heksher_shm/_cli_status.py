@@ -103,8 +103,8 @@ def _summary(st: SegmentStatus, verdict: str, idle: bool) -> str:
     if verdict == "unresponsive":
         assert leader is not None
         return (
-            f"leader pid {leader.pid} is alive but has not beaten its heartbeat for "
-            f"{age(st.heartbeat_age)} (limit {HEARTBEAT_STALE_AFTER:g} s)"
+            f"leader pid {leader.pid} is alive but has made no progress for {age(st.heartbeat_age)}, "
+            f"{age(st.overdue)} past its promise (limit {HEARTBEAT_STALE_AFTER:g} s); a follower replaces it"
         )
     if verdict == "stale":
         interval = f"every {age(st.update_interval)}" if st.update_interval else "at its interval"
@@ -152,7 +152,11 @@ def _render(checked: Checked) -> list[str]:
     )
     lines.append(f"  generation      {st.generation}{published}")
     heartbeat = f"{age(st.heartbeat_age)} ago" if st.heartbeat_age is not None else "never"
-    lines.append(f"  heartbeat       {heartbeat}")
+    if st.overdue is not None and st.heartbeat_age is not None:
+        heartbeat += (
+            f", overdue by {age(st.overdue)}" if st.overdue > 0 else f", next within {age(-st.overdue)}"
+        )
+    lines.append(f"  progress        {heartbeat}")
     if st.last_update_ok is not None:
         interval = f", update interval {age(st.update_interval)}" if st.update_interval else ""
         lines.append(

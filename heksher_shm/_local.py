@@ -14,16 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from heksher_shm._engine import Wish
+from heksher_shm._shm.segment import HeadRead
 
-__all__ = ["HeadRead", "KeptBlob", "LocalLock", "LocalSource", "LocalTransport"]
-
-
-class HeadRead(NamedTuple):
-    """A verified snapshot head (same shape as the shared segment's)."""
-
-    generation: int
-    head: bytes
-    blob_count: int
+__all__ = ["KeptBlob", "LocalLock", "LocalSource", "LocalTransport"]
 
 
 class KeptBlob(NamedTuple):
@@ -43,6 +36,7 @@ class LocalTransport:
         self.words = array.array("Q", [0, 0, 0])
         """Item 2 is the generation, as in the shared segment's header words."""
         self._marks: tuple[float, int, str | None] = (0.0, 0, None)
+        self._liveness = (0.0, 0.0)
 
     def generation(self) -> int:
         return self._current[0]
@@ -67,11 +61,15 @@ class LocalTransport:
         self.words[2] = generation
         return generation
 
-    def set_leader(self, pid: int, create_time: float) -> None:
+    def set_leader(self, pid: int, create_time: float, bell: int = 0) -> None:
         pass
 
-    def beat(self, now: float | None = None) -> None:
-        pass
+    def beat(self, progress: float, promise: float) -> None:
+        self._liveness = (progress, promise)
+
+    def liveness(self) -> tuple[float, float]:
+        """(progress, promise), as the segment's words (see :meth:`heksher_shm._shm.segment.Segment.beat`)."""
+        return self._liveness
 
     def record_update_ok(self, when: float) -> None:
         self._marks = (when, self._marks[1], self._marks[2])
@@ -103,6 +101,9 @@ class LocalLock:
     def verify(self) -> bool:
         return True
 
+    def seize(self) -> bool:
+        return self.try_acquire()
+
 
 class LocalSource:
     """This process's own wish, and nothing else."""
@@ -111,7 +112,9 @@ class LocalSource:
         self._wish = wish
         self._changed = threading.Event()
 
-    def wishes(self) -> list[Wish]:
+    bells: tuple[str, ...] = ()
+
+    def wishes(self, prune: bool = False) -> list[Wish]:
         self._changed.clear()
         return [self._wish()]
 

@@ -37,6 +37,7 @@ __all__ = [
     "QueryResponse",
     "QueryRule",
     "QuerySetting",
+    "RawQueryResponse",
     "SettingData",
     "SettingsResponse",
     "context_filters",
@@ -105,6 +106,12 @@ class QueryResponse(msgspec.Struct):
     """``GET /api/v1/query``."""
 
     settings: dict[str, QuerySetting]
+
+
+class RawQueryResponse(msgspec.Struct):
+    """``GET /api/v1/query``, each setting left as raw JSON to be decoded on its own (see the engine)."""
+
+    settings: dict[str, msgspec.Raw]
 
 
 class SettingData(msgspec.Struct):

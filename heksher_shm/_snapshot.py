@@ -37,7 +37,7 @@ __all__ = [
     "encode_head",
 ]
 
-FORMAT = 1
+FORMAT = 2
 """Version of the head/blob encoding; a reader refuses heads of another version."""
 
 
@@ -70,7 +70,9 @@ class Outcome(msgspec.Struct, array_like=True, frozen=True):
 
     ``status`` is the HTTP status, 0 when no response came; ``error`` is set
     when the declaration failed; ``default`` is the service's newer default
-    (raw JSON) when the outcome was ``outdated`` and the default differed.
+    (raw JSON) when the outcome was ``outdated`` and the default differed;
+    ``error_id`` says which exception the leader kept for the error
+    (meaningful in the leader's own process only).
     """
 
     name: str
@@ -78,6 +80,7 @@ class Outcome(msgspec.Struct, array_like=True, frozen=True):
     status: int
     error: str | None = None
     default: bytes | None = None
+    error_id: str = ""
 
 
 class Ack(msgspec.Struct, array_like=True, frozen=True):

@@ -23,7 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 
 from heksher_shm._lookup import compile_miss
-from heksher_shm._protocol import DeclarationBody
+from heksher_shm._protocol import DeclarationBody, declaration_digest
 from heksher_shm._resolve import CompiledRules
 from heksher_shm.setting_types import Conversion, SettingType, setting_type
 
@@ -267,7 +267,7 @@ class Setting(Generic[T]):
             alias=alias,
         )
         try:
-            msgspec.json.encode(self._declaration)
+            self._digest = declaration_digest(self._declaration)
         except (TypeError, msgspec.EncodeError) as e:
             raise TypeError(f"default value of {name} cannot be sent to the service: {e}") from None
         from heksher_shm import _main

@@ -27,7 +27,7 @@ from heksher_shm.exceptions import SegmentError
 __all__ = ["ProcessInfo", "SegmentStatus", "list_segments", "segment_status"]
 
 HEARTBEAT_STALE_AFTER = UNRESPONSIVE_AFTER
-"""Seconds without a leader heartbeat after which the leader counts as unresponsive."""
+"""Seconds a leader may overrun its promise of progress before it counts as unresponsive."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,15 @@ class SegmentStatus:
 
     ``verdict`` is ``"ok"``, ``"empty"`` (nothing published yet),
     ``"corrupted"`` (the file fails validation: ``problem`` says how; the
-    next leader rewrites it), ``"leaderless"`` (no live leader), ``"unresponsive"`` (the leader stopped
-    beating) or ``"stale"`` (no successful update for over two update
+    next leader rewrites it), ``"leaderless"`` (no live leader), ``"unresponsive"`` (the leader
+    broke its promise to show progress by more than :data:`HEARTBEAT_STALE_AFTER` seconds: stopped
+    or wedged; a follower replaces it) or ``"stale"`` (no successful update for over two update
     intervals); ``healthy`` is true only for ``"ok"``.
+
+    ``heartbeat_age`` is the time since the leader last showed progress (it
+    sleeps between updates, so this grows up to an update interval on a
+    healthy idle host); ``overdue`` is how far past its promised next sign of
+    progress it is (``None`` or negative: not overdue).
     """
 
     path: str
@@ -59,6 +65,7 @@ class SegmentStatus:
     generation: int
     leader: ProcessInfo | None
     heartbeat_age: float | None
+    overdue: float | None
     last_update_ok: float | None
     last_update_age: float | None
     last_error: str | None
@@ -130,7 +137,9 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         identity = ProcessIdentity(header.leader_pid, header.leader_create_time)
         kind = next((p.kind for p in processes if p.pid == identity.pid), None)  # the header has no kind
         leader = _process(identity, kind)
-    heartbeat_age = None if header.heartbeat is None else max(0.0, now - header.heartbeat)
+    mono = time.monotonic()
+    heartbeat_age = None if header.progress is None else max(0.0, mono - header.progress)
+    overdue = None if header.promise is None else mono - header.promise
     last_ok_age = None if header.last_update_ok is None else max(0.0, now - header.last_update_ok)
     interval = head.update_interval if head is not None and head.update_interval else None
     if problem is not None:
@@ -139,7 +148,7 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         verdict = "empty"
     elif leader is None or not leader.alive:
         verdict = "leaderless"
-    elif heartbeat_age is None or heartbeat_age > HEARTBEAT_STALE_AFTER:
+    elif overdue is None or overdue > HEARTBEAT_STALE_AFTER:
         verdict = "unresponsive"
     elif interval is not None and (last_ok_age is None or last_ok_age > 2 * interval + HEARTBEAT_STALE_AFTER):
         verdict = "stale"
@@ -152,6 +161,7 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         generation=header.generation,
         leader=leader,
         heartbeat_age=heartbeat_age,
+        overdue=overdue,
         last_update_ok=header.last_update_ok,
         last_update_age=last_ok_age,
         last_error=header.last_error,

@@ -287,6 +287,9 @@ async def test_registration_restored(make_driver: Any, service: HeksherService, 
 
     path = driver.client._parts.registry.path_for(current_identity())
     path.unlink()
+    # Nothing polls: the next time the process wakes (here: the leader's ring after an update,
+    # which reaches every live doorbell, registered or not), it writes its registration again.
+    leader.ask("reload")
     await until(path.exists, timeout=5, what="registration written again")
 
 
@@ -311,8 +314,15 @@ async def test_leader_repairs_a_damaged_segment(service: HeksherService, workers
         with path.open("r+b") as f:  # scribble over everything after the header
             f.seek(4096)
             f.write(os.urandom(path.stat().st_size - 4096))
+        # Nothing polls the segment: the next process that reads it finds the damage and rings the
+        # leader, which checks the segment and publishes again (at most VERIFY_INTERVAL after its
+        # last check), while that process waits for its rules.
+        newcomer = Worker(service.url, "thread", [name], 60)
+        workers.append(newcomer)
+        newcomer.ready()
         await until(lambda: client.shared_status().generation > before, timeout=VERIFY_INTERVAL + 3)
         assert client.shared_status().verdict == "ok"
+        assert newcomer.ask("get", name, {"user": "alice"}) == 9
         assert follower.ask("get", name, {"user": "alice"}) == 9  # never a wrong value, never an error
         assert setting.get(user="alice") == 9
     finally:

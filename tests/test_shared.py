@@ -186,7 +186,8 @@ def test_fork(service: HeksherService, workers: list[Worker], kind: str, exit_ho
 
 
 def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
-    """SIGSTOP the leader: followers serve and poll themselves; SIGCONT: one poller, no regression."""
+    """SIGSTOP the leader: one follower replaces it once it broke its promise; SIGCONT: the stopped
+    one finds the lock file replaced and steps down. One poller throughout, no value goes backwards."""
     from heksher_shm._engine import UNRESPONSIVE_AFTER
 
     name = unique("stopped")
@@ -207,18 +208,26 @@ def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
             delay = w.ask("wait_value", name, {"user": "alice"}, 2, UNRESPONSIVE_AFTER + 3 * interval + 2)
             assert delay is not None
             assert delay <= UNRESPONSIVE_AFTER + 2 * interval + 0.5
+        (replacement,) = leaders_of(followers)  # one of them, not each for itself
         status = followers[0].ask("status")
-        assert status.verdict == "unresponsive"
-        assert status.leader.pid == leader.process.pid
+        assert status.verdict == "ok"
+        assert status.leader.pid == replacement.pid
         service.set_rule_value(rule, 3)
         for w in followers:
             assert w.ask("wait_value", name, {"user": "alice"}, 3, 2 * interval + 1) is not None
+        service.reset_requests()
+        assert service.wait_for_requests(3, path="/api/v1/query", timeout=10)
+        window = time.monotonic()
+        assert service.wait_for_requests(6, path="/api/v1/query", timeout=10)
+        assert time.monotonic() - window >= 2 * interval, "more than one poller while the leader is stopped"
     finally:
         os.kill(leader.process.pid, signal.SIGCONT)
-    # The leader beats again: followers stop polling within a tick; the leader's
-    # first result may predate the stop, and must not move anyone backwards.
-    for w in workers:
-        assert w.ask("wait_value", name, {"user": "alice"}, 3, 2 * interval + 2) is not None
+    # The stopped leader wakes, sees the lock file is no longer the one it holds, and steps down
+    # before it publishes anything: its first result may predate the stop, and must move no one back.
+    deadline = time.monotonic() + 2 * interval + 2
+    while leader.ask("leading"):
+        assert time.monotonic() < deadline, "the resumed leader did not step down"
+    assert leaders_of(workers) == [replacement]
     t0 = time.monotonic()
     seen: set[int] = set()
     while time.monotonic() - t0 < 3 * interval:
@@ -229,7 +238,7 @@ def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
     window = time.monotonic()
     assert service.wait_for_requests(6, path="/api/v1/query", timeout=10)
     elapsed = time.monotonic() - window
-    # six queries after three: one poller needs about three intervals, three pollers one
+    # six queries after three: one poller needs about three intervals, two pollers half that
     assert elapsed >= 2 * interval, f"more than one poller after SIGCONT ({elapsed:.2f}s for 3 queries)"
     assert followers[0].ask("status").verdict == "ok"
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 import threading
 import time
@@ -193,6 +194,42 @@ class LeaderLock:
             with _GATE:
                 if not self._held and self._owner_pid == os.getpid():
                     self._close()
+
+    def seize(self) -> bool:
+        """Lead in place of a holder that stopped making progress: put a new lock file, locked by this
+        instance, where the old one was. Returns whether the lock is held now.
+
+        The old holder keeps its ``flock`` on a file no path names any more; its
+        next :meth:`verify` says ``False``, and it steps down. Only for a holder
+        judged stuck (see :mod:`heksher_shm._engine`), and only under a second
+        lock that lets one process at a time do it: two seizing at once would
+        each hold a file for a moment.
+        """
+        with _GATE:
+            self._adopt_fork()
+            if self._held:
+                return True
+            self._close()
+            self._check_directory()
+            temp = self._path.with_name(f".{self._path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            try:
+                fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as error:
+                raise SegmentError(f"{temp}: cannot create a new leader lock file: {_why(error)}") from error
+            self._fd = fd  # recorded before anything can raise, so the fork hook always finds it
+            try:
+                st = os.fstat(fd)
+                self._inode = (st.st_dev, st.st_ino)
+                if not _try_lock(fd):  # a file nobody else can know yet: cannot be taken
+                    raise SegmentError(f"{temp}: a brand-new lock file is locked by someone else")
+                os.rename(temp, self._path)  # one step: the path names the new file from here on
+            except BaseException:
+                self._close()
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+            self._held = True
+            return True
 
     def release(self) -> None:
         """Give up the lock. Does nothing when it is not held (or was inherited across fork)."""

@@ -4,8 +4,9 @@ A segment is one regular file, mapped ``MAP_SHARED`` by every process on the
 host that uses it. It starts with a fixed 4096-byte header, followed by the
 regions of two *slots*. The elected writer fills the slot that is not current,
 then publishes it by storing one aligned 8-byte word (the generation). All
-integers are little-endian; times are IEEE-754 doubles (epoch seconds, ``0.0``
-meaning "never").
+integers are little-endian; times are IEEE-754 doubles, ``0.0`` meaning
+"never": epoch seconds, except the two liveness words, which hold
+``CLOCK_MONOTONIC`` seconds (host-wide on Linux, and immune to wall-clock steps).
 
 Header (offsets in bytes)::
 
@@ -15,10 +16,11 @@ Header (offsets in bytes)::
          8     4  format_version  u32    FORMAT_VERSION
         12     4  header_size     u32    HEADER_SIZE (4096)
         16     8  generation      u64    THE publish word; 0 = nothing published
-        24     8  heartbeat       f64    one aligned word, written by the leader
+        24     8  progress        f64    monotonic: the leader's last sign of progress
         32     8  status_seq      u64    seqlock over the status block (odd = writing)
         40     8  generation_floor u64   set on (re)format; the next generation exceeds it
-        48    16  reserved               zero
+        48     8  promise         f64    monotonic: the leader shows progress again by then
+        56     8  registry_seq    u64    bumped by any process after it changed its registration
         64    64  slot descriptor 0      see below
        128    64  slot descriptor 1      see below
        192     8  leader_pid      u64    --- status block, guarded by status_seq ---
@@ -27,7 +29,7 @@ Header (offsets in bytes)::
        216     8  last_error_time f64
        224     8  error_count     u64    only ever increases
        232     4  error_length    u32    bytes of error text used (<= ERROR_TEXT_MAX)
-       236     4  reserved
+       236     4  leader_bell     u32    the number of the leader's doorbell (see _shm/bell.py)
        240  1024  error_text             UTF-8, truncated on a character boundary
       1264  2832  reserved               zero, up to HEADER_SIZE
 
@@ -81,7 +83,9 @@ __all__ = [
     "OFF_ERROR_COUNT",
     "OFF_GENERATION",
     "OFF_GENERATION_FLOOR",
-    "OFF_HEARTBEAT",
+    "OFF_PROGRESS",
+    "OFF_PROMISE",
+    "OFF_REGISTRY_SEQ",
     "OFF_STATUS",
     "OFF_STATUS_SEQ",
     "PAGE",
@@ -90,7 +94,9 @@ __all__ = [
     "TABLE_ENTRY_SIZE",
     "WORD_ERROR_COUNT",
     "WORD_GENERATION",
-    "WORD_HEARTBEAT",
+    "WORD_PROGRESS",
+    "WORD_PROMISE",
+    "WORD_REGISTRY_SEQ",
     "WORD_STATUS_SEQ",
     "HeaderPrefix",
     "SlotDescriptor",
@@ -110,7 +116,7 @@ __all__ = [
 MAGIC = b"HKSHMSEG"
 """First 8 bytes of every formatted segment."""
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped on any incompatible layout change; readers refuse other versions."""
 
 HEADER_SIZE = 4096
@@ -128,9 +134,11 @@ OFF_MAGIC = 0
 OFF_VERSION = 8
 OFF_HEADER_SIZE = 12
 OFF_GENERATION = 16
-OFF_HEARTBEAT = 24
+OFF_PROGRESS = 24
 OFF_STATUS_SEQ = 32
 OFF_GENERATION_FLOOR = 40
+OFF_PROMISE = 48
+OFF_REGISTRY_SEQ = 56
 OFF_DESCRIPTORS = 64
 DESCRIPTOR_SIZE = 64
 OFF_STATUS = 192
@@ -141,7 +149,9 @@ STATUS_SIZE = 48 + ERROR_TEXT_MAX
 
 # Indices into the header viewed as an array of 8-byte words.
 WORD_GENERATION = OFF_GENERATION // 8
-WORD_HEARTBEAT = OFF_HEARTBEAT // 8
+WORD_PROGRESS = OFF_PROGRESS // 8
+WORD_PROMISE = OFF_PROMISE // 8
+WORD_REGISTRY_SEQ = OFF_REGISTRY_SEQ // 8
 WORD_STATUS_SEQ = OFF_STATUS_SEQ // 8
 WORD_ERROR_COUNT = OFF_ERROR_COUNT // 8
 
@@ -153,11 +163,12 @@ TABLE_ENTRY_SIZE = BLOB_END_SIZE + BLOB_CRC_SIZE
 DESCRIPTOR_CRC_SPAN = 56
 """The descriptor bytes (from its start) that its crc covers."""
 
-_PREFIX = struct.Struct("<8sIIQdQQ")  # magic, version, header_size, generation, heartbeat, seq, floor
+# magic, version, header_size, generation, progress, status seq, floor, promise, registry seq
+_PREFIX = struct.Struct("<8sIIQdQQdQ")
 _DESCRIPTOR = struct.Struct("<QQQQQQdI4x")
-_STATUS_FIXED = struct.Struct("<QdddQI4x")
+_STATUS_FIXED = struct.Struct("<QdddQII")
 
-assert _PREFIX.size == 48
+assert _PREFIX.size == 64
 assert _DESCRIPTOR.size == DESCRIPTOR_SIZE
 assert _STATUS_FIXED.size == 48
 assert OFF_STATUS + STATUS_SIZE <= HEADER_SIZE
@@ -168,15 +179,17 @@ DESCRIPTOR_OFFSETS = tuple(OFF_DESCRIPTORS + i * DESCRIPTOR_SIZE for i in range(
 
 
 class HeaderPrefix(NamedTuple):
-    """The first 48 header bytes, decoded."""
+    """The first 64 header bytes, decoded."""
 
     magic: bytes
     version: int
     header_size: int
     generation: int
-    heartbeat: float
+    progress: float
     status_seq: int
     generation_floor: int
+    promise: float
+    registry_seq: int
 
 
 class SlotDescriptor(NamedTuple):
@@ -201,6 +214,7 @@ class StatusBlock(NamedTuple):
     last_error_time: float
     error_count: int
     error_text: bytes
+    leader_bell: int = 0
 
 
 def descriptor_offset(index: int) -> int:
@@ -209,7 +223,7 @@ def descriptor_offset(index: int) -> int:
 
 
 def unpack_prefix(header: bytes) -> HeaderPrefix:
-    """Decode the first 48 bytes of a header copy."""
+    """Decode the first 64 bytes of a header copy."""
     return HeaderPrefix._make(_PREFIX.unpack_from(header, 0))
 
 
@@ -225,10 +239,10 @@ def pack_descriptor(desc: SlotDescriptor) -> bytes:
 
 def unpack_status(block: bytes) -> StatusBlock:
     """Decode a copy of the status block; the error text length is clamped to what fits."""
-    pid, create_time, update_ok, error_time, count, length = _STATUS_FIXED.unpack_from(block, 0)
+    pid, create_time, update_ok, error_time, count, length, bell = _STATUS_FIXED.unpack_from(block, 0)
     length = min(length, ERROR_TEXT_MAX)
     start = _STATUS_FIXED.size
-    return StatusBlock(pid, create_time, update_ok, error_time, count, block[start : start + length])
+    return StatusBlock(pid, create_time, update_ok, error_time, count, block[start : start + length], bell)
 
 
 def pack_status(status: StatusBlock) -> bytes:
@@ -241,13 +255,14 @@ def pack_status(status: StatusBlock) -> bytes:
         status.last_error_time,
         status.error_count,
         len(text),
+        status.leader_bell,
     )
     return fixed + text.ljust(ERROR_TEXT_MAX, b"\0")
 
 
 def format_header(generation_floor: int) -> bytes:
     """A freshly formatted header: no snapshot, no leader, the given generation floor."""
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, 0.0, 0, generation_floor)
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, 0.0, 0, generation_floor, 0.0, 0)
     return prefix.ljust(HEADER_SIZE, b"\0")
 
 

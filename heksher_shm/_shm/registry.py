@@ -5,6 +5,7 @@ directory (``<segment path>.d/``)::
 
     <segment>.d/                         0700, owned by this user
         <pid>-<start µs>.reg             one Registration per live process, 0600
+        <pid>-<start µs>.<n>.bell        a client's doorbell socket (heksher_shm._shm.bell)
         .<pid>-<start µs>.<hex>.tmp      a write in progress (named after the writer)
 
 A file holds one JSON-encoded :class:`Registration`: the setting
@@ -63,6 +64,7 @@ __all__ = [
     "Registry",
     "Rejection",
     "ScanResult",
+    "bell_name",
     "encode_declaration",
     "registry_directory",
     "validate_registration",
@@ -85,6 +87,7 @@ _RACY_WINDOW_COARSE_NS = 2_100_000_000
 
 _ENTRY_RE = re.compile(r"([1-9][0-9]{0,9})-([0-9]{1,16})\.reg")
 _TEMP_RE = re.compile(r"\.([1-9][0-9]{0,9})-([0-9]{1,16})\.[0-9a-f]{1,32}\.tmp")
+_BELL_RE = re.compile(r"([1-9][0-9]{0,9})-([0-9]{1,16})\.[1-9][0-9]{0,8}\.bell")
 _NAME_RE = re.compile(r"[a-zA-Z_0-9.]+")
 _VERSION_RE = re.compile(r"[0-9]+\.[0-9]+")
 
@@ -109,7 +112,10 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
             ``version`` (``<major>.<minor>``); otherwise passed through as is.
         tracked: context feature -> the values the process tracks, or ``"*"``
             for all values.
-        reload_seq: bumped by the process to ask the leader for a query now.
+        reload_seq: numbers the process's requests; the leader acknowledges the
+            latest in the snapshot it publishes.
+        query_seq: the latest request that asks for a fresh query (``reload()``);
+            other requests only need their declarations and a covering snapshot.
         updated: ``time.time()`` of the last write; :meth:`Registry.write` sets it.
     """
 
@@ -120,6 +126,7 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     declarations: list[msgspec.Raw] = msgspec.field(default_factory=list)
     tracked: dict[str, list[str] | str] = msgspec.field(default_factory=dict)
     reload_seq: int = 0
+    query_seq: int = 0
     updated: float = 0.0
 
     @property
@@ -142,11 +149,13 @@ class ScanResult(msgspec.Struct, frozen=True):
         registrations: valid registrations of live processes, by (pid, create_time).
         rejected: entries skipped as unusable, with reasons.
         dead: file names of processes found dead (deleted when the scan prunes).
+        bells: file names of the doorbells of live processes (registered or not).
     """
 
     registrations: tuple[Registration, ...]
     rejected: tuple[Rejection, ...]
     dead: tuple[str, ...]
+    bells: tuple[str, ...] = ()
 
 
 class _DeclarationHead(msgspec.Struct):
@@ -184,6 +193,8 @@ def validate_registration(registration: Registration) -> str | None:
         return f"invalid create_time {registration.create_time}"
     if registration.reload_seq < 0:
         return f"invalid reload_seq {registration.reload_seq}"
+    if not 0 <= registration.query_seq <= registration.reload_seq:
+        return f"invalid query_seq {registration.query_seq} (reload_seq {registration.reload_seq})"
     for index, raw in enumerate(registration.declarations):
         try:
             head = _head_decoder.decode(raw)
@@ -207,6 +218,11 @@ def _token(identity: ProcessIdentity) -> str:
 
 def _entry_name(identity: ProcessIdentity) -> str:
     return f"{_token(identity)}.reg"
+
+
+def bell_name(identity: ProcessIdentity, number: int) -> str:
+    """The file name of doorbell *number* (>= 1) of the process *identity*, in the registry directory."""
+    return f"{_token(identity)}.{number}.bell"
 
 
 def _identity_from(match: re.Match[str]) -> ProcessIdentity:
@@ -234,6 +250,7 @@ class _Scan:
     registrations: list[Registration] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
+    bells: list[str] = field(default_factory=list)
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -406,19 +423,23 @@ class Registry:
         self._logged = {name: key for name, key in self._logged.items() if name in present}
         self._stamp = stamp
         registrations = sorted(found.registrations, key=lambda reg: (reg.pid, reg.create_time))
-        return ScanResult(tuple(registrations), tuple(found.rejected), tuple(found.dead))
+        return ScanResult(
+            tuple(registrations), tuple(found.rejected), tuple(found.dead), tuple(sorted(found.bells))
+        )
 
     # -- internals ------------------------------------------------------------
 
     def _scan_one(self, found: _Scan, name: str) -> None:
         dir_fd = found.dir_fd
-        temp = _TEMP_RE.fullmatch(name)
-        if temp is not None:
-            # A write in progress, unless its writer is gone.
-            if not self._alive(_identity_from(temp)):
+        helper = _TEMP_RE.fullmatch(name) or _BELL_RE.fullmatch(name)
+        if helper is not None:
+            # A write in progress or a doorbell: nothing to read, but gone with its process.
+            if not self._alive(_identity_from(helper)):
                 found.dead.append(name)
                 if found.prune:
                     self._unlink(dir_fd, name)
+            elif name.endswith(".bell"):
+                found.bells.append(name)
             return
         entry = _ENTRY_RE.fullmatch(name)
         if entry is None:

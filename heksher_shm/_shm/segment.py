@@ -70,7 +70,9 @@ from heksher_shm._shm.layout import (
     TABLE_ENTRY_SIZE,
     WORD_ERROR_COUNT,
     WORD_GENERATION,
-    WORD_HEARTBEAT,
+    WORD_PROGRESS,
+    WORD_PROMISE,
+    WORD_REGISTRY_SEQ,
     WORD_STATUS_SEQ,
     SlotDescriptor,
     StatusBlock,
@@ -184,7 +186,8 @@ class SlotInfo:
 class HeaderStatus:
     """A consistent view of a segment's header, for status displays and staleness checks.
 
-    Time fields are epoch seconds, ``None`` meaning "never". Leader and error
+    Time fields are epoch seconds, ``None`` meaning "never", except ``progress``
+    and ``promise``, which are ``time.monotonic()`` seconds. Leader and error
     fields are ``None`` (and ``status_available`` is false) when the status
     block could not be read consistently, which happens when a writer died in
     the middle of updating it; the next writer update repairs it.
@@ -199,7 +202,11 @@ class HeaderStatus:
     generation: int
     current_slot: int | None
     slots: tuple[SlotInfo, ...]
-    heartbeat: float | None
+    progress: float | None
+    """When the leader last showed progress (monotonic seconds)."""
+    promise: float | None
+    """When the leader promised to show progress again at the latest (monotonic seconds)."""
+    registry_seq: int
     status_available: bool
     leader_pid: int | None
     leader_create_time: float | None
@@ -498,9 +505,28 @@ class Segment:
         # publish is seen either before or after, never half written.
         return self._words[2]  # WORD_GENERATION, inlined: a global lookup costs ~10% here
 
-    def heartbeat(self) -> float | None:
-        """The leader's last heartbeat (epoch seconds), or None; one aligned load."""
-        return _time_or_none(self._floats[WORD_HEARTBEAT])
+    def liveness(self) -> tuple[float, float]:
+        """(progress, promise): when the leader last showed progress, and by when it promised to show
+        progress again, in ``time.monotonic()`` seconds (0.0: never). Two aligned loads."""
+        floats = self._floats
+        return floats[WORD_PROGRESS], floats[WORD_PROMISE]
+
+    def registry_seq(self) -> int:
+        """The registry change counter (see :meth:`bump_registry_seq`). One aligned load."""
+        return self._words[WORD_REGISTRY_SEQ]
+
+    def bump_registry_seq(self) -> None:
+        """Say "a registration changed" to the leader: any process may call it, after writing its file.
+
+        Not atomic across processes, and it need not be: two processes that bump
+        at once may leave the counter one higher instead of two, but the leader
+        only asks whether it moved since it last looked, and each file was
+        written before its writer read the counter, so a scan that follows any
+        value the leader sees also finds every file written before it.
+        """
+        self._check_open()
+        words = self._words
+        words[WORD_REGISTRY_SEQ] = (words[WORD_REGISTRY_SEQ] + 1) & _WORD_MASK
 
     def error_count(self) -> int:
         """How many errors the leader recorded; only ever increases. One aligned load."""
@@ -737,7 +763,9 @@ class Segment:
             generation=generation,
             current_slot=current,
             slots=slots,
-            heartbeat=_time_or_none(prefix.heartbeat) if problem is None else None,
+            progress=_time_or_none(prefix.progress) if problem is None else None,
+            promise=_time_or_none(prefix.promise) if problem is None else None,
+            registry_seq=prefix.registry_seq,
             status_available=block is not None,
             leader_pid=(block.leader_pid or None) if block else None,
             leader_create_time=_time_or_none(block.leader_create_time) if block else None,
@@ -967,17 +995,49 @@ class Segment:
             words[WORD_ERROR_COUNT] = block.error_count
             words[WORD_STATUS_SEQ] = (begin + 1) & _WORD_MASK
 
-    def set_leader(self, pid: int, create_time: float) -> None:
-        """Record the leader's identity: (pid, psutil create_time) survives pid reuse. Writer only."""
-        self._update_status(lambda block: block._replace(leader_pid=pid, leader_create_time=create_time))
+    def set_leader(self, pid: int, create_time: float, bell: int = 0) -> None:
+        """Record the leader: (pid, create_time) survives pid reuse; *bell* numbers its doorbell.
 
-    def beat(self, now: float | None = None) -> None:
-        """Store the heartbeat (epoch seconds, default now) with one aligned 8-byte write. Writer only."""
+        Writer only.
+        """
+        self._update_status(
+            lambda block: block._replace(leader_pid=pid, leader_create_time=create_time, leader_bell=bell)
+        )
+
+    def leader(self) -> tuple[int, float, int] | None:
+        """(pid, create_time, bell) of the leader recorded in the status block, or None (none recorded,
+        or no consistent read: a writer died in the middle of an update)."""
+        self._check_open()
+        if _prefix_problem(self._mm[:16]) is not None:
+            return None
+        block = self._read_status_block()
+        if block is None or not block.leader_pid or block.leader_create_time <= 0:
+            return None
+        return block.leader_pid, block.leader_create_time, block.leader_bell
+
+    def update_marks(self) -> tuple[float, int, str | None]:
+        """(last successful update, error count, last error text) from the status block, for followers'
+        callbacks; (0.0, 0, None) when it cannot be read consistently."""
+        self._check_open()
+        block = self._read_status_block() if _prefix_problem(self._mm[:16]) is None else None
+        if block is None:
+            return 0.0, 0, None
+        text = block.error_text.decode("utf-8", "replace") if block.error_count else None
+        return block.last_update_ok, block.error_count, text
+
+    def beat(self, progress: float, promise: float) -> None:
+        """Store the leader's liveness words (monotonic seconds): progress now, more by *promise*.
+
+        Two aligned 8-byte stores, the promise first, so a reader that sees the
+        new progress also sees a promise at least as late. Writer only.
+        """
         self._check_open()
         if self._mm[:8] != MAGIC:
             with self._write_lock:
                 self._ensure_formatted()
-        self._floats[WORD_HEARTBEAT] = time.time() if now is None else now
+        floats = self._floats
+        floats[WORD_PROMISE] = promise
+        floats[WORD_PROGRESS] = progress
 
     def record_update_ok(self, when: float) -> None:
         """Record the time of the last successful update from the service. Writer only."""

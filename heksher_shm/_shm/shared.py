@@ -6,37 +6,41 @@ URL and context features (or the same explicit ``segment_name``)::
     <shm dir>/                  HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>, else <tmp>/...
         <name>.seg                  the memory-mapped snapshot (heksher_shm._shm.segment)
         <name>.lock                 the election lock (heksher_shm._shm.election)
-        <name>.seg.d/               one registration per live process (heksher_shm._shm.registry)
+        <name>.takeover             taken while a stuck leader is replaced (one process at a time)
+        <name>.seg.d/               one registration and doorbell per live process
+                                    (heksher_shm._shm.registry, heksher_shm._shm.bell)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
 from heksher_shm._engine import Wish
-from heksher_shm._protocol import DeclarationBody
+from heksher_shm._protocol import DeclarationBody, declaration_digest
+from heksher_shm._shm.bell import Bell, ring
 from heksher_shm._shm.election import LeaderLock
-from heksher_shm._shm.identity import ProcessIdentity
+from heksher_shm._shm.identity import ProcessIdentity, current_identity, is_alive
 from heksher_shm._shm.layout import FORMAT_VERSION
-from heksher_shm._shm.registry import Registration, Registry, registry_directory
+from heksher_shm._shm.registry import Registration, Registry, bell_name, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
 from heksher_shm._snapshot import FORMAT as SNAPSHOT_FORMAT
 from heksher_shm.exceptions import SegmentError
 
 __all__ = [
     "SEGMENT_NAME",
+    "Neighbours",
     "RegistrySource",
-    "SegmentObserver",
     "SharedParts",
     "default_segment_name",
     "open_shared",
@@ -47,9 +51,6 @@ logger = logging.getLogger("heksher_shm.shared")
 
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 """What a segment name may look like: it becomes part of file names."""
-
-RESCAN_INTERVAL = 1.0
-"""Seconds between full registry scans even when nothing seems changed (to notice dead processes)."""
 
 
 def default_segment_name(service_url: str, context_features: Sequence[str]) -> str:
@@ -127,27 +128,37 @@ _declaration_decoder = msgspec.json.Decoder(DeclarationBody)
 
 
 class RegistrySource:
-    """Every live process's wishes, read from the registry (cheaply, when it changed)."""
+    """Every live process's wishes, read from the registry when it changed (or to prune the dead).
 
-    def __init__(self, registry: Registry) -> None:
+    "Changed" is the segment's registry counter, which every process bumps
+    after writing its registration (see
+    :meth:`~heksher_shm._shm.segment.Segment.bump_registry_seq`): looking costs
+    one shared-memory read, and a scan reads only the files that changed.
+    """
+
+    def __init__(self, registry: Registry, segment: Segment) -> None:
         self._registry = registry
+        self._segment = segment
         self._wishes: list[Wish] | None = None
         self._by_registration: dict[int, tuple[Registration, Wish]] = {}
-        self._scanned = 0.0
+        self._seq = -1
+        self.bells: tuple[str, ...] = ()
+
+    def replace_segment(self, segment: Segment) -> None:
+        """Watch the counter of another segment file (the old one was replaced)."""
+        self._segment = segment
+        self._seq = -1
 
     def changed(self) -> bool:
-        return self._wishes is None or self._registry.changed()
+        return self._wishes is None or self._segment.registry_seq() != self._seq
 
-    def wishes(self) -> list[Wish]:
-        now = time.monotonic()
-        if (
-            self._wishes is not None
-            and not self._registry.changed()
-            and now - self._scanned < RESCAN_INTERVAL
-        ):
+    def wishes(self, prune: bool) -> list[Wish]:
+        if not prune and not self.changed():
+            assert self._wishes is not None
             return self._wishes
+        self._seq = self._segment.registry_seq()  # before the scan: a later bump means a later file
         result = self._registry.scan()
-        self._scanned = now
+        self.bells = result.bells
         wishes = []
         by_registration: dict[int, tuple[Registration, Wish]] = {}
         for registration in result.registrations:
@@ -164,10 +175,11 @@ _logged_malformed: set[tuple[int, bytes]] = set()
 
 
 def _wish_of(registration: Registration) -> Wish:
-    declarations = []
+    """The engine's view of a registration: declarations decoded and keyed by digest, once."""
+    declarations: dict[str, DeclarationBody] = {}
     for raw in registration.declarations:
         try:
-            declarations.append(_declaration_decoder.decode(raw))
+            body = _declaration_decoder.decode(raw)
         except msgspec.DecodeError as e:
             seen = (registration.pid, bytes(raw))
             if seen not in _logged_malformed and len(_logged_malformed) < 1024:  # once each
@@ -176,20 +188,141 @@ def _wish_of(registration: Registration) -> Wish:
                     "skipping a malformed declaration in a registration",
                     extra={"pid": registration.pid, "problem": str(e)},
                 )
+            continue
+        declarations.setdefault(declaration_digest(body), body)
     return Wish(
-        wish_key(registration.identity), declarations, dict(registration.tracked), registration.reload_seq
+        wish_key(registration.identity),
+        declarations,
+        dict(registration.tracked),
+        registration.reload_seq,
+        registration.query_seq,
     )
 
 
-class SegmentObserver:
-    """The update marks a follower watches: last success, error count, last error."""
+GONE_PATIENCE = 2.0
+"""Seconds a follower keeps looking for a new leader after the old one exited, before it stops expecting
+one soon (the status block may name a process this one cannot watch: another PID namespace)."""
 
-    def __init__(self, segment: Segment) -> None:
-        self._segment = segment
 
-    def update_marks(self) -> tuple[float, int, str | None]:
-        status = self._segment.status()
-        return (status.last_update_ok or 0.0, status.error_count, status.last_error)
+class Neighbours:
+    """The engine's view of the host's other processes (:class:`heksher_shm._engine.Host`).
 
-    def heartbeat(self) -> float | None:
-        return self._segment.heartbeat()
+    Holds this client's doorbell, rings others', watches the leader process
+    through a pidfd (readable once it exits, so a follower needs no polling
+    to take over), and the takeover lock used to replace a stuck leader.
+    """
+
+    def __init__(self, parts: SharedParts, key: str, bell: int) -> None:
+        self._parts = parts
+        self._key = key
+        self.bell_number = bell
+        identity = current_identity()
+        self._bell = Bell(parts.registry.directory, bell_name(identity, bell))
+        self._takeover = LeaderLock(parts.directory / f"{parts.name}.takeover")
+        self.rang_at = 0.0
+        self._watched: tuple[int, float] | None = None
+        self._exit_fd: int | None = None
+        self._gone_since: float | None = None
+
+    @property
+    def takeover(self) -> LeaderLock:
+        return self._takeover
+
+    def replace_parts(self, parts: SharedParts) -> None:
+        """Use another segment file from now on (the bell and the registry stay)."""
+        self._parts = parts
+        self._forget_watch()
+
+    def bell_fd(self) -> int:
+        return self._bell.fileno()
+
+    def drain(self) -> None:
+        self._bell.drain()
+
+    def ring(self, bells: Iterable[str]) -> None:
+        directory = self._parts.registry.directory
+        own = self._bell.path.name
+        for name in bells:
+            if name != own:
+                ring(directory, name)
+
+    def ensure_bell(self) -> None:
+        """Bind the doorbell again if its socket file vanished (someone cleaned the folder)."""
+        if not self._bell.present():
+            logger.warning(
+                "this process's doorbell was removed; listening again", extra={"path": str(self._bell.path)}
+            )
+            self._bell.close()
+            self._bell = Bell(self._parts.registry.directory, self._bell.path.name)
+
+    def ring_leader(self) -> bool:
+        """Ring the recorded leader's bell (a request is waiting in the registry); False if there is none."""
+        leader = self._parts.segment.leader()
+        if leader is None or not leader[2]:
+            return False
+        pid, create_time, number = leader
+        if not self.rang_at:
+            self.rang_at = time.monotonic()
+        return ring(self._parts.registry.directory, bell_name(ProcessIdentity(pid, create_time), number))
+
+    def watch(self) -> tuple[tuple[int, float] | None, int | None, bool]:
+        leader = self._parts.segment.leader()
+        identity = None if leader is None else (leader[0], leader[1])
+        if identity != self._watched:
+            self._forget_watch()
+            self._watched = identity
+            if identity is not None:
+                self._exit_fd, gone = _watch_process(ProcessIdentity(*identity))
+                if gone:
+                    self._gone_since = time.monotonic()
+        gone = self._gone_since is not None
+        if gone and time.monotonic() - (self._gone_since or 0.0) > GONE_PATIENCE:
+            return identity, None, False  # nobody new came: stop expecting one; judge by promises
+        return identity, self._exit_fd, gone
+
+    def leader_exited(self) -> None:
+        fd, self._exit_fd = self._exit_fd, None
+        if fd is not None:
+            os.close(fd)
+        self._gone_since = time.monotonic()
+
+    def _forget_watch(self) -> None:
+        fd, self._exit_fd = self._exit_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._watched = None
+        self._gone_since = None
+
+    def close(self) -> None:
+        """Stop listening (the bell's socket file goes) and watching."""
+        self._forget_watch()
+        self._bell.close()
+
+    def forget_inherited(self) -> None:
+        """In a forked child: drop the parent's descriptors, touch none of its files."""
+        fd, self._exit_fd = self._exit_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._bell.forget_inherited()
+
+
+def _watch_process(identity: ProcessIdentity) -> tuple[int | None, bool]:
+    """(a descriptor readable once *identity* exits or None if it cannot be watched, whether it is
+    gone already)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:  # pragma: no cover - Python or kernel without pidfds
+        return None, not is_alive(identity)
+    try:
+        fd = pidfd_open(identity.pid)
+    except ProcessLookupError:
+        return None, True
+    except OSError:  # ENOSYS (an old kernel), EPERM...: judge by promises only
+        return None, not is_alive(identity)
+    # Opened after the leader was recorded: the pid may belong to a newer process by now.
+    if not is_alive(identity):
+        os.close(fd)
+        return None, True
+    os.set_inheritable(fd, False)
+    return fd, False

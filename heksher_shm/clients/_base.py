@@ -10,6 +10,7 @@ published snapshots to the process's settings. The background work itself is
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from heksher_shm import _main
 from heksher_shm._engine import Blob, Engine, Wish
 from heksher_shm._gc import paused_gc
 from heksher_shm._local import LocalLock, LocalSource, LocalTransport
-from heksher_shm._protocol import TRACK_ALL, DeclarationBody, covers, declaration_digest
+from heksher_shm._protocol import TRACK_ALL, DeclarationBody, covers
 from heksher_shm._resolve import compile_rules
 from heksher_shm._servers import check_background_threads
 from heksher_shm._shm.identity import current_identity
@@ -31,8 +32,8 @@ from heksher_shm._shm.registry import Registration, encode_declaration
 from heksher_shm._shm.segment import Segment
 from heksher_shm._shm.shared import (
     SEGMENT_NAME,
+    Neighbours,
     RegistrySource,
-    SegmentObserver,
     SharedParts,
     open_shared,
     wish_key,
@@ -84,16 +85,17 @@ class _PendingRules:
                     "unusable rules in the snapshot; keeping the previous ones",
                     extra={"setting_name": setting.name},
                 )
+                client._segment_damaged()
                 # digest None: rebuild it from the next snapshot, whatever that holds for it
                 setting._set_state(self.restore.reboxed(state.applied, None))
 
 
 """Distinct untracked context values warned about (once each) before falling silent."""
 
-POLL_INTERVAL = 0.02
-"""Seconds between a follower's checks of the segment, and a leader's scans of the registry."""
-
 _json_decoder = msgspec.json.Decoder()
+
+_bell_numbers = itertools.count(1)
+"""Numbers this process's doorbells (one per client that joins a segment)."""
 
 
 class BaseHeksherClient(ContextDefaults):
@@ -149,15 +151,18 @@ class BaseHeksherClient(ContextDefaults):
         # A list, not an int: settings' states share it, so get() compares the
         # segment's generation word with it without calling into the client.
         self._applied_box = [-1]
-        self._fallback_seen: tuple[int, int] = (0, 0)
         self._queried = 0.0
         self._head: Head | None = None
         self._ack = Ack(0)
         self._reload_seq = 0
+        self._query_seq = 0
+        self._wish_dirty = False
+        """A setting was added since the registration was written: the background loop writes it."""
         self._errors: dict[str, BaseException] = {}
         self._main = False
         self._closed = False
         self._parts: SharedParts | None = None
+        self._neighbours: Neighbours | None = None
         self._registered = b""
         """What this process last wrote as its registration (empty until set_as_main writes it)."""
         # Held while the registration is computed and written, from set_as_main/reload/track_contexts
@@ -171,34 +176,34 @@ class BaseHeksherClient(ContextDefaults):
         _live_clients.add(self)
 
     def _make_engine(self) -> Engine:
-        parts = self._parts
-        if parts is None:
+        parts, neighbours = self._parts, self._neighbours
+        if parts is None or neighbours is None:
             engine = Engine(
                 transport=self._transport,
                 lock=LocalLock(),
                 source=self._local_source,
-                observer=None,
                 update_interval=self._update_interval,
                 context_features=self._context_features,
                 identity=(os.getpid(), 0.0),
-                poll=None,
                 errors=self._errors,
+                housekeeping=self._flush_wish,
+                service_url=self._service_url,
             )
         else:
             identity = current_identity()
             engine = Engine(
                 transport=parts.segment,
                 lock=parts.lock,
-                source=RegistrySource(parts.registry),
-                observer=SegmentObserver(parts.segment),
+                source=RegistrySource(parts.registry, parts.segment),
                 update_interval=self._update_interval,
                 context_features=self._context_features,
                 identity=(identity.pid, identity.create_time),
-                poll=POLL_INTERVAL,
                 errors=self._errors,
                 key=self._key,
-                fallback_transport=LocalTransport,
-                housekeeping=self._ensure_registered,
+                host=neighbours,
+                bell=neighbours.bell_number,
+                housekeeping=self._housekeep,
+                service_url=self._service_url,
             )
         engine.applied_generation = lambda: self._applied_generation
         return engine
@@ -207,11 +212,13 @@ class BaseHeksherClient(ContextDefaults):
         """Open the host's segment (once): from now on this client leads or follows there."""
         if not self._shared or self._parts is not None:
             return
-        self._parts = open_shared(
+        parts = open_shared(
             self._service_url, self._context_features, shm_dir=self._shm_dir, segment_name=self._segment_name
         )
-        self._transport = self._parts.segment
         self._key = wish_key(current_identity())
+        self._neighbours = Neighbours(parts, self._key, next(_bell_numbers))
+        self._parts = parts
+        self._transport = parts.segment
         self._applied_generation = -1
         self._engine = self._make_engine()
 
@@ -300,12 +307,22 @@ class BaseHeksherClient(ContextDefaults):
         """In a forked child: forget the parent's threads, loop and HTTP client, and join as a follower.
 
         Nothing here unlocks or unlinks anything of the parent's: the election
-        lock's descriptor is closed (not unlocked) by its own fork hook.
+        lock's descriptor is closed (not unlocked) by its own fork hook, and the
+        parent's doorbell and leader watch are closed, never removed.
         """
         self._apply_lock = threading.RLock()
         self._register_lock = threading.Lock()
+        self._close_driver_in_child()
+        if self._neighbours is not None:
+            self._neighbours.forget_inherited()
+            self._neighbours = None
         if self._parts is not None:
             self._key = wish_key(current_identity())
+            if not self._closed:
+                try:
+                    self._neighbours = Neighbours(self._parts, self._key, next(_bell_numbers))
+                except SegmentError:
+                    logger.exception("cannot listen for the leader after fork; rules still come on get()")
         self._engine = self._make_engine()
         self._init_driver()
         if self._main and not self._closed:
@@ -323,6 +340,9 @@ class BaseHeksherClient(ContextDefaults):
     def _restart_after_fork(self) -> None:
         """Resume background work in the child."""
         raise NotImplementedError
+
+    def _close_driver_in_child(self) -> None:
+        """In a forked child, before ``_init_driver``: close descriptors the parent's driver owned."""
 
     @property
     def _applied_generation(self) -> int:
@@ -387,33 +407,42 @@ class BaseHeksherClient(ContextDefaults):
         if self._already_served():
             self._wish_changed()
             return None
-        return self._request_reload()
+        return self._request_reload(query=False)
 
     def _setting_added(self, setting: Setting[Any]) -> None:
         self._settings.add(setting)
         setting._install_state(self, None)
         self._applied_generation = -1
-        self._wish_changed()
+        # Written by the background loop at its next wake: a thousand settings made one by one
+        # after set_as_main cost one registration write, not a thousand growing ones.
+        self._wish_dirty = True
+        self._wake()
 
-    def _request_reload(self) -> int:
+    def _request_reload(self, query: bool = True) -> int:
+        """A new request to the leader: a fresh query (``reload``), or only declarations and a covering
+        snapshot (``set_as_main``, ``track_contexts``). Returns its number, to wait for."""
         self._reload_seq += 1
+        if query:
+            self._query_seq = self._reload_seq
         self._wish_changed()
         return self._reload_seq
 
     def _wish(self) -> Wish:
         declarations: dict[str, DeclarationBody] = {}
         for setting in list(self._settings):
-            body = setting._declaration_body()
-            declarations.setdefault(declaration_digest(body), body)
+            declarations.setdefault(setting._digest, setting._declaration_body())
         tracked = {f: (v if v == TRACK_ALL else sorted(v)) for f, v in self._tracked.items()}
-        return Wish(self._key, list(declarations.values()), tracked, self._reload_seq)
+        return Wish(self._key, declarations, tracked, self._reload_seq, self._query_seq)
 
     def _wish_changed(self) -> None:
-        parts = self._parts
+        """Tell whoever leads what this process wants now: write the registration, then ring."""
+        parts, neighbours = self._parts, self._neighbours
         if parts is None:
+            self._wish_dirty = False
             self._local_source.touch()
         elif not self._closed:
             with self._register_lock:
+                self._wish_dirty = False
                 wish = self._wish()
                 identity = current_identity()
                 tracked = {f: list(v) if not isinstance(v, str) else v for f, v in wish.tracked.items()}
@@ -422,12 +451,28 @@ class BaseHeksherClient(ContextDefaults):
                         pid=identity.pid,
                         create_time=identity.create_time,
                         kind=self._kind,
-                        declarations=[encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations],
+                        declarations=[
+                            encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations.values()
+                        ],
                         tracked=tracked,
                         reload_seq=wish.reload_seq,
+                        query_seq=wish.query_seq,
                     )
                 )
+            # The file first, then the counter, then the bell: a leader that sees either sees the file.
+            parts.segment.bump_registry_seq()
+            if neighbours is not None and not self._engine.leading:
+                neighbours.ring_leader()
         self._wake()
+
+    def _flush_wish(self) -> None:
+        """From the background loop: write the registration if settings were added since."""
+        if self._wish_dirty and self._main:
+            self._wish_changed()
+
+    def _housekeep(self) -> None:
+        self._flush_wish()
+        self._ensure_registered()
 
     def _ensure_registered(self) -> None:
         """Write this process's registration again if it vanished (a leader that wrongly judged this
@@ -437,6 +482,8 @@ class BaseHeksherClient(ContextDefaults):
             return
         if parts.segment.is_replaced():
             self._reopen_segment()
+        if self._neighbours is not None:
+            self._neighbours.ensure_bell()
         # Not before set_as_main has registered (it does so once the current snapshot is applied).
         if self._registered and not parts.registry.holds(current_identity(), self._registered):
             logger.warning("this process's registration was missing or damaged; registering again")
@@ -455,25 +502,53 @@ class BaseHeksherClient(ContextDefaults):
             "the segment file was removed or replaced; reopening it", extra={"path": str(parts.segment.path)}
         )
         segment = Segment.open(parts.segment.path)
-        self._parts = dataclasses.replace(parts, segment=segment)
+        self._parts = parts = dataclasses.replace(parts, segment=segment)
         self._transport = segment
-        self._engine.replace_transport(segment, SegmentObserver(segment))
+        self._engine.replace_transport(segment)
+        source = self._engine.source
+        if isinstance(source, RegistrySource):
+            source.replace_segment(segment)
+        if self._neighbours is not None:
+            self._neighbours.replace_parts(parts)
         self._reinstall_all()  # states watch the new file's generation word
 
     def _leave_shared(self) -> None:
-        """On close: take this process's registration away (the segment stays for the others)."""
-        parts = self._parts
+        """On close: take this process's registration and doorbell away (the segment stays for the others)."""
+        parts, neighbours = self._parts, self._neighbours
         if parts is not None:
             try:
                 parts.registry.remove()
-            except OSError:
+                parts.segment.bump_registry_seq()
+            except (OSError, SegmentError):
                 logger.warning("could not remove this process's registration", exc_info=True)
+        if neighbours is not None:
+            neighbours.close()
 
     def _wake(self) -> None:
         raise NotImplementedError
 
+    def _segment_damaged(self) -> None:
+        """A snapshot failed its checks: have whoever leads check the segment (it publishes again)."""
+        neighbours = self._neighbours
+        if neighbours is None:
+            return
+        if self._engine.leading:
+            self._wake()
+        else:
+            neighbours.ring_leader()
+
     def _acked(self, seq: int) -> bool:
         return self._ack.seq >= seq
+
+    def _progress(self) -> float:
+        """When whoever leads last showed progress (monotonic): waits time out on lack of it."""
+        return self._transport.liveness()[0]
+
+    def _timed_out(self, what: str) -> str:
+        return (
+            f"{what}: no progress towards an update for {self._startup_timeout:g} s "
+            "(startup_timeout); the leader neither answered nor worked on the request"
+        )
 
     def _ack_error(self, seq: int, starting: bool) -> BaseException | None:
         """The error to raise for request *seq*, or None when it went well.
@@ -487,10 +562,10 @@ class BaseHeksherClient(ContextDefaults):
         original: BaseException | None = None
         if head is not None:
             for setting in list(self._settings):
-                outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
+                outcome = head.outcomes.get(setting._digest)
                 if outcome is not None and outcome.error is not None:
                     problems.append(f"declaring {setting.name} failed: {outcome.error}")
-                    original = original or self._original_error(outcome.error)
+                    original = original or self._errors.get(outcome.error_id)
         if self._ack.error is not None and self._ack.seq >= seq:
             problems.append(f"the update failed: {self._ack.error}")
             original = original or self._errors.get(self._ack.error_id)
@@ -521,7 +596,7 @@ class BaseHeksherClient(ContextDefaults):
             return False
         names = {entry.name for entry in head.settings}
         for setting in list(self._settings):
-            outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
+            outcome = head.outcomes.get(setting._digest)
             if outcome is None or outcome.error is not None or setting.name not in names:
                 return False
         return covers(
@@ -535,12 +610,6 @@ class BaseHeksherClient(ContextDefaults):
             return False
         names = {entry.name for entry in head.settings}
         return all(setting.name in names for setting in list(self._settings))
-
-    def _original_error(self, text: str) -> BaseException | None:
-        marker = "(error #"
-        if marker not in text:
-            return None
-        return self._errors.get(text.rsplit(marker, 1)[1].rstrip(")"))
 
     # -- applying snapshots ----------------------------------------------------------------------------
 
@@ -562,28 +631,24 @@ class BaseHeksherClient(ContextDefaults):
                     pending()  # compile the rules it has before rebuilding around them
                 setting._install_state(self, setting._state.rules)
 
-    def _apply_latest(self, blocking: bool = True, fallback: bool = False) -> None:
+    def _apply_latest(self, blocking: bool = True, notify: bool = True) -> None:
         """Apply the newest snapshot to this process's settings.
 
         Call with ``modification_lock`` held. Only settings whose blob changed
-        are decoded and converted. *fallback*: read this process's own
-        snapshot, polled while the leader is unresponsive.
+        are copied, and they are decoded and converted at their next ``get()``.
+        *notify*: wake the waiters of ``set_as_main``/``reload`` (the background
+        loop does that itself, after the callbacks).
         """
-        if not self._apply_lock.acquire(blocking=blocking):
-            return
-        # The head and a new state per changed setting are thousands of small objects, made in one
-        # go (often by a get() that waits for them): no collection needs to run in between.
-        try:
-            with paused_gc():
-                if fallback:
-                    term = self._engine.fallback
-                    if term is not None:
-                        self._apply_from(term.transport, fallback=True)
-                else:
-                    self._apply_from(self._transport, fallback=False)
-        finally:
-            self._apply_lock.release()
-        self._notify_applied()
+        if self._apply_lock.acquire(blocking=blocking):
+            # The head and a new state per changed setting are thousands of small objects, made in
+            # one go (often by a get() that waits for them): no collection needs to run in between.
+            try:
+                with paused_gc():
+                    self._apply_from(self._transport)
+            finally:
+                self._apply_lock.release()
+        if notify:
+            self._notify_applied()
 
     def _apply_one(self, setting: Setting[Any]) -> None:
         """Apply the newest snapshot to *setting* alone (see "What a follower does on get()").
@@ -629,17 +694,12 @@ class BaseHeksherClient(ContextDefaults):
         if blobs is not None:  # else published again meanwhile: the next get() tries
             self._defer_install(setting, blobs[0], entry.digest, head.context_features, box)
 
-    def _apply_from(self, transport: Any, fallback: bool) -> None:
+    def _apply_from(self, transport: Any) -> None:
         def seen(generation: int) -> bool:
-            if fallback:
-                return self._fallback_seen == (id(transport), generation)
             return generation == self._applied_generation
 
         def mark(generation: int) -> None:
-            if fallback:
-                self._fallback_seen = (id(transport), generation)
-            else:
-                self._applied_generation = generation
+            self._applied_generation = generation
 
         for _ in range(100):
             generation = transport.generation()
@@ -656,6 +716,7 @@ class BaseHeksherClient(ContextDefaults):
                 # the segment with its next publish (a new generation).
                 logger.exception("the shared segment is unreadable; keeping the previous rules")
                 mark(generation)
+                self._segment_damaged()
                 return
             if head.queried < self._queried:
                 # Older than what this process applied (a leader resuming after
@@ -681,6 +742,7 @@ class BaseHeksherClient(ContextDefaults):
             except SegmentError:
                 logger.exception("the shared segment is unreadable; keeping the previous rules")
                 mark(generation)
+                self._segment_damaged()
                 return
             if blobs is None:
                 continue  # the leader published again while we read: start over
@@ -726,7 +788,7 @@ class BaseHeksherClient(ContextDefaults):
             self._ack = ack
 
     def _apply_outdated_default(self, setting: Setting[Any], head: Head) -> None:
-        outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
+        outcome = head.outcomes.get(setting._digest)
         if outcome is None or outcome.default is None:
             return
         if self._convert_default(setting, outcome.default):

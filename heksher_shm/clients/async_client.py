@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from heksher_shm import _protocol as proto
-from heksher_shm._engine import BEAT_INTERVAL, Apply, Call, Effect, Wait
+from heksher_shm._drivers import LoopWaker, drive_async, in_thread
+from heksher_shm._engine import Apply
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import AsyncMainContext
 from heksher_shm.setting import Setting
@@ -40,8 +42,9 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             else a per-user folder under ``/dev/shm`` or the temp dir).
         segment_name: the shared segment's name (default: derived from the
             service URL and the context features).
-        startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait for
-            their update before raising :class:`TimeoutError`.
+        startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait without
+            any progress towards their update (a leader that neither answers nor
+            works on it) before raising :class:`TimeoutError`.
 
     After ``fork()`` (e.g. gunicorn ``--preload``), a child's copy resumes its
     background task on the first ``get()``, ``reload()`` or ``set_as_main()``
@@ -56,7 +59,7 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         self.modification_lock = asyncio.Lock()
         """Held while setting values change; hold it to keep them from changing."""
         self._http_client: httpx.AsyncClient | None = None
-        self._wake_event: asyncio.Event | None = None
+        self._waker: LoopWaker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiters = _Waiters()
@@ -69,12 +72,12 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
 
         Raises:
             httpx.HTTPError: a declaration or the initial update failed.
-            TimeoutError: no update arrived within ``startup_timeout``.
+            TimeoutError: nothing progressed towards the update for ``startup_timeout`` seconds.
         """
         self._become_main()
         self._ensure_task()
         async with self.modification_lock:
-            self._apply_latest()
+            await in_thread(self._apply_latest)
         seq = self._register_as_main()
         if seq is None:
             return  # a leader already serves everything this process needs
@@ -100,10 +103,11 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         self._closed = True
         self._engine.closed = True
         task, self._task = self._task, None
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.get_loop() is asyncio.get_running_loop():
+                # wait(), not `await task`: a cancellation of aclose() itself must not be swallowed.
+                await asyncio.wait({task})
         if self._http_client is not None:
             await self._http_client.aclose()
         self._leave_shared()
@@ -142,7 +146,7 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             self._http_client = None
         self._needs_restart = False
         self._loop = loop
-        self._wake_event = asyncio.Event()
+        self._waker = LoopWaker(loop)
         self._task = loop.create_task(self._run(), name="heksher-shm")
 
     @property
@@ -158,64 +162,25 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
 
     async def _run(self) -> None:
         try:
-            await self._drive(self._engine.run())
+            await drive_async(self._engine.run(), _Hooks(self))
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("the heksher background task stopped on an error")
 
-    async def _drive(self, steps: Generator[Effect, Any, Any]) -> Any:
-        """The async twin of :func:`heksher_shm._engine.drive_sync`."""
-        to_send: Any = None
-        to_throw: BaseException | None = None
-        while True:
-            try:
-                effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
-            except StopIteration as stop:
-                return stop.value
-            to_send, to_throw = None, None
-            try:
-                if isinstance(effect, Call):
-                    beating = asyncio.create_task(_beat_every(effect.beat)) if effect.beat else None
-                    try:
-                        to_send = await self._http.request(
-                            effect.method,
-                            effect.path,
-                            params=effect.params,
-                            content=effect.content,
-                            headers=effect.headers,
-                        )
-                    finally:
-                        if beating is not None:
-                            beating.cancel()
-                elif isinstance(effect, Wait):
-                    to_send = await self._wait(effect.timeout)
-                elif isinstance(effect, Apply):
-                    if effect.blocking:
-                        async with self.modification_lock:
-                            self._apply_latest(fallback=effect.fallback)
-                    elif not self.modification_lock.locked():
-                        self._apply_latest(fallback=effect.fallback)
-                else:
-                    self._report(effect.error)
-            except asyncio.CancelledError:
-                steps.close()
-                raise
-            except Exception as e:
-                to_throw = e
-
-    async def _wait(self, timeout: float | None) -> bool:
-        assert self._wake_event is not None
-        try:
-            await asyncio.wait_for(self._wake_event.wait(), timeout)
-            woke = True
-        except asyncio.TimeoutError:
-            woke = False
-        self._wake_event.clear()
-        return woke
-
     def _wake(self) -> None:
-        self._set_event(self._wake_event)
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
+
+    async def _apply(self, effect: Apply) -> None:
+        """Apply under ``modification_lock``, in a worker thread: a big snapshot never stalls the loop."""
+        if effect.blocking or not self.modification_lock.locked():
+            async with self.modification_lock:
+                await in_thread(functools.partial(self._apply_latest, notify=False))
+        if effect.report:
+            self._report(effect.error)
+        self._notify_applied()
 
     def _report(self, error: BaseException | None) -> None:
         try:
@@ -248,44 +213,19 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         self._needs_restart = True
         self._applied_generation = -2  # makes the next get() look stale, and try to restart
 
-    def _set_event(self, event: asyncio.Event | None) -> None:
-        """Set an event of this client's loop from any thread (``get()`` may run anywhere)."""
-        loop = self._loop
-        if event is None or loop is None:
-            return
-        if _on_loop_thread(loop):
-            event.set()
-        else:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: no one is waiting
-                loop.call_soon_threadsafe(event.set)
-
     async def _wait_for(self, seq: int, starting: bool) -> None:
-        try:
-            await asyncio.wait_for(self._until_acked(seq), self._startup_timeout)
-        except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
-            raise TimeoutError(f"no update within startup_timeout={self._startup_timeout}s") from None
+        """Wait until request *seq* is answered; raise after ``startup_timeout`` without progress."""
+        progress = self._progress()
+        while not await self._waiters.wait(lambda: self._acked(seq) or self._closed, self._startup_timeout):
+            now_progress = self._progress()
+            if now_progress == progress:
+                raise TimeoutError(self._timed_out("set_as_main" if starting else "reload"))
+            progress = now_progress
         if self._closed:
             return
         error = self._ack_error(seq, starting)
         if error is not None:
             raise error
-
-    async def _until_acked(self, seq: int) -> None:
-        await self._waiters.wait(lambda: self._acked(seq) or self._closed)
-
-
-async def _beat_every(beat: Callable[[], object]) -> None:
-    """Heart-beat while a request is in flight (see :class:`heksher_shm._engine.Call`)."""
-    while True:
-        await asyncio.sleep(BEAT_INTERVAL)
-        beat()
-
-
-def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
 
 
 class _Waiters:
@@ -299,15 +239,26 @@ class _Waiters:
         self._lock = threading.Lock()
         self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
-    async def wait(self, done: Callable[[], bool]) -> None:
+    async def wait(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Until ``done()``; False if *timeout* seconds passed first. (One future and a timer, not
+        ``asyncio.wait_for``, which swallows a cancellation before Python 3.12.)"""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
             future: asyncio.Future[None] = loop.create_future()
             with self._lock:
                 self._futures.append((loop, future))
             if done():  # made true between the check and the registration
                 break
-            await future
+            timer = loop.call_later(remaining, _resolve, future)
+            try:
+                await future
+            finally:
+                timer.cancel()
+        return True
 
     def notify(self) -> None:
         with self._lock:
@@ -320,3 +271,24 @@ class _Waiters:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Hooks:
+    """What the asyncio driver uses of a client (:class:`heksher_shm._drivers.AsyncHooks`)."""
+
+    def __init__(self, client: AsyncHeksherClient) -> None:
+        self._client = client
+
+    def http(self) -> httpx.AsyncClient:
+        return self._client._http
+
+    async def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
+        waker = self._client._waker
+        assert waker is not None
+        return await waker.wait(timeout, fds)
+
+    async def apply(self, effect: Apply) -> None:
+        await self._client._apply(effect)
+
+    def report(self, error: BaseException | None) -> None:
+        self._client._report(error)

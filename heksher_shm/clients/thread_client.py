@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from heksher_shm import _protocol as proto
-from heksher_shm._engine import Apply, drive_sync
+from heksher_shm._drivers import WakePipe, drive_sync
+from heksher_shm._engine import Apply
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import SyncMainContext
 
@@ -35,8 +37,9 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
             else a per-user folder under ``/dev/shm`` or the temp dir).
         segment_name: the shared segment's name (default: derived from the
             service URL and the context features).
-        startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait for
-            their update before logging an error and returning.
+        startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait without
+            any progress towards their update (a leader that neither answers nor
+            works on it) before logging an error and returning.
     """
 
     _kind = "thread"
@@ -47,9 +50,13 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         self.modification_lock = threading.Lock()
         """Held while setting values change; hold it to keep them from changing."""
         self._http_client: httpx.Client | None = None
-        self._wake_event = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._wake_pipe = WakePipe()
         self._applied_cond = threading.Condition()
         self._thread: threading.Thread | None = None
+
+    def _close_driver_in_child(self) -> None:
+        self._wake_pipe.close()
 
     # -- documented API ----------------------------------------------------------------------------------
 
@@ -77,9 +84,12 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self._http_client is not None:
             self._http_client.close()
         self._leave_shared()
+        self._wake_pipe.close()
         with self._applied_cond:
             self._applied_cond.notify_all()
 
@@ -98,7 +108,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         data = proto.decode(proto.SETTINGS, response.status_code, response.content, proto.SettingsResponse)
         return {s.name: s for s in data.settings}
 
-    # -- the driver --------------------------------------------------------------------------------------
+    # -- the driver ----------------------------------------------------------------------------------------
 
     @property
     def _http(self) -> httpx.Client:
@@ -109,26 +119,35 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
             client = self._http_client = httpx.Client(base_url=self._service_url, **self._http_client_args)
         return client
 
+    def _declare_pool(self, limit: int) -> ThreadPoolExecutor:
+        """The threads that send concurrent declarations (made on first use, kept while leading)."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(limit, thread_name_prefix="heksher-shm-declare")
+        return pool
+
     def _run(self) -> None:
         try:
-            drive_sync(self._engine.run(), lambda: self._http, self._wait, self._apply, self._report)
+            drive_sync(self._engine.run(), _Hooks(self))
         except Exception:
             logger.exception("the heksher background thread stopped on an error")
-
-    def _wait(self, timeout: float | None) -> bool:
-        woke = self._wake_event.wait(timeout)
-        self._wake_event.clear()
-        return woke
+        finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     def _wake(self) -> None:
-        self._wake_event.set()
+        self._wake_pipe.wake()
 
     def _apply(self, effect: Apply) -> None:
         if self.modification_lock.acquire(blocking=effect.blocking):
             try:
-                self._apply_latest(fallback=effect.fallback)
+                self._apply_latest(notify=False)
             finally:
                 self.modification_lock.release()
+        if effect.report:
+            self._report(effect.error)
+        self._notify_applied()
 
     def _report(self, error: BaseException | None) -> None:
         try:
@@ -154,16 +173,46 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
             self._applied_cond.notify_all()
 
     def _wait_for(self, seq: int, what: str) -> None:
+        """Wait until request *seq* is answered; give up after ``startup_timeout`` without progress."""
+        progress = self._progress()
         deadline = time.monotonic() + self._startup_timeout
         with self._applied_cond:
-            done = self._applied_cond.wait_for(
-                lambda: self._acked(seq) or self._closed, max(0.0, deadline - time.monotonic())
-            )
+            while not (self._acked(seq) or self._closed):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    now_progress = self._progress()
+                    if now_progress == progress:
+                        break
+                    progress, deadline = now_progress, time.monotonic() + self._startup_timeout
+                    continue
+                self._applied_cond.wait(remaining)
         if self._closed:
             return
-        if not done:
-            logger.error(f"{what} timed out waiting for an update", extra={"timeout": self._startup_timeout})
+        if not self._acked(seq):
+            logger.error(self._timed_out(what), extra={"timeout": self._startup_timeout})
             return
         error = self._ack_error(seq, starting=what == "set_as_main")
         if error is not None:
             logger.error(f"{what} failed", exc_info=error)
+
+
+class _Hooks:
+    """What the blocking driver uses of a client (:class:`heksher_shm._drivers.SyncHooks`)."""
+
+    def __init__(self, client: ThreadHeksherClient) -> None:
+        self._client = client
+
+    def http(self) -> httpx.Client:
+        return self._client._http
+
+    def pool(self, limit: int) -> ThreadPoolExecutor:
+        return self._client._declare_pool(limit)
+
+    def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
+        return self._client._wake_pipe.wait(timeout, fds)
+
+    def apply(self, effect: Apply) -> None:
+        self._client._apply(effect)
+
+    def report(self, error: BaseException | None) -> None:
+        self._client._report(error)

@@ -1,0 +1,334 @@
+"""The two drivers of the engine's effects, side by side: blocking (thread client) and asyncio.
+
+:class:`~heksher_shm._engine.Engine` yields effects; a driver performs each
+one and sends the result back (or throws the error in). The two drivers
+below are twins on purpose, written next to each other and kept in step by
+``tests/test_drivers.py``, which runs the same effect scripts through both.
+
+=============  ======================================  ==============================================
+effect         blocking driver                         asyncio driver
+=============  ======================================  ==============================================
+``Call``       ``httpx.Client.request``                ``await httpx.AsyncClient.request``
+``Calls``      a thread pool, *limit* wide             ``asyncio.gather`` under a semaphore
+``Compute``    run in place                            run in a worker thread (the loop never stalls)
+``Wait``       ``poll()`` on the wake pipe and fds     loop readers on the fds and a wake event
+``Apply``      under ``modification_lock``             under ``modification_lock``, in a worker thread
+``Report``     the client's callbacks                  the client's callbacks
+=============  ======================================  ==============================================
+
+While a ``Call``, ``Calls`` or ``Compute`` carrying a *beat* runs, the
+driver calls it every :data:`~heksher_shm._engine.BEAT_INTERVAL` seconds
+(from a helper thread, or a task): a leader waiting on a slow service stays
+trusted by its followers.
+
+Blocking waits happen only in ``poll()``/``select()`` on descriptors, which
+gevent and eventlet patch into cooperative waits, so a monkey-patched worker
+keeps serving its other greenlets while the client sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import threading
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import httpx
+
+from heksher_shm._engine import BEAT_INTERVAL, Apply, Call, Calls, Effect, Report, Wait
+
+__all__ = ["AsyncHooks", "LoopWaker", "SyncHooks", "WakePipe", "drive_async", "drive_sync", "in_thread"]
+
+T = TypeVar("T")
+
+
+class SyncHooks(Protocol):
+    """What the blocking driver needs from its client."""
+
+    def http(self) -> httpx.Client: ...
+
+    def pool(self, limit: int) -> ThreadPoolExecutor: ...
+
+    def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]: ...
+
+    def apply(self, effect: Apply) -> None: ...
+
+    def report(self, error: BaseException | None) -> None: ...
+
+
+class AsyncHooks(Protocol):
+    """What the asyncio driver needs from its client."""
+
+    def http(self) -> httpx.AsyncClient: ...
+
+    def wait(self, timeout: float | None, fds: tuple[int, ...]) -> Awaitable[set[int]]: ...
+
+    def apply(self, effect: Apply) -> Awaitable[None]: ...
+
+    def report(self, error: BaseException | None) -> None: ...
+
+
+def _request(effect: Call) -> dict[str, Any]:
+    return {"params": effect.params, "content": effect.content, "headers": effect.headers}
+
+
+# -- blocking ---------------------------------------------------------------------------------------------
+
+
+def drive_sync(steps: Generator[Effect, Any, T], hooks: SyncHooks) -> T:
+    """Run *steps* to completion with blocking I/O (the thread client's driver)."""
+    to_send: Any = None
+    to_throw: BaseException | None = None
+    while True:
+        try:
+            effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        to_send, to_throw = None, None
+        try:
+            if isinstance(effect, Wait):
+                to_send = hooks.wait(effect.timeout, effect.fds)
+            elif isinstance(effect, Apply):
+                hooks.apply(effect)
+            elif isinstance(effect, Report):
+                hooks.report(effect.error)
+            else:
+                with beating(effect.beat):
+                    if isinstance(effect, Call):
+                        to_send = hooks.http().request(effect.method, effect.path, **_request(effect))
+                    elif isinstance(effect, Calls):
+                        to_send = _calls_sync(hooks, effect)
+                    else:
+                        to_send = effect.fn()
+        except Exception as e:
+            to_throw = e
+
+
+def _calls_sync(hooks: SyncHooks, effect: Calls) -> list[httpx.Response | BaseException]:
+    http = hooks.http()
+
+    def one(call: Call) -> httpx.Response | BaseException:
+        try:
+            return http.request(call.method, call.path, **_request(call))
+        except Exception as e:
+            return e
+
+    if len(effect.calls) == 1:
+        return [one(effect.calls[0])]
+    return list(hooks.pool(effect.limit).map(one, effect.calls))
+
+
+@contextlib.contextmanager
+def beating(beat: Callable[[], object] | None) -> Generator[None, None, None]:
+    """Call *beat* every :data:`BEAT_INTERVAL` from a helper thread while the block runs."""
+    if beat is None:
+        yield
+        return
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(BEAT_INTERVAL):
+            beat()
+
+    thread = threading.Thread(target=run, name="heksher-shm-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+class WakePipe:
+    """How another thread (or a signal handler) wakes a blocking driver's :meth:`wait`."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return (never blocks)."""
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake is pending already
+            os.write(self._write, b"\0")
+
+    def wait(self, timeout: float | None, fds: Sequence[int]) -> set[int]:
+        """Block until woken, one of *fds* is readable, or *timeout* seconds passed; the readable *fds*."""
+        wanted = (self._read, *fds)
+        poller = getattr(select, "poll", None)  # eventlet removes poll(); select() is patched instead
+        if poller is not None:
+            p = poller()
+            for fd in wanted:
+                p.register(fd, select.POLLIN)
+            events = p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+            ready = {fd for fd, _ in events}
+        else:  # pragma: no cover - eventlet
+            ready = set(select.select(wanted, [], [], timeout)[0])
+        if self._read in ready:
+            with contextlib.suppress(BlockingIOError, OSError):
+                while os.read(self._read, 512):
+                    pass
+        ready.discard(self._read)
+        return ready
+
+    def close(self) -> None:
+        """Close both ends (also right in a forked child, where they are copies of the parent's)."""
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# -- asyncio ----------------------------------------------------------------------------------------------
+
+
+async def drive_async(steps: Generator[Effect, Any, T], hooks: AsyncHooks) -> T:
+    """Run *steps* to completion on the running loop (the async client's driver)."""
+    to_send: Any = None
+    to_throw: BaseException | None = None
+    while True:
+        try:
+            effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        to_send, to_throw = None, None
+        try:
+            if isinstance(effect, Wait):
+                to_send = await hooks.wait(effect.timeout, effect.fds)
+            elif isinstance(effect, Apply):
+                await hooks.apply(effect)
+            elif isinstance(effect, Report):
+                hooks.report(effect.error)
+            else:
+                async with abeating(effect.beat):
+                    if isinstance(effect, Call):
+                        to_send = await hooks.http().request(effect.method, effect.path, **_request(effect))
+                    elif isinstance(effect, Calls):
+                        to_send = await _calls_async(hooks, effect)
+                    else:
+                        to_send = await in_thread(effect.fn)
+        except asyncio.CancelledError:
+            steps.close()
+            raise
+        except Exception as e:
+            to_throw = e
+
+
+async def _calls_async(hooks: AsyncHooks, effect: Calls) -> list[httpx.Response | BaseException]:
+    http = hooks.http()
+    gate = asyncio.Semaphore(effect.limit)
+
+    async def one(call: Call) -> httpx.Response | BaseException:
+        async with gate:
+            try:
+                return await http.request(call.method, call.path, **_request(call))
+            except Exception as e:
+                return e
+
+    return list(await asyncio.gather(*(one(call) for call in effect.calls)))
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """Run *fn* in the loop's default executor, and wait for it to finish even when cancelled.
+
+    A cancelled wait must not leave *fn* running behind the caller's back:
+    the engine's next step (releasing the lock, say) must come after it.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
+@contextlib.asynccontextmanager
+async def abeating(beat: Callable[[], object] | None) -> Any:
+    """Call *beat* every :data:`BEAT_INTERVAL` from a task while the block runs."""
+    if beat is None:
+        yield
+        return
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(BEAT_INTERVAL)
+            beat()
+
+    task = asyncio.get_running_loop().create_task(run())
+    try:
+        yield
+    finally:
+        # Not awaited: awaiting a cancelled task raises CancelledError, and telling that one from a
+        # cancellation of this task itself (aclose()) is not possible before Python 3.11.
+        task.cancel()
+
+
+class LoopWaker:
+    """Wakes the asyncio driver's :meth:`wait` from any thread (``get()`` and ``reload()`` may run anywhere).
+
+    Built on one future per wait rather than ``asyncio.wait_for``: before
+    Python 3.12, ``wait_for`` swallows a cancellation that arrives while the
+    awaited thing completes, and a client's ``aclose()`` must always end its
+    task.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending = False
+        self._future: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return; from any thread, never blocks."""
+        if _on_loop_thread(self._loop):
+            self._fire()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+        else:
+            self._pending = True
+
+    async def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
+        """Until woken, one of *fds* is readable, or *timeout* passed; the readable *fds*."""
+        ready: set[int] = set()
+        if self._pending:
+            self._pending = False
+            return ready
+        loop = self._loop
+        future = self._future = loop.create_future()
+
+        def readable(fd: int) -> None:
+            ready.add(fd)
+            if not future.done():
+                future.set_result(None)
+
+        for fd in fds:
+            loop.add_reader(fd, readable, fd)
+        timer = None if timeout is None else loop.call_later(max(0.0, timeout), _resolve, future)
+        try:
+            await future
+        finally:
+            self._future = None
+            if timer is not None:
+                timer.cancel()
+            for fd in fds:
+                loop.remove_reader(fd)
+        return ready
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

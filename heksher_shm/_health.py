@@ -1,0 +1,118 @@
+"""Failure policy: how long to wait after a failure, and how to say so in the log.
+
+Two small pieces the engine uses for every kind of failure (queries,
+declarations, an unresponsive leader, a damaged segment):
+
+* :func:`backoff_delay`: the wait before the next attempt after *n* failures
+  in a row: 0.5 s doubling up to the update interval, with "equal jitter"
+  (half the step, plus a random part up to the other half). Full jitter
+  would let an unlucky client retry at once, which is exactly what an
+  overloaded service must not see; equal jitter still spreads a fleet's
+  retries over half of each step. A persistent failure therefore costs at
+  most one attempt per step, and never more than one per half update
+  interval.
+* :class:`Trouble`: one warning when a state begins (naming what failed and
+  where), one when it ends (how long it lasted, how many failures), and a
+  summary every :data:`SUMMARY_INTERVAL` seconds while it lasts. Full
+  tracebacks go to DEBUG, so a long outage costs a few lines a minute, not a
+  traceback per attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+__all__ = ["FIRST_DELAY", "SUMMARY_INTERVAL", "Trouble", "backoff_delay"]
+
+FIRST_DELAY = 0.5
+"""Seconds to wait after the first failure; each further failure doubles it, up to the update interval."""
+
+SUMMARY_INTERVAL = 60.0
+"""Seconds between two summaries of a trouble that lasts."""
+
+
+def backoff_delay(failures: int, cap: float, rng: random.Random | None = None) -> float:
+    """Seconds to wait after *failures* failures in a row (>= 1), capped at *cap*, with equal jitter."""
+    step = min(cap, FIRST_DELAY * 2.0 ** min(max(failures, 1) - 1, 30))
+    return step / 2 + (rng or random).uniform(0.0, step / 2)
+
+
+class Trouble:
+    """A state worth an operator's attention (the service failing, say), logged once per change.
+
+    Args:
+        logger: where to log.
+        what: a short noun phrase for the messages: ``"the Heksher service is failing"``.
+        extra: fields added to every record (the service URL, the segment...).
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, **extra: Any) -> None:
+        self._logger = logger
+        self._what = what
+        self._extra = extra
+        self._since: float | None = None
+        self._count = 0
+        self._summarised_at = 0.0
+        self._summarised_count = 0
+        self.last: str | None = None
+        """The description of the latest failure (``None`` while all is well)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether the trouble is going on."""
+        return self._since is not None
+
+    def failed(self, error: BaseException | str, **extra: Any) -> None:
+        """Record one failure: a warning if the trouble starts, a summary now and then, else DEBUG."""
+        now = time.monotonic()
+        text = error if isinstance(error, str) else describe(error)
+        self.last = text
+        fields = {**self._extra, **extra, "error": text}
+        exc_info = error if isinstance(error, BaseException) else None
+        self._count += 1
+        if self._since is None:
+            self._since = self._summarised_at = now
+            self._summarised_count = 0
+            self._logger.warning("%s: %s", self._what, text, extra=fields)
+            self._logger.debug("%s: details", self._what, exc_info=exc_info, extra=fields)
+            return
+        self._logger.debug("%s (again): %s", self._what, text, exc_info=exc_info, extra=fields)
+        if now - self._summarised_at >= SUMMARY_INTERVAL:
+            recent = self._count - self._summarised_count
+            self._logger.warning(
+                "%s for %.0f s now (%d failures in the last %.0f s); latest: %s",
+                self._what,
+                now - self._since,
+                recent,
+                now - self._summarised_at,
+                text,
+                extra={**fields, "failures": self._count, "recent_failures": recent},
+            )
+            self._summarised_at = now
+            self._summarised_count = self._count
+
+    def resolved(self, how: str = "recovered") -> None:
+        """The trouble is over (if it was going on): one warning saying how long it lasted."""
+        if self._since is None:
+            return
+        lasted = time.monotonic() - self._since
+        self._logger.warning(
+            "%s no more: %s after %.1f s and %d failures",
+            self._what,
+            how,
+            lasted,
+            self._count,
+            extra={**self._extra, "duration": lasted, "failures": self._count},
+        )
+        self._since = None
+        self._count = 0
+        self.last = None
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeName: message"`` (the type alone when the message is empty)."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
