@@ -419,6 +419,7 @@ class Engine:
         self._service = Trouble(logger, "the Heksher service is failing", service_url=service_url)
         self._declaring = Trouble(logger, "declaring settings fails", service_url=service_url)
         self._stuck = Trouble(logger, "the leader is not making progress")
+        self._publishing = Trouble(logger, "publishing snapshots fails; the previous one stays")
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -916,15 +917,8 @@ class Engine:
             break
         if error is None:
             term.spec = spec
-        now = time.monotonic()
-        if error is None:
-            term.failures = 0
-            term.error = None
-            term.next_update = now + self.update_interval
             self._service.resolved()
         else:
-            term.failures += 1
-            term.next_update = now + backoff_delay(term.failures, self.update_interval)
             extra: dict[str, Any] = {"settings": len(spec[0])}
             if isinstance(error, httpx.HTTPStatusError):
                 extra["response_content"] = error.response.content[:200]
@@ -934,18 +928,38 @@ class Engine:
         if error is not None:
             error_id = self._remember(error)
             ack_error = describe(error)
-            term.error = (ack_error, error_id)
-        yield from self._publish_update(term, wishes, fresh, error, ack_error, error_id)
-        if error is None:
-            term.transport.record_update_ok(time.time())
-        else:
-            term.transport.record_error(ack_error or "", time.time())
+        failed = yield from self._publish_update(term, wishes, fresh, error, ack_error, error_id)
+        if error is None and failed is not None:
+            # The service answered, but readers do not have it: the update failed all the same.
+            error = failed
+            error_id, ack_error = self._remember(failed), describe(failed)
+        self._settle(term, error, ack_error, error_id)
         return error
 
+    def _settle(self, term: _Term, error: BaseException | None, text: str | None, error_id: str) -> None:
+        """The end of an update: the next one is due an interval from now, or after a backoff step."""
+        now = time.monotonic()
+        if error is None:
+            term.failures = 0
+            term.error = None
+            term.next_update = now + self.update_interval
+            term.transport.record_update_ok(time.time())
+        else:
+            term.failures += 1
+            term.next_update = now + backoff_delay(term.failures, self.update_interval)
+            term.error = (text or describe(error), error_id)
+            term.transport.record_error(text or describe(error), time.time())
+
     def _publish_acks(self, term: _Term, wishes: Sequence[Wish]) -> Generator[Effect, Any, None]:
-        """Publish the same rules with new acknowledgements (no query was needed, or it would fail)."""
+        """Publish the same rules with new acknowledgements (no query was needed, or it would fail).
+
+        A publish that fails counts as a failed update: the next update (a
+        backoff step later) queries and publishes again.
+        """
         text, error_id = term.error if term.error is not None else (None, "")
-        yield from self._publish_update(term, wishes, None, None, text, error_id)
+        failed = yield from self._publish_update(term, wishes, None, None, text, error_id)
+        if failed is not None:
+            self._settle(term, failed, None, self._remember(failed))
 
     def _publish_update(
         self,
@@ -955,7 +969,8 @@ class Engine:
         error: BaseException | None,
         ack_error: str | None,
         error_id: str,
-    ) -> Generator[Effect, Any, None]:
+    ) -> Generator[Effect, Any, BaseException | None]:
+        """Publish what changed (rules, acknowledgements); returns why publishing failed, if it did."""
         acks = self._acks(term, wishes, ack_error, error_id)
         entries, blobs, queried = term.entries, term.blobs, term.queried
         changed = False
@@ -966,7 +981,7 @@ class Engine:
         if not (changed or acks != term.served or not term.published):
             if fresh is not None:
                 term.etag, term.queried = fresh.etag, queried
-            return
+            return None
         self._check_lock()  # a leader that was replaced while it was stopped must not write
         head = Head(
             format=FORMAT,
@@ -991,6 +1006,7 @@ class Engine:
                 term.etag = fresh.etag
         else:
             term.etag = ""  # what the service answered is not what readers have: fetch again
+        return failed  # type: ignore[no-any-return]
 
     def _acks(
         self, term: _Term, wishes: Sequence[Wish], error: str | None = None, error_id: str = ""
@@ -1021,9 +1037,9 @@ class Engine:
         try:
             term.generation = term.transport.publish(head, blobs)
         except Exception as e:
-            logger.warning("publishing the snapshot failed; the previous one stays: %s", describe(e))
-            logger.debug("publishing failed: details", exc_info=True)
+            self._publishing.failed(e)
             return e
+        self._publishing.resolved()
         term.head = head
         return None
 
@@ -1041,14 +1057,12 @@ class Engine:
         (reading back a big snapshot costs), and a check wanted sooner is made
         when that time comes (the leader wakes for it).
         """
+        if term.transport is not self.transport or not term.generation:
+            term.verify_wanted = False  # nothing of this term's to check
+            return
         term.verify_wanted = True
         now = time.monotonic()
-        if (
-            not term.verify_wanted
-            or term.transport is not self.transport
-            or not term.generation
-            or now - term.verified < VERIFY_INTERVAL
-        ):
+        if now - term.verified < VERIFY_INTERVAL:
             return
         term.verify_wanted = False
         term.verified = now

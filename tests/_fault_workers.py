@@ -98,7 +98,7 @@ class _Reader:
         self.last: int | None = None
         self.seen: set[int] = set()
         self.new_values: set[int] = set()
-        self.fallback = False
+        self.leading: bool | None = None
         self.events: list[tuple[str, float]] = []
         self.stopped = False
 
@@ -122,7 +122,7 @@ class _Reader:
                 self.high = value
             self.last = value
             values.add(value)
-        fallback = self.client._engine.fallback is not None
+        leading = bool(self.client._engine.leading)
         with self.lock:
             self.reads += reads
             self.backwards += backwards
@@ -131,9 +131,11 @@ class _Reader:
             fresh = values - self.seen
             self.seen |= fresh
             self.new_values |= fresh
-            if fallback != self.fallback:
-                self.fallback = fallback
-                self.events.append(("fallback" if fallback else "led", time.monotonic()))
+            if leading != self.leading:
+                # a change of role: "lead" (took over) or "follow" (stepped down)
+                if self.leading is not None:
+                    self.events.append(("lead" if leading else "follow", time.monotonic()))
+                self.leading = leading
 
     def run_in_thread(self) -> None:
         while not self.stopped:
@@ -241,8 +243,6 @@ def _answer(cmd: tuple[Any, ...], ctx: _Context) -> Any:
         return ctx.settings[cmd[1]].get(**CONTEXT)
     if op == "leading":
         return client._engine.leading
-    if op == "fallback":
-        return client._engine.fallback is not None
     if op == "status":
         status = segment_status(client.segment_path)
         return {

@@ -173,8 +173,10 @@ def _grow(path: Path, rng: random.Random) -> None:
     poke(path, os.path.getsize(path) + 4096, rng.randbytes(1 << 20))
 
 
-def _heartbeat_old(path: Path, rng: random.Random) -> None:
-    poke(path, layout.OFF_HEARTBEAT, struct.pack("<d", time.time() - 100))
+def _promise_broken(path: Path, rng: random.Random) -> None:
+    # A stray write that makes a healthy leader look stuck: a follower replaces it, values carry on.
+    poke(path, layout.OFF_PROGRESS, struct.pack("<d", time.monotonic() - 100))
+    poke(path, layout.OFF_PROMISE, struct.pack("<d", time.monotonic() - 100))
 
 
 DAMAGES: dict[str, Callable[[Path, random.Random], None]] = {
@@ -195,7 +197,7 @@ DAMAGES: dict[str, Callable[[Path, random.Random], None]] = {
     "status block flipped": _flips_in("status", 8),
     "status seqlock left odd": lambda p, r: poke(p, layout.OFF_STATUS_SEQ, struct.pack("<Q", 12345)),
     "error length huge": lambda p, r: poke(p, 232, struct.pack("<I", 0xFFFFFFFF)),
-    "stale heartbeat": _heartbeat_old,
+    "promise broken": _promise_broken,
     "garbage in the other slot": _other_slot_garbage,
     "bytes flipped anywhere": _flips_in("anywhere", 16),
     "file grown with garbage": _grow,
@@ -457,7 +459,7 @@ def _disk_full(
                 drain_all(workers, 0.05)
             status = leader.ask("status")
             assert "No space left on device" in (status["last_error"] or ""), status
-            assert any("publishing the snapshot failed" in m for m in leader.ask("logs", "publishing"))
+            assert any("publishing snapshots fails" in m for m in leader.ask("logs", "publishing"))
             for w in workers:
                 assert "No space left on device" in w.seen.errors[0] or "publish" in w.seen.errors[0]
                 assert w.ask("get", big_name) == "small"  # the previous snapshot, whole

@@ -150,7 +150,8 @@ def test_dead_process_entry_is_pruned(registry: Registry, spawn: Callable[..., B
 
 def test_pid_reuse_counts_as_dead(registry: Registry) -> None:
     me = current_identity()
-    impostor = ProcessIdentity(me.pid, me.create_time + 100.0)  # right pid, wrong start (later: works right after boot)
+    # right pid, wrong start (a later one: an earlier one may be negative right after boot)
+    impostor = ProcessIdentity(me.pid, me.create_time + 100.0)
     registry.write(registration_for(impostor))
     registry.write(registration_for(me))
     result = registry.scan()

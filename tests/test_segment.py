@@ -321,8 +321,8 @@ def test_full_disk_fails_the_publish_not_the_readers(
 
 
 def test_status_fields(writer: Segment, seg_path: Path) -> None:
-    writer.set_leader(4242, 1234.5)
-    writer.beat(1000.25)
+    writer.set_leader(4242, 1234.5, 7)
+    writer.beat(1000.25, 1060.5)
     writer.record_update_ok(999.5)
     generation = writer.publish(b"h", [b"b"])
     with Segment.open(seg_path) as reader:
@@ -339,7 +339,8 @@ def test_status_fields(writer: Segment, seg_path: Path) -> None:
         assert status.file_size == os.path.getsize(seg_path)
         assert status.leader_pid == 4242
         assert status.leader_create_time == 1234.5
-        assert status.heartbeat == reader.heartbeat() == 1000.25
+        assert (status.progress, status.promise) == reader.liveness() == (1000.25, 1060.5)
+        assert reader.leader() == (4242, 1234.5, 7)
         assert status.last_update_ok == 999.5
         assert status.status_available
         assert status.error_count == reader.error_count() == 0
@@ -348,13 +349,14 @@ def test_status_fields(writer: Segment, seg_path: Path) -> None:
 
         writer.record_error("first", 5.0)
         writer.record_error("second failure", 6.0)
-        writer.beat()
+        writer.beat(time.monotonic(), time.monotonic() + 60)
         status = reader.status()
         assert status.error_count == reader.error_count() == 2
         assert status.last_error == "second failure"
         assert status.last_error_time == 6.0
-        assert status.heartbeat is not None
-        assert abs(status.heartbeat - time.time()) < 60
+        assert status.progress is not None
+        assert abs(status.progress - time.monotonic()) < 60
+        assert reader.update_marks() == (999.5, 2, "second failure")
         assert status.leader_pid == 4242  # other fields survive the update
 
         writer.publish(b"h2", [])

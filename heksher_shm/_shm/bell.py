@@ -29,6 +29,7 @@ directory was opened.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import logging
@@ -139,6 +140,17 @@ class Bell:
 
 
 _sender: tuple[int, socket.socket] | None = None
+"""The socket this process rings with (and the pid that made it: a forked child makes its own)."""
+
+
+def _close_sender() -> None:
+    global _sender
+    sender, _sender = _sender, None
+    if sender is not None and sender[0] == os.getpid():
+        sender[1].close()
+
+
+atexit.register(_close_sender)
 
 
 def ring(directory: Path, name: str) -> bool:
