@@ -79,6 +79,12 @@ def set_main(client: MainClient) -> list[Setting[Any]]:
         return live_settings()
 
 
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): a new lock (a parent's thread may hold it)."""
+    global _lock
+    _lock = threading.RLock()
+
+
 def clear_main(client: MainClient) -> None:
     """Forget *client* as the main client (used when it closes before becoming main for good)."""
     global _main

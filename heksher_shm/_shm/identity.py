@@ -204,14 +204,12 @@ def current_identity() -> ProcessIdentity:
     return cached
 
 
-def _forget_cached_identity() -> None:
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): forget the parent's identity."""
     # getpid() already tells a child from its parent; clearing the cache also
     # covers a child that sees the same PID number (a fresh PID namespace).
     global _cached
     _cached = None
-
-
-os.register_at_fork(after_in_child=_forget_cached_identity)
 
 
 def is_alive(identity: ProcessIdentity) -> bool:

@@ -321,14 +321,12 @@ def _open_segment_file(path: pathlib.Path, create: bool) -> int:
 _live_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
 
 
-def _reset_locks_in_child() -> None:
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): new writer locks for every open segment."""
     # A thread of the parent may hold a writer lock at fork time; the child has no such
     # thread, so an inherited locked Lock would deadlock a child that later becomes leader.
     for segment in list(_live_segments):
         segment._write_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_locks_in_child)
 
 
 class Segment:

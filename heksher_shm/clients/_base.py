@@ -811,12 +811,10 @@ def _check_seconds(name: str, value: object) -> None:
 _live_clients: weakref.WeakSet[BaseHeksherClient] = weakref.WeakSet()
 
 
-def _after_fork_in_child() -> None:
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`, last): every live client resumes."""
     for client in list(_live_clients):
         try:
             client._after_fork_in_child()
         except Exception:
             logger.exception("heksher client could not resume after fork")
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
