@@ -204,8 +204,9 @@ class Setting(Generic[T]):
         on_coerce: ``on_coerce(coerced, raw, coercions, rule_or_None, setting)``
             is called when a server value had to be coerced to the local type;
             it returns the value to use or raises :class:`TypeError` to reject
-            it. ``None`` rejects every coercion. The default keeps the coerced
-            value.
+            it (any other exception: as for a validator, see
+            :meth:`add_validator`). ``None`` rejects every coercion. The
+            default keeps the coerced value.
 
     Raises:
         ValueError: a malformed name, feature, version or feature list.
@@ -284,8 +285,11 @@ class Setting(Generic[T]):
 
         Validators run in the order added, on each rule value and on the
         server default at every update; raising :class:`TypeError` rejects
-        that value. Local defaults are not validated. Returns *validator*, so
-        this works as a decorator.
+        that value. Any other exception keeps the setting's previous rules
+        and server default until the next update, and goes to the log and to
+        the client's ``on_update_error``, never out of ``get()``. Local
+        defaults are not validated. Returns *validator*, so this works as a
+        decorator.
         """
         self._validators.append(validator)
         return validator

@@ -71,6 +71,7 @@ class _PendingRules:
 
     def __call__(self) -> None:
         client, setting = self.client, self.setting
+        failure: Exception | None = None
         with client._apply_lock:
             state = setting._state
             if state.pending is not self:
@@ -78,7 +79,6 @@ class _PendingRules:
             try:
                 with paused_gc():
                     blob = decode_blob(self.blob.verified())
-                    client._install(setting, blob, self.service_order, self.digest, state.applied)
             except (SegmentError, ValueError, msgspec.DecodeError):  # damaged, or not a rule set
                 logger.exception(
                     "unusable rules in the snapshot; keeping the previous ones",
@@ -86,6 +86,21 @@ class _PendingRules:
                 )
                 # digest None: rebuild it from the next snapshot, whatever that holds for it
                 setting._set_state(self.restore.reboxed(state.applied, None))
+                return
+            try:
+                with paused_gc():
+                    client._install(setting, blob, self.service_order, self.digest, state.applied)
+            except Exception as e:  # raised by a validator or on_coerce (a TypeError only rejects a value)
+                failure = e
+                # The previous rules stay, under this blob's digest so that applying this snapshot
+                # again leaves them be; the next snapshot tries again (see _apply_from).
+                setting._set_state(self.restore.reboxed(state.applied, self.digest))
+                client._failed_conversions[setting] = state.applied[0]
+            else:
+                client._failed_conversions.pop(setting, None)
+        if failure is not None:
+            # Outside the lock: the callback may do anything, even wait for an update.
+            client._conversion_failed(setting, failure)
 
 
 """Distinct untracked context values warned about (once each) before falling silent."""
@@ -144,6 +159,8 @@ class BaseHeksherClient(ContextDefaults):
         """Set when every setting must be rebuilt from the next snapshot, whatever its blob digest."""
         self._peeked: tuple[int, Head, dict[str, SettingEntry]] | None = None
         """The head get() decoded to apply one setting (see _apply_one), until the full apply."""
+        self._failed_conversions: weakref.WeakKeyDictionary[Setting[Any], int] = weakref.WeakKeyDictionary()
+        """Settings whose new rules a validator or on_coerce failed on, and the generation they came in."""
         # Reentrant: validators run while it is held, and may call get() on other settings.
         self._apply_lock = threading.RLock()
         # A list, not an int: settings' states share it, so get() compares the
@@ -670,10 +687,16 @@ class BaseHeksherClient(ContextDefaults):
             settings = [s for s in self._settings if s._state.client is self]
             reapply = self._reapply_all
             # A setting's state carries the digest of the blob it was built from.
+            failed = self._failed_conversions
             todo = [
                 (s, entry)
                 for s in settings
-                if (entry := entries.get(s.name)) is not None and (reapply or s._state.digest != entry.digest)
+                if (entry := entries.get(s.name)) is not None
+                and (
+                    reapply
+                    or s._state.digest != entry.digest
+                    or failed.get(s, read.generation) != read.generation  # failed on an earlier snapshot
+                )
             ]
             indices = sorted({entry.blob for _, entry in todo})
             try:
@@ -729,8 +752,32 @@ class BaseHeksherClient(ContextDefaults):
         outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
         if outcome is None or outcome.default is None:
             return
-        if self._convert_default(setting, outcome.default):
+        try:
+            converted = self._convert_default(setting, outcome.default)
+        except Exception as e:  # raised by a validator or on_coerce: the previous default stays
+            self._conversion_failed(setting, e)
+            return
+        if converted:
             setting._install_state(self, setting._state.rules)
+
+    def _conversion_failed(self, setting: Setting[Any], error: Exception) -> None:
+        """A validator or ``on_coerce`` raised *error* (not a TypeError) on *setting*'s new values.
+
+        The previous rules and default stay in use until the next snapshot;
+        the error is logged and handed to ``on_update_error``, whose own
+        errors are logged: nothing of this reaches the ``get()`` that ran it.
+        """
+        logger.warning(
+            "converting new values of setting %s failed: %r; its previous ones stay until the next update",
+            setting.name,
+            error,
+            extra={"setting_name": setting.name, "error": repr(error)},
+        )
+        logger.debug("the conversion error of setting %s", setting.name, exc_info=error)
+        try:
+            self.on_update_error(error)
+        except Exception:
+            logger.exception("update callback raised", extra={"setting_name": setting.name})
 
     def _convert_default(self, setting: Setting[Any], raw_json: bytes) -> bool:
         raw = _json_decoder.decode(raw_json)
@@ -780,12 +827,16 @@ class BaseHeksherClient(ContextDefaults):
                 continue  # another process tracks these contexts; this one does not
             rule = QueriedRule(record.rule_id, conditions)
             try:
-                converted = setting._convert(_json_decoder.decode(record.value), rule)
+                raw = _json_decoder.decode(record.value)
+            except msgspec.DecodeError as e:
+                rejected.append((record.rule_id, f"rule value rejected: {e!r}"))
+                continue
+            # Only a TypeError rejects one value; anything else a validator or on_coerce raises
+            # fails the whole update of this setting (see _PendingRules), as in heksher 0.2.2.
+            try:
+                converted = setting._convert(raw, rule)
             except TypeError as e:
                 rejected.append((record.rule_id, f"rule value could not be converted: {e!r}"))
-                continue
-            except (ValueError, msgspec.DecodeError) as e:
-                rejected.append((record.rule_id, f"rule value rejected: {e!r}"))
                 continue
             if converted.coercions:
                 coerced.append((record.rule_id, converted.coercions))
