@@ -1,8 +1,9 @@
 """Settings: what an application declares, and the hot path that answers ``get()``.
 
 A :class:`Setting` registers itself with the process's main client on
-creation (or waits for one). The process keeps settings weakly: a setting that
-is garbage collected is neither declared nor updated.
+creation (or waits for one). The process holds a setting strongly until it
+has been declared and weakly after that (see :mod:`heksher_shm._main`): a
+declared setting that is garbage collected is no longer updated.
 
 ``get()`` is the hot path. Each update compiles a setting's rules once
 (:mod:`heksher_shm._resolve`) into an immutable :class:`_State`; ``get()``
@@ -213,7 +214,8 @@ class Setting(Generic[T]):
         TypeError: an unusable *type*.
 
     Creating a setting registers it with the main client, or holds it until a
-    client becomes main; it is then declared.
+    client becomes main; it is then declared. It is held strongly until it
+    has been declared, so it need not be kept for that; weakly after that.
     """
 
     def __init__(

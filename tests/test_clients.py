@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from enum import Enum, IntFlag
@@ -421,14 +422,41 @@ def test_bad_client_arguments() -> None:
         heksher.AsyncHeksherClient(None, 1, ["user"])  # type: ignore[arg-type]
 
 
-async def test_weak_registration(make_driver: Any, memory_service: HeksherService) -> None:
-    name = unique("ephemeral")
-    setting = heksher.Setting(name, int, ["user"], 0)
-    del setting
+async def test_settings_nobody_keeps_are_declared_then_held_weakly(
+    make_driver: Any, memory_service: HeksherService
+) -> None:
+    """As in heksher 0.2.2: held strongly until declared (a script may create settings in a loop and
+    drop them), weakly after that."""
+    early = [unique("ephemeral_early") for _ in range(5)]
+    late = [unique("ephemeral_late") for _ in range(5)]
+    refs = [weakref.ref(heksher.Setting(name, int, ["user"], 0)) for name in early]
     gc.collect()
+    assert all(ref() is not None for ref in refs)  # no main client yet: nobody declared them
     driver = make_driver(memory_service.url)
     await driver.set_as_main()
-    assert name not in await driver.get_settings()
+    assert set(early) <= memory_service.settings.keys()
+    refs += [weakref.ref(heksher.Setting(name, int, ["user"], 0)) for name in late]
+    gc.collect()
+    await driver.reload()  # returns once the snapshot with their declarations is applied
+    assert set(late) <= memory_service.settings.keys()
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * len(refs)  # declared: nothing holds them any more
+
+
+async def test_a_setting_whose_declaration_failed_for_good_is_reported_then_released(
+    make_driver: Any, memory_service: HeksherService, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique("refused")
+    ref = weakref.ref(heksher.Setting(name, int, ["nonexistent"], 0))  # the service refuses the feature
+    driver = make_driver(memory_service.url)
+    if kind.startswith("async"):
+        with pytest.raises(httpx.HTTPStatusError):
+            await driver.set_as_main()
+    else:
+        await driver.set_as_main()
+        assert "set_as_main failed" in caplog.text  # the thread client logs it
+    gc.collect()
+    assert ref() is None
 
 
 async def test_ping_and_get_settings(make_driver: Any, service_url: str) -> None:

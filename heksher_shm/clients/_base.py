@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -159,6 +159,8 @@ class BaseHeksherClient(ContextDefaults):
         """Set when every setting must be rebuilt from the next snapshot, whatever its blob digest."""
         self._peeked: tuple[int, Head, dict[str, SettingEntry]] | None = None
         """The head get() decoded to apply one setting (see _apply_one), until the full apply."""
+        self._released_failures: dict[str, str] = {}
+        """Declaration digest -> setting name, of settings released after their declaration failed."""
         self._failed_conversions: weakref.WeakKeyDictionary[Setting[Any], int] = weakref.WeakKeyDictionary()
         """Settings whose new rules a validator or on_coerce failed on, and the generation they came in."""
         # Reentrant: validators run while it is held, and may call get() on other settings.
@@ -502,18 +504,23 @@ class BaseHeksherClient(ContextDefaults):
         head = self._head
         problems: list[str] = []
         original: BaseException | None = None
+        # Settings released once their declaration failed for good (nobody kept them): reported once, here.
+        with self._apply_lock:
+            released, self._released_failures = self._released_failures, {}
         if head is not None:
-            for setting in list(self._settings):
-                outcome = head.outcomes.get(declaration_digest(setting._declaration_body()))
+            names = dict(released)
+            names.update({declaration_digest(s._declaration_body()): s.name for s in list(self._settings)})
+            for digest, name in names.items():
+                outcome = head.outcomes.get(digest)
                 if outcome is not None and outcome.error is not None:
-                    problems.append(f"declaring {setting.name} failed: {outcome.error}")
+                    problems.append(f"declaring {name} failed: {outcome.error}")
                     original = original or self._original_error(outcome.error)
         if self._ack.error is not None and self._ack.seq >= seq:
             problems.append(f"the update failed: {self._ack.error}")
             original = original or self._errors.get(self._ack.error_id)
         if not problems:
             return None
-        if starting and self._covered_by_snapshot():
+        if starting and self._covered_by_snapshot(released.values()):
             logger.warning(
                 "the service could not be reached; serving the last published snapshot",
                 extra={"problems": problems, "published": head.published if head else None},
@@ -545,13 +552,16 @@ class BaseHeksherClient(ContextDefaults):
             head.filters, {f: v if isinstance(v, str) else sorted(v) for f, v in self._tracked.items()}
         )
 
-    def _covered_by_snapshot(self) -> bool:
-        """Whether a published snapshot (from an earlier leader) covers all this process's settings."""
+    def _covered_by_snapshot(self, released: Iterable[str] = ()) -> bool:
+        """Whether a published snapshot (from an earlier leader) covers all this process's settings
+        (and the *released* names: settings nobody kept, whose declaration failed)."""
         head = self._head
         if head is None or self._parts is None:
             return False
         names = {entry.name for entry in head.settings}
-        return all(setting.name in names for setting in list(self._settings))
+        return all(name in names for name in released) and all(
+            setting.name in names for setting in list(self._settings)
+        )
 
     def _original_error(self, text: str) -> BaseException | None:
         marker = "(error #"
@@ -722,6 +732,7 @@ class BaseHeksherClient(ContextDefaults):
                     self._apply_outdated_default(setting, head)
             self._head = head
             self._queried = head.queried
+            self._release_declared(head)
             mark(read.generation)
             self._take_ack(head)
             return
@@ -742,6 +753,25 @@ class BaseHeksherClient(ContextDefaults):
         restore = earlier.restore if isinstance(earlier, _PendingRules) else previous
         pending = _PendingRules(self, setting, blob, digest, service_order, restore)
         setting._defer(self, pending, digest, applied)
+
+    def _release_declared(self, head: Head) -> None:
+        """Tell :mod:`heksher_shm._main` which settings it holds strongly *head* shows declared.
+
+        A setting is declared once the leader's outcome for its declaration
+        is settled (see ``Outcome.settled``). Costs nothing once every
+        setting is declared.
+        """
+        if _main.current() is not self:
+            return
+        settled: list[Setting[Any]] = []
+        for setting in _main.undeclared():
+            digest = declaration_digest(setting._declaration_body())
+            outcome = head.outcomes.get(digest)
+            if outcome is not None and outcome.settled:
+                settled.append(setting)
+                if outcome.error is not None:  # for set_as_main()/reload() to raise, as heksher 0.2.2 does
+                    self._released_failures[digest] = setting.name
+        _main.declared(settled)
 
     def _take_ack(self, head: Head) -> None:
         ack = head.acks.get(self._key)
