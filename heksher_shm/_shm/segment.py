@@ -56,6 +56,7 @@ from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 from heksher_shm._shm import layout
+from heksher_shm._shm.identity import pid_namespace
 from heksher_shm._shm.layout import (
     DESCRIPTOR_CRC_SPAN,
     DESCRIPTOR_OFFSETS,
@@ -1014,24 +1015,31 @@ def _map(path: pathlib.Path, fd: int, size: int) -> mmap.mmap:
 def shm_dir_path(shm_dir: str | os.PathLike[str] | None = None) -> tuple[pathlib.Path, bool]:
     """Where the segment directory is, and whether it was given explicitly; checks and creates nothing.
 
-    ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment variable,
-    else ``/dev/shm/heksher_shm-<euid>`` when ``/dev/shm`` is a directory,
-    else ``<tempdir>/heksher_shm-<euid>``.
+    ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment variable
+    (either exactly as given), else ``/dev/shm/heksher_shm-<euid>-<pidns>``
+    when ``/dev/shm`` is a directory, else ``<tempdir>/heksher_shm-<euid>-<pidns>``.
+    ``<pidns>`` is the PID namespace (:func:`~heksher_shm._shm.identity.pid_namespace`):
+    containers that share ``/dev/shm`` but not their PIDs get a folder
+    each by default, as they cannot tell each other's processes apart. It is
+    left out (``heksher_shm-<euid>``) where the namespace cannot be read.
     """
     if shm_dir is None:
         shm_dir = os.environ.get(ENV_SHM_DIR) or None
     if shm_dir is not None:
         return pathlib.Path(os.path.abspath(os.fspath(shm_dir))), True
     base = _DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()
-    return pathlib.Path(base) / f"{_DIR_PREFIX}{os.geteuid()}", False
+    namespace = pid_namespace()
+    suffix = f"-{namespace}" if namespace else ""
+    return pathlib.Path(base) / f"{_DIR_PREFIX}{os.geteuid()}{suffix}", False
 
 
 def resolve_shm_dir(shm_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """The private directory for segments and helper files, created 0700 if missing.
 
     Choice: ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment
-    variable, else ``/dev/shm/heksher_shm-<euid>`` when ``/dev/shm`` is a
-    directory, else ``<tempdir>/heksher_shm-<euid>``. Raises
+    variable, else ``/dev/shm/heksher_shm-<euid>-<pidns>`` when ``/dev/shm``
+    is a directory, else ``<tempdir>/heksher_shm-<euid>-<pidns>`` (see
+    :func:`shm_dir_path`). Raises
     :class:`SegmentError` (naming the path and the reason) when it is a
     symlink, not a directory, or owned by another user. A default directory of
     ours with group/other bits is tightened to 0700; an explicit one is refused

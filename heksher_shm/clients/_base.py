@@ -440,6 +440,7 @@ class BaseHeksherClient(ContextDefaults):
                     Registration(
                         pid=identity.pid,
                         create_time=identity.create_time,
+                        pidns=identity.pidns,
                         kind=self._kind,
                         declarations=[encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations],
                         tracked=tracked,
