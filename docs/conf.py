@@ -84,7 +84,7 @@ _heksher_logger = logging.getLogger("heksher_shm")
 if not any(isinstance(h, logging.NullHandler) for h in _heksher_logger.handlers):
     _heksher_logger.addHandler(logging.NullHandler())
 
-_heksher_main._main = None
+_heksher_main.reset()
 _docs_shm_dir = tempfile.mkdtemp(prefix="heksher-shm-docs-")
 _docs_saved_env = os.environ.get("HEKSHER_SHM_DIR")
 os.environ["HEKSHER_SHM_DIR"] = _docs_shm_dir
@@ -93,8 +93,7 @@ service = HeksherService(context_features=["user", "theme", "environment"]).star
 
 doctest_global_cleanup = """
 service.stop()
-_heksher_main._main = None
-_heksher_main._settings.clear()
+_heksher_main.reset()
 if _docs_saved_env is None:
     os.environ.pop("HEKSHER_SHM_DIR", None)
 else:

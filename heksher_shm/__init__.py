@@ -3,6 +3,8 @@
 A drop-in replacement for ``heksher`` 0.2.2: ``import heksher_shm as heksher``.
 """
 
+# First, for its side effect: the one at-fork hook exists before any state it resets.
+from heksher_shm import _fork as _fork
 from heksher_shm._protocol import TRACK_ALL
 from heksher_shm._version import __version__
 from heksher_shm.clients.async_client import AsyncHeksherClient

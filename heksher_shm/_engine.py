@@ -212,7 +212,7 @@ class Transport(Protocol):
 
     def publish(self, head: bytes, blobs: Sequence[bytes]) -> int: ...
 
-    def set_leader(self, pid: int, create_time: float, bell: int) -> None: ...
+    def set_leader(self, pid: int, create_time: float, bell: int, pidns: int) -> None: ...
 
     def beat(self, progress: float, promise: float) -> None: ...
 
@@ -370,7 +370,7 @@ class Engine:
         update_interval: seconds between two regular queries.
         context_features: the client's context features, used for ordering
             when the service's cannot be fetched.
-        identity: (pid, create_time) recorded as the leader.
+        identity: (pid, create_time, PID namespace) recorded as the leader.
         errors: where the leader keeps the exceptions it reported, by id, so
             that its own process can raise the original exception.
         key: this process's key among the wishes.
@@ -389,7 +389,7 @@ class Engine:
         source: WishSource,
         update_interval: float,
         context_features: Sequence[str],
-        identity: tuple[int, float],
+        identity: tuple[int, float, int],
         errors: dict[str, BaseException],
         key: str = "",
         host: Host | None = None,
@@ -570,9 +570,9 @@ class Engine:
     def _lead(self) -> Generator[Effect, Any, None]:
         self.leading = True
         term = self.term = _Term(self.transport)
-        pid, create_time = self.identity
+        pid, create_time, pidns = self.identity
         # Who leads comes first: a process that rings from now on rings this one.
-        self.transport.set_leader(pid, create_time, self.bell)
+        self.transport.set_leader(pid, create_time, self.bell, pidns)
         self._busy_beat()
         logger.info("became the leader", extra={"term": term.id, "pid": pid})
         self._wishes = yield Compute(functools.partial(self.source.wishes, True), beat=self._busy_beat)
@@ -1155,4 +1155,4 @@ _FILTERABLE = re.compile(r"[a-z]+")
 
 def _transient(outcome: Outcome) -> bool:
     """Worth declaring again: no answer at all, or a server error."""
-    return outcome.status == 0 or outcome.status >= 500
+    return not outcome.settled

@@ -61,7 +61,7 @@ class LocalTransport:
         self.words[2] = generation
         return generation
 
-    def set_leader(self, pid: int, create_time: float, bell: int = 0) -> None:
+    def set_leader(self, pid: int, create_time: float, bell: int = 0, pidns: int = 0) -> None:
         pass
 
     def beat(self, progress: float, promise: float) -> None:

@@ -1,8 +1,16 @@
 """The process's live settings and its main client.
 
-Settings register here on creation and are held weakly. The main client is
-the one that declares them and feeds them rules; until one exists, settings
-wait here and are handed over when a client becomes main.
+Settings register here on creation. The main client is the one that declares
+them and feeds them rules; until one exists, settings wait here and are
+handed over when a client becomes main.
+
+As in ``heksher`` 0.2.2, a new setting is held *strongly* until it has been
+declared, so a script may create settings in a loop without keeping them and
+they are still declared; after that it is held weakly, and a setting nobody
+keeps is garbage collected and no longer updated. This module is the only
+owner of those strong references: the main client calls :func:`declared`
+for the settings whose declaration the leader has settled (the outcome is in
+a snapshot the client applied), and clients keep settings weakly.
 """
 
 from __future__ import annotations
@@ -10,12 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from heksher_shm.setting import Setting
 
-__all__ = ["current", "live_settings", "register", "set_main"]
+__all__ = ["current", "declared", "live_settings", "register", "reset", "set_main", "undeclared"]
 
 logger = logging.getLogger("heksher_shm.main")
 
@@ -31,16 +40,37 @@ class MainClient(Protocol):
 
 _lock = threading.RLock()
 _settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
+_undeclared: set[Setting[Any]] = set()
+"""The strong references: settings whose declaration is not settled yet."""
 _main: MainClient | None = None
 
 
 def register(setting: Setting[Any]) -> None:
-    """Hold *setting* (weakly) and hand it to the main client, if there is one."""
+    """Hold *setting* (strongly until :func:`declared`) and hand it to the main client, if there is one."""
     with _lock:
         _settings.add(setting)
+        _undeclared.add(setting)
         main = _main
     if main is not None:
         main._setting_added(setting)
+
+
+def undeclared() -> list[Setting[Any]]:
+    """The settings still held strongly, waiting for their declaration to be settled."""
+    with _lock:
+        return list(_undeclared)
+
+
+def declared(settings: Iterable[Setting[Any]]) -> None:
+    """Stop holding *settings* strongly: their declarations are settled (succeeded, or failed for good).
+
+    The main client calls this after applying a snapshot whose head holds
+    the leader's outcome for their declarations. From then on a setting
+    lives only as long as the application keeps it. Settings not held
+    strongly (any more) are ignored.
+    """
+    with _lock:
+        _undeclared.difference_update(settings)
 
 
 def live_settings() -> list[Setting[Any]]:
@@ -85,3 +115,18 @@ def clear_main(client: MainClient) -> None:
     with _lock:
         if _main is client:
             _main = None
+
+
+def reset() -> None:
+    """Forget the main client and every setting: a fresh process's state, for tests and doc examples."""
+    global _main
+    with _lock:
+        _main = None
+        _settings.clear()
+        _undeclared.clear()
+
+
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): a new lock (a parent's thread may hold it)."""
+    global _lock
+    _lock = threading.RLock()

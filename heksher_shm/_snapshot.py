@@ -82,6 +82,12 @@ class Outcome(msgspec.Struct, array_like=True, frozen=True):
     default: bytes | None = None
     error_id: str = ""
 
+    @property
+    def settled(self) -> bool:
+        """Whether the leader is done with this declaration for its term: it succeeded, or failed in a
+        way it does not retry (the service answered with a status below 500)."""
+        return self.error is None or 0 < self.status < 500
+
 
 class Ack(msgspec.Struct, array_like=True, frozen=True):
     """The leader's answer to a process's request number ``seq`` (``error`` set when it failed)."""

@@ -37,7 +37,8 @@ exit codes:
   {EXIT_UNREADABLE}  unreadable: a segment or the directory is another user's, a symlink, or corrupted
   When several segments are shown, status exits with the highest code among them.
 
-The segment directory is --dir, else $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>.
+The segment directory is --dir, else $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>-<pidns>
+(<pidns>: the PID namespace, the inode of /proc/self/ns/pid).
 """
 
 
@@ -75,7 +76,7 @@ def _add_segment_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--dir",
         metavar="DIR",
-        help="the segment directory (default: $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>)",
+        help="the segment directory (default: $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>-<pidns>)",
     )
 
 

@@ -1,8 +1,9 @@
 """Settings: what an application declares, and the hot path that answers ``get()``.
 
 A :class:`Setting` registers itself with the process's main client on
-creation (or waits for one). The process keeps settings weakly: a setting that
-is garbage collected is neither declared nor updated.
+creation (or waits for one). The process holds a setting strongly until it
+has been declared and weakly after that (see :mod:`heksher_shm._main`): a
+declared setting that is garbage collected is no longer updated.
 
 ``get()`` is the hot path. Each update compiles a setting's rules once
 (:mod:`heksher_shm._resolve`) into an immutable :class:`_State`; ``get()``
@@ -204,15 +205,17 @@ class Setting(Generic[T]):
         on_coerce: ``on_coerce(coerced, raw, coercions, rule_or_None, setting)``
             is called when a server value had to be coerced to the local type;
             it returns the value to use or raises :class:`TypeError` to reject
-            it. ``None`` rejects every coercion. The default keeps the coerced
-            value.
+            it (any other exception: as for a validator, see
+            :meth:`add_validator`). ``None`` rejects every coercion. The
+            default keeps the coerced value.
 
     Raises:
         ValueError: a malformed name, feature, version or feature list.
         TypeError: an unusable *type*.
 
     Creating a setting registers it with the main client, or holds it until a
-    client becomes main; it is then declared.
+    client becomes main; it is then declared. It is held strongly until it
+    has been declared, so it need not be kept for that; weakly after that.
     """
 
     def __init__(
@@ -284,8 +287,11 @@ class Setting(Generic[T]):
 
         Validators run in the order added, on each rule value and on the
         server default at every update; raising :class:`TypeError` rejects
-        that value. Local defaults are not validated. Returns *validator*, so
-        this works as a decorator.
+        that value. Any other exception keeps the setting's previous rules
+        and server default until the next update, and goes to the log and to
+        the client's ``on_update_error``, never out of ``get()``. Local
+        defaults are not validated. Returns *validator*, so this works as a
+        decorator.
         """
         self._validators.append(validator)
         return validator

@@ -134,7 +134,7 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         processes = [_process(r.identity, r.kind) for r in scan.registrations]
     leader = None
     if header.leader_pid is not None and header.leader_create_time is not None:
-        identity = ProcessIdentity(header.leader_pid, header.leader_create_time)
+        identity = ProcessIdentity(header.leader_pid, header.leader_create_time, header.leader_pidns)
         kind = next((p.kind for p in processes if p.pid == identity.pid), None)  # the header has no kind
         leader = _process(identity, kind)
     mono = time.monotonic()

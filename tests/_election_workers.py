@@ -96,8 +96,8 @@ def register_and_wait(directory: str, conn: Connection) -> None:
     """Register in ``directory``, report the identity, and wait (to be SIGKILLed)."""
     me = current_identity()
     registry = Registry(directory)
-    registry.write(Registration(pid=me.pid, create_time=me.create_time, kind="async"))
-    conn.send((me.pid, me.create_time))
+    registry.write(Registration(pid=me.pid, create_time=me.create_time, pidns=me.pidns, kind="async"))
+    conn.send((me.pid, me.create_time, me.pidns))
     conn.poll(WORKER_DEADLINE)
 
 
@@ -114,6 +114,7 @@ def rewrite_loop(directory: str, count: int, conn: Connection) -> None:
             Registration(
                 pid=me.pid,
                 create_time=me.create_time,
+                pidns=me.pidns,
                 kind="thread",
                 declarations=declarations,
                 reload_seq=seq,

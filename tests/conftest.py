@@ -35,10 +35,9 @@ def _private_shm_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 @pytest.fixture(autouse=True)
 def _fresh_main_client() -> Iterator[None]:
     """Each test starts with no main client (the main client is process-wide state)."""
-    _main._main = None
+    _main.reset()
     yield
-    _main._main = None
-    _main._settings.clear()
+    _main.reset()
 
 
 @pytest.fixture

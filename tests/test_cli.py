@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from heksher_shm._shm.identity import ProcessIdentity, current_identity, pid_namespace
+from heksher_shm._shm.registry import Registration, Registry, registry_directory
 from heksher_shm.testing import HeksherService
 from tests._procs import Worker, leaders_of
 from tests._support import FEATURES, unique
@@ -182,6 +184,45 @@ def test_status_is_leaderless_when_every_process_died(service: HeksherService, w
 
     # the snapshot outlives its processes: dump still shows it
     assert cli("dump").returncode == 0
+
+
+@pytest.mark.skipif(pid_namespace() == 0, reason="needs a readable /proc/self/ns/pid")
+def test_status_with_a_process_of_another_pid_namespace(
+    service: HeksherService, workers: list[Worker]
+) -> None:
+    """Two containers sharing a folder: the leader keeps the other side's registration (it cannot judge
+    a PID of another namespace), and status lists that process without details."""
+    start_pair(service, workers, unique("pidns"))
+    segment = Path(workers[0].ask("status").path)
+    me = current_identity()
+    # Same PID and start as a process here that does not exist, in another namespace.
+    theirs = ProcessIdentity(4_194_305, me.create_time, me.pidns + 1)
+    registry = Registry(registry_directory(segment))
+    registry.write(
+        Registration(pid=theirs.pid, create_time=theirs.create_time, pidns=theirs.pidns, kind="async")
+    )
+    assert workers[1].ask("reload") is True  # the leader scanned the registry since the write
+    assert registry.path_for(theirs).exists()
+
+    code, (seg,) = status_json()
+    assert code == 0
+    assert seg["verdict"] == "ok"
+    foreign = [p for p in seg["processes"] if p["pid"] == theirs.pid]
+    assert foreign == [
+        {
+            "pid": theirs.pid,
+            "create_time": theirs.create_time,
+            "alive": True,
+            "cmdline": None,
+            "uptime": None,
+            "kind": "async",
+        }
+    ]
+    text = cli("status")
+    no_traceback(text)
+    assert text.returncode == 0
+    assert "3 live" in text.stdout
+    assert str(theirs.pid) in text.stdout
 
 
 def test_status_is_stale_while_the_service_is_down(workers: list[Worker]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from enum import Enum, IntFlag
@@ -222,6 +223,114 @@ async def test_rejected_server_default_keeps_last_valid(
     assert setting.get(user="a") == 7
 
 
+async def test_validator_error_keeps_the_previous_value(
+    make_driver: Any, memory_service: HeksherService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A validator raising something else than TypeError: get() keeps the previous value, the error
+    goes to on_update_error and one warning, and the validator waits for the next snapshot."""
+    name, other = unique("fragile"), unique("bystander")
+    setting = heksher.Setting(name, int, ["user"], default_value=0)
+    bystander = heksher.Setting(other, int, ["user"], default_value=0)
+    calls: list[int] = []
+
+    @setting.add_validator
+    def picky(value: int, rule: Any, s: Any) -> int:
+        calls.append(value)
+        if value == 13:
+            raise KeyError("unlucky")
+        return value
+
+    driver = make_driver(memory_service.url)
+    driver.client.track_contexts(user=heksher.TRACK_ALL)
+    await driver.set_as_main()
+    rule_id = memory_service.add_rule(name, {"user": "alice"}, 5)
+    await driver.reload()
+    assert setting.get(user="alice") == 5
+    calls.clear()
+
+    memory_service.set_rule_value(rule_id, 13)
+    caplog.clear()
+    await driver.reload()
+    with caplog.at_level(logging.DEBUG, logger="heksher_shm"):
+        for _ in range(3):
+            assert setting.get(user="alice") == 5
+            assert setting.get(user="bob") == 0
+    assert calls == [13]  # once for this snapshot (the rule; the default is not reached)
+    assert [type(e) for e in driver.errors] == [KeyError]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and name in r.getMessage()]
+    assert len(warnings) == 1, caplog.records
+    assert warnings[0].exc_info is None
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)  # the traceback
+
+    # The next snapshot (here: another setting changed) tries again, and still keeps the previous value.
+    memory_service.add_rule(other, {"user": "alice"}, 1)
+    await driver.reload()
+    assert bystander.get(user="alice") == 1
+    assert setting.get(user="alice") == 5
+    assert calls == [13, 13]
+    assert len(driver.errors) == 2
+    # Fixed on the service: the new value arrives.
+    memory_service.set_rule_value(rule_id, 7)
+    await driver.reload()
+    assert setting.get(user="alice") == 7
+    assert len(driver.errors) == 2
+
+
+async def test_validator_error_on_the_server_default_keeps_the_previous_default(
+    make_driver: Any, service_url: str, admin: Admin
+) -> None:
+    name = unique("fragile_default")
+    setting = heksher.Setting(name, int, ["user"], default_value=1)
+
+    @setting.add_validator
+    def picky(value: int, rule: Any, s: Any) -> int:
+        if rule is None and value == 8:
+            raise LookupError("no default 8 here")
+        return value
+
+    driver = make_driver(service_url)
+    await driver.set_as_main()
+    admin.declare(name, "int", 7, ["user"], version="1.1")
+    await driver.reload()
+    assert setting.get(user="a") == 7
+    admin.declare(name, "int", 8, ["user"], version="1.2")
+    await driver.reload()
+    assert setting.get(user="a") == 7
+    assert [type(e) for e in driver.errors] == [LookupError]
+
+
+async def test_on_coerce_error_and_a_failing_callback_never_reach_get(
+    make_driver: Any, memory_service: HeksherService, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique("coerce_fails")
+    # The service knows a flag this process lacks: values with it need coercion.
+    memory_service.declare(name, 'Flags["EXEC","READ","WRITE","ZAP"]', [], ["user"])
+
+    def explode(value: Any, raw: Any, coercions: Sequence[str], rule: Any, setting: Any) -> Any:
+        raise RuntimeError("on_coerce is broken")
+
+    setting = heksher.Setting(name, Perm, ["user"], Perm.EXEC, on_coerce=explode)
+    driver = make_driver(memory_service.url)
+    driver.client.track_contexts(user=heksher.TRACK_ALL)
+    reported: list[Exception] = []
+
+    def broken_callback(exc: Exception) -> None:
+        reported.append(exc)
+        raise ValueError("the callback is broken too")
+
+    driver.client.on_update_error = broken_callback
+    await driver.set_as_main()
+    memory_service.add_rule(name, {"user": "alice"}, ["READ"])
+    await driver.reload()
+    assert setting.get(user="alice") == Perm.READ  # no coercion: on_coerce is not asked
+    memory_service.add_rule(name, {"user": "bob"}, ["WRITE", "ZAP"])  # coerced: on_coerce raises
+    await driver.reload()
+    assert setting.get(user="alice") == Perm.READ
+    assert setting.get(user="bob") == Perm(0)  # the service's default, from before
+    assert [type(e) for e in reported] == [RuntimeError]
+    assert "update callback raised" in caplog.text
+
+
 async def test_tracked_contexts_filter(make_driver: Any, service_url: str, admin: Admin) -> None:
     name = unique("tracked")
     setting = heksher.Setting(name, int, ["user", "theme"], default_value=0)
@@ -313,14 +422,41 @@ def test_bad_client_arguments() -> None:
         heksher.AsyncHeksherClient(None, 1, ["user"])  # type: ignore[arg-type]
 
 
-async def test_weak_registration(make_driver: Any, memory_service: HeksherService) -> None:
-    name = unique("ephemeral")
-    setting = heksher.Setting(name, int, ["user"], 0)
-    del setting
+async def test_settings_nobody_keeps_are_declared_then_held_weakly(
+    make_driver: Any, memory_service: HeksherService
+) -> None:
+    """As in heksher 0.2.2: held strongly until declared (a script may create settings in a loop and
+    drop them), weakly after that."""
+    early = [unique("ephemeral_early") for _ in range(5)]
+    late = [unique("ephemeral_late") for _ in range(5)]
+    refs = [weakref.ref(heksher.Setting(name, int, ["user"], 0)) for name in early]
     gc.collect()
+    assert all(ref() is not None for ref in refs)  # no main client yet: nobody declared them
     driver = make_driver(memory_service.url)
     await driver.set_as_main()
-    assert name not in await driver.get_settings()
+    assert set(early) <= memory_service.settings.keys()
+    refs += [weakref.ref(heksher.Setting(name, int, ["user"], 0)) for name in late]
+    gc.collect()
+    await driver.reload()  # returns once the snapshot with their declarations is applied
+    assert set(late) <= memory_service.settings.keys()
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * len(refs)  # declared: nothing holds them any more
+
+
+async def test_a_setting_whose_declaration_failed_for_good_is_reported_then_released(
+    make_driver: Any, memory_service: HeksherService, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique("refused")
+    ref = weakref.ref(heksher.Setting(name, int, ["nonexistent"], 0))  # the service refuses the feature
+    driver = make_driver(memory_service.url)
+    if kind.startswith("async"):
+        with pytest.raises(httpx.HTTPStatusError):
+            await driver.set_as_main()
+    else:
+        await driver.set_as_main()
+        assert "set_as_main failed" in caplog.text  # the thread client logs it
+    gc.collect()
+    assert ref() is None
 
 
 async def test_ping_and_get_settings(make_driver: Any, service_url: str) -> None:

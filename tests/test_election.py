@@ -110,6 +110,36 @@ def test_identity_is_recomputed_after_fork() -> None:
     assert current_identity() is parent
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc/self/ns/pid")
+def test_identity_carries_the_pid_namespace() -> None:
+    me = current_identity()
+    assert me.pidns == os.stat("/proc/self/ns/pid").st_ino == identity.pid_namespace()
+    # A process of another namespace: its PID means nothing here, so it is never called dead.
+    theirs = ProcessIdentity(me.pid, me.create_time + 1.0, me.pidns + 1)
+    assert not identity.in_this_pid_namespace(theirs)
+    assert is_alive(theirs)
+    assert identity.describe(theirs) == {
+        "pid": me.pid,
+        "alive": True,
+        "cmdline": None,
+        "uptime": None,
+        "started": None,
+    }
+    # Without a namespace (older records, the segment header): taken for ours, judged as before.
+    assert not is_alive(ProcessIdentity(me.pid, me.create_time + 1.0))
+
+
+def test_an_unreadable_pid_namespace_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(identity, "_NS_PATH", "/nonexistent/ns/pid")
+    monkeypatch.setattr(identity, "_pidns", None)
+    assert identity.pid_namespace() == 0
+    found = identity_of(os.getpid())
+    assert found is not None
+    assert found.pidns == 0
+    assert identity.in_this_pid_namespace(ProcessIdentity(1, 0.0, 12345))  # cannot tell: assumed shared
+    assert identity.token(found) == f"{found.pid}-{round(found.create_time * 1_000_000)}"
+
+
 def test_psutil_path_agrees_with_proc_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     fast = identity_of(os.getpid())
     monkeypatch.setattr(identity, "_PROC_FAST", False)

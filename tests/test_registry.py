@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from heksher_shm._shm import registry as registry_module
-from heksher_shm._shm.identity import ProcessIdentity, current_identity
+from heksher_shm._shm.identity import ProcessIdentity, current_identity, parse_token, pid_namespace, token
 from heksher_shm._shm.registry import (
     MAX_REGISTRATION_BYTES,
     Registration,
@@ -40,11 +40,11 @@ def registry(tmp_path: Path) -> Registry:
 def registration_for(who: ProcessIdentity, **fields: object) -> Registration:
     values: dict[str, object] = {"kind": "thread"}
     values.update(fields)
-    return Registration(pid=who.pid, create_time=who.create_time, **values)  # type: ignore[arg-type]
+    return Registration(pid=who.pid, create_time=who.create_time, pidns=who.pidns, **values)  # type: ignore[arg-type]
 
 
 def entry_name(who: ProcessIdentity) -> str:
-    return f"{who.pid}-{round(who.create_time * 1_000_000)}.reg"
+    return f"{token(who)}.reg"
 
 
 def wait_until(condition: Callable[[], bool], what: str, deadline: float = STEP_DEADLINE) -> None:
@@ -132,8 +132,8 @@ def test_dead_process_entry_is_pruned(registry: Registry, spawn: Callable[..., B
     child = spawn(workers.register_and_wait, str(registry.directory), theirs)
     theirs.close()
     assert ours.poll(STARTUP_DEADLINE)
-    pid, create_time = ours.recv()
-    name = entry_name(ProcessIdentity(pid, create_time))
+    pid, create_time, pidns = ours.recv()
+    name = entry_name(ProcessIdentity(pid, create_time, pidns))
     assert [reg.pid for reg in registry.scan().registrations] == [pid]
 
     os.kill(pid, signal.SIGKILL)
@@ -151,7 +151,7 @@ def test_dead_process_entry_is_pruned(registry: Registry, spawn: Callable[..., B
 def test_pid_reuse_counts_as_dead(registry: Registry) -> None:
     me = current_identity()
     # right pid, wrong start (a later one: an earlier one may be negative right after boot)
-    impostor = ProcessIdentity(me.pid, me.create_time + 100.0)
+    impostor = ProcessIdentity(me.pid, me.create_time + 100.0, me.pidns)
     registry.write(registration_for(impostor))
     registry.write(registration_for(me))
     result = registry.scan()
@@ -196,6 +196,55 @@ def _fifo(path: Path) -> None:
 
 def _directory(path: Path) -> None:
     path.mkdir()
+
+
+# A PID no process can have (above Linux's PID_MAX_LIMIT): dead wherever it is judged.
+NEVER_A_PID = 4_194_305
+
+
+@pytest.mark.skipif(pid_namespace() == 0, reason="needs a readable /proc/self/ns/pid")
+def test_registration_of_another_pid_namespace_is_kept_not_pruned(registry: Registry) -> None:
+    """Two containers sharing the folder: a PID of theirs means nothing here, so a scan never prunes it."""
+    me = current_identity()
+    assert me.pidns == pid_namespace()
+    theirs = ProcessIdentity(NEVER_A_PID, me.create_time, me.pidns + 1)
+    ours_dead = ProcessIdentity(NEVER_A_PID, me.create_time, me.pidns)
+    registry.write(registration_for(theirs))
+    registry.write(registration_for(ours_dead))
+    their_temp = f".{token(theirs)}.0123abcd.tmp"  # their write in progress: not ours to judge either
+    (registry.directory / their_temp).write_bytes(b'{"half": ')
+    assert entry_name(theirs) != entry_name(ours_dead)  # same pid and start, another namespace
+
+    result = registry.scan()
+    assert [reg.identity for reg in result.registrations] == [theirs]
+    assert result.dead == (entry_name(ours_dead),)
+    assert registry.path_for(theirs).exists()
+    assert (registry.directory / their_temp).exists()
+    # Not judged at all: even a liveness test that calls everyone dead keeps it.
+    nobody_lives = Registry(registry.directory, alive=lambda identity: False)
+    assert [reg.identity for reg in nobody_lives.scan().registrations] == [theirs]
+    assert registry.path_for(theirs).exists()
+
+
+def test_identity_tokens_name_the_namespace_and_read_back() -> None:
+    me = current_identity()
+    assert token(me) == f"{me.pid}-{round(me.create_time * 1_000_000)}-{me.pidns}"
+    assert parse_token(token(me)) == me
+    unknown = ProcessIdentity(me.pid, me.create_time)  # namespace unknown: the older spelling
+    assert token(unknown) == f"{me.pid}-{round(me.create_time * 1_000_000)}"
+    assert parse_token(token(unknown)) == unknown
+    for bad in ("", "0-1", "1-2-0", "1-2-", "1-2-3-4", "x-1", f"{me.pid}-1.reg"):
+        assert parse_token(bad) is None, bad
+
+
+def test_a_registration_naming_another_namespace_than_its_file_is_rejected(registry: Registry) -> None:
+    me = current_identity()
+    lying = ProcessIdentity(me.pid, me.create_time, me.pidns + 1)
+    (registry.directory / entry_name(me)).write_bytes(msgspec.json.encode(registration_for(lying)))
+    result = registry.scan()
+    assert result.registrations == ()
+    assert [r.name for r in result.rejected] == [entry_name(me)]
+    assert "not the file's owner" in result.rejected[0].reason
 
 
 def _foreign(path: Path) -> None:

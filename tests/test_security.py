@@ -27,7 +27,7 @@ import pytest
 
 import heksher_shm as heksher
 from heksher_shm._shm.election import LeaderLock
-from heksher_shm._shm.identity import ProcessIdentity, current_identity, identity_of
+from heksher_shm._shm.identity import ProcessIdentity, current_identity, identity_of, token
 from heksher_shm._shm.registry import MAX_REGISTRATION_BYTES, registry_directory
 from heksher_shm._shm.segment import Segment
 from heksher_shm._shm.shared import default_segment_name
@@ -204,7 +204,7 @@ async def test_impostor_at_our_registration_is_replaced_not_followed(
     shm_dir = Path(os.environ["HEKSHER_SHM_DIR"])
     registry = _paths(service.url, shm_dir)["registry"]
     registry.mkdir(mode=0o700)
-    entry = registry / f"{os.getpid()}-{round(current_identity().create_time * 1_000_000)}.reg"
+    entry = registry / f"{token(current_identity())}.reg"
     elsewhere = tmp_path / "elsewhere"
     _plant(entry, what, elsewhere)
     _setting = heksher.Setting(unique("mine"), int, ["user"], 0)
@@ -217,7 +217,7 @@ async def test_impostor_at_our_registration_is_replaced_not_followed(
 async def test_folder_at_our_registration_is_a_clear_error(service: HeksherService, tmp_path: Path) -> None:
     registry = _paths(service.url, Path(os.environ["HEKSHER_SHM_DIR"]))["registry"]
     registry.mkdir(mode=0o700)
-    entry = registry / f"{os.getpid()}-{round(current_identity().create_time * 1_000_000)}.reg"
+    entry = registry / f"{token(current_identity())}.reg"
     entry.mkdir(mode=0o700)
     raised, _ = await _join("async", service.url)
     assert isinstance(raised, SegmentError), repr(raised)
@@ -348,7 +348,14 @@ def live_identities() -> Iterator[Callable[[], ProcessIdentity]]:
 
 
 def _registration(identity: ProcessIdentity, **fields: Any) -> bytes:
-    body = {"format": 1, "pid": identity.pid, "create_time": identity.create_time, "kind": "thread", **fields}
+    body = {
+        "format": 1,
+        "pid": identity.pid,
+        "create_time": identity.create_time,
+        "pidns": identity.pidns,
+        "kind": "thread",
+        **fields,
+    }
     return msgspec.json.encode(body)
 
 
@@ -386,7 +393,7 @@ def test_hostile_registrations(
         registry = Path(leader.ask("registration")).parent
 
         def entry(identity: ProcessIdentity) -> Path:
-            return registry / f"{identity.pid}-{round(identity.create_time * 1_000_000)}.reg"
+            return registry / f"{token(identity)}.reg"
 
         bad: dict[str, Path] = {}
         someone = live_identities()
@@ -460,7 +467,7 @@ def test_malformed_declaration_is_logged_once(
     directory = tmp_path / "registry"
     directory.mkdir(mode=0o700)
     me = current_identity()
-    entry = directory / f"{me.pid}-{round(me.create_time * 1_000_000)}.reg"
+    entry = directory / f"{token(me)}.reg"
     entry.write_bytes(_registration(me, declarations=[_declaration("odd", type=5)]))
     source = RegistrySource(Registry(directory), Segment.open(tmp_path / "segment"))
     with caplog.at_level("WARNING", logger="heksher_shm"):

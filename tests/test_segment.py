@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from heksher_shm._shm import layout
+from heksher_shm._shm import identity, layout
 from heksher_shm._shm import segment as segment_module
 from heksher_shm._shm.segment import HeadRead, Segment, resolve_shm_dir
 from heksher_shm.exceptions import SegmentCorruptedError, SegmentError
@@ -843,6 +843,12 @@ def test_random_byte_flips_never_give_wrong_data(
 # ---------------------------------------------------------------------- directory policy
 
 
+def default_dir_name() -> str:
+    """The default folder's name: per user, and per PID namespace where it can be read."""
+    namespace = identity.pid_namespace()
+    return f"heksher_shm-{os.geteuid()}" + (f"-{namespace}" if namespace else "")
+
+
 @pytest.fixture
 def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resolve without the user's HEKSHER_SHM_DIR."""
@@ -868,7 +874,7 @@ def test_shm_dir_default_under_dev_shm(tmp_path: Path, monkeypatch: pytest.Monke
         path = resolve_shm_dir()
     finally:
         os.umask(old)
-    assert path == fake_dev_shm / f"heksher_shm-{os.geteuid()}"
+    assert path == fake_dev_shm / default_dir_name()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
     assert resolve_shm_dir() == path  # idempotent
     # Our own default directory with loose bits is tightened rather than refused.
@@ -882,7 +888,30 @@ def test_shm_dir_default_falls_back_to_tempdir(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path / "no-such-dir"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert resolve_shm_dir() == tmp_path / "tmp" / f"heksher_shm-{os.geteuid()}"
+    assert resolve_shm_dir() == tmp_path / "tmp" / default_dir_name()
+
+
+@pytest.mark.skipif(identity.pid_namespace() == 0, reason="needs a readable /proc/self/ns/pid")
+@pytest.mark.usefixtures("no_env")
+def test_shm_dir_default_is_per_pid_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Containers sharing /dev/shm but not their PIDs get a folder each by default; an explicit folder
+    (HEKSHER_SHM_DIR, shm_dir) is used exactly as given."""
+    monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path))
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    assert resolve_shm_dir() == tmp_path / f"heksher_shm-{os.geteuid()}-{namespace}"
+    monkeypatch.setenv(segment_module.ENV_SHM_DIR, str(tmp_path / "given"))
+    assert resolve_shm_dir() == tmp_path / "given"
+    assert resolve_shm_dir(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+@pytest.mark.usefixtures("no_env")
+def test_shm_dir_default_without_a_readable_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path))
+    monkeypatch.setattr(identity, "_NS_PATH", str(tmp_path / "no-such-ns"))
+    monkeypatch.setattr(identity, "_pidns", None)
+    assert resolve_shm_dir() == tmp_path / f"heksher_shm-{os.geteuid()}"
 
 
 @pytest.mark.usefixtures("no_env")
@@ -941,7 +970,7 @@ def test_shm_dir_refuses_foreign_owner(tmp_path: Path, monkeypatch: pytest.Monke
         resolve_shm_dir(foreign)
     # The same for a default directory squatted by another user.
     monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path))
-    squatted = tmp_path / f"heksher_shm-{os.geteuid()}"
+    squatted = tmp_path / default_dir_name()
     squatted.mkdir(mode=0o777)
     os.chown(squatted, NOBODY, NOBODY)
     with pytest.raises(SegmentError, match=f"owned by uid {NOBODY}"):

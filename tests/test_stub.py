@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from contextvars import ContextVar
 from unittest.mock import AsyncMock, MagicMock, patch
 
@@ -80,3 +82,14 @@ async def test_async_stub() -> None:
         await client.reload()
         assert isinstance(client.reload, AsyncMock)
     client.aclose.assert_awaited_once()
+
+
+def test_stub_main_holds_settings_weakly() -> None:
+    """A stub declares nothing, so it holds nothing, as heksher 0.2.2's stubs: a test's settings do not
+    pile up in the process."""
+    before = weakref.ref(heksher.Setting("stub_before", int, ["user"], 0))
+    SyncStubHeksherClient().set_as_main()
+    after = weakref.ref(heksher.Setting("stub_after", int, ["user"], 0))
+    gc.collect()
+    assert before() is None
+    assert after() is None

@@ -153,6 +153,14 @@ def _close_sender() -> None:
 atexit.register(_close_sender)
 
 
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): drop the parent's sending socket."""
+    global _sender
+    sender, _sender = _sender, None
+    if sender is not None:
+        sender[1].close()  # the child's copy of the descriptor; the parent keeps its own
+
+
 def ring(directory: Path, name: str) -> bool:
     """Ring the bell ``directory/name``; returns whether it is (now or already) ringing.
 

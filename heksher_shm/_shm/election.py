@@ -23,7 +23,7 @@ across the filelock versions this project allows (>= 3.12):
   parent (some 3.x releases also unlink the lock file). filelock 4 resets
   its own locks in a child, but through private machinery that has changed
   shape between releases. Keeping the descriptor here, the whole trap is
-  handled in :func:`_after_fork_in_child`: close, never unlock.
+  handled in :func:`_reset_after_fork`: close, never unlock.
 * **Symlinks and foreign files** (invariant 9). filelock 3.12 opens the path
   without ``O_NOFOLLOW`` and with ``O_TRUNC``, so a planted symlink would
   make it truncate the target. Here the file is opened with ``O_NOFOLLOW``
@@ -395,7 +395,8 @@ def _after_fork_in_parent() -> None:
     _GATE.release()
 
 
-def _after_fork_in_child() -> None:
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): a new gate; inherited locks closed."""
     # The child runs with a single thread, so walking the set is safe; every
     # lock the parent knew of, held or merely open while waiting, is
     # forgotten. The gate is made anew rather than released: some servers
@@ -406,10 +407,3 @@ def _after_fork_in_child() -> None:
     _GATE = threading.RLock()
     for lock in list(_LIVE):
         lock._forget_inherited()
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)

@@ -14,16 +14,33 @@ a clock step would then disagree, and a live process would look dead. The
 difference ``create_time() - boot_time()`` is the kernel's own start tick
 count, which no clock step touches.
 
+**PID namespaces.** A PID is a number in one PID namespace: two containers
+that share ``/dev/shm`` (Docker's ``--ipc=host``) but not their PIDs may
+each have a process 7, and neither can see the other's. An identity
+therefore also names the namespace its PID is numbered in (the inode of
+``/proc/self/ns/pid``, :func:`pid_namespace`), and nobody judges the
+liveness of a process of another namespace: :func:`is_alive` answers
+``True`` for it (its death cannot be proven from here). ``0`` stands for
+"unknown" (the file could not be read, or an identity recorded by an older
+version, or the segment header, which holds no namespace) and is taken for
+the reader's own namespace, as every process did before namespaces were
+recorded.
+
+**Names.** :func:`token` is the one spelling of an identity in file names
+(``<pid>-<start µs>[-<namespace>]``), and :func:`parse_token` reads it back;
+code that names per-process files uses these two and :data:`TOKEN_PATTERN`.
+
 The current process's identity is cached and recomputed after ``fork()``
-(the child has a new PID). Tests replace it with
-:func:`set_identity_provider`, as prometheus_client's multiprocess mode lets
-tests inject ``process_identifier``.
+(the child has a new PID, and may be in a new PID namespace). Tests replace
+it with :func:`set_identity_provider`, as prometheus_client's multiprocess
+mode lets tests inject ``process_identifier``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -36,14 +53,19 @@ import msgspec
 import psutil
 
 __all__ = [
+    "TOKEN_PATTERN",
     "IdentityProvider",
     "ProcessDescription",
     "ProcessIdentity",
     "current_identity",
     "describe",
     "identity_of",
+    "in_this_pid_namespace",
     "is_alive",
+    "parse_token",
+    "pid_namespace",
     "set_identity_provider",
+    "token",
 ]
 
 # psutil's start times come in clock ticks (10 ms on Linux). Identities are
@@ -55,17 +77,21 @@ _DEAD_STATUSES = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
 
 
 class ProcessIdentity(msgspec.Struct, frozen=True):
-    """One process, for as long as it lives: its PID and its start time.
+    """One process, for as long as it lives: its PID, its start time and its PID namespace.
 
     Attributes:
-        pid: the process ID.
+        pid: the process ID, as numbered in the namespace ``pidns``.
         create_time: when the process started, in seconds since boot
             (rounded to the millisecond); see the module docstring for why
             not seconds since the epoch.
+        pidns: the PID namespace ``pid`` belongs to (see
+            :func:`pid_namespace`); ``0`` when unknown, taken for the
+            reader's own.
     """
 
     pid: int
     create_time: float
+    pidns: int = 0
 
 
 IdentityProvider = Callable[[], ProcessIdentity]
@@ -157,7 +183,7 @@ def _probe(pid: int) -> float | None:
 
 
 def identity_of(pid: int) -> ProcessIdentity | None:
-    """Return the identity of the live process with this PID, or ``None``.
+    """Return the identity of the live process with this PID (in this process's namespace), or ``None``.
 
     ``None`` when there is no such process, when it is a zombie (exited but
     not yet reaped), or when it cannot be inspected.
@@ -166,7 +192,64 @@ def identity_of(pid: int) -> ProcessIdentity | None:
         started = _probe(pid)
     except _Unknown:
         return None
-    return None if started is None else ProcessIdentity(pid, started)
+    return None if started is None else ProcessIdentity(pid, started, pid_namespace())
+
+
+_NS_PATH = "/proc/self/ns/pid"
+_pidns: tuple[int, int] | None = None  # (pid that read it, namespace)
+
+
+def pid_namespace() -> int:
+    """The PID namespace of this process: the inode of ``/proc/self/ns/pid``; ``0`` if it cannot be read.
+
+    Read once per process (a forked child reads it again: a parent that
+    called ``unshare(CLONE_NEWPID)`` has children in a new namespace).
+    """
+    global _pidns
+    cached = _pidns
+    pid = os.getpid()
+    if cached is None or cached[0] != pid:
+        try:
+            namespace = os.stat(_NS_PATH).st_ino
+        except OSError:  # no /proc, a /proc without namespaces, or one we may not read
+            namespace = 0
+        _pidns = cached = (pid, namespace)
+    return cached[1]
+
+
+def in_this_pid_namespace(identity: ProcessIdentity) -> bool:
+    """Whether *identity*'s PID is numbered in this process's namespace, so that it can be looked up here.
+
+    ``True`` when either namespace is unknown (``0``): without the
+    information, processes are assumed to share one, as they always were
+    before namespaces were recorded.
+    """
+    own = pid_namespace()
+    return identity.pidns == 0 or own in (0, identity.pidns)
+
+
+TOKEN_PATTERN = r"[1-9][0-9]{0,9}-[0-9]{1,16}(?:-[1-9][0-9]{0,19})?"
+"""A regular expression (no groups) matching what :func:`token` writes, for names built around it."""
+
+_TOKEN_RE = re.compile(r"([1-9][0-9]{0,9})-([0-9]{1,16})(?:-([1-9][0-9]{0,19}))?")
+
+
+def token(identity: ProcessIdentity) -> str:
+    """The identity as it appears in file names: ``<pid>-<start µs>``, then ``-<namespace>`` when known.
+
+    Unique per process on the host (PID reuse changes the start time, a
+    PID namespace the suffix), and read back by :func:`parse_token`.
+    """
+    base = f"{identity.pid}-{round(identity.create_time * 1_000_000)}"
+    return f"{base}-{identity.pidns}" if identity.pidns else base
+
+
+def parse_token(text: str) -> ProcessIdentity | None:
+    """The identity :func:`token` wrote as *text*; ``None`` if *text* is not a token."""
+    match = _TOKEN_RE.fullmatch(text)
+    if match is None:
+        return None
+    return ProcessIdentity(int(match[1]), int(match[2]) / 1_000_000, int(match[3] or 0))
 
 
 _provider: IdentityProvider | None = None
@@ -204,14 +287,13 @@ def current_identity() -> ProcessIdentity:
     return cached
 
 
-def _forget_cached_identity() -> None:
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): forget the parent's identity."""
     # getpid() already tells a child from its parent; clearing the cache also
     # covers a child that sees the same PID number (a fresh PID namespace).
-    global _cached
+    global _cached, _pidns
     _cached = None
-
-
-os.register_at_fork(after_in_child=_forget_cached_identity)
+    _pidns = None
 
 
 def is_alive(identity: ProcessIdentity) -> bool:
@@ -219,9 +301,12 @@ def is_alive(identity: ProcessIdentity) -> bool:
 
     ``False`` when no process has that PID, when the process holding it now
     started at another time (PID reuse), or when it is a zombie. ``True``
-    when the process exists but cannot be inspected: a process whose death
-    cannot be proven is not declared dead, so its files are left alone.
+    when the process exists but cannot be inspected, or belongs to another
+    PID namespace: a process whose death cannot be proven is not declared
+    dead, so its files are left alone.
     """
+    if not in_this_pid_namespace(identity):
+        return True
     try:
         started = _probe(identity.pid)
     except _Unknown:
@@ -235,9 +320,12 @@ def describe(identity: ProcessIdentity) -> ProcessDescription:
     """Describe a process for status output: command line, uptime in seconds, start time (epoch).
 
     Fields that cannot be read are ``None``; a process that is gone (or whose
-    PID now belongs to another process) has ``alive=False`` and no details.
+    PID now belongs to another process) has ``alive=False`` and no details; a
+    process of another PID namespace is taken as alive, without details.
     """
     gone = ProcessDescription(pid=identity.pid, alive=False, cmdline=None, uptime=None, started=None)
+    if not in_this_pid_namespace(identity):  # its PID means another process here, or none
+        return ProcessDescription(pid=identity.pid, alive=True, cmdline=None, uptime=None, started=None)
     if not is_alive(identity):
         return gone
     try:

@@ -30,8 +30,9 @@ Header (offsets in bytes)::
        224     8  error_count     u64    only ever increases
        232     4  error_length    u32    bytes of error text used (<= ERROR_TEXT_MAX)
        236     4  leader_bell     u32    the number of the leader's doorbell (see _shm/bell.py)
-       240  1024  error_text             UTF-8, truncated on a character boundary
-      1264  2832  reserved               zero, up to HEADER_SIZE
+       240     8  leader_pidns    u64    the leader's PID namespace (0: unknown)
+       248  1024  error_text             UTF-8, truncated on a character boundary
+      1272  2824  reserved               zero, up to HEADER_SIZE
 
 Slot descriptor (64 bytes, at ``64 + 64 * index``)::
 
@@ -144,7 +145,7 @@ DESCRIPTOR_SIZE = 64
 OFF_STATUS = 192
 OFF_ERROR_COUNT = 224
 ERROR_TEXT_MAX = 1024
-STATUS_SIZE = 48 + ERROR_TEXT_MAX
+STATUS_SIZE = 56 + ERROR_TEXT_MAX
 """Bytes of the status block, fixed part plus error text."""
 
 # Indices into the header viewed as an array of 8-byte words.
@@ -166,11 +167,11 @@ DESCRIPTOR_CRC_SPAN = 56
 # magic, version, header_size, generation, progress, status seq, floor, promise, registry seq
 _PREFIX = struct.Struct("<8sIIQdQQdQ")
 _DESCRIPTOR = struct.Struct("<QQQQQQdI4x")
-_STATUS_FIXED = struct.Struct("<QdddQII")
+_STATUS_FIXED = struct.Struct("<QdddQIIQ")
 
 assert _PREFIX.size == 64
 assert _DESCRIPTOR.size == DESCRIPTOR_SIZE
-assert _STATUS_FIXED.size == 48
+assert _STATUS_FIXED.size == 56
 assert OFF_STATUS + STATUS_SIZE <= HEADER_SIZE
 assert OFF_DESCRIPTORS + SLOT_COUNT * DESCRIPTOR_SIZE == OFF_STATUS
 
@@ -215,6 +216,7 @@ class StatusBlock(NamedTuple):
     error_count: int
     error_text: bytes
     leader_bell: int = 0
+    leader_pidns: int = 0
 
 
 def descriptor_offset(index: int) -> int:
@@ -239,10 +241,11 @@ def pack_descriptor(desc: SlotDescriptor) -> bytes:
 
 def unpack_status(block: bytes) -> StatusBlock:
     """Decode a copy of the status block; the error text length is clamped to what fits."""
-    pid, create_time, update_ok, error_time, count, length, bell = _STATUS_FIXED.unpack_from(block, 0)
+    pid, create_time, update_ok, error_time, count, length, bell, pidns = _STATUS_FIXED.unpack_from(block, 0)
     length = min(length, ERROR_TEXT_MAX)
     start = _STATUS_FIXED.size
-    return StatusBlock(pid, create_time, update_ok, error_time, count, block[start : start + length], bell)
+    text = block[start : start + length]
+    return StatusBlock(pid, create_time, update_ok, error_time, count, text, bell, pidns)
 
 
 def pack_status(status: StatusBlock) -> bytes:
@@ -256,6 +259,7 @@ def pack_status(status: StatusBlock) -> bytes:
         status.error_count,
         len(text),
         status.leader_bell,
+        status.leader_pidns,
     )
     return fixed + text.ljust(ERROR_TEXT_MAX, b"\0")
 

@@ -4,9 +4,14 @@ Every process attached to a segment keeps one file in the segment's registry
 directory (``<segment path>.d/``)::
 
     <segment>.d/                         0700, owned by this user
-        <pid>-<start µs>.reg             one Registration per live process, 0600
-        <pid>-<start µs>.<n>.bell        a client's doorbell socket (heksher_shm._shm.bell)
-        .<pid>-<start µs>.<hex>.tmp      a write in progress (named after the writer)
+        <token>.reg                      one Registration per live process, 0600
+        <token>.<n>.bell                 a client's doorbell socket (heksher_shm._shm.bell)
+        .<token>.<hex>.tmp               a write in progress (named after the writer)
+
+where ``<token>`` is the process's identity as
+:func:`~heksher_shm._shm.identity.token` spells it:
+``<pid>-<start µs>-<PID namespace>`` (without the namespace part where it is
+unknown).
 
 A file holds one JSON-encoded :class:`Registration`: the setting
 declarations the process needs, the context values it tracks, and a
@@ -24,6 +29,14 @@ Rules the code below keeps:
   :class:`~heksher_shm._shm.identity.ProcessIdentity`; a scan deletes the
   files (and stale temporary files) of processes that are gone or whose PID
   was reused, which are the two known traps about registrations.
+* **Only within one PID namespace.** A PID means nothing in another PID
+  namespace (two containers sharing a folder), so a scan never judges, and
+  never deletes, the file of a process of another namespace: its
+  registration is kept and honoured. If that process dies without
+  withdrawing it (``SIGKILL``), it stays until a scan in the owner's own
+  namespace removes it, or someone deletes the file; meanwhile leaders keep
+  declaring its settings and querying its tracked contexts, which costs a
+  little work and is otherwise harmless.
 * **Hostile files are skipped, never trusted.** Symlinks, FIFOs and other
   non-regular files, files owned by another user, files over
   :data:`MAX_REGISTRATION_BYTES` and undecodable content are reported in
@@ -54,7 +67,15 @@ from typing import Literal
 
 import msgspec
 
-from heksher_shm._shm.identity import ProcessIdentity, current_identity, is_alive
+from heksher_shm._shm.identity import (
+    TOKEN_PATTERN,
+    ProcessIdentity,
+    current_identity,
+    in_this_pid_namespace,
+    is_alive,
+    parse_token,
+    token,
+)
 from heksher_shm.exceptions import SegmentError
 
 __all__ = [
@@ -85,9 +106,9 @@ MAX_REGISTRATION_BYTES = 1 << 20
 _RACY_WINDOW_NS = 100_000_000
 _RACY_WINDOW_COARSE_NS = 2_100_000_000
 
-_ENTRY_RE = re.compile(r"([1-9][0-9]{0,9})-([0-9]{1,16})\.reg")
-_TEMP_RE = re.compile(r"\.([1-9][0-9]{0,9})-([0-9]{1,16})\.[0-9a-f]{1,32}\.tmp")
-_BELL_RE = re.compile(r"([1-9][0-9]{0,9})-([0-9]{1,16})\.[1-9][0-9]{0,8}\.bell")
+_ENTRY_RE = re.compile(rf"({TOKEN_PATTERN})\.reg")
+_TEMP_RE = re.compile(rf"\.({TOKEN_PATTERN})\.[0-9a-f]{{1,32}}\.tmp")
+_BELL_RE = re.compile(rf"({TOKEN_PATTERN})\.[1-9][0-9]{{0,8}}\.bell")
 _NAME_RE = re.compile(r"[a-zA-Z_0-9.]+")
 _VERSION_RE = re.compile(r"[0-9]+\.[0-9]+")
 
@@ -106,6 +127,9 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
         pid: the registering process.
         create_time: its start time, as in
             :class:`~heksher_shm._shm.identity.ProcessIdentity`.
+        pidns: its PID namespace, as in
+            :class:`~heksher_shm._shm.identity.ProcessIdentity` (``0``:
+            unknown, taken for the reader's own).
         kind: which client registered: ``"async"`` or ``"thread"``.
         declarations: the declaration bodies the process needs declared, each a
             JSON object with at least a ``name`` (``[a-zA-Z_0-9.]+``) and a
@@ -122,6 +146,7 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     format: int = REGISTRATION_FORMAT
     pid: int
     create_time: float
+    pidns: int = 0
     kind: Literal["async", "thread"]
     declarations: list[msgspec.Raw] = msgspec.field(default_factory=list)
     tracked: dict[str, list[str] | str] = msgspec.field(default_factory=dict)
@@ -132,7 +157,7 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def identity(self) -> ProcessIdentity:
         """The identity of the registered process."""
-        return ProcessIdentity(self.pid, self.create_time)
+        return ProcessIdentity(self.pid, self.create_time, self.pidns)
 
 
 class Rejection(msgspec.Struct, frozen=True):
@@ -191,6 +216,8 @@ def validate_registration(registration: Registration) -> str | None:
         return f"invalid pid {registration.pid}"
     if not (math.isfinite(registration.create_time) and registration.create_time >= 0):
         return f"invalid create_time {registration.create_time}"
+    if not 0 <= registration.pidns < 1 << 64:
+        return f"invalid pidns {registration.pidns}"
     if registration.reload_seq < 0:
         return f"invalid reload_seq {registration.reload_seq}"
     if not 0 <= registration.query_seq <= registration.reload_seq:
@@ -212,21 +239,19 @@ def validate_registration(registration: Registration) -> str | None:
     return None
 
 
-def _token(identity: ProcessIdentity) -> str:
-    return f"{identity.pid}-{round(identity.create_time * 1_000_000)}"
-
-
 def _entry_name(identity: ProcessIdentity) -> str:
-    return f"{_token(identity)}.reg"
+    return f"{token(identity)}.reg"
 
 
 def bell_name(identity: ProcessIdentity, number: int) -> str:
     """The file name of doorbell *number* (>= 1) of the process *identity*, in the registry directory."""
-    return f"{_token(identity)}.{number}.bell"
+    return f"{token(identity)}.{number}.bell"
 
 
 def _identity_from(match: re.Match[str]) -> ProcessIdentity:
-    return ProcessIdentity(int(match[1]), int(match[2]) / 1_000_000)
+    identity = parse_token(match[1])
+    assert identity is not None  # the match is of TOKEN_PATTERN
+    return identity
 
 
 def _is_racy(mtime_ns: int, now_ns: int) -> bool:
@@ -326,7 +351,7 @@ class Registry:
             raise ValueError(f"registration is {len(data)} bytes, over the limit of {self._max_bytes}")
         # The temporary name carries the writer's identity, so that if the
         # writer dies before the rename, a scan knows the file is abandoned.
-        temp = f".{_token(self._identity())}.{secrets.token_hex(8)}.tmp"
+        temp = f".{token(self._identity())}.{secrets.token_hex(8)}.tmp"
         final = _entry_name(registration.identity)
         dir_fd = self._open_directory()
         try:
@@ -434,7 +459,7 @@ class Registry:
         helper = _TEMP_RE.fullmatch(name) or _BELL_RE.fullmatch(name)
         if helper is not None:
             # A write in progress or a doorbell: nothing to read, but gone with its process.
-            if not self._alive(_identity_from(helper)):
+            if not self._judged_alive(_identity_from(helper)):
                 found.dead.append(name)
                 if found.prune:
                     self._unlink(dir_fd, name)
@@ -446,7 +471,7 @@ class Registry:
             self._reject(found, name, None, "unexpected file name")
             return
         owner = _identity_from(entry)
-        if not self._alive(owner):
+        if not self._judged_alive(owner):
             found.dead.append(name)
             if found.prune:
                 self._unlink(dir_fd, name)
@@ -471,6 +496,11 @@ class Registry:
             self._reject(found, name, key, outcome)
         else:
             found.registrations.append(outcome)
+
+    def _judged_alive(self, identity: ProcessIdentity) -> bool:
+        # A PID of another namespace names another process here, or none: never judged (and
+        # never pruned); see the module docstring.
+        return not in_this_pid_namespace(identity) or self._alive(identity)
 
     def _load(
         self, dir_fd: int, name: str, st: os.stat_result, owner: ProcessIdentity
@@ -509,7 +539,7 @@ class Registry:
         if problem is not None:
             return key, f"not a valid registration: {problem}"
         if _entry_name(registration.identity) != name:
-            return key, f"names process {_token(registration.identity)}, not the file's owner {_token(owner)}"
+            return key, f"names process {token(registration.identity)}, not the file's owner {token(owner)}"
         return key, registration
 
     def _refuse(self, st: os.stat_result) -> str | None:

@@ -56,6 +56,7 @@ from types import TracebackType
 from typing import NamedTuple, TypeVar
 
 from heksher_shm._shm import layout
+from heksher_shm._shm.identity import pid_namespace
 from heksher_shm._shm.layout import (
     DESCRIPTOR_CRC_SPAN,
     DESCRIPTOR_OFFSETS,
@@ -210,6 +211,7 @@ class HeaderStatus:
     status_available: bool
     leader_pid: int | None
     leader_create_time: float | None
+    leader_pidns: int
     last_update_ok: float | None
     last_error: str | None
     last_error_time: float | None
@@ -328,14 +330,12 @@ def _open_segment_file(path: pathlib.Path, create: bool) -> int:
 _live_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
 
 
-def _reset_locks_in_child() -> None:
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`): new writer locks for every open segment."""
     # A thread of the parent may hold a writer lock at fork time; the child has no such
     # thread, so an inherited locked Lock would deadlock a child that later becomes leader.
     for segment in list(_live_segments):
         segment._write_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_locks_in_child)
 
 
 class Segment:
@@ -769,6 +769,7 @@ class Segment:
             status_available=block is not None,
             leader_pid=(block.leader_pid or None) if block else None,
             leader_create_time=_time_or_none(block.leader_create_time) if block else None,
+            leader_pidns=block.leader_pidns if block else 0,
             last_update_ok=_time_or_none(block.last_update_ok) if block else None,
             last_error=block.error_text.decode("utf-8", "replace") if block and block.error_count else None,
             last_error_time=_time_or_none(block.last_error_time) if block else None,
@@ -995,25 +996,25 @@ class Segment:
             words[WORD_ERROR_COUNT] = block.error_count
             words[WORD_STATUS_SEQ] = (begin + 1) & _WORD_MASK
 
-    def set_leader(self, pid: int, create_time: float, bell: int = 0) -> None:
-        """Record the leader: (pid, create_time) survives pid reuse; *bell* numbers its doorbell.
-
-        Writer only.
-        """
+    def set_leader(self, pid: int, create_time: float, bell: int = 0, pidns: int = 0) -> None:
+        """Record the leader: (pid, create_time, pidns) survives pid reuse and names its PID
+        namespace; *bell* numbers its doorbell. Writer only."""
         self._update_status(
-            lambda block: block._replace(leader_pid=pid, leader_create_time=create_time, leader_bell=bell)
+            lambda block: block._replace(
+                leader_pid=pid, leader_create_time=create_time, leader_bell=bell, leader_pidns=pidns
+            )
         )
 
-    def leader(self) -> tuple[int, float, int] | None:
-        """(pid, create_time, bell) of the leader recorded in the status block, or None (none recorded,
-        or no consistent read: a writer died in the middle of an update)."""
+    def leader(self) -> tuple[int, float, int, int] | None:
+        """(pid, create_time, pidns, bell) of the leader recorded in the status block, or None (none
+        recorded, or no consistent read: a writer died in the middle of an update)."""
         self._check_open()
         if _prefix_problem(self._mm[:16]) is not None:
             return None
         block = self._read_status_block()
         if block is None or not block.leader_pid or block.leader_create_time <= 0:
             return None
-        return block.leader_pid, block.leader_create_time, block.leader_bell
+        return block.leader_pid, block.leader_create_time, block.leader_pidns, block.leader_bell
 
     def update_marks(self) -> tuple[float, int, str | None]:
         """(last successful update, error count, last error text) from the status block, for followers'
@@ -1076,24 +1077,31 @@ def _map(path: pathlib.Path, fd: int, size: int) -> mmap.mmap:
 def shm_dir_path(shm_dir: str | os.PathLike[str] | None = None) -> tuple[pathlib.Path, bool]:
     """Where the segment directory is, and whether it was given explicitly; checks and creates nothing.
 
-    ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment variable,
-    else ``/dev/shm/heksher_shm-<euid>`` when ``/dev/shm`` is a directory,
-    else ``<tempdir>/heksher_shm-<euid>``.
+    ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment variable
+    (either exactly as given), else ``/dev/shm/heksher_shm-<euid>-<pidns>``
+    when ``/dev/shm`` is a directory, else ``<tempdir>/heksher_shm-<euid>-<pidns>``.
+    ``<pidns>`` is the PID namespace (:func:`~heksher_shm._shm.identity.pid_namespace`):
+    containers that share ``/dev/shm`` but not their PIDs get a folder
+    each by default, as they cannot tell each other's processes apart. It is
+    left out (``heksher_shm-<euid>``) where the namespace cannot be read.
     """
     if shm_dir is None:
         shm_dir = os.environ.get(ENV_SHM_DIR) or None
     if shm_dir is not None:
         return pathlib.Path(os.path.abspath(os.fspath(shm_dir))), True
     base = _DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()
-    return pathlib.Path(base) / f"{_DIR_PREFIX}{os.geteuid()}", False
+    namespace = pid_namespace()
+    suffix = f"-{namespace}" if namespace else ""
+    return pathlib.Path(base) / f"{_DIR_PREFIX}{os.geteuid()}{suffix}", False
 
 
 def resolve_shm_dir(shm_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """The private directory for segments and helper files, created 0700 if missing.
 
     Choice: ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment
-    variable, else ``/dev/shm/heksher_shm-<euid>`` when ``/dev/shm`` is a
-    directory, else ``<tempdir>/heksher_shm-<euid>``. Raises
+    variable, else ``/dev/shm/heksher_shm-<euid>-<pidns>`` when ``/dev/shm``
+    is a directory, else ``<tempdir>/heksher_shm-<euid>-<pidns>`` (see
+    :func:`shm_dir_path`). Raises
     :class:`SegmentError` (naming the path and the reason) when it is a
     symlink, not a directory, or owned by another user. A default directory of
     ours with group/other bits is tightened to 0700; an explicit one is refused

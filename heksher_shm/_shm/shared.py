@@ -30,7 +30,13 @@ from heksher_shm._engine import Wish
 from heksher_shm._protocol import DeclarationBody, declaration_digest
 from heksher_shm._shm.bell import Bell, ring
 from heksher_shm._shm.election import LeaderLock
-from heksher_shm._shm.identity import ProcessIdentity, current_identity, is_alive
+from heksher_shm._shm.identity import (
+    ProcessIdentity,
+    current_identity,
+    in_this_pid_namespace,
+    is_alive,
+    token,
+)
 from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.registry import Registration, Registry, bell_name, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
@@ -65,8 +71,8 @@ def default_segment_name(service_url: str, context_features: Sequence[str]) -> s
 
 
 def wish_key(identity: ProcessIdentity) -> str:
-    """How a process is named in acknowledgements: its pid and start time (PID reuse safe)."""
-    return f"{identity.pid}-{round(identity.create_time * 1_000_000)}"
+    """How a process is named in acknowledgements: its token (PID reuse and namespace safe)."""
+    return token(identity)
 
 
 @dataclass(frozen=True)
@@ -258,12 +264,14 @@ class Neighbours:
     def ring_leader(self) -> bool:
         """Ring the recorded leader's bell (a request is waiting in the registry); False if there is none."""
         leader = self._parts.segment.leader()
-        if leader is None or not leader[2]:
+        if leader is None or not leader[3]:
             return False
-        pid, create_time, number = leader
+        pid, create_time, pidns, number = leader
         if not self.rang_at:
             self.rang_at = time.monotonic()
-        return ring(self._parts.registry.directory, bell_name(ProcessIdentity(pid, create_time), number))
+        return ring(
+            self._parts.registry.directory, bell_name(ProcessIdentity(pid, create_time, pidns), number)
+        )
 
     def watch(self) -> tuple[tuple[int, float] | None, int | None, bool]:
         leader = self._parts.segment.leader()
@@ -271,10 +279,13 @@ class Neighbours:
         if identity != self._watched:
             self._forget_watch()
             self._watched = identity
-            if identity is not None:
-                self._exit_fd, gone = _watch_process(ProcessIdentity(*identity))
-                if gone:
-                    self._gone_since = time.monotonic()
+            if leader is not None:
+                process = ProcessIdentity(leader[0], leader[1], leader[2])
+                if in_this_pid_namespace(process):
+                    self._exit_fd, gone = _watch_process(process)
+                    if gone:
+                        self._gone_since = time.monotonic()
+                # else: a leader in another PID namespace cannot be watched: judged by its promises
         gone = self._gone_since is not None
         if gone and time.monotonic() - (self._gone_since or 0.0) > GONE_PATIENCE:
             return identity, None, False  # nobody new came: stop expecting one; judge by promises

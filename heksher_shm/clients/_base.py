@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -72,6 +72,7 @@ class _PendingRules:
 
     def __call__(self) -> None:
         client, setting = self.client, self.setting
+        failure: Exception | None = None
         with client._apply_lock:
             state = setting._state
             if state.pending is not self:
@@ -79,7 +80,6 @@ class _PendingRules:
             try:
                 with paused_gc():
                     blob = decode_blob(self.blob.verified())
-                    client._install(setting, blob, self.service_order, self.digest, state.applied)
             except (SegmentError, ValueError, msgspec.DecodeError):  # damaged, or not a rule set
                 logger.exception(
                     "unusable rules in the snapshot; keeping the previous ones",
@@ -88,6 +88,21 @@ class _PendingRules:
                 client._segment_damaged()
                 # digest None: rebuild it from the next snapshot, whatever that holds for it
                 setting._set_state(self.restore.reboxed(state.applied, None))
+                return
+            try:
+                with paused_gc():
+                    client._install(setting, blob, self.service_order, self.digest, state.applied)
+            except Exception as e:  # raised by a validator or on_coerce (a TypeError only rejects a value)
+                failure = e
+                # The previous rules stay, under this blob's digest so that applying this snapshot
+                # again leaves them be; the next snapshot tries again (see _apply_from).
+                setting._set_state(self.restore.reboxed(state.applied, self.digest))
+                client._failed_conversions[setting] = state.applied[0]
+            else:
+                client._failed_conversions.pop(setting, None)
+        if failure is not None:
+            # Outside the lock: the callback may do anything, even wait for an update.
+            client._conversion_failed(setting, failure)
 
 
 """Distinct untracked context values warned about (once each) before falling silent."""
@@ -116,18 +131,9 @@ class BaseHeksherClient(ContextDefaults):
         segment_name: str | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
-        if not isinstance(service_url, str) or not service_url:
-            raise TypeError(f"service_url must be a non-empty string, got {service_url!r}")
-        _check_seconds("update_interval", update_interval)
-        if isinstance(context_features, str) or not all(isinstance(f, str) for f in context_features):
-            raise TypeError(f"context_features must be a sequence of names, got {context_features!r}")
-        if http_client_args is not None and not isinstance(http_client_args, Mapping):
-            raise TypeError(f"http_client_args must be a mapping, got {http_client_args!r}")
-        _check_seconds("startup_timeout", startup_timeout)
-        if segment_name is not None and not (
-            isinstance(segment_name, str) and SEGMENT_NAME.fullmatch(segment_name)
-        ):
-            raise ValueError(f"segment_name must match {SEGMENT_NAME.pattern}, got {segment_name!r}")
+        _check_arguments(
+            service_url, update_interval, context_features, http_client_args, startup_timeout, segment_name
+        )
         super().__init__()
         self._service_url = service_url
         self._update_interval = float(update_interval)
@@ -146,6 +152,10 @@ class BaseHeksherClient(ContextDefaults):
         """Set when every setting must be rebuilt from the next snapshot, whatever its blob digest."""
         self._peeked: tuple[int, Head, dict[str, SettingEntry]] | None = None
         """The head get() decoded to apply one setting (see _apply_one), until the full apply."""
+        self._released_failures: dict[str, str] = {}
+        """Declaration digest -> setting name, of settings released after their declaration failed."""
+        self._failed_conversions: weakref.WeakKeyDictionary[Setting[Any], int] = weakref.WeakKeyDictionary()
+        """Settings whose new rules a validator or on_coerce failed on, and the generation they came in."""
         # Reentrant: validators run while it is held, and may call get() on other settings.
         self._apply_lock = threading.RLock()
         # A list, not an int: settings' states share it, so get() compares the
@@ -184,7 +194,7 @@ class BaseHeksherClient(ContextDefaults):
                 source=self._local_source,
                 update_interval=self._update_interval,
                 context_features=self._context_features,
-                identity=(os.getpid(), 0.0),
+                identity=(os.getpid(), 0.0, 0),
                 errors=self._errors,
                 housekeeping=self._flush_wish,
                 service_url=self._service_url,
@@ -197,7 +207,7 @@ class BaseHeksherClient(ContextDefaults):
                 source=RegistrySource(parts.registry, parts.segment),
                 update_interval=self._update_interval,
                 context_features=self._context_features,
-                identity=(identity.pid, identity.create_time),
+                identity=(identity.pid, identity.create_time, identity.pidns),
                 errors=self._errors,
                 key=self._key,
                 host=neighbours,
@@ -450,6 +460,7 @@ class BaseHeksherClient(ContextDefaults):
                     Registration(
                         pid=identity.pid,
                         create_time=identity.create_time,
+                        pidns=identity.pidns,
                         kind=self._kind,
                         declarations=[
                             encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations.values()
@@ -560,18 +571,23 @@ class BaseHeksherClient(ContextDefaults):
         head = self._head
         problems: list[str] = []
         original: BaseException | None = None
+        # Settings released once their declaration failed for good (nobody kept them): reported once, here.
+        with self._apply_lock:
+            released, self._released_failures = self._released_failures, {}
         if head is not None:
-            for setting in list(self._settings):
-                outcome = head.outcomes.get(setting._digest)
+            names = dict(released)
+            names.update({s._digest: s.name for s in list(self._settings)})
+            for digest, name in names.items():
+                outcome = head.outcomes.get(digest)
                 if outcome is not None and outcome.error is not None:
-                    problems.append(f"declaring {setting.name} failed: {outcome.error}")
+                    problems.append(f"declaring {name} failed: {outcome.error}")
                     original = original or self._errors.get(outcome.error_id)
         if self._ack.error is not None and self._ack.seq >= seq:
             problems.append(f"the update failed: {self._ack.error}")
             original = original or self._errors.get(self._ack.error_id)
         if not problems:
             return None
-        if starting and self._covered_by_snapshot():
+        if starting and self._covered_by_snapshot(released.values()):
             logger.warning(
                 "the service could not be reached; serving the last published snapshot",
                 extra={"problems": problems, "published": head.published if head else None},
@@ -603,13 +619,16 @@ class BaseHeksherClient(ContextDefaults):
             head.filters, {f: v if isinstance(v, str) else sorted(v) for f, v in self._tracked.items()}
         )
 
-    def _covered_by_snapshot(self) -> bool:
-        """Whether a published snapshot (from an earlier leader) covers all this process's settings."""
+    def _covered_by_snapshot(self, released: Iterable[str] = ()) -> bool:
+        """Whether a published snapshot (from an earlier leader) covers all this process's settings
+        (and the *released* names: settings nobody kept, whose declaration failed)."""
         head = self._head
         if head is None or self._parts is None:
             return False
         names = {entry.name for entry in head.settings}
-        return all(setting.name in names for setting in list(self._settings))
+        return all(name in names for name in released) and all(
+            setting.name in names for setting in list(self._settings)
+        )
 
     # -- applying snapshots ----------------------------------------------------------------------------
 
@@ -731,10 +750,16 @@ class BaseHeksherClient(ContextDefaults):
             settings = [s for s in self._settings if s._state.client is self]
             reapply = self._reapply_all
             # A setting's state carries the digest of the blob it was built from.
+            failed = self._failed_conversions
             todo = [
                 (s, entry)
                 for s in settings
-                if (entry := entries.get(s.name)) is not None and (reapply or s._state.digest != entry.digest)
+                if (entry := entries.get(s.name)) is not None
+                and (
+                    reapply
+                    or s._state.digest != entry.digest
+                    or failed.get(s, read.generation) != read.generation  # failed on an earlier snapshot
+                )
             ]
             indices = sorted({entry.blob for _, entry in todo})
             try:
@@ -761,6 +786,7 @@ class BaseHeksherClient(ContextDefaults):
                     self._apply_outdated_default(setting, head)
             self._head = head
             self._queried = head.queried
+            self._release_declared(head)
             mark(read.generation)
             self._take_ack(head)
             return
@@ -782,6 +808,25 @@ class BaseHeksherClient(ContextDefaults):
         pending = _PendingRules(self, setting, blob, digest, service_order, restore)
         setting._defer(self, pending, digest, applied)
 
+    def _release_declared(self, head: Head) -> None:
+        """Tell :mod:`heksher_shm._main` which settings it holds strongly *head* shows declared.
+
+        A setting is declared once the leader's outcome for its declaration
+        is settled (see ``Outcome.settled``). Costs nothing once every
+        setting is declared.
+        """
+        if _main.current() is not self:
+            return
+        settled: list[Setting[Any]] = []
+        for setting in _main.undeclared():
+            digest = setting._digest
+            outcome = head.outcomes.get(digest)
+            if outcome is not None and outcome.settled:
+                settled.append(setting)
+                if outcome.error is not None:  # for set_as_main()/reload() to raise, as heksher 0.2.2 does
+                    self._released_failures[digest] = setting.name
+        _main.declared(settled)
+
     def _take_ack(self, head: Head) -> None:
         ack = head.acks.get(self._key)
         if ack is not None and ack.seq >= self._ack.seq:
@@ -791,8 +836,32 @@ class BaseHeksherClient(ContextDefaults):
         outcome = head.outcomes.get(setting._digest)
         if outcome is None or outcome.default is None:
             return
-        if self._convert_default(setting, outcome.default):
+        try:
+            converted = self._convert_default(setting, outcome.default)
+        except Exception as e:  # raised by a validator or on_coerce: the previous default stays
+            self._conversion_failed(setting, e)
+            return
+        if converted:
             setting._install_state(self, setting._state.rules)
+
+    def _conversion_failed(self, setting: Setting[Any], error: Exception) -> None:
+        """A validator or ``on_coerce`` raised *error* (not a TypeError) on *setting*'s new values.
+
+        The previous rules and default stay in use until the next snapshot;
+        the error is logged and handed to ``on_update_error``, whose own
+        errors are logged: nothing of this reaches the ``get()`` that ran it.
+        """
+        logger.warning(
+            "converting new values of setting %s failed: %r; its previous ones stay until the next update",
+            setting.name,
+            error,
+            extra={"setting_name": setting.name, "error": repr(error)},
+        )
+        logger.debug("the conversion error of setting %s", setting.name, exc_info=error)
+        try:
+            self.on_update_error(error)
+        except Exception:
+            logger.exception("update callback raised", extra={"setting_name": setting.name})
 
     def _convert_default(self, setting: Setting[Any], raw_json: bytes) -> bool:
         raw = _json_decoder.decode(raw_json)
@@ -842,12 +911,16 @@ class BaseHeksherClient(ContextDefaults):
                 continue  # another process tracks these contexts; this one does not
             rule = QueriedRule(record.rule_id, conditions)
             try:
-                converted = setting._convert(_json_decoder.decode(record.value), rule)
+                raw = _json_decoder.decode(record.value)
+            except msgspec.DecodeError as e:
+                rejected.append((record.rule_id, f"rule value rejected: {e!r}"))
+                continue
+            # Only a TypeError rejects one value; anything else a validator or on_coerce raises
+            # fails the whole update of this setting (see _PendingRules), as in heksher 0.2.2.
+            try:
+                converted = setting._convert(raw, rule)
             except TypeError as e:
                 rejected.append((record.rule_id, f"rule value could not be converted: {e!r}"))
-                continue
-            except (ValueError, msgspec.DecodeError) as e:
-                rejected.append((record.rule_id, f"rule value rejected: {e!r}"))
                 continue
             if converted.coercions:
                 coerced.append((record.rule_id, converted.coercions))
@@ -865,6 +938,33 @@ class BaseHeksherClient(ContextDefaults):
         setting._install_state(self, compile_rules(features, rules), digest, applied)
 
 
+def _check_arguments(
+    service_url: object,
+    update_interval: object,
+    context_features: object,
+    http_client_args: object,
+    startup_timeout: object,
+    segment_name: object,
+) -> None:
+    """Refuse a wrong constructor argument at once, naming it (not later, in the background)."""
+    if not isinstance(service_url, str) or not service_url:
+        raise TypeError(f"service_url must be a non-empty string, got {service_url!r}")
+    _check_seconds("update_interval", update_interval)
+    if (
+        isinstance(context_features, str)
+        or not isinstance(context_features, Sequence)
+        or not all(isinstance(f, str) for f in context_features)
+    ):
+        raise TypeError(f"context_features must be a sequence of names, got {context_features!r}")
+    if http_client_args is not None and not isinstance(http_client_args, Mapping):
+        raise TypeError(f"http_client_args must be a mapping, got {http_client_args!r}")
+    _check_seconds("startup_timeout", startup_timeout)
+    if segment_name is not None and not (
+        isinstance(segment_name, str) and SEGMENT_NAME.fullmatch(segment_name)
+    ):
+        raise ValueError(f"segment_name must match {SEGMENT_NAME.pattern}, got {segment_name!r}")
+
+
 def _check_seconds(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -873,12 +973,10 @@ def _check_seconds(name: str, value: object) -> None:
 _live_clients: weakref.WeakSet[BaseHeksherClient] = weakref.WeakSet()
 
 
-def _after_fork_in_child() -> None:
+def _reset_after_fork() -> None:
+    """In a forked child (called by :mod:`heksher_shm._fork`, last): every live client resumes."""
     for client in list(_live_clients):
         try:
             client._after_fork_in_child()
         except Exception:
             logger.exception("heksher client could not resume after fork")
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -132,10 +132,10 @@ class _StubClient(ContextDefaults):
         pass
 
     def _setting_added(self, setting: Setting[Any]) -> None:
-        pass
+        _main.declared([setting])  # nothing to declare: held weakly at once, as heksher 0.2.2's stubs do
 
     def _become_main(self) -> None:
-        _main.set_main(self)
+        _main.declared(_main.set_main(self))
 
 
 class SyncStubHeksherClient(SyncMainContext, _StubClient):
