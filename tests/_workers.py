@@ -35,7 +35,17 @@ def _answer(cmd: tuple[Any, ...], settings: dict[str, heksher.Setting[int]], cli
     if op == "add":
         settings.update(_make([cmd[1]], {cmd[1]: cmd[2]}))
         return True
+    if op == "step_clock":
+        _step_wall_clock(3.0)
+        return True
     raise ValueError(f"unknown command {cmd!r}")
+
+
+def _step_wall_clock(seconds: float) -> None:
+    """Make this process's wall clock jump *seconds* ahead, as an NTP step would (the monotonic clock,
+    which the kernel keeps for everyone, cannot be stepped from a test)."""
+    real = time.time
+    time.time = lambda: real() + seconds  # type: ignore[assignment]
 
 
 def worker(

@@ -219,5 +219,6 @@ def test_the_reset_order_is_the_documented_one() -> None:
         "heksher_shm._shm.election",
         "heksher_shm._shm.segment",
         "heksher_shm._shm.identity",
+        "heksher_shm._shm.bell",
         "heksher_shm.clients._base",
     )

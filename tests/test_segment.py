@@ -340,7 +340,7 @@ def test_status_fields(writer: Segment, seg_path: Path) -> None:
         assert status.leader_pid == 4242
         assert status.leader_create_time == 1234.5
         assert (status.progress, status.promise) == reader.liveness() == (1000.25, 1060.5)
-        assert reader.leader() == (4242, 1234.5, 7)
+        assert reader.leader() == (4242, 1234.5, 0, 7)
         assert status.last_update_ok == 999.5
         assert status.status_available
         assert status.error_count == reader.error_count() == 0
