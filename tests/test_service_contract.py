@@ -28,6 +28,8 @@ import pytest
 from heksher_shm.testing import HeksherService
 from tests._support import FEATURES, REAL_URL, unique
 
+pytestmark = pytest.mark.real_server
+
 # Against a real server each test runs twice; without one, only in memory (no skips to wade through).
 TARGETS = ["memory", "real"] if REAL_URL else ["memory"]
 JSON = "application/json"
