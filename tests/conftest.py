@@ -106,3 +106,11 @@ async def make_driver(kind: str) -> AsyncIterator[Any]:
     yield make
     for driver in drivers:
         await driver.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that talk to ``HEKSHER_TEST_URL`` when it is set, so CI can run just those against
+    a real Heksher (``-m real_server``); the rest always use the in-memory service."""
+    for item in items:
+        if "service_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_server)

@@ -8,6 +8,7 @@ automatically; importing this package does not import pytest).
 from heksher_shm.testing._server import (
     DEFAULT_CONTEXT_FEATURES,
     HEKSHER_VERSION,
+    DeclarationRace,
     Fault,
     FaultKind,
     HeksherService,
@@ -26,6 +27,7 @@ from heksher_shm.testing._state import (
 __all__ = [
     "DEFAULT_CONTEXT_FEATURES",
     "HEKSHER_VERSION",
+    "DeclarationRace",
     "Fault",
     "FaultKind",
     "HeksherService",

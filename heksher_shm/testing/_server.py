@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from heksher_shm.testing._race import DeclarationRace, RaceGate
 from heksher_shm.testing._state import (
     CONTEXT_FEATURE_RE,
     METADATA_KEY_RE,
@@ -45,6 +46,7 @@ from heksher_shm.testing._state import (
 __all__ = [
     "DEFAULT_CONTEXT_FEATURES",
     "HEKSHER_VERSION",
+    "DeclarationRace",
     "Fault",
     "FaultKind",
     "HeksherService",
@@ -236,6 +238,7 @@ class _Response:
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    crashed: bool = False  # sent like uvicorn's answer to an unhandled exception: chunked, then closed
 
 
 def _dump(value: Any) -> bytes:
@@ -251,11 +254,18 @@ def _text(status: int, text: str) -> _Response:
     return _Response(status, text.encode("utf-8"), [("content-type", _TEXT_TYPE)])
 
 
+def _crash() -> _Response:
+    """What uvicorn answers when the application raises (the real server on a database error)."""
+    return _Response(500, b"Internal Server Error", [("content-type", _TEXT_TYPE)], crashed=True)
+
+
 def _error_response(error: ServiceError) -> _Response:
     if error.kind == "json":
         return _json(error.status, error.body)
     if error.kind == "text":
         return _text(error.status, str(error.body))
+    if error.kind == "internal":
+        return _crash()
     return _Response(error.status)
 
 
@@ -281,20 +291,40 @@ class _Fields:
         self.errors: list[dict[str, Any]] = []
 
     @classmethod
-    def body(cls, request: _Request) -> _Fields:
+    def body(cls, request: _Request, path: _Fields | None = None) -> _Fields:
+        """The JSON body's fields; errors of ``path`` (the path parameters) are reported with the body's.
+
+        Like FastAPI, a body that is not JSON is reported alone, anything else together with the path.
+        """
+        errors = list(path.errors) if path is not None else []
         if not request.body.strip():
-            raise _Invalid([{"loc": ["body"], "msg": "field required", "type": "value_error.missing"}])
+            errors.append({"loc": ["body"], "msg": "field required", "type": "value_error.missing"})
+            raise _Invalid(errors)
         try:
             data = json.loads(request.body, parse_constant=_reject_constant)
-        except ValueError as exc:
-            position = exc.pos if isinstance(exc, json.JSONDecodeError) else 0
-            message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        except json.JSONDecodeError as exc:
+            doc = request.body.decode("utf-8", "replace")
+            ctx = {"msg": exc.msg, "doc": doc, "pos": exc.pos, "lineno": exc.lineno, "colno": exc.colno}
             raise _Invalid(
-                [{"loc": ["body", position], "msg": message, "type": "value_error.jsondecode"}]
+                [{"loc": ["body", exc.pos], "msg": str(exc), "type": "value_error.jsondecode", "ctx": ctx}]
             ) from None
+        except ValueError as exc:  # NaN and the like: not JSON, though Python's parser takes them
+            error = {"loc": ["body", 0], "msg": str(exc), "type": "value_error.jsondecode"}
+            raise _Invalid([error]) from None
         if not isinstance(data, dict):
-            raise _Invalid([{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}])
-        return cls("body", data)
+            errors.append({"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"})
+            raise _Invalid(errors)
+        fields = cls("body", data)
+        fields.errors = errors
+        return fields
+
+    def integer(self, name: str) -> Any:
+        """An integer written in decimal (a path parameter)."""
+        text = self.data[name]
+        if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+            self.error([name], "value is not a valid integer", "type_error.integer")
+            return None
+        return int(text)
 
     def error(self, loc: Sequence[str | int], msg: str, kind: str, **ctx: Any) -> None:
         error: dict[str, Any] = {"loc": [self.where, *loc], "msg": msg, "type": kind}
@@ -303,12 +333,9 @@ class _Fields:
         self.errors.append(error)
 
     def regex_error(self, loc: Sequence[str | int], pattern: re.Pattern[str]) -> None:
-        self.error(
-            loc,
-            f'string does not match regex "{pattern.pattern}$"',
-            "value_error.str.regex",
-            pattern=f"{pattern.pattern}$",
-        )
+        # the real server's patterns are ours with a `$` (pydantic 1 matches from the start anyway)
+        text = f"^{pattern.pattern}$" if pattern is VERSION_RE else f"{pattern.pattern}$"
+        self.error(loc, f'string does not match regex "{text}"', "value_error.str.regex", pattern=text)
 
     def raw(self, name: str, default: Any = _MISSING) -> Any:
         """Any JSON value; required unless a default is given."""
@@ -318,10 +345,17 @@ class _Fields:
             self.error([name], "field required", "value_error.missing")
         return default
 
+    def _none(self, name: str, value: Any, default: Any) -> bool:
+        """Whether ``value`` is a ``null`` where none is allowed (only optional fields take it); says so."""
+        if value is None and default is not None:
+            self.error([name], "none is not an allowed value", "type_error.none.not_allowed")
+            return True
+        return False
+
     def string(self, name: str, pattern: re.Pattern[str] | None = None, default: Any = _MISSING) -> Any:
         """A string, matched in full against ``pattern``; ``None`` passes when it is the default."""
-        value = self.raw(name, default)
-        if value is _MISSING or (value is None and default is None):
+        value = _as_str(self.raw(name, default))
+        if value is _MISSING or (value is None and default is None) or self._none(name, value, default):
             return value
         if not isinstance(value, str):
             self.error([name], "str type expected", "type_error.str")
@@ -332,7 +366,7 @@ class _Fields:
     def string_list(self, name: str, pattern: re.Pattern[str]) -> Any:
         """A non-empty list of distinct strings matching ``pattern``."""
         value = self.raw(name)
-        if value is _MISSING:
+        if value is _MISSING or self._none(name, value, _MISSING):
             return value
         if not isinstance(value, list):
             self.error([name], "value is not a valid list", "type_error.list")
@@ -341,6 +375,7 @@ class _Fields:
             self.error(
                 [name], "ensure this value has at least 1 items", "value_error.list.min_items", limit_value=1
             )
+        value = [_as_str(item) for item in value]
         for index, item in enumerate(value):
             if not isinstance(item, str):
                 self.error([name, index], "str type expected", "type_error.str")
@@ -358,12 +393,14 @@ class _Fields:
         default: Any = _MISSING,
     ) -> Any:
         """A JSON object whose keys (and, with ``value_pattern``, string values) match the patterns."""
-        value = self.raw(name, default)
-        if value is _MISSING:
+        value = _as_dict(self.raw(name, default))
+        if value is _MISSING or self._none(name, value, default):
             return value
         if not isinstance(value, dict):
             self.error([name], "value is not a valid dict", "type_error.dict")
             return value
+        if value_pattern is not None:
+            value = {key: _as_str(item) for key, item in value.items()}
         for key, item in value.items():
             if not key_pattern.fullmatch(key):
                 self.regex_error([name, "__key__"], key_pattern)
@@ -401,12 +438,28 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _as_str(value: Any) -> Any:
+    """A JSON number as the string pydantic 1 makes of it for a string field (``1.0`` -> ``"1.0"``)."""
+    if isinstance(value, (int, float)):  # booleans too, as pydantic 1 does: true -> "True"
+        return str(value)
+    return value
+
+
+def _as_dict(value: Any) -> Any:
+    """A list of pairs as the object pydantic 1 makes of it where an object is expected (``[]`` -> ``{}``)."""
+    if isinstance(value, list):
+        try:
+            return dict(value)
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
 def _path_int(name: str, text: str) -> int:
-    if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
-        raise _Invalid(
-            [{"loc": ["path", name], "msg": "value is not a valid integer", "type": "type_error.integer"}]
-        )
-    return int(text)
+    path = _Fields("path", {name: text})
+    value = path.integer(name)
+    path.check()
+    return int(value)
 
 
 _SETTINGS_PARAM_RE = re.compile(r"([a-zA-Z_0-9.]+(,[a-zA-Z_0-9.]+)*)?")
@@ -426,10 +479,13 @@ _Endpoint = Callable[["_Api", _Request, dict[str, str]], _Response]
 class _Api:
     """The Heksher v1 HTTP API over a :class:`HeksherState`: requests in, responses out, no I/O."""
 
-    def __init__(self, state: HeksherState, *, emulate_filter_bug: bool, version: str) -> None:
+    def __init__(
+        self, state: HeksherState, *, emulate_filter_bug: bool, version: str, races: RaceGate
+    ) -> None:
         self.state = state
         self.filter_re = _FILTER_BUGGY_RE if emulate_filter_bug else _FILTER_FIXED_RE
         self.version = version
+        self.races = races  # holds declarations of new settings so that they race (see _race.py)
 
     def handle(self, request: _Request) -> _Response:
         path_known = False
@@ -488,17 +544,19 @@ class _Api:
         fields = _Fields.body(request)
         name = fields.string("name", SETTING_NAME_RE)
         features = fields.string_list("configurable_features", CONTEXT_FEATURE_RE)
-        type_text = fields.string("type")
-        default_value = fields.raw("default_value")
-        metadata = fields.mapping("metadata", METADATA_KEY_RE, default={})
-        alias = fields.string("alias", SETTING_NAME_RE, default=None)
-        version = fields.string("version", VERSION_RE, default="1.0")
+        type_text = fields.raw("type")
         setting_type = None
         if isinstance(type_text, str):
             try:
                 setting_type = parse_setting_type(type_text)
             except ValueError as exc:
                 fields.error(["type"], str(exc), "value_error")
+        elif type_text is not _MISSING and not fields._none("type", type_text, _MISSING):
+            fields.error(["type"], f"expected string, got {type(type_text).__name__}", "value_error")
+        default_value = fields.raw("default_value")
+        metadata = fields.mapping("metadata", METADATA_KEY_RE, default={})
+        alias = fields.string("alias", SETTING_NAME_RE, default=None)
+        version = fields.string("version", VERSION_RE, default="1.0")
         fields.check()
         assert setting_type is not None  # checked above: a type error would have been raised
         if not setting_type.validate(default_value):
@@ -517,7 +575,7 @@ class _Api:
             alias=alias,
             version=version,
         )
-        status, outcome = self.state.declare(declaration)
+        status, outcome = self.races.declare(self.state, declaration)
         return _json(status, outcome)
 
     def list_settings(self, request: _Request, params: dict[str, str]) -> _Response:
@@ -566,16 +624,27 @@ class _Api:
     def _rule_id(self, params: dict[str, str]) -> int:
         return _path_int("rule_id", params["rule_id"])
 
+    def _rule_and_body(self, request: _Request, params: dict[str, str]) -> tuple[int, _Fields]:
+        """The rule id from the path and the body's fields; their errors are reported together."""
+        path = _Fields("path", params)
+        rule_id = path.integer("rule_id")
+        if "key" in params and not METADATA_KEY_RE.fullmatch(params["key"]):
+            path.regex_error(["key"], METADATA_KEY_RE)
+        return rule_id, _Fields.body(request, path)
+
     def add_rule(self, request: _Request, params: dict[str, str]) -> _Response:
         fields = _Fields.body(request)
-        setting = fields.string("setting")
+        setting = fields.string("setting", SETTING_NAME_RE)
         feature_values = fields.mapping("feature_values", CONTEXT_FEATURE_RE, CONTEXT_FEATURE_RE)
-        value = fields.raw("value")
-        metadata = fields.mapping("metadata", METADATA_KEY_RE, default={})
         if isinstance(feature_values, dict) and not feature_values:
             fields.error(["feature_values"], "feature_values must not be empty", "value_error")
+        value = fields.raw("value")
+        metadata = fields.mapping("metadata", METADATA_KEY_RE, default={})
         fields.check()
-        return _json(201, {"rule_id": self.state.add_rule(setting, feature_values, value, metadata)})
+        rule_id = self.state.add_rule(setting, feature_values, value, metadata)
+        response = _json(201, {"rule_id": rule_id})
+        response.headers.append(("location", f"/{rule_id}"))  # sic: relative to nothing, as the real one
+        return response
 
     def search_rule(self, request: _Request, params: dict[str, str]) -> _Response:
         fields = _Fields("query", request.query)
@@ -590,8 +659,7 @@ class _Api:
         return _json(200, self.state.rule_details(self._rule_id(params)))
 
     def set_rule_value(self, request: _Request, params: dict[str, str]) -> _Response:
-        rule_id = self._rule_id(params)
-        fields = _Fields.body(request)
+        rule_id, fields = self._rule_and_body(request, params)
         value = fields.raw("value")
         fields.check()
         self.state.set_rule_value(rule_id, value)
@@ -604,20 +672,18 @@ class _Api:
     def get_rule_metadata(self, request: _Request, params: dict[str, str]) -> _Response:
         return _json(200, self.state.rule_metadata(self._rule_id(params)))
 
-    def _metadata_body(self, request: _Request) -> dict[str, Any]:
-        fields = _Fields.body(request)
+    def _metadata_body(self, request: _Request, params: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        rule_id, fields = self._rule_and_body(request, params)
         metadata = fields.mapping("metadata", METADATA_KEY_RE, default={})
         fields.check()
-        return dict(metadata)
+        return rule_id, dict(metadata)
 
     def update_rule_metadata(self, request: _Request, params: dict[str, str]) -> _Response:
-        rule_id = self._rule_id(params)
-        self.state.update_rule_metadata(rule_id, self._metadata_body(request))
+        self.state.update_rule_metadata(*self._metadata_body(request, params))
         return _Response(204)
 
     def replace_rule_metadata(self, request: _Request, params: dict[str, str]) -> _Response:
-        rule_id = self._rule_id(params)
-        self.state.replace_rule_metadata(rule_id, self._metadata_body(request))
+        self.state.replace_rule_metadata(*self._metadata_body(request, params))
         return _Response(204)
 
     def delete_rule_metadata(self, request: _Request, params: dict[str, str]) -> _Response:
@@ -633,12 +699,10 @@ class _Api:
         return key
 
     def set_rule_metadata_key(self, request: _Request, params: dict[str, str]) -> _Response:
-        rule_id = self._rule_id(params)
-        key = self._metadata_key(params)
-        fields = _Fields.body(request)
+        rule_id, fields = self._rule_and_body(request, params)
         value = fields.raw("value")
         fields.check()
-        self.state.set_rule_metadata_key(rule_id, key, value)
+        self.state.set_rule_metadata_key(rule_id, params["key"], value)
         return _Response(204)
 
     def delete_rule_metadata_key(self, request: _Request, params: dict[str, str]) -> _Response:
@@ -852,7 +916,7 @@ class _Handler(BaseHTTPRequestHandler):
                 response = service._api.handle(request)
             except Exception:  # a bug here: answer like uvicorn does, and say so
                 _LOG.exception("in-memory Heksher service failed on %s %s", method, path)
-                response = _text(500, "Internal Server Error")
+                response = _crash()
         elif kind == "status":
             assert fault.status is not None
             response = _fault_body_response(fault.status, fault.body)
@@ -869,7 +933,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         record(response.status, kind)
-        if kind == "truncated_body":
+        if response.crashed:
+            self.close_connection = True
+            self._send_chunked(response)
+        elif kind == "truncated_body":
             self.close_connection = True
             self._send(response, truncate=True)
         else:
@@ -888,6 +955,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body and response.status not in (204, 304):
             self.wfile.write(body[: len(body) // 2] if truncate else body)
+        self.wfile.flush()
+
+    def _send_chunked(self, response: _Response) -> None:
+        """Send the body as one chunk, as uvicorn streams its error page."""
+        self.send_response(response.status)
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.send_header("transfer-encoding", "chunked")
+        if self.close_connection:
+            self.send_header("connection", "close")
+        self.end_headers()
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(response.body), response.body))
         self.wfile.flush()
 
 
@@ -952,6 +1031,20 @@ class HeksherService:
     ``emulate_filter_bug`` reproduces the real server reading filter feature names as ``[a-z]+``
     (see ``GET /api/v1/query``).  The constructor takes plain values only, so a child process can build
     its own service from the same arguments.
+
+    **Declaration races.**  A real Heksher creates a setting in two steps (look the name up, then insert
+    it), so two clients declaring the same *new* setting at the same moment race: one gets
+    ``200 {"outcome": "created"}``, the other a bare ``500`` (plain text ``Internal Server Error``, and the
+    connection is closed); declaring again answers ``uptodate``.  This service answers declarations in one
+    step, so it races only when a test asks: :meth:`race_declarations` holds the next declaration that
+    would create a setting until ``parties`` declarations of that setting are held together (or a
+    timeout), then the first to arrive creates it and each other one gets the 500, every time::
+
+        race = service.race_declarations(parties=2)
+        ...  # two clients declare the same new setting
+        assert race.wait(10) and sorted(race.statuses) == [200, 500]
+
+    The admin helper :meth:`declare` never races.
     """
 
     def __init__(
@@ -969,7 +1062,10 @@ class HeksherService:
         """The port the service listens on (the real one once started)."""
         self.state = HeksherState(context_features)
         """The model behind the service; tests may call it directly."""
-        self._api = _Api(self.state, emulate_filter_bug=emulate_filter_bug, version=version)
+        self._races = RaceGate()
+        self._api = _Api(
+            self.state, emulate_filter_bug=emulate_filter_bug, version=version, races=self._races
+        )
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -995,6 +1091,7 @@ class HeksherService:
         if self._server is not None:
             return self
         self._stopping.clear()
+        self._races.reopen()
         server = _Server((self.host, self.port), self)
         self.port = server.server_address[1]
         thread = threading.Thread(
@@ -1014,6 +1111,7 @@ class HeksherService:
             return
         self._server = self._thread = None
         self._stopping.set()  # wakes handlers sleeping in a delay fault
+        self._races.close()  # and handlers holding a declaration for a race
         server.wake()
         thread.join()  # no new connections after this
         server.cut_connections()
@@ -1114,6 +1212,27 @@ class HeksherService:
                         self._faults.remove(injected)
                 return injected.fault
         return None
+
+    # -- declaration races
+
+    def race_declarations(
+        self, parties: int = 2, *, setting: str | None = None, timeout: float = 10.0
+    ) -> DeclarationRace:
+        """Make the next declarations of a new setting race, as they do on a real server.
+
+        The next ``POST /api/v1/settings/declare`` that would create a setting (``setting``, when given) is
+        held until ``parties`` declarations of that setting are held, or for ``timeout`` seconds at most;
+        then the first to arrive creates the setting and each other one is answered with the real server's
+        bare ``500``.  Returns a :class:`DeclarationRace` whose ``wait()`` and ``statuses`` tell how it
+        went.  Several calls arm several races, caught in turn.
+        """
+        if parties < 1:
+            raise ValueError("a race needs at least one party")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        race = DeclarationRace(parties, setting, timeout)
+        self._races.arm(race)
+        return race
 
     # -- admin helpers, straight on the state (no HTTP, not recorded)
 

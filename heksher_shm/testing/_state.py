@@ -294,13 +294,17 @@ def parse_setting_type(text: str) -> SettingType:
 class ServiceError(Exception):
     """A request the service refuses, with the status and body a real Heksher server answers.
 
-    ``kind`` tells how ``body`` travels: ``"text"`` (plain text), ``"json"`` (a JSON object) or
-    ``"empty"`` (no body).  The admin helpers of :class:`~heksher_shm.testing.HeksherService` raise it
-    too, so a test that sets up something impossible learns why.
+    ``kind`` tells how ``body`` travels: ``"text"`` (plain text), ``"json"`` (a JSON object),
+    ``"empty"`` (no body) or ``"internal"`` (the server crashed: uvicorn's bare 500, see :meth:`internal`).
+    The admin helpers of :class:`~heksher_shm.testing.HeksherService` raise it too, so a test that sets up
+    something impossible learns why.
     """
 
     def __init__(
-        self, status: int, kind: Literal["text", "json", "empty"], body: str | dict[str, Any] = ""
+        self,
+        status: int,
+        kind: Literal["text", "json", "empty", "internal"],
+        body: str | dict[str, Any] = "",
     ) -> None:
         self.status = status
         self.kind = kind
@@ -321,6 +325,19 @@ class ServiceError(Exception):
     def empty(cls, status: int) -> ServiceError:
         """An error with an empty body."""
         return cls(status, "empty")
+
+    @classmethod
+    def internal(cls) -> ServiceError:
+        """An unhandled exception in the real server (a database error): 500 ``Internal Server Error``.
+
+        Over HTTP it looks like uvicorn's answer: plain text, chunked, and the connection is closed.
+        """
+        return cls(500, "internal", "Internal Server Error")
+
+
+def _set_text(names: Iterable[str]) -> str:
+    """Names as the real server prints a Python ``set`` of them (in hash order there; sorted here)."""
+    return "{" + ", ".join(repr(name) for name in sorted(names)) + "}"
 
 
 def _version_tuple(version: str) -> tuple[int, int]:
@@ -487,10 +504,28 @@ class HeksherState:
     def _rules_of(self, setting: _Setting) -> list[_Rule]:
         return [rule for rule in self._rules.values() if rule.setting is setting]
 
-    def declare(self, declaration: Declaration) -> tuple[int, dict[str, Any]]:
-        """Apply a declaration; return the HTTP status (200 or 409) and the outcome body."""
+    def creates(self, declaration: Declaration) -> bool:
+        """Whether :meth:`declare` would create a new setting for ``declaration`` (now; nothing changes)."""
+        with self._lock:
+            return (
+                declaration.alias is None
+                and self._lookup(declaration.name) is None
+                and declaration.version == "1.0"
+                and set(declaration.configurable_features) <= set(self._features)
+            )
+
+    def declare(self, declaration: Declaration, *, expect_new: bool = False) -> tuple[int, dict[str, Any]]:
+        """Apply a declaration; return the HTTP status (200 or 409) and the outcome body.
+
+        ``expect_new`` is for a declaration that found no such setting a moment ago (:meth:`creates`) and
+        now inserts it, as the real server does in two steps: if another declaration created the setting
+        in between, the insert fails on the unique name, which the real server answers with a bare 500
+        (:meth:`ServiceError.internal`).
+        """
         with self._lock:
             existing = self._lookup(declaration.name)
+            if expect_new and existing is not None:
+                raise ServiceError.internal()
             if declaration.alias is not None:
                 target = self._lookup(declaration.alias)
                 if target is None:
@@ -547,7 +582,7 @@ class HeksherState:
             raise ServiceError.text(400, "newly created settings must have version 1.0")
         unknown = [cf for cf in declaration.configurable_features if cf not in self._features]
         if unknown:
-            raise ServiceError.text(404, f"{unknown} are not acceptable context features")
+            raise ServiceError.text(404, f"{_set_text(unknown)} are not acceptable context features")
         self._settings[declaration.name] = _Setting(
             name=declaration.name,
             type=declaration.type,
@@ -591,11 +626,13 @@ class HeksherState:
                 message("minor", f"removal of configurable features {sorted(removed)}")
             else:
                 if not outdated:
-                    unknown = sorted(after - set(self._features))
+                    unknown = after - set(self._features)
                     if unknown:
                         # this path answers with FastAPI's HTTPException, not plain text like creation does
-                        raise ServiceError.detail(404, f"{unknown} are not acceptable context features")
-                attribute("major", "configurable_features", existing.configurable_features)
+                        raise ServiceError.detail(
+                            404, f"{_set_text(unknown)} are not acceptable context features"
+                        )
+                attribute("major", "configurable_features", self._ordered_features(existing))
 
         if existing.type != declaration.type:
             old_type, new_type = (
@@ -620,6 +657,13 @@ class HeksherState:
         if not json_equal(dict(declaration.metadata), existing.metadata):
             attribute("minor", "metadata", existing.metadata)
         return found
+
+    def _ordered_features(self, setting: _Setting) -> list[str]:
+        """A setting's configurable features in context-feature order, as the real server reports them."""
+        return sorted(
+            setting.configurable_features,
+            key=lambda f: self._features.index(f) if f in self._features else len(self._features),
+        )
 
     def _rules_using(self, setting: _Setting, features: set[str]) -> list[int]:
         return [rule.rule_id for rule in self._rules_of(setting) if features & rule.feature_values.keys()]
@@ -649,11 +693,11 @@ class HeksherState:
                 raise ServiceError.text(404, f"the setting {name} does not exist")
             return {
                 "name": setting.name,
-                "configurable_features": list(setting.configurable_features),
+                "configurable_features": self._ordered_features(setting),
                 "type": str(setting.type),
                 "default_value": copy.deepcopy(setting.default_value),
                 "metadata": copy.deepcopy(setting.metadata),
-                "aliases": list(setting.aliases),
+                "aliases": sorted(setting.aliases),  # sorted here, in the order given in the listing
                 "version": setting.version,
             }
 
@@ -670,9 +714,9 @@ class HeksherState:
                     "version": setting.version,
                 }
                 if include_additional_data:
-                    entry["configurable_features"] = list(setting.configurable_features)
+                    entry["configurable_features"] = self._ordered_features(setting)
                     entry["metadata"] = copy.deepcopy(setting.metadata)
-                    entry["aliases"] = list(setting.aliases)
+                    entry["aliases"] = list(setting.aliases)  # in the order given (sorted by name above)
                 listing.append(entry)
             return {"settings": listing}
 
@@ -696,7 +740,7 @@ class HeksherState:
                     name=setting.name,
                     type=str(setting.type),
                     default_value=copy.deepcopy(setting.default_value),
-                    configurable_features=tuple(setting.configurable_features),
+                    configurable_features=tuple(self._ordered_features(setting)),
                     metadata=copy.deepcopy(setting.metadata),
                     aliases=tuple(setting.aliases),
                     version=setting.version,
@@ -726,7 +770,8 @@ class HeksherState:
             if names is None:
                 targets = list(self._settings.values())
             else:
-                unknown = [name for name in dict.fromkeys(names) if self._lookup(name) is None]
+                # the real server's SQL leaves this order open; PostgreSQL's DISTINCT gives it sorted
+                unknown = sorted({name for name in names if self._lookup(name) is None})
                 if unknown:
                     raise ServiceError.text(404, f"the following are not setting names: {unknown}")
                 targets = list(
@@ -784,10 +829,10 @@ class HeksherState:
                     CONTEXT_FEATURE_RE.fullmatch(feature) and CONTEXT_FEATURE_RE.fullmatch(feature_value)
                 ):
                     raise ServiceError.text(422, f"invalid condition {feature}={feature_value}")
-            not_configurable = sorted(feature_values.keys() - set(target.configurable_features))
+            not_configurable = feature_values.keys() - set(target.configurable_features)
             if not_configurable:
                 raise ServiceError.text(
-                    400, f"setting is not configurable at context features {not_configurable}"
+                    400, f"setting is not configurable at context features {_set_text(not_configurable)}"
                 )
             if not target.type.validate(value):
                 raise ServiceError.text(400, f"rule value is incompatible with setting type {target.type}")
@@ -818,9 +863,9 @@ class HeksherState:
         return rule
 
     def rule_details(self, rule_id: int) -> dict[str, Any]:
-        """``GET /api/v1/rules/{id}`` (404 text when unknown)."""
+        """``GET /api/v1/rules/{id}`` (404 with an empty body when unknown)."""
         with self._lock:
-            rule = self._rule(rule_id, ServiceError.text(404, "rule with id not found"))
+            rule = self._rule(rule_id, ServiceError.empty(404))
             return {
                 "setting": rule.setting.name,
                 "value": copy.deepcopy(rule.value),
@@ -829,9 +874,9 @@ class HeksherState:
             }
 
     def set_rule_value(self, rule_id: int, value: JSONValue) -> None:
-        """``PUT /api/v1/rules/{id}/value`` (404 text when unknown, 400 text on a value of the wrong type)."""
+        """``PUT /api/v1/rules/{id}/value`` (404 empty text when unknown, 400 text on a wrong value type)."""
         with self._lock:
-            rule = self._rule(rule_id, ServiceError.text(404, "rule with id not found"))
+            rule = self._rule(rule_id, ServiceError.text(404, ""))
             if not rule.setting.type.validate(value):
                 raise ServiceError.text(
                     400, f"rule value is incompatible with setting type {rule.setting.type}"
@@ -839,9 +884,9 @@ class HeksherState:
             rule.value = copy.deepcopy(value)
 
     def delete_rule(self, rule_id: int) -> None:
-        """``DELETE /api/v1/rules/{id}`` (404 text when unknown)."""
+        """``DELETE /api/v1/rules/{id}`` (404 with an empty body when unknown)."""
         with self._lock:
-            self._rule(rule_id, ServiceError.text(404, "rule with id not found"))
+            self._rule(rule_id, ServiceError.empty(404))
             del self._rules[rule_id]
 
     def rules_snapshot(self) -> list[RuleInfo]:
@@ -866,7 +911,12 @@ class HeksherState:
             return {"metadata": copy.deepcopy(self._rule(rule_id, ServiceError.empty(404)).metadata)}
 
     def update_rule_metadata(self, rule_id: int, metadata: Mapping[str, JSONValue]) -> None:
-        """``POST /api/v1/rules/{id}/metadata``: merge keys into the metadata."""
+        """``POST /api/v1/rules/{id}/metadata``: merge keys into the metadata.
+
+        Merging nothing succeeds without looking for the rule, as on the real server.
+        """
+        if not metadata:
+            return
         with self._lock:
             self._rule(rule_id, ServiceError.empty(404)).metadata.update(copy.deepcopy(dict(metadata)))
 
