@@ -50,13 +50,20 @@ class BenchService:
         """How many counted requests (any method and path) reached the service so far."""
         raise NotImplementedError
 
+    def last_request_time(self) -> float | None:
+        """``time.monotonic()`` of the latest counted request, None before the first."""
+        raise NotImplementedError
+
     def wait_quiet(self, quiet: float, timeout: float) -> bool:
         """Wait until no counted request arrived for ``quiet`` seconds; False if not within ``timeout``.
 
-        Checks the count every 50 ms: cheap next to the service's own work.
+        Quiet since the latest request, which may be before the call. Checks the
+        count every 50 ms: cheap next to the service's own work.
         """
-        deadline = time.monotonic() + timeout
-        count, since = self.request_count(), time.monotonic()
+        now = time.monotonic()
+        deadline = now + timeout
+        count, last = self.request_count(), self.last_request_time()
+        since = now if last is None else last
         while True:
             now = time.monotonic()
             if now - since >= quiet:
@@ -119,6 +126,10 @@ class InMemoryService(BenchService):
 
     def request_count(self) -> int:
         return self._service.count()
+
+    def last_request_time(self) -> float | None:
+        # Records are kept in the order requests were answered: the latest read is among the last few.
+        return max((r.time for r in self._service.requests[-64:]), default=None)
 
     def wait_for_next(self, method: str, path: str, timeout: float) -> float | None:
         # The service's own condition variable: no polling that would compete with its threads.
@@ -193,6 +204,9 @@ class RemoteService(BenchService):
 
     def request_count(self) -> int:
         return 0 if self._proxy is None else self._proxy.count()
+
+    def last_request_time(self) -> float | None:
+        return None if self._proxy is None else self._proxy.last()
 
     def adopt(self, names: Iterable[str]) -> None:
         known = set(self._declared)
@@ -291,6 +305,10 @@ class _CountingProxy:
     def count(self) -> int:
         with self._lock:
             return len(self._records)
+
+    def last(self) -> float | None:
+        with self._lock:
+            return max((t for _, _, t in self._records[-64:]), default=None)
 
     def close(self) -> None:
         self._server.shutdown()
