@@ -341,7 +341,9 @@ def _plot_idle(report: dict[str, Any], ax: Any) -> bool:
     case = _case(report, "idle")
     if not case:
         return False
-    cells = case["series"]["cells"]
+    cells = [cell for cell in case["series"]["cells"] if "error" not in cell]
+    if not cells:
+        return False
     floor = 1e-3  # a log scale has no zero: anything below shows at the floor
     width = 0.38
     xs = range(len(cells))
