@@ -143,10 +143,21 @@ class Run:
         return str(path)
 
     def spawn(
-        self, case: str, params: dict[str, Any], *, shm_dir: str | None = None, label: str = ""
+        self,
+        case: str,
+        params: dict[str, Any],
+        *,
+        shm_dir: str | None = None,
+        label: str = "",
+        pass_fds: Sequence[int] = (),
     ) -> Child:
-        """Start ``python -m benchmarks.<case> child <params>``; it is reaped at the end of the run."""
-        child = Child(case, params, workdir=self.workdir, shm_dir=shm_dir, label=label or case)
+        """Start ``python -m benchmarks.<case> child <params>``; it is reaped at the end of the run.
+
+        *pass_fds* stay open in the child under the same numbers (a release pipe, for instance).
+        """
+        child = Child(
+            case, params, workdir=self.workdir, shm_dir=shm_dir, label=label or case, pass_fds=pass_fds
+        )
         self.children.append(child)
         return child
 
@@ -161,7 +172,14 @@ class Child:
     """The runner's end of one child process."""
 
     def __init__(
-        self, case: str, params: dict[str, Any], *, workdir: Path, shm_dir: str | None, label: str
+        self,
+        case: str,
+        params: dict[str, Any],
+        *,
+        workdir: Path,
+        shm_dir: str | None,
+        label: str,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         env = dict(os.environ)
         env.pop("HEKSHER_SHM_DIR", None)
@@ -181,6 +199,7 @@ class Child:
                 stderr=stderr,
                 cwd=REPO,
                 env=env,
+                pass_fds=tuple(pass_fds),
             )
         self.pid = self.process.pid
         self._buffer = b""

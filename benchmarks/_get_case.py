@@ -1,26 +1,68 @@
-"""What the two ``Setting.get()`` cases share (``get_repeated`` and ``get_new_context``).
+"""What the ``Setting.get()`` cases share (``get_repeated``, ``get_new_context``, ``get_default``).
 
 Runner side, :func:`run_get_case`: a leader process of ours holds the segment;
 for each round a measuring process of each side runs (the sides alternate),
 ours checked to be a follower; the sides must agree on what ``get()`` returned.
 The result is one row, ours against the peer, with the floor in its note.
+A case's :class:`GetSetup` (by default :func:`small_setup`) says which
+settings, tracked contexts and defaults both sides use, and which setting is
+timed.
 
 Child side, :func:`start_setting`: the same settings, client, tracked contexts
-and default on either side, and the setting to time; :func:`floor` is the
-plain function both cases time next to ``get()``.
+and defaults on either side, and the setting to time; :func:`floor` is the
+plain function the cases time next to ``get()``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from benchmarks._common import Run, log, summary
-from benchmarks._scenario import SMALL_DEFAULTS, SMALL_TRACK, seed_small, specs_from
+from benchmarks._scenario import (
+    SMALL_DEFAULTS,
+    SMALL_TRACK,
+    THREE_DEFAULTS,
+    THREE_TRACK,
+    seed_small,
+    seed_three,
+    specs_from,
+)
 from benchmarks._sides import library, make_client, make_settings
 
 INTERVAL = 60.0
 """Update interval of every client: no regular update runs while a case measures."""
+
+
+@dataclass(frozen=True)
+class GetSetup:
+    """What both sides of a ``get()`` case make, and the setting that is timed."""
+
+    settings: dict[str, Any]
+    """The settings, as :func:`benchmarks._scenario.specs_from` rebuilds them in a child."""
+    setting: str
+    """The name of the setting whose ``get()`` is timed."""
+    track: dict[str, Any]
+    defaults: dict[str, str]
+
+
+def small_setup(r: Run) -> GetSetup:
+    """The ten small settings (seeded once per run), tracking and defaulting as ``SMALL_*`` say."""
+    small = r.shared.get("small")
+    if small is None:
+        small = r.shared["small"] = seed_small(r.service, "g", 10)
+    settings = {"kind": "small", "prefix": r.service.prefix, "stem": "g", "count": 10}
+    return GetSetup(settings, small["names"][0], SMALL_TRACK, SMALL_DEFAULTS)
+
+
+def three_setup(r: Run) -> GetSetup:
+    """Ten settings with all three features, ``environment`` defaulting to ``prod`` (``THREE_*``)."""
+    three = r.shared.get("three")
+    if three is None:
+        three = r.shared["three"] = seed_three(r.service, "e", 10)
+    settings = {"kind": "three", "prefix": r.service.prefix, "stem": "e", "count": 10}
+    return GetSetup(settings, three["names"][0], THREE_TRACK, THREE_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -43,6 +85,8 @@ class GetCase:
     """How the floor reads in the row's note, before its median."""
     child_timeout: float
     """Seconds to wait for a measuring process's result."""
+    setup: Callable[[Run], GetSetup] = small_setup
+    """Seeds (once per run) and describes the settings both sides use."""
 
 
 def floor(**contexts: str) -> int:
@@ -58,7 +102,7 @@ def start_setting(params: dict[str, Any]) -> tuple[str, Any, Any]:
     side = params["side"]
     lib = library(side)
     settings = make_settings(lib, specs_from(params["settings"]))
-    client = make_client(lib, params["url"], INTERVAL, SMALL_TRACK, SMALL_DEFAULTS)
+    client = make_client(lib, params["url"], INTERVAL, params["track"], params["defaults"])
     client.set_as_main()
     return side, client, settings[params["setting"]]
 
@@ -71,10 +115,7 @@ def run_get_case(
     *params* is reported as the case's parameters.
     """
     service = r.service
-    small = r.shared.get("small")
-    if small is None:
-        small = r.shared["small"] = seed_small(service, "g", 10)
-    settings = {"kind": "small", "prefix": service.prefix, "stem": "g", "count": 10}
+    setup = case.setup(r)
     shm = r.shm_dir(case.label)
     leader = r.spawn(
         "_holder",
@@ -82,9 +123,9 @@ def run_get_case(
             "side": "ours",
             "url": service.url,
             "interval": INTERVAL,
-            "settings": settings,
-            "track": SMALL_TRACK,
-            "defaults": SMALL_DEFAULTS,
+            "settings": setup.settings,
+            "track": setup.track,
+            "defaults": setup.defaults,
         },
         shm_dir=shm,
         label=f"{case.label}-leader",
@@ -102,8 +143,10 @@ def run_get_case(
                 {
                     "side": side,
                     "url": service.url,
-                    "settings": settings,
-                    "setting": small["names"][0],
+                    "settings": setup.settings,
+                    "setting": setup.setting,
+                    "track": setup.track,
+                    "defaults": setup.defaults,
                     **child_params,
                 },
                 shm_dir=shm if side == "ours" else None,

@@ -30,6 +30,8 @@ def _number(value: float, unit: str) -> str:
         return f"{value:,.1f} ms" if value < 100 else f"{value:,.0f} ms"
     if unit == "MiB":
         return f"{value:,.1f} MiB"
+    if unit == "%":
+        return f"{value:.2f} %" if value >= 1 else f"{value:.3f} %"
     if unit == "x":
         return f"{value:.2f}x"
     if unit == "requests":
@@ -165,7 +167,11 @@ def _bars(ax: Any, labels: list[str], rows: list[dict[str, Any]], unit: str, log
 
 def _plot_get(report: dict[str, Any], ax: Any) -> bool:
     rows, labels = [], []
-    for name, label in (("get_repeated", "repeated context"), ("get_new_context", "new context each call")):
+    for name, label in (
+        ("get_repeated", "repeated context"),
+        ("get_default", "repeated context,\nclient default"),
+        ("get_new_context", "new context each call"),
+    ):
         case = _case(report, name)
         if case:
             rows.append(case["rows"][0])
@@ -331,6 +337,77 @@ def _plot_memory(report: dict[str, Any], ax: Any) -> bool:
     return True
 
 
+def _plot_idle(report: dict[str, Any], ax: Any) -> bool:
+    case = _case(report, "idle")
+    if not case:
+        return False
+    cells = [cell for cell in case["series"]["cells"] if "error" not in cell]
+    if not cells:
+        return False
+    floor = 1e-3  # a log scale has no zero: anything below shows at the floor
+    width = 0.38
+    xs = range(len(cells))
+    for offset, side in ((-width / 2, "ours"), (width / 2, "peer")):
+        heights = [max(cell[side]["total"], floor) for cell in cells]
+        label = f"{OURS}: total" if side == "ours" else f"{PEER}: total"
+        ax.bar([x + offset for x in xs], heights, width, label=label, color=_COLORS[side])
+    leaders = [
+        (x - width / 2, c["ours"]["leader"]) for x, c in zip(xs, cells, strict=True) if c["ours"]["leader"]
+    ]
+    followers = [
+        (x - width / 2, c["ours"]["max_other"])
+        for x, c in zip(xs, cells, strict=True)
+        if c["ours"]["max_other"]
+    ]
+    if leaders:
+        ax.scatter(
+            *zip(*leaders, strict=True), marker="^", color="black", s=14, zorder=3, label=f"{OURS}: leader"
+        )
+    if followers:
+        ax.scatter(
+            *zip(*followers, strict=True),
+            marker="o",
+            color="white",
+            edgecolors="black",
+            s=14,
+            zorder=3,
+            label=f"{OURS}: busiest follower",
+        )
+    ax.axhline(0.3, color="gray", linestyle="--", linewidth=0.8, label="target: leader 0.3 %")
+    ax.axhline(0.1, color="gray", linestyle=":", linewidth=0.8, label="target: follower 0.1 %")
+    ax.set_xticks(list(xs), [f"N={c['n']}\nS={c['s']}" for c in cells], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.set_ylabel("% of one core")
+    ax.set_title(f"CPU while idle ({case['params']['window_s']:.0f} s window, interval 60 s)")
+    ax.legend(fontsize=6, ncol=2)
+    return True
+
+
+def _plot_start(report: dict[str, Any], ax: Any) -> bool:
+    case = _case(report, "start")
+    if not case:
+        return False
+    rows = [row for row in case["rows"] if row["label"].startswith("Start: time")]
+    labels = [f"N={s['n']}\nS={s['s']}" for s in case["series"]]
+    _bars(ax, labels, rows, "ms", log=True)
+    ax.set_ylabel("ms, release to last set_as_main() returned")
+    ax.set_title("N processes start at once")
+    return True
+
+
+def _plot_stall(report: dict[str, Any], ax: Any) -> bool:
+    case = _case(report, "stall")
+    if not case:
+        return False
+    rows = case["rows"]
+    _bars(ax, ["worst tick delay", "p99 tick delay"], rows, "ms", log=True)
+    ax.axhline(5, color="gray", linestyle=":", label="target: 5 ms")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Event-loop stall during reload(), {case['params']['rules'] // 1000}k rules")
+    return True
+
+
 def write_docs(report: dict[str, Any], docs: Path) -> list[Path]:
     """Write the table and the plots under *docs*; returns the files written."""
     import matplotlib
@@ -355,6 +432,9 @@ def write_docs(report: dict[str, Any], docs: Path) -> list[Path]:
         ("set_as_main", _plot_set_as_main),
         ("first_get", _plot_first_get),
         ("memory", _plot_memory),
+        ("idle", _plot_idle),
+        ("start", _plot_start),
+        ("stall", _plot_stall),
     ]
     machine = report["machine"]
     footer = (

@@ -8,6 +8,12 @@ travels on a command line.
   ``get()`` cases resolve: ``{user: alice}``, ``{user: alice, theme: dark}``,
   ``{theme: light}``, ``{user: bob}``. Clients track every user and the themes
   ``dark`` and ``light``, and default ``theme`` to ``light``.
+* **three**: the same shape with all three features (``user``, ``theme``,
+  ``environment``) for the ``get()`` case with a client default: 20 user
+  rules each, and on the first setting rules that only match with
+  ``environment=prod``. Clients track every user, the themes ``dark`` and
+  ``light`` and the environments ``prod`` and ``staging``, and default
+  ``environment`` to ``prod``.
 * **big**: 1,000 settings (``int`` and ``str`` alternately) configurable by
   all three features, with the same number of rules each (1, 10 or 100: 1k,
   10k or 100k rules), spread over four condition shapes. Clients track
@@ -29,12 +35,18 @@ SMALL_TRACK: dict[str, Any] = {"user": "*", "theme": ["dark", "light"]}
 SMALL_DEFAULTS = {"theme": "light"}
 SMALL_USER_RULES = 20
 
+THREE_FEATURES = list(CONTEXT_FEATURES)
+THREE_TRACK: dict[str, Any] = {"user": "*", "theme": ["dark", "light"], "environment": ["prod", "staging"]}
+THREE_DEFAULTS = {"environment": "prod"}
+
 BIG_SETTINGS = 1000
 BIG_TRACK: dict[str, Any] = {"user": "*", "theme": "*", "environment": "*"}
 
 
-def small_specs(prefix: str, stem: str, count: int) -> list[SettingSpec]:
-    return [(f"{prefix}{stem}{i}", "int", list(SMALL_FEATURES), i) for i in range(count)]
+def small_specs(
+    prefix: str, stem: str, count: int, features: Sequence[str] = tuple(SMALL_FEATURES)
+) -> list[SettingSpec]:
+    return [(f"{prefix}{stem}{i}", "int", list(features), i) for i in range(count)]
 
 
 def seed_small(service: BenchService, stem: str, count: int) -> dict[str, Any]:
@@ -54,6 +66,31 @@ def seed_small(service: BenchService, stem: str, count: int) -> dict[str, Any]:
     ]
     ids = service.add_rules(named + users)
     return {"names": [s[0] for s in specs], "alice": ids[0], "light": ids[2]}
+
+
+def seed_three(service: BenchService, stem: str, count: int) -> dict[str, Any]:
+    """Declare ``count`` three-feature settings named ``<stem><i>`` and add their rules.
+
+    ``get(user="alice", theme="dark")`` on the first one, with ``environment`` defaulting
+    to ``prod``, matches three of its rules (the ``{user: alice, environment: prod}`` one
+    wins); without the default it would match none of them.
+    """
+    specs = small_specs(service.prefix, stem, count, THREE_FEATURES)
+    for name, type_, features, default in specs:
+        service.declare(name, type_, default, features)
+    first = specs[0][0]
+    named: list[Rule] = [
+        (first, {"user": "alice", "theme": "dark", "environment": "staging"}, 1),
+        (first, {"user": "alice", "environment": "prod"}, 2),
+        (first, {"theme": "dark", "environment": "prod"}, 3),
+        (first, {"environment": "prod"}, 4),
+        (first, {"user": "bob"}, 5),
+    ]
+    users: list[Rule] = [
+        (name, {"user": f"r{k}"}, 100 + k) for name, _, _, _ in specs for k in range(SMALL_USER_RULES)
+    ]
+    service.add_rules(named + users)
+    return {"names": [s[0] for s in specs]}
 
 
 def big_specs(prefix: str, count: int = BIG_SETTINGS) -> list[SettingSpec]:
@@ -114,11 +151,22 @@ def change_every_big_setting(service: BenchService, big: dict[str, Any]) -> dict
     return {big["specs"][0][0]: changes[0][1]}
 
 
+def change_one_big_rule(service: BenchService, big: dict[str, Any]) -> dict[str, Any]:
+    """Change rule 0 of the first big setting only. Returns its new value, by setting name."""
+    big["version"] += 1
+    spec = big["specs"][0]
+    value = big_value(spec, 0, 0, big["version"])
+    service.set_rule_value(big["ids"][0][0], value)
+    return {spec[0]: value}
+
+
 def specs_from(params: dict[str, Any]) -> list[SettingSpec]:
-    """Rebuild a setting list in a child from ``{"kind": "small"|"big", ...}``."""
+    """Rebuild a setting list in a child from ``{"kind": "small"|"three"|"big", ...}``."""
     kind = params["kind"]
     if kind == "small":
         return small_specs(params["prefix"], params["stem"], params["count"])
+    if kind == "three":
+        return small_specs(params["prefix"], params["stem"], params["count"], THREE_FEATURES)
     if kind == "big":
         specs = big_specs(params["prefix"], params.get("count", BIG_SETTINGS))
         only = params.get("only")

@@ -46,6 +46,38 @@ class BenchService:
         """``time.monotonic()`` of every counted request with this method and path, oldest first."""
         raise NotImplementedError
 
+    def request_count(self) -> int:
+        """How many counted requests (any method and path) reached the service so far."""
+        raise NotImplementedError
+
+    def last_request_time(self) -> float | None:
+        """``time.monotonic()`` of the latest counted request, None before the first."""
+        raise NotImplementedError
+
+    def wait_quiet(self, quiet: float, timeout: float) -> bool:
+        """Wait until no counted request arrived for ``quiet`` seconds; False if not within ``timeout``.
+
+        Quiet since the latest request, which may be before the call. Checks the
+        count every 50 ms: cheap next to the service's own work.
+        """
+        now = time.monotonic()
+        deadline = now + timeout
+        count, last = self.request_count(), self.last_request_time()
+        since = now if last is None else last
+        while True:
+            now = time.monotonic()
+            if now - since >= quiet:
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(min(0.05, max(0.0, deadline - now)))
+            latest = self.request_count()
+            if latest != count:
+                count, since = latest, time.monotonic()
+
+    def adopt(self, names: Iterable[str]) -> None:
+        """Settings that clients declared themselves: deleted with the others at :meth:`close`."""
+
     def wait_for_next(self, method: str, path: str, timeout: float) -> float | None:
         """Wait for the next counted request with this method and path; its time, or None on timeout."""
         seen = len(self.times(method, path))
@@ -91,6 +123,13 @@ class InMemoryService(BenchService):
 
     def times(self, method: str, path: str) -> list[float]:
         return [r.time for r in self._service.requests if r.method == method and r.path == path]
+
+    def request_count(self) -> int:
+        return self._service.count()
+
+    def last_request_time(self) -> float | None:
+        # Records are kept in the order requests were answered: the latest read is among the last few.
+        return max((r.time for r in self._service.requests[-64:]), default=None)
 
     def wait_for_next(self, method: str, path: str, timeout: float) -> float | None:
         # The service's own condition variable: no polling that would compete with its threads.
@@ -163,6 +202,16 @@ class RemoteService(BenchService):
     def times(self, method: str, path: str) -> list[float]:
         return [] if self._proxy is None else self._proxy.times(method, path)
 
+    def request_count(self) -> int:
+        return 0 if self._proxy is None else self._proxy.count()
+
+    def last_request_time(self) -> float | None:
+        return None if self._proxy is None else self._proxy.last()
+
+    def adopt(self, names: Iterable[str]) -> None:
+        known = set(self._declared)
+        self._declared.extend(n for n in names if n not in known)
+
     def declare(self, name: str, type: str, default: Any, features: Sequence[str]) -> None:
         body = {
             "name": name,
@@ -197,9 +246,9 @@ class RemoteService(BenchService):
             self._proxy.close()
 
 
-def open_service() -> BenchService:
-    """The real Heksher at ``HEKSHER_TEST_URL`` if set, else a fresh in-memory service."""
-    url = os.environ.get("HEKSHER_TEST_URL")
+def open_service(url: str | None = None) -> BenchService:
+    """The real Heksher at *url* or else at ``HEKSHER_TEST_URL`` if set, else a fresh in-memory service."""
+    url = url or os.environ.get("HEKSHER_TEST_URL")
     return RemoteService(url) if url else InMemoryService()
 
 
@@ -252,6 +301,14 @@ class _CountingProxy:
     def times(self, method: str, path: str) -> list[float]:
         with self._lock:
             return [t for m, p, t in self._records if m == method and p == path]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def last(self) -> float | None:
+        with self._lock:
+            return max((t for _, _, t in self._records[-64:]), default=None)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -8,7 +8,8 @@ Usage (from the repository root, with the ``bench`` extra installed)::
     .venv/bin/python -m benchmarks.run --only get_repeated pollers
 
 Every case runs its sides in fresh processes against one service: the in-memory
-Heksher service started here, or a real Heksher when ``HEKSHER_TEST_URL`` is set.
+Heksher service started here, or a real Heksher at ``--service URL`` (or
+``HEKSHER_TEST_URL``, when set).
 Progress goes to stderr, the results (JSON) to stdout and, with ``--json``, to a file.
 """
 
@@ -33,6 +34,7 @@ from benchmarks._service import open_service
 CASES = [
     "get_repeated",
     "get_new_context",
+    "get_default",
     "pollers",
     "propagation",
     "takeover",
@@ -40,8 +42,11 @@ CASES = [
     "publish",
     "first_get",
     "memory",
+    "stall",
+    "idle",
+    "start",
 ]
-"""In running order (publish, first_get and memory share the big rule set, seeded as it grows)."""
+"""In running order (publish, first_get, memory and stall share the big rule set, seeded as it grows)."""
 
 PUBLISHED = REPO / "benchmarks" / "published.json"
 """The full results of the run behind the published docs (written by ``--write-docs``)."""
@@ -65,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="RESULTS",
         help="run nothing: write the docs (--write-docs) from the JSON of an earlier run",
+    )
+    parser.add_argument(
+        "--service",
+        metavar="URL",
+        help="run against the real Heksher at URL (as HEKSHER_TEST_URL does; default: in-memory)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (children's logs)")
     return parser
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return _docs_from(args)
     cases = [c for c in CASES if args.only is None or c in args.only]
     workdir = Path(tempfile.mkdtemp(prefix="heksher-bench-"))
-    service = open_service()
+    service = open_service(args.service)
     run = Run(quick=args.quick, service=service, workdir=workdir)
     log(f"service: {service.kind} at {service.url}; work folder {workdir}")
     started = time.monotonic()
