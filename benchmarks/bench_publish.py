@@ -39,7 +39,9 @@ TARGET = "publish <= 300 ms at 100k; segment <= 2x the query response's JSON siz
 
 
 class _NoWishes:
-    def wishes(self) -> list[Any]:
+    bells: tuple[str, ...] = ()
+
+    def wishes(self, prune: bool = False) -> list[Any]:
         return []
 
     def changed(self) -> bool:
@@ -51,18 +53,16 @@ def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, Any]:
     import httpx
 
     from heksher_shm import _protocol as proto
-    from heksher_shm._engine import Call, Engine, _Term
+    from heksher_shm._engine import Call, Compute, Engine, _Term
     from heksher_shm._local import LocalLock
 
     engine = Engine(
         transport=segment,
         lock=LocalLock(),
         source=_NoWishes(),
-        observer=None,
         update_interval=60.0,
         context_features=list(CONTEXT_FEATURES),
-        identity=(os.getpid(), 0.0),
-        poll=None,
+        identity=(os.getpid(), 0.0, 0),
         errors={},
     )
     filters = proto.context_filters({f: v if v == "*" else set(v) for f, v in BIG_TRACK.items()})
@@ -80,13 +80,17 @@ def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, Any]:
         if response is None:
             steps.close()
             return call, None
-        try:
-            steps.send(response)
-        except StopIteration as stop:
-            if stop.value is not None:
-                raise RuntimeError(f"the update failed: {stop.value!r}") from stop.value
-            return call, None
-        raise RuntimeError("the update step asked for more than one request")
+        value: Any = response
+        while True:  # the engine's CPU work comes as Compute effects: run them here, in place
+            try:
+                effect = steps.send(value)
+            except StopIteration as stop:
+                if stop.value is not None:
+                    raise RuntimeError(f"the update failed: {stop.value!r}") from stop.value
+                return call, None
+            if not isinstance(effect, Compute):
+                raise RuntimeError(f"the update step asked for more than one request: {effect!r}")
+            value = effect.fn()
 
     return update, engine
 
@@ -115,6 +119,9 @@ def body(params: dict[str, Any]) -> None:
     from heksher_shm._shm.segment import Segment
     from heksher_shm._snapshot import FORMAT, Head, blob_of, encode_head
 
+    import msgspec
+
+    setting_decoder = msgspec.json.Decoder(proto.QuerySetting)
     specs = specs_from(params["settings"])
     segment = Segment.open(os.path.join(params["shm_dir"], "publish.seg"))
     update, _ = _engine_update(segment, specs)
@@ -134,9 +141,10 @@ def body(params: dict[str, Any]) -> None:
         totals.append(time.perf_counter() - start)
         # The same work in parts, with the functions the engine uses.
         t0 = time.perf_counter()
-        result = proto.decode(proto.QUERY, 200, content, proto.QueryResponse)
+        result = proto.decode(proto.QUERY, 200, content, proto.RawQueryResponse)
+        settings = {name: setting_decoder.decode(raw) for name, raw in result.settings.items()}
         t1 = time.perf_counter()
-        built = [blob_of(result.settings[name]) for name in sorted(result.settings)]
+        built = [blob_of(settings[name]) for name in sorted(settings)]
         t2 = time.perf_counter()
         head = encode_head(
             Head(
@@ -155,7 +163,7 @@ def body(params: dict[str, Any]) -> None:
         t4 = time.perf_counter()
         # Nothing of the parts may stay alive into the next engine run: a bigger heap makes
         # the collector's passes during decoding slower, which is not the engine's doing.
-        del result, built
+        del result, settings, built
         gc.collect()
         decode.append(t1 - t0)
         blobs_s.append(t2 - t1)
