@@ -114,12 +114,11 @@ def _peer_apply(content: bytes, specs: list[Any]) -> float:
 
 def body(params: dict[str, Any]) -> None:
     import httpx
+    import msgspec
 
     from heksher_shm import _protocol as proto
     from heksher_shm._shm.segment import Segment
     from heksher_shm._snapshot import FORMAT, Head, blob_of, encode_head
-
-    import msgspec
 
     setting_decoder = msgspec.json.Decoder(proto.QuerySetting)
     specs = specs_from(params["settings"])
