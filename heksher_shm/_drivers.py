@@ -40,6 +40,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 
 from heksher_shm._engine import BEAT_INTERVAL, Apply, Call, Calls, Effect, Report, Wait
+from heksher_shm._threads import start_thread
 
 __all__ = ["AsyncHooks", "LoopWaker", "SyncHooks", "WakePipe", "drive_async", "drive_sync", "in_thread"]
 
@@ -83,29 +84,33 @@ def drive_sync(steps: Generator[Effect, Any, T], hooks: SyncHooks) -> T:
     """Run *steps* to completion with blocking I/O (the thread client's driver)."""
     to_send: Any = None
     to_throw: BaseException | None = None
-    while True:
-        try:
-            effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        to_send, to_throw = None, None
-        try:
-            if isinstance(effect, Wait):
-                to_send = hooks.wait(effect.timeout, effect.fds)
-            elif isinstance(effect, Apply):
-                hooks.apply(effect)
-            elif isinstance(effect, Report):
-                hooks.report(effect.error)
-            else:
-                with beating(effect.beat):
-                    if isinstance(effect, Call):
-                        to_send = hooks.http().request(effect.method, effect.path, **_request(effect))
-                    elif isinstance(effect, Calls):
-                        to_send = _calls_sync(hooks, effect)
-                    else:
-                        to_send = effect.fn()
-        except Exception as e:
-            to_throw = e
+    beater = Beater()
+    try:
+        while True:
+            try:
+                effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            to_send, to_throw = None, None
+            try:
+                if isinstance(effect, Wait):
+                    to_send = hooks.wait(effect.timeout, effect.fds)
+                elif isinstance(effect, Apply):
+                    hooks.apply(effect)
+                elif isinstance(effect, Report):
+                    hooks.report(effect.error)
+                else:
+                    with beater.beating(effect.beat):
+                        if isinstance(effect, Call):
+                            to_send = hooks.http().request(effect.method, effect.path, **_request(effect))
+                        elif isinstance(effect, Calls):
+                            to_send = _calls_sync(hooks, effect)
+                        else:
+                            to_send = effect.fn()
+            except Exception as e:
+                to_throw = e
+    finally:
+        beater.close()
 
 
 def _calls_sync(hooks: SyncHooks, effect: Calls) -> list[httpx.Response | BaseException]:
@@ -122,25 +127,53 @@ def _calls_sync(hooks: SyncHooks, effect: Calls) -> list[httpx.Response | BaseEx
     return list(hooks.pool(effect.limit).map(one, effect.calls))
 
 
-@contextlib.contextmanager
-def beating(beat: Callable[[], object] | None) -> Generator[None, None, None]:
-    """Call *beat* every :data:`BEAT_INTERVAL` from a helper thread while the block runs."""
-    if beat is None:
-        yield
-        return
-    done = threading.Event()
+class Beater:
+    """One helper thread per driver that calls a *beat* every :data:`BEAT_INTERVAL` while asked to.
 
-    def run() -> None:
-        while not done.wait(BEAT_INTERVAL):
-            beat()
+    Started on first use and kept (a thread per request would cost a thread
+    start per declaration, and each start is a moment a signal could land in
+    a thread of ours, see :mod:`heksher_shm._threads`); it sleeps on a
+    condition while nothing is in progress.
+    """
 
-    thread = threading.Thread(target=run, name="heksher-shm-beat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._beat: Callable[[], object] | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def beating(self, beat: Callable[[], object] | None) -> Generator[None, None, None]:
+        """Beat with *beat* while the block runs (nothing when it is None)."""
+        if beat is None:
+            yield
+            return
+        with self._cond:
+            if self._thread is None:
+                self._thread = start_thread(self._run, "heksher-shm-beat")
+            self._beat = beat
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._beat = None
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                beat = self._beat
+                if beat is None:
+                    self._cond.wait()
+                elif not self._cond.wait(BEAT_INTERVAL) and self._beat is beat and not self._closed:
+                    beat()
+
+    def close(self) -> None:
+        """Stop the helper thread (it ends within moments)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 class WakePipe:

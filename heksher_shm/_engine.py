@@ -1117,36 +1117,28 @@ class _Fresh:
     queried: float
 
 
-_setting_decoder = msgspec.json.Decoder(proto.QuerySetting)
-
-
 def _digest(response: httpx.Response) -> _Fresh:
     """Turn a query's answer into snapshot entries and blobs (CPU-heavy: run as a :class:`Compute`).
 
-    The body is split into raw settings in one pass, then each setting is
-    decoded and encoded on its own: many short steps, so a worker thread
-    hands the GIL back to an event loop between them instead of holding it
-    for one long decode.
+    Settings are decoded and encoded one at a time (see
+    :func:`~heksher_shm._protocol.query_settings`), and every millisecond of
+    that the GIL is offered to other threads: an event loop waiting for it
+    never waits for the whole answer.
     """
-    status, content = response.status_code, response.content
+    found: dict[str, tuple[bytes, bytes, int]] = {}
+    with paused_gc():
+        yield_at = time.perf_counter() + 0.001
+        for name, setting in proto.query_settings(response.status_code, response.content):
+            found[name] = blob_of(setting)
+            if time.perf_counter() >= yield_at:
+                time.sleep(0)  # let a waiting thread (an event loop) run
+                yield_at = time.perf_counter() + 0.001
     entries: list[SettingEntry] = []
     blobs: list[bytes] = []
-    with paused_gc():
-        raw = proto.decode(proto.QUERY, status, content, proto.RawQueryResponse)
-        yield_every = time.perf_counter() + 0.001
-        for name in sorted(raw.settings):
-            try:
-                setting = _setting_decoder.decode(raw.settings[name])
-            except msgspec.DecodeError as e:
-                raise HeksherProtocolError(
-                    proto.QUERY, status, f"setting {name!r}: {e}", content[:200]
-                ) from None
-            blob, digest, count = blob_of(setting)
-            entries.append(SettingEntry(name, len(blobs), digest, count))
-            blobs.append(blob)
-            if time.perf_counter() >= yield_every:
-                time.sleep(0)  # let a waiting thread (an event loop) run
-                yield_every = time.perf_counter() + 0.001
+    for name in sorted(found):
+        blob, digest, count = found[name]
+        entries.append(SettingEntry(name, len(blobs), digest, count))
+        blobs.append(blob)
     return _Fresh(entries, blobs, response.headers.get("ETag", ""), time.monotonic())
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -45,6 +45,7 @@ __all__ = [
     "declaration_digest",
     "decode",
     "query_params",
+    "query_settings",
 ]
 
 HEALTH: Final = "/api/health"
@@ -171,6 +172,68 @@ def decode(endpoint: str, status: int, content: bytes, into: type[T]) -> T:
 
 
 _canonical = msgspec.json.Encoder(order="sorted")
+
+
+_setting_decoder = msgspec.json.Decoder(QuerySetting)
+_one_setting_decoder = msgspec.json.Decoder(dict[str, QuerySetting])
+_COMPACT_HEAD = b'{"settings":{'
+_BOUNDARY = re.compile(rb'\},"[a-zA-Z_0-9.]+":\{')
+"""Where a setting may end and the next begin, in a compact query answer (setting names are
+``[a-zA-Z_0-9.]+``); a candidate is confirmed only by decoding what it cuts off."""
+_SPLIT_MISSES = 64
+"""Candidate cuts that did not decode in a row before the split gives up (nested mappings in rule
+values make a few), and the answer is decoded in one piece instead."""
+
+
+def query_settings(status: int, content: bytes) -> Iterator[tuple[str, QuerySetting]]:
+    """The settings of a ``GET /api/v1/query`` answer, one at a time, in the order they came.
+
+    For the event loop's sake: a compact answer (as Heksher and the in-memory
+    service send it) is cut between settings with a regular expression and
+    each piece decoded on its own, so no single step holds the GIL for long
+    (decoding a 100k-rule answer in one call does, for several milliseconds).
+    A cut is trusted only when the piece before it decodes as exactly one
+    setting: a ``},"`` inside a string or a nested object leaves an
+    unterminated string or unbalanced braces, which never decode. Whatever
+    cannot be cut so (another layout, many nested mappings) is decoded in one
+    piece, with the same result.
+
+    Raises:
+        HeksherProtocolError: not a query answer (the message says where).
+    """
+    position = len(_COMPACT_HEAD)
+    if content.startswith(_COMPACT_HEAD) and content.endswith(b"}}"):
+        misses = 0
+        for match in _BOUNDARY.finditer(content, position):
+            end = match.start() + 1
+            try:
+                piece = _one_setting_decoder.decode(b"{" + content[position:end] + b"}")
+            except msgspec.DecodeError:
+                misses += 1
+                if misses > _SPLIT_MISSES:
+                    break
+                continue
+            if len(piece) != 1:
+                break
+            misses = 0
+            yield from piece.items()
+            position = end + 1
+        rest = b"{" + content[position:-2] + b"}"
+        try:
+            yield from _one_setting_decoder.decode(rest).items()
+        except msgspec.DecodeError:
+            if position != len(_COMPACT_HEAD):  # cut somewhere: only the rest is wrong
+                raise HeksherProtocolError(
+                    QUERY, status, f"unexpected body after byte {position}: {rest[:200]!r}", content
+                ) from None
+        else:
+            return
+    raw = decode(QUERY, status, content, RawQueryResponse)
+    for name, value in raw.settings.items():
+        try:
+            yield name, _setting_decoder.decode(value)
+        except msgspec.DecodeError as e:
+            raise HeksherProtocolError(QUERY, status, f"setting {name!r}: {e}", content) from None
 
 
 def declaration_digest(body: DeclarationBody) -> str:

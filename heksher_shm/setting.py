@@ -271,6 +271,8 @@ class Setting(Generic[T]):
         )
         try:
             self._digest = declaration_digest(self._declaration)
+            # Encoded once: every registration of the process carries it.
+            self._declaration_json = msgspec.Raw(msgspec.json.encode(self._declaration))
         except (TypeError, msgspec.EncodeError) as e:
             raise TypeError(f"default value of {name} cannot be sent to the service: {e}") from None
         from heksher_shm import _main

@@ -28,7 +28,7 @@ from heksher_shm._protocol import TRACK_ALL, DeclarationBody, covers
 from heksher_shm._resolve import compile_rules
 from heksher_shm._servers import check_background_threads
 from heksher_shm._shm.identity import current_identity
-from heksher_shm._shm.registry import Registration, encode_declaration
+from heksher_shm._shm.registry import Registration
 from heksher_shm._shm.segment import Segment
 from heksher_shm._shm.shared import (
     SEGMENT_NAME,
@@ -453,21 +453,19 @@ class BaseHeksherClient(ContextDefaults):
         elif not self._closed:
             with self._register_lock:
                 self._wish_dirty = False
-                wish = self._wish()
                 identity = current_identity()
-                tracked = {f: list(v) if not isinstance(v, str) else v for f, v in wish.tracked.items()}
+                declarations = {s._digest: s._declaration_json for s in list(self._settings)}
+                tracked = {f: (v if v == TRACK_ALL else sorted(v)) for f, v in self._tracked.items()}
                 self._registered = parts.registry.write(
                     Registration(
                         pid=identity.pid,
                         create_time=identity.create_time,
                         pidns=identity.pidns,
                         kind=self._kind,
-                        declarations=[
-                            encode_declaration(msgspec.to_builtins(d)) for d in wish.declarations.values()
-                        ],
+                        declarations=list(declarations.values()),
                         tracked=tracked,
-                        reload_seq=wish.reload_seq,
-                        query_seq=wish.query_seq,
+                        reload_seq=self._reload_seq,
+                        query_seq=self._query_seq,
                     )
                 )
             # The file first, then the counter, then the bell: a leader that sees either sees the file.
@@ -496,7 +494,10 @@ class BaseHeksherClient(ContextDefaults):
         if self._neighbours is not None:
             self._neighbours.ensure_bell()
         # Not before set_as_main has registered (it does so once the current snapshot is applied).
-        if self._registered and not parts.registry.holds(current_identity(), self._registered):
+        # Judged under the registration lock: a write by another thread must not look like damage.
+        with self._register_lock:
+            intact = not self._registered or parts.registry.holds(current_identity(), self._registered)
+        if not intact:
             logger.warning("this process's registration was missing or damaged; registering again")
             self._wish_changed()
 

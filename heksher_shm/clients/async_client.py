@@ -78,7 +78,7 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         self._ensure_task()
         async with self.modification_lock:
             await in_thread(self._apply_latest)
-        seq = self._register_as_main()
+        seq = await in_thread(self._register_as_main)  # file work: off the loop
         if seq is None:
             return  # a leader already serves everything this process needs
         try:
@@ -94,7 +94,7 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             httpx.HTTPError: the update failed.
         """
         self._ensure_task()
-        await self._wait_for(self._request_reload(), starting=False)
+        await self._wait_for(await in_thread(self._request_reload), starting=False)
 
     async def aclose(self) -> None:
         """Cancel the background task and close the HTTP client."""

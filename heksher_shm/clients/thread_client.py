@@ -12,6 +12,7 @@ import httpx
 from heksher_shm import _protocol as proto
 from heksher_shm._drivers import WakePipe, drive_sync
 from heksher_shm._engine import Apply
+from heksher_shm._threads import block_signals, start_thread
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import SyncMainContext
 
@@ -64,8 +65,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         """Make this the main client: declare all settings, then wait for an initial update."""
         self._become_main()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="heksher-shm", daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._run, "heksher-shm")
         self._apply(Apply(blocking=True))
         seq = self._register_as_main()
         if seq is not None:
@@ -123,7 +123,9 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         """The threads that send concurrent declarations (made on first use, kept while leading)."""
         pool = self._pool
         if pool is None:
-            pool = self._pool = ThreadPoolExecutor(limit, thread_name_prefix="heksher-shm-declare")
+            pool = self._pool = ThreadPoolExecutor(
+                limit, thread_name_prefix="heksher-shm-declare", initializer=block_signals
+            )
         return pool
 
     def _run(self) -> None:
@@ -159,8 +161,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
             logger.exception("update callback raised")
 
     def _restart_after_fork(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="heksher-shm", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, "heksher-shm")
 
     def _try_modification_lock(self) -> bool:
         return self.modification_lock.acquire(blocking=False)

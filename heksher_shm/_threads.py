@@ -1,0 +1,53 @@
+"""The threads heksher_shm starts, and what they must not do: take the process's signals.
+
+A process-directed signal (``SIGINT``, ``SIGTERM``...) goes to any thread that
+does not block it. Python's own handlers only ever run in the main thread,
+but a server that embeds Python installs handlers in C that run in whichever
+thread the kernel picked: uwsgi's worker shutdown handler calls ``exit()``
+there, and when that thread was one of ours (seen: in the middle of starting
+another thread) Python's finalisation then waits for the main thread forever,
+and uwsgi kills the worker only after its 60 s grace period. So every thread
+heksher_shm starts blocks the asynchronous signals first: they go to the
+application's threads, as they would without heksher_shm.
+
+Under gevent or eventlet, ``threading`` starts greenlets in the main OS
+thread; blocking signals there would block them for the whole process, so a
+thread that turns out to run on the main OS thread leaves its mask alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["block_signals", "start_thread"]
+
+_SYNCHRONOUS = {
+    getattr(signal, name)
+    for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGABRT", "SIGSYS")
+    if hasattr(signal, name)
+}
+"""Signals the thread itself causes: blocking them would not defer them, it would kill the process."""
+
+_MAIN_NATIVE_ID = threading.main_thread().native_id
+
+
+def block_signals() -> None:
+    """Block the asynchronous signals in the calling OS thread, unless it is the main one."""
+    if threading.get_native_id() == _MAIN_NATIVE_ID or not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _SYNCHRONOUS)
+
+
+def start_thread(target: Callable[[], Any], name: str) -> threading.Thread:
+    """Start a daemon thread that runs *target* with the asynchronous signals blocked."""
+
+    def run() -> None:
+        block_signals()
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
