@@ -299,6 +299,15 @@ def server_env(url: str, interval: float, **extra: str) -> dict[str, str]:
     return env
 
 
+def gunicorn(port: int, worker_class: str, workers: int, *options: str) -> list[str]:
+    """A gunicorn command line for ``wsgi_app.py``; options given here override a ``--config`` file's."""
+    argv = [sys.executable, "-m", "gunicorn", *options, "--bind", f"127.0.0.1:{port}"]
+    argv += ["--workers", str(workers), "--worker-class", worker_class, "--graceful-timeout", "10"]
+    if worker_class == "gthread":
+        argv += ["--threads", "4"]
+    return [*argv, "--chdir", str(HERE), "wsgi_app:app"]
+
+
 def the_segment() -> Path:
     """The one segment in this test's ``HEKSHER_SHM_DIR``."""
     segments = until(list_segments, 30, "a segment is created")
