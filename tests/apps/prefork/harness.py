@@ -160,6 +160,9 @@ def sweep(
             except (OSError, http.client.HTTPException, AssertionError, ValueError) as e:
                 with lock:
                     result.errors.append(repr(e))
+                    # asked after a failure too: Background's stop must not wait for a success
+                    if done(result):
+                        stop.set()
                 continue
             with lock:
                 result.answers.append(answer)
