@@ -11,7 +11,6 @@ folder works. See ``docs/deployment/gunicorn.rst`` for what each step shows.
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,19 +33,10 @@ def service() -> Iterator[HeksherService]:
         yield svc
 
 
-def gunicorn(port: int, worker_class: str, *options: str) -> list[str]:
-    """The command line; options given here override a ``--config`` file's settings."""
-    argv = [sys.executable, "-m", "gunicorn", *options, "--bind", f"127.0.0.1:{port}"]
-    argv += ["--workers", str(WORKERS), "--worker-class", worker_class, "--graceful-timeout", "10"]
-    if worker_class == "gthread":
-        argv += ["--threads", "4"]
-    return [*argv, "--chdir", str(h.HERE), "wsgi_app:app"]
-
-
 def starter(service: HeksherService, tmp_path: Path, worker_class: str, *options: str) -> h.Start:
     def start(tag: str) -> h.Server:
         port = h.free_port()
-        argv = gunicorn(port, worker_class, *options)
+        argv = h.gunicorn(port, worker_class, WORKERS, *options)
         log = tmp_path / f"gunicorn{tag}.log"
         return h.Server(argv, h.server_env(service.url, INTERVAL), h.HERE, port, log)
 

@@ -160,6 +160,9 @@ def sweep(
             except (OSError, http.client.HTTPException, AssertionError, ValueError) as e:
                 with lock:
                     result.errors.append(repr(e))
+                    # asked after a failure too: Background's stop must not wait for a success
+                    if done(result):
+                        stop.set()
                 continue
             with lock:
                 result.answers.append(answer)
@@ -293,10 +296,67 @@ def shown_on_failure(server: Server) -> Iterator[None]:
         raise
 
 
+def describe(server: Server | None = None) -> str:
+    """Who is who, for a failure message: the master, its workers, and each segment's status.
+
+    Reads what is there now and never waits (a failure message must not hang).
+    """
+    lines = []
+    if server is not None:
+        lines.append(
+            f"master {server.pid} ({'running' if server.process.poll() is None else 'exited'}), "
+            f"workers {sorted(server.children())}, session {sorted(server.group())}"
+        )
+    try:
+        segments = list_segments()
+    except Exception as e:
+        return "\n".join([*lines, f"segments: unreadable ({e!r})"])
+    if not segments:
+        lines.append("segments: none")
+    for path in segments:
+        try:
+            st = segment_status(path)
+        except Exception as e:
+            lines.append(f"segment {path.name}: unreadable ({e!r})")
+            continue
+        leader = st.leader
+        who = "none" if leader is None else f"{leader.pid} ({'alive' if leader.alive else 'dead'})"
+
+        def age(seconds: float | None) -> str:
+            return "never" if seconds is None else f"{seconds:.2f}s"
+
+        lines.append(
+            f"segment {st.name}: verdict {st.verdict}, leader {who}, generation {st.generation}, "
+            f"heartbeat age {age(st.heartbeat_age)}, last update age {age(st.last_update_age)}, "
+            f"last error {st.last_error!r} ({st.error_count} errors), "
+            f"attached {sorted(p.pid for p in st.processes)}"
+            + (f", problem {st.problem}" if st.problem else "")
+        )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def check(name: str, server: Server | None = None) -> Iterator[None]:
+    """Name the check a failure belongs to, with the worker pids and the leader's status at that moment."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"check {name} failed: {e}\n{describe(server)}") from e
+
+
 def server_env(url: str, interval: float, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HEKSHER_URL=url, HEKSHER_UPDATE_INTERVAL=str(interval), PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def gunicorn(port: int, worker_class: str, workers: int, *options: str) -> list[str]:
+    """A gunicorn command line for ``wsgi_app.py``; options given here override a ``--config`` file's."""
+    argv = [sys.executable, "-m", "gunicorn", *options, "--bind", f"127.0.0.1:{port}"]
+    argv += ["--workers", str(workers), "--worker-class", worker_class, "--graceful-timeout", "10"]
+    if worker_class == "gthread":
+        argv += ["--threads", "4"]
+    return [*argv, "--chdir", str(HERE), "wsgi_app:app"]
 
 
 def the_segment() -> Path:
@@ -508,6 +568,13 @@ def kill_leader(timeout: float = 10.0) -> Takeover:
     return _taken_over(old, timeout)
 
 
+def one_leader(answers: Sweep, leader: int | None) -> None:
+    """Part of check 2: exactly *leader* said it leads (``None``: no worker did, the master leads)."""
+    leading = {a.pid for a in answers.answers if a.leading}
+    expected = set() if leader is None else {leader}
+    assert leading == expected, f"workers that said they lead: {sorted(leading)}; the segment's: {leader}"
+
+
 def full_run(
     start: Start,
     service: HeksherService,
@@ -520,18 +587,27 @@ def full_run(
     server = start("")
     try:
         with shown_on_failure(server):
-            pids = wait_workers(server, workers)
-            assert leader_pid() in pids
-            every_worker_answers(server, 1)
-            one_poller(service, interval)
-            propagates(server, service, rule, 2, interval)
-            takeover = kill_leader()
-            assert takeover.old in pids, takeover
-            assert takeover.seconds < 1.0, takeover
-            wait_workers(server, workers)  # the master replaces the killed worker
-            propagates(server, service, rule, 3, interval)
-            took = server.stop(stop_signal)
-            assert took < 15, f"shutdown took {took:.1f}s"
+            with check("0 (the workers start)", server):
+                pids = wait_workers(server, workers)
+                leader = leader_pid()
+                assert leader in pids, f"the leader {leader} is not a worker"
+            with check("1 every_worker_answers", server):
+                answers = every_worker_answers(server, 1)
+            with check("2 one_poller", server):
+                one_leader(answers, leader)
+                one_poller(service, interval)
+            with check("3 propagates", server):
+                propagates(server, service, rule, 2, interval)
+            with check("4 kill_leader", server):
+                takeover = kill_leader()
+                assert takeover.old in pids, takeover
+                assert takeover.seconds < 1.0, takeover
+                wait_workers(server, workers)  # the master replaces the killed worker
+            with check("4 propagates after the takeover", server):
+                propagates(server, service, rule, 3, interval)
+            with check("5 graceful stop", server):
+                took = server.stop(stop_signal)
+                assert took < 15, f"shutdown took {took:.1f}s"
     finally:
         server.close()
     starts_again(start, service, rule, workers, interval)
@@ -548,7 +624,7 @@ def starts_again(
     assert isinstance(value, int)
     server = start("-again")
     try:
-        with shown_on_failure(server):
+        with shown_on_failure(server), check("5 starts_again", server):
             wait_workers(server, workers)
             every_worker_answers(server, value)
             propagates(server, service, rule, value + 1, interval)
@@ -574,24 +650,33 @@ def master_leads_run(start: Start, service: HeksherService, workers: int, interv
     takeover: Takeover | None = None
     try:
         with shown_on_failure(server):
-            pids = wait_workers(server, workers)
-            assert leader_pid() == server.pid
-            every_worker_answers(server, 1)
-            one_poller(service, interval)
-            propagates(server, service, rule, 2, interval)
-            os.kill(min(pids), signal.SIGKILL)
-            wait_workers(server, workers)
-            assert leader_pid() == server.pid
-            propagates(server, service, rule, 3, interval)
-            orphans = server.children()
-            os.kill(server.pid, signal.SIGKILL)
-            # Followers try the lock every 20 ms: an orphan still alive by then takes over.
-            with contextlib.suppress(AssertionError):
-                takeover = _taken_over(server.pid, 2.0)
-            # gunicorn's orphans notice at their next request or select timeout: send some
-            sweep(server.port, lambda s: False, 0.5, "", tolerate_errors=True, must_finish=False)
-            until(lambda: not server.group(), 20, "the orphaned workers exit")
-            assert takeover is None or takeover.new in orphans
+            with check("0 (the workers start)", server):
+                pids = wait_workers(server, workers)
+                leader = leader_pid()
+                assert leader == server.pid, f"the leader {leader} is not the master {server.pid}"
+            with check("1 every_worker_answers", server):
+                answers = every_worker_answers(server, 1)
+            with check("2 one_poller", server):
+                one_leader(answers, None)
+                one_poller(service, interval)
+            with check("3 propagates", server):
+                propagates(server, service, rule, 2, interval)
+            with check("4 a killed worker is replaced, the master still leads", server):
+                os.kill(min(pids), signal.SIGKILL)
+                wait_workers(server, workers)
+                leader = leader_pid()
+                assert leader == server.pid, f"the leader {leader} is not the master {server.pid}"
+                propagates(server, service, rule, 3, interval)
+            with check("4 the master is killed", server):
+                orphans = server.children()
+                os.kill(server.pid, signal.SIGKILL)
+                # Followers try the lock every 20 ms: an orphan still alive by then takes over.
+                with contextlib.suppress(AssertionError):
+                    takeover = _taken_over(server.pid, 2.0)
+                # gunicorn's orphans notice at their next request or select timeout: send some
+                sweep(server.port, lambda s: False, 0.5, "", tolerate_errors=True, must_finish=False)
+                until(lambda: not server.group(), 20, "the orphaned workers exit")
+                assert takeover is None or takeover.new in orphans, (takeover, orphans)
     finally:
         server.close()
     # the master was killed above: the graceful stop is checked on the new start
