@@ -49,7 +49,11 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _socket() -> socket.socket:
-    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    # Said outright rather than with SOCK_NONBLOCK: gevent's socket class ignores that flag and would
+    # wait (cooperatively, but forever) in recv() on an empty queue.
+    sock.setblocking(False)
+    return sock
 
 
 class _Address(contextlib.AbstractContextManager["_Address"]):
