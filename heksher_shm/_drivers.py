@@ -170,10 +170,14 @@ class Beater:
                     beat()
 
     def close(self) -> None:
-        """Stop the helper thread (it ends within moments)."""
+        """Stop the helper thread and wait for it (a uwsgi master forks right after: no thread of
+        ours may be running then, see :mod:`heksher_shm._servers`)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
 
 
 class WakePipe:

@@ -1,41 +1,40 @@
-"""Checks for the application servers heksher_shm runs under (prefork servers, process pools).
+"""What heksher_shm needs to know about the application server it runs under.
 
-Only uwsgi needs any. It embeds Python and forks it with its own C code, and
-two of its settings decide whether a client's background work can run at all:
+Only uwsgi needs anything. It embeds Python and forks it with its own C code,
+and two of its settings decide how a client's background work runs:
 
 * **Python threads.** Before uwsgi 2.0.27, uwsgi keeps the GIL while a worker
   waits for requests unless ``--enable-threads`` (or ``--threads``) is given.
   A :class:`~heksher_shm.ThreadHeksherClient`'s thread then runs only while a
-  request is being served: a leader stops polling when traffic stops, and
-  idle followers never take over. (From 2.0.27 on threads are always on.)
+  request is being served: a leader stops polling when traffic stops. (From
+  2.0.27 on threads are always on.) This is logged as a warning, once.
 * **Fork hooks.** Without ``--lazy-apps`` the app, and so the client, is
-  loaded in the master, which forks the workers with ``fork(2)`` directly.
-  Unless ``--py-call-uwsgi-fork-hooks`` is given (and threads are on, or
-  uwsgi ignores it), Python's fork hooks (``os.register_at_fork``) do not
-  run: the workers keep a copy of the master's client with no background
-  thread, claiming to lead, with an inherited descriptor of the leader lock;
-  and a worker forked while the master's client thread held the GIL hangs
-  before serving anything (uwsgi issue 2387). With the flag, the hooks run
-  and the workers' clients resume as followers.
+  loaded in the master, which forks the workers with ``fork(2)`` directly;
+  Python's fork hooks (``os.register_at_fork``) run there only with
+  ``--py-call-uwsgi-fork-hooks``. heksher_shm needs neither: it chains its
+  own reset to ``uwsgi.post_fork_hook`` (which uwsgi always calls in a new
+  worker, as ``uwsgidecorators.postfork`` does), and in the master
+  ``set_as_main()`` makes its first update in the calling thread, starts no
+  background thread, and lets go of the leadership before any worker is
+  forked: a worker forked while a thread of the master holds the GIL would
+  hang before serving anything (uwsgi issue 2387). The workers then resume
+  their copies of the client and elect a leader among themselves.
 
-:func:`check_background_threads` runs whenever a client becomes main, and
-names the option that fixes each problem. Missing threads are logged as a
-warning (once per process, on the ``heksher_shm.servers`` logger): values are
-still served, only late. Missing fork hooks raise :class:`RuntimeError`, so
-the app fails to load at once instead of hanging some starts: in trials with
-uwsgi 2.0.31 and a leader's thread in the master, every worker of one start
-in six hung. The ``uwsgi`` module exists only inside uwsgi, so it is looked
-up in :data:`sys.modules`, never imported.
+What cannot work is refused with a :class:`RuntimeError` naming the fix: a
+client whose background thread already runs in a uwsgi master.
+
+The ``uwsgi`` module exists only inside uwsgi, so it is looked up in
+:data:`sys.modules`, never imported.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["check_background_threads", "uwsgi_problems"]
+__all__ = ["check_background_threads", "forking_uwsgi_master", "uwsgi_problems"]
 
 logger = logging.getLogger("heksher_shm.servers")
 
@@ -45,18 +44,13 @@ THREADS_BY_DEFAULT = (2, 0, 27)
 _FALSE = {b"", b"0", b"false", b"no", b"off", "", "0", "false", "no", "off"}
 
 _warned: set[str] = set()
+_hooked: list[Any] = []
+"""The uwsgi module whose post_fork_hook carries our reset (at most one)."""
 
 
 def check_background_threads() -> None:
-    """Say so when this process's clients cannot run their background work. Does nothing outside uwsgi.
-
-    Called when a client becomes main.
-
-    Raises:
-        RuntimeError: uwsgi will fork the workers from this process without
-            running Python's fork hooks (no ``--lazy-apps``, no
-            ``--py-call-uwsgi-fork-hooks``).
-    """
+    """Say so when this process's clients cannot run their background work well. Does nothing outside
+    uwsgi. Called when a client becomes main (warnings only; see :func:`forking_uwsgi_master`)."""
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is None:
         return
@@ -68,12 +62,45 @@ def check_background_threads() -> None:
     if "threads" in problems and "threads" not in _warned:
         _warned.add("threads")
         logger.warning(problems["threads"])
-    if "fork-hooks" in problems:
-        raise RuntimeError(problems["fork-hooks"])
+
+
+def forking_uwsgi_master() -> bool:
+    """Whether this process is a uwsgi master that will fork workers from its current state.
+
+    When it is, heksher_shm's reset is chained to ``uwsgi.post_fork_hook``
+    (once), so that every worker resumes its clients with or without
+    ``--py-call-uwsgi-fork-hooks``.
+    """
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None:
+        return False
+    try:
+        forks = _forks_workers_from_here(uwsgi, getattr(uwsgi, "opt", None) or {})
+    except Exception:
+        logger.debug("could not inspect the uwsgi module", exc_info=True)
+        return False
+    if forks and not _hooked:
+        _chain_post_fork_hook(uwsgi)
+    return forks
+
+
+def _chain_post_fork_hook(uwsgi: Any) -> None:
+    from heksher_shm import _fork
+
+    previous: Callable[[], object] | None = getattr(uwsgi, "post_fork_hook", None)
+
+    def post_fork_hook() -> None:
+        # Ours first: the hook that was there may use anything, heksher_shm's clients included.
+        _fork.after_fork_in_child()
+        if callable(previous):
+            previous()
+
+    uwsgi.post_fork_hook = post_fork_hook
+    _hooked.append(uwsgi)
 
 
 def uwsgi_problems(uwsgi: Any) -> dict[str, str]:
-    """What keeps heksher_shm's background work from running under this uwsgi, by short key.
+    """What keeps heksher_shm's background work from running well under this uwsgi, by short key.
 
     Args:
         uwsgi: the ``uwsgi`` module that uwsgi gives the Python it embeds
@@ -88,15 +115,6 @@ def uwsgi_problems(uwsgi: Any) -> dict[str, str]:
             "while a request is being served, so this process stops polling, following and taking over "
             "when traffic stops. Start uwsgi with --enable-threads (enable-threads = true in its ini "
             "file), or upgrade to uwsgi 2.0.27 or later."
-        )
-    # Without threads, uwsgi skips the fork hooks even when asked to call them.
-    if _forks_workers_from_here(uwsgi, opt) and not (threads and _on(opt, "py-call-uwsgi-fork-hooks")):
-        problems["fork-hooks"] = (
-            "uwsgi loaded the app in the master and will fork the workers from it without running "
-            "Python's fork hooks: the workers' heksher_shm clients cannot resume after the fork, and a "
-            "worker forked while the master's client thread holds the GIL hangs. Start uwsgi with "
-            "--py-call-uwsgi-fork-hooks (py-call-uwsgi-fork-hooks = true; before uwsgi 2.0.27 it also "
-            "needs --enable-threads), or with --lazy-apps."
         )
     return problems
 

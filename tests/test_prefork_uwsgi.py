@@ -1,4 +1,5 @@
-"""uwsgi --master --processes 4, for real, with and without --lazy-apps.
+"""uwsgi --master --processes 4, for real: with --lazy-apps, with the docs' ini file, and with the
+default command line (no --lazy-apps, no --py-call-uwsgi-fork-hooks).
 
 Skipped when uwsgi is not installed (``pip install uwsgi`` compiles it; CI
 installs it). The same five checks as the gunicorn tests.
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(UWSGI is None, reason="uwsgi is not installed (p
 INTERVAL = 0.3
 WORKERS = 4
 TEST_OPTIONS = ["--disable-logging", "--home", sys.prefix]  # quiet, and this virtualenv's packages
-REFUSAL = "uwsgi loaded the app in the master and will fork the workers from it without running"
+REFUSAL = "already runs in a uwsgi master"
 
 
 @pytest.fixture
@@ -64,28 +65,17 @@ def test_uwsgi_lazy_apps(service: HeksherService, tmp_path: Path) -> None:
 
 
 def test_uwsgi_master_loads_app(service: HeksherService, tmp_path: Path) -> None:
-    """uwsgi.ini as is: the master imports the app, so its client leads; forked workers follow.
-
-    uwsgi's workers exit as soon as the master dies, so killing the leader
-    here takes the server down; the next start works.
-    """
-    h.master_leads_run(starter(service, tmp_path), service, WORKERS, INTERVAL)
+    """uwsgi.ini as is: the master imports the app and makes its first update itself, without a
+    background thread, then lets go; the forked workers resume and elect a leader among them."""
+    h.full_run(starter(service, tmp_path), service, WORKERS, INTERVAL)
     assert REFUSAL not in h.read_logs(tmp_path, "uwsgi")
 
 
-def test_uwsgi_without_fork_hooks_refuses(service: HeksherService, tmp_path: Path) -> None:
-    """No --lazy-apps and no --py-call-uwsgi-fork-hooks: set_as_main raises, naming both options.
-
-    Without the hooks a worker forked while the master's client thread holds
-    the GIL hangs for good (uwsgi issue 2387); refusing to load is better.
-    """
-    server = starter(service, tmp_path, ini=False)("")
-    try:
-        assert server.process.wait(30) != 0  # --need-app: uwsgi exits when the app did not load
-        log = server.log()
-        assert "RuntimeError: " + REFUSAL in log
-        assert "--py-call-uwsgi-fork-hooks" in log
-        assert "--lazy-apps" in log
-        h.until(lambda: not server.group(), 15, "uwsgi exits")
-    finally:
-        server.close()
+@pytest.mark.parametrize("threads", [[], ["--enable-threads"]], ids=["default", "enable-threads"])
+def test_uwsgi_default_command_line(service: HeksherService, tmp_path: Path, threads: list[str]) -> None:
+    """No --lazy-apps and no --py-call-uwsgi-fork-hooks, with and without --enable-threads: the app
+    loads in the master, and the workers resume through uwsgi's own post-fork hook."""
+    h.full_run(starter(service, tmp_path, *threads, ini=False), service, WORKERS, INTERVAL)
+    logs = h.read_logs(tmp_path, "uwsgi")
+    assert REFUSAL not in logs
+    assert "Traceback" not in logs

@@ -12,6 +12,7 @@ import httpx
 from heksher_shm import _protocol as proto
 from heksher_shm._drivers import WakePipe, drive_sync
 from heksher_shm._engine import Apply
+from heksher_shm._servers import forking_uwsgi_master
 from heksher_shm._threads import block_signals, start_thread
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import SyncMainContext
@@ -64,6 +65,9 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
     def set_as_main(self) -> None:
         """Make this the main client: declare all settings, then wait for an initial update."""
         self._become_main()
+        if forking_uwsgi_master():
+            self._start_in_uwsgi_master()
+            return
         if self._thread is None:
             self._thread = start_thread(self._run, "heksher-shm")
         self._apply(Apply(blocking=True))
@@ -173,6 +177,39 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         with self._applied_cond:
             self._applied_cond.notify_all()
 
+    def _start_in_uwsgi_master(self) -> None:
+        """``set_as_main`` in a uwsgi master that forks the workers from here (no ``--lazy-apps``).
+
+        The first update is made in this thread, with no background thread at
+        all: uwsgi forks with ``fork(2)``, and a worker forked while another
+        thread holds the GIL hangs (uwsgi issue 2387). Then the master lets go
+        of everything shared (the lock, its registration and doorbell): it
+        serves no requests, and each worker resumes its copy of this client
+        from uwsgi's post-fork hook (see :mod:`heksher_shm._servers`).
+        """
+        if self._thread is not None:
+            raise RuntimeError(
+                "this client's background thread already runs in a uwsgi master that will fork the "
+                "workers from it: a worker forked while that thread holds the GIL hangs. Make the client "
+                "main before uwsgi forks (at import), or start uwsgi with --lazy-apps."
+            )
+        self._apply(Apply(blocking=True))
+        seq = self._register_as_main()
+        if seq is not None:
+            hooks = _UntilAcked(self, seq)
+            steps = self._engine.run()
+            try:
+                drive_sync(steps, hooks)
+            except _Pause:
+                pass
+            finally:
+                steps.close()  # the engine lets go of the lock, and rings the others
+                pool, self._pool = self._pool, None
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._report_wait(seq, "set_as_main", timed_out=hooks.timed_out)
+        self._leave_shared()
+
     def _wait_for(self, seq: int, what: str) -> None:
         """Wait until request *seq* is answered; give up after ``startup_timeout`` without progress."""
         progress = self._progress()
@@ -187,9 +224,13 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
                     progress, deadline = now_progress, time.monotonic() + self._startup_timeout
                     continue
                 self._applied_cond.wait(remaining)
+        self._report_wait(seq, what, timed_out=not self._acked(seq))
+
+    def _report_wait(self, seq: int, what: str, timed_out: bool) -> None:
+        """Log how request *seq* ended (the thread client never raises from the background)."""
         if self._closed:
             return
-        if not self._acked(seq):
+        if timed_out:
             logger.error(self._timed_out(what), extra={"timeout": self._startup_timeout})
             return
         error = self._ack_error(seq, starting=what == "set_as_main")
@@ -217,3 +258,33 @@ class _Hooks:
 
     def report(self, error: BaseException | None) -> None:
         self._client._report(error)
+
+
+class _Pause(BaseException):
+    """Ends a run of the engine in the calling thread (not an error: nothing may catch it on the way)."""
+
+
+class _UntilAcked(_Hooks):
+    """The driver's hooks for a run in the calling thread that ends once request *seq* is answered,
+    or after ``startup_timeout`` without progress (``timed_out`` then says so)."""
+
+    def __init__(self, client: ThreadHeksherClient, seq: int) -> None:
+        super().__init__(client)
+        self._seq = seq
+        self._progress = client._progress()
+        self._deadline = time.monotonic() + client._startup_timeout
+        self.timed_out = False
+
+    def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
+        client = self._client
+        if client._acked(self._seq) or client._closed:
+            raise _Pause
+        now = time.monotonic()
+        progress = client._progress()
+        if progress != self._progress:
+            self._progress, self._deadline = progress, now + client._startup_timeout
+        if now >= self._deadline:
+            self.timed_out = True
+            raise _Pause
+        left = self._deadline - now
+        return client._wake_pipe.wait(left if timeout is None else min(timeout, left), fds)
