@@ -592,7 +592,10 @@ class Engine:
                 if prune:
                     term.next_prune = now + self.update_interval
             wishes = self._wishes
+            generation = term.generation
             updated, error = yield from self._cycle(term, wishes)
+            if not updated and term.generation != generation and self.host is not None:
+                self.host.ring(self.source.bells)  # new acknowledgements: their waiters are woken
             if updated:
                 # Alone in the process (no sharing), the update waits for
                 # modification_lock as heksher 0.2.2's does; a host's leader

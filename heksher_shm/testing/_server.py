@@ -1146,12 +1146,18 @@ class HeksherService:
             return sum(1 for record in self._requests if _record_matches(record, method, path, status))
 
     def wait_for_requests(
-        self, count: int, *, method: str | None = None, path: str | None = None, timeout: float = 5.0
+        self,
+        count: int,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        status: int | None = None,
+        timeout: float = 5.0,
     ) -> bool:
         """Block until at least ``count`` matching requests are recorded; ``False`` on timeout."""
         with self._log:
             return self._log.wait_for(
-                lambda: sum(1 for r in self._requests if _record_matches(r, method, path, None)) >= count,
+                lambda: sum(1 for r in self._requests if _record_matches(r, method, path, status)) >= count,
                 timeout,
             )
 
