@@ -8,16 +8,18 @@ with uwsgi 2.0.26, see docs/deployment/uwsgi.rst).
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+import threading
 import types
 from typing import Any
 
 import pytest
 
 import heksher_shm as heksher
-from heksher_shm import _servers
-from heksher_shm._servers import check_background_threads, uwsgi_problems
+from heksher_shm import _fork, _servers
+from heksher_shm._servers import check_background_threads, forking_uwsgi_master, uwsgi_problems
 
 
 def fake_uwsgi(
@@ -40,6 +42,7 @@ def fake_uwsgi(
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_servers, "_warned", set())
+    monkeypatch.setattr(_servers, "_hooked", [])
 
 
 def install(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType) -> None:
@@ -83,11 +86,19 @@ def test_threads_inferred_without_has_threads(
     assert ("threads" not in problems) is threads
 
 
-def test_master_without_fork_hooks_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    install(monkeypatch, fake_uwsgi(worker_id=0, master=True, processes=b"4"))
-    with pytest.raises(RuntimeError, match="--py-call-uwsgi-fork-hooks") as raised:
-        check_background_threads()
-    assert "--lazy-apps" in str(raised.value)
+def test_forking_master_chains_the_post_fork_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a master that forks from here, the reset is chained to uwsgi.post_fork_hook, once, before
+    whatever hook was there (uwsgidecorators.postfork's, say), which still runs."""
+    module = fake_uwsgi(worker_id=0, master=True, processes=b"4")
+    calls: list[str] = []
+    module.post_fork_hook = lambda: calls.append("theirs")  # type: ignore[attr-defined]
+    install(monkeypatch, module)
+    monkeypatch.setattr(_fork, "after_fork_in_child", lambda: calls.append("ours"))
+    assert forking_uwsgi_master()
+    assert forking_uwsgi_master()  # a second client: not chained twice
+    module.post_fork_hook()  # type: ignore[attr-defined]
+    assert calls == ["ours", "theirs"]
+    check_background_threads()  # no refusal any more
 
 
 def test_master_with_fork_hooks_is_fine() -> None:
@@ -95,10 +106,10 @@ def test_master_with_fork_hooks_is_fine() -> None:
     assert uwsgi_problems(module) == {}
 
 
-def test_fork_hooks_need_threads() -> None:
-    """uwsgi skips the fork hooks when Python threads are off, even when asked to call them."""
+def test_no_threads_is_the_only_problem_left() -> None:
+    """uwsgi skips Python's fork hooks when threads are off; uwsgi.post_fork_hook does not need them."""
     module = fake_uwsgi(worker_id=0, has_threads=0, master=True, py_call_uwsgi_fork_hooks=True)
-    assert set(uwsgi_problems(module)) == {"threads", "fork-hooks"}
+    assert set(uwsgi_problems(module)) == {"threads"}
 
 
 @pytest.mark.parametrize(
@@ -121,14 +132,43 @@ def test_a_strange_uwsgi_module_is_ignored(monkeypatch: pytest.MonkeyPatch) -> N
     check_background_threads()  # no exception
 
 
-def test_set_as_main_refuses_in_a_forking_master(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check runs when a client becomes main, before it joins anything."""
+_OURS = [["heksher", "shm"], ["heksher", "shm", "beat"], ["heksher", "shm", "declare"]]
+
+
+def test_set_as_main_in_a_forking_master(monkeypatch: pytest.MonkeyPatch, memory_service: Any) -> None:
+    """In a uwsgi master that forks from here: the first update is made in the calling thread, no
+    background thread starts, and the master keeps nothing shared (lock, registration, doorbell)."""
     install(monkeypatch, fake_uwsgi(worker_id=0, master=True, processes=b"4"))
-    client = heksher.ThreadHeksherClient("http://127.0.0.1:9", 60, ["user"])
+    name = f"master_{id(monkeypatch):x}"
+    setting = heksher.Setting(name, int, ["user"], 0)
+    memory_service.declare(name, "int", 0, ["user"])
+    memory_service.add_rule(name, {"user": "alice"}, 3)
+    client = heksher.ThreadHeksherClient(memory_service.url, 60, ["user", "theme", "environment"])
+    client.track_contexts(user=heksher.TRACK_ALL)
     try:
-        with pytest.raises(RuntimeError, match="--py-call-uwsgi-fork-hooks"):
+        client.set_as_main()
+        assert client._thread is None
+        assert setting.get(user="alice") == 3
+        assert not client.leading
+        assert client._parts is not None
+        assert not client._parts.lock.held
+        assert sorted(os.listdir(client._parts.registry.directory)) == []
+        ours = [t.name for t in threading.enumerate() if t.name.split("_")[0].split("-")[:3] in _OURS]
+        assert ours == []  # (the in-memory service's threads are heksher-shm-testing-*)
+    finally:
+        client.close()
+
+
+def test_a_running_thread_in_a_forking_master_is_refused(
+    monkeypatch: pytest.MonkeyPatch, memory_service: Any
+) -> None:
+    """What truly cannot work: a client whose background thread already runs when uwsgi will fork."""
+    client = heksher.ThreadHeksherClient(memory_service.url, 60, ["user", "theme", "environment"])
+    try:
+        client.set_as_main()
+        install(monkeypatch, fake_uwsgi(worker_id=0, master=True, processes=b"4"))
+        with pytest.raises(RuntimeError, match="--lazy-apps"):
             client.set_as_main()
-        assert client.segment_path is None
     finally:
         client.close()
 
