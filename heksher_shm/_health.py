@@ -4,13 +4,15 @@ Two small pieces the engine uses for every kind of failure (queries,
 declarations, an unresponsive leader, a damaged segment):
 
 * :func:`backoff_delay`: the wait before the next attempt after *n* failures
-  in a row: 0.5 s doubling up to the update interval, with "equal jitter"
-  (half the step, plus a random part up to the other half). Full jitter
+  in a row: 0.5 s doubling, with "equal jitter" (half the step, plus a
+  random part up to the other half), until the step reaches the update
+  interval; from then on, between one and 1.25 update intervals. Full jitter
   would let an unlucky client retry at once, which is exactly what an
   overloaded service must not see; equal jitter still spreads a fleet's
   retries over half of each step. A persistent failure therefore costs at
-  most one attempt per step, and never more than one per half update
-  interval.
+  most one attempt per step, and once it lasts, fewer attempts than polling
+  at the update interval would: a failing service never gets more load from
+  a host than a healthy one.
 * :class:`Trouble`: one warning when a state begins (naming what failed and
   where), one when it ends (how long it lasted, how many failures), and a
   summary every :data:`SUMMARY_INTERVAL` seconds while it lasts. Full
@@ -35,9 +37,12 @@ SUMMARY_INTERVAL = 60.0
 
 
 def backoff_delay(failures: int, cap: float, rng: random.Random | None = None) -> float:
-    """Seconds to wait after *failures* failures in a row (>= 1), capped at *cap*, with equal jitter."""
-    step = min(cap, FIRST_DELAY * 2.0 ** min(max(failures, 1) - 1, 30))
-    return step / 2 + (rng or random).uniform(0.0, step / 2)
+    """Seconds to wait after *failures* failures in a row (>= 1); *cap* is the update interval."""
+    step = FIRST_DELAY * 2.0 ** min(max(failures, 1) - 1, 30)
+    draw = (rng or random).uniform
+    if step < cap:
+        return step / 2 + draw(0.0, step / 2)
+    return cap + draw(0.0, cap / 4)
 
 
 class Trouble:
@@ -46,11 +51,13 @@ class Trouble:
     Args:
         logger: where to log.
         what: a short noun phrase for the messages: ``"the Heksher service is failing"``.
+        level: the level of the lines an operator sees (begins, summaries, ends).
         extra: fields added to every record (the service URL, the segment...).
     """
 
-    def __init__(self, logger: logging.Logger, what: str, **extra: Any) -> None:
+    def __init__(self, logger: logging.Logger, what: str, level: int = logging.WARNING, **extra: Any) -> None:
         self._logger = logger
+        self._level = level
         self._what = what
         self._extra = extra
         self._since: float | None = None
@@ -76,13 +83,14 @@ class Trouble:
         if self._since is None:
             self._since = self._summarised_at = now
             self._summarised_count = 0
-            self._logger.warning("%s: %s", self._what, text, extra=fields)
+            self._logger.log(self._level, "%s: %s", self._what, text, extra=fields)
             self._logger.debug("%s: details", self._what, exc_info=exc_info, extra=fields)
             return
         self._logger.debug("%s (again): %s", self._what, text, exc_info=exc_info, extra=fields)
         if now - self._summarised_at >= SUMMARY_INTERVAL:
             recent = self._count - self._summarised_count
-            self._logger.warning(
+            self._logger.log(
+                self._level,
                 "%s for %.0f s now (%d failures in the last %.0f s); latest: %s",
                 self._what,
                 now - self._since,
@@ -99,7 +107,8 @@ class Trouble:
         if self._since is None:
             return
         lasted = time.monotonic() - self._since
-        self._logger.warning(
+        self._logger.log(
+            self._level,
             "%s no more: %s after %.1f s and %d failures",
             self._what,
             how,

@@ -12,6 +12,7 @@ import httpx
 from heksher_shm import _protocol as proto
 from heksher_shm._drivers import WakePipe, drive_sync
 from heksher_shm._engine import Apply
+from heksher_shm._health import Trouble
 from heksher_shm._servers import forking_uwsgi_master
 from heksher_shm._threads import block_signals, start_thread
 from heksher_shm.clients._base import BaseHeksherClient
@@ -56,6 +57,11 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         self._wake_pipe = WakePipe()
         self._applied_cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        # One error line when requests start failing, not one (with a traceback) per call.
+        self._failing = {
+            what: Trouble(logger, f"{what} failed", logging.ERROR, service_url=self._service_url)
+            for what in ("set_as_main", "reload")
+        }
 
     def _close_driver_in_child(self) -> None:
         self._wake_pipe.close()
@@ -230,12 +236,15 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         """Log how request *seq* ended (the thread client never raises from the background)."""
         if self._closed:
             return
+        trouble = self._failing[what]
         if timed_out:
-            logger.error(self._timed_out(what), extra={"timeout": self._startup_timeout})
+            trouble.failed(self._timed_out(what), timeout=self._startup_timeout)
             return
         error = self._ack_error(seq, starting=what == "set_as_main")
-        if error is not None:
-            logger.error(f"{what} failed", exc_info=error)
+        if error is None:
+            trouble.resolved()
+        else:
+            trouble.failed(error)
 
 
 class _Hooks:
