@@ -17,14 +17,16 @@ def start_fleet(
     label: str,
     shm_dir: str | None,
     timeout: float = 180.0,
+    module: str = "_holder",
 ) -> tuple[list[Child], float]:
     """Start ``n`` holders at once and wait until every one returned from ``set_as_main()``.
 
-    Returns the children and how long the whole fleet took to be ready.
+    *module* is the child to run: ``benchmarks._holder``, or a case's own child that reports
+    ``ready`` likewise. Returns the children and how long the whole fleet took to be ready.
     """
     started = time.monotonic()
     fleet = [
-        r.spawn("_holder", {"side": side, **params}, shm_dir=shm_dir, label=f"{label}-{side}-{i}")
+        r.spawn(module, {"side": side, **params}, shm_dir=shm_dir, label=f"{label}-{side}-{i}")
         for i in range(n)
     ]
     try:

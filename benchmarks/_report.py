@@ -200,6 +200,46 @@ def _plot_pollers(report: dict[str, Any], ax: Any) -> bool:
     return True
 
 
+def _plot_outage(report: dict[str, Any], ax: Any) -> bool:
+    case = _case(report, "outage")
+    if not case:
+        return False
+    runs = case["series"]["runs"]
+    interval = case["params"]["update_interval_s"]
+    for side in ("peer", "ours"):
+        label = OURS if side == "ours" else PEER
+        plain = [run for run in runs if not run["reload"]]
+        ax.plot(
+            [run["n"] for run in plain],
+            [run[side]["per_minute"] for run in plain],
+            "o-",
+            color=_COLORS[side],
+            label=label,
+        )
+        looping = [run for run in runs if run["reload"]]
+        if looping:
+            ax.plot(
+                [run["n"] for run in looping],
+                [run[side]["per_minute"] for run in looping],
+                "x--",
+                color=_COLORS[side],
+                label=f"{label}, one process reloading in a loop",
+            )
+    ax.axhline(60 / interval, color="gray", linestyle=":", label="one query per update interval")
+    ns = sorted({run["n"] for run in runs})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("processes (N)")
+    ax.set_ylabel("query requests per minute, whole host")
+    ax.set_title(
+        f"Service answers {case['params']['status']} to every query "
+        f"(update_interval {interval:g} s, {case['params']['window_s']:.0f} s window)"
+    )
+    ax.legend(fontsize=7)
+    return True
+
+
 def _plot_propagation(report: dict[str, Any], ax: Any) -> bool:
     case = _case(report, "propagation")
     if not case:
@@ -428,6 +468,7 @@ def write_docs(report: dict[str, Any], docs: Path) -> list[Path]:
         ("get", _plot_get),
         ("pollers", _plot_pollers),
         ("propagation", _plot_propagation),
+        ("outage", _plot_outage),
         ("takeover", _plot_takeover),
         ("set_as_main", _plot_set_as_main),
         ("first_get", _plot_first_get),

@@ -78,6 +78,17 @@ class BenchService:
     def adopt(self, names: Iterable[str]) -> None:
         """Settings that clients declared themselves: deleted with the others at :meth:`close`."""
 
+    def fail_queries(self, status: int, delay: float = 0.0) -> None:
+        """An outage: answer every counted ``GET /api/v1/query`` with *status*, after *delay* seconds.
+
+        Each request is judged when it arrives; until :meth:`heal`, nothing of it is served.
+        """
+        raise NotImplementedError
+
+    def heal(self) -> None:
+        """End an outage of :meth:`fail_queries` (nothing happens if none is going on)."""
+        raise NotImplementedError
+
     def wait_for_next(self, method: str, path: str, timeout: float) -> float | None:
         """Wait for the next counted request with this method and path; its time, or None on timeout."""
         seen = len(self.times(method, path))
@@ -130,6 +141,14 @@ class InMemoryService(BenchService):
     def last_request_time(self) -> float | None:
         # Records are kept in the order requests were answered: the latest read is among the last few.
         return max((r.time for r in self._service.requests[-64:]), default=None)
+
+    def fail_queries(self, status: int, delay: float = 0.0) -> None:
+        from heksher_shm.testing import Fault
+
+        self._service.inject_fault(Fault(status=status, delay=delay), method="GET", path=QUERY_PATH)
+
+    def heal(self) -> None:
+        self._service.clear_faults()
 
     def wait_for_next(self, method: str, path: str, timeout: float) -> float | None:
         # The service's own condition variable: no polling that would compete with its threads.
@@ -208,6 +227,16 @@ class RemoteService(BenchService):
     def last_request_time(self) -> float | None:
         return None if self._proxy is None else self._proxy.last()
 
+    def fail_queries(self, status: int, delay: float = 0.0) -> None:
+        # The counting proxy answers in the service's place: only counted requests see the outage.
+        self.counted_url()
+        assert self._proxy is not None
+        self._proxy.failing = (status, delay)
+
+    def heal(self) -> None:
+        if self._proxy is not None:
+            self._proxy.failing = None
+
     def adopt(self, names: Iterable[str]) -> None:
         known = set(self._declared)
         self._declared.extend(n for n in names if n not in known)
@@ -253,12 +282,18 @@ def open_service(url: str | None = None) -> BenchService:
 
 
 class _CountingProxy:
-    """A forwarding HTTP proxy that records (method, path, time) of every request it passes on."""
+    """A forwarding HTTP proxy that records (method, path, time) of every request it passes on.
+
+    While :attr:`failing` is ``(status, delay)``, it answers query requests itself: *status*
+    after *delay* seconds, without passing them on (an outage, for :meth:`BenchService.fail_queries`).
+    """
 
     def __init__(self, upstream: str) -> None:
         records: list[tuple[str, str, float]] = []
         lock = threading.Lock()
         local = threading.local()
+        proxy = self
+        self.failing: tuple[int, float] | None = None
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -267,10 +302,25 @@ class _CountingProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def _fail(self, status: int, delay: float, received: float) -> None:
+                time.sleep(delay)
+                with lock:
+                    records.append((self.command, QUERY_PATH, received))
+                content = b"Internal Server Error" if status == 500 else f"Error {status}".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
             def _forward(self) -> None:
                 received = time.monotonic()
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                failing = proxy.failing
+                if failing is not None and self.command == "GET" and self.path.split("?", 1)[0] == QUERY_PATH:
+                    self._fail(*failing, received)
+                    return
                 http_client = getattr(local, "client", None)
                 if http_client is None:
                     http_client = local.client = httpx.Client(base_url=upstream, timeout=120)

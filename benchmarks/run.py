@@ -37,6 +37,7 @@ CASES = [
     "get_default",
     "pollers",
     "propagation",
+    "outage",
     "takeover",
     "set_as_main",
     "publish",
