@@ -104,18 +104,19 @@ def body(params: dict[str, Any]) -> None:
 
 
 def fallback_signs(reports: list[dict[str, Any]], queries: int) -> list[str]:
-    """Signs that a process of ours polled the service on its own during the start (empty: none).
+    """Signs that the start did not go through one leader (empty: none).
 
-    Today the library says so only in its log: a warning with "unresponsive" in
-    it on a ``heksher_shm`` logger (each child keeps its library's warnings). A
-    process that polls also shows as more query requests than one leader makes.
-    Kept in this one function so that a better signal can replace both.
+    A follower that judges the leader stuck and replaces it says so on the
+    ``heksher_shm`` loggers ("the leader is not making progress ... replaces
+    it"; each child keeps its library's warnings), and an extra poller shows as
+    more query requests than one leader makes. Kept in this one function so
+    that a better signal can replace both.
     """
     signs = [
         f"pid {report['pid']}: {line}"
         for report in reports
         for line in report["warnings"]
-        if line.startswith("heksher_shm") and "unresponsive" in line
+        if line.startswith("heksher_shm") and ("not making progress" in line or "unresponsive" in line)
     ]
     if queries > MAX_QUERIES:
         signs.append(f"{queries} query requests (one leader makes at most {MAX_QUERIES})")
