@@ -4,7 +4,9 @@ and a log that says what happened once instead of on every attempt."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -119,3 +121,45 @@ def test_service_that_lost_a_setting_gets_it_declared_again(
     finally:
         if fresh is not service:
             fresh.stop()
+
+
+class Recording(heksher.ThreadHeksherClient):
+    """A thread client that remembers the failure its set_as_main logged."""
+
+    failure: str | None = None
+
+    def _report_wait(self, seq: int, what: str, timed_out: bool) -> None:
+        error = None if timed_out else self._ack_error(seq, starting=False)
+        self.failure = "timed out" if timed_out else (None if error is None else repr(error))
+        super()._report_wait(seq, what, timed_out)
+
+
+def test_two_hosts_racing_to_declare_a_new_setting(memory_service: HeksherService, tmp_path: Any) -> None:
+    """Two hosts (two folders, two leaders) declare the same new setting at the same moment: the
+    service answers one with a 500 (as a real Heksher does, a unique-key violation), and that leader
+    tries again, gets ``uptodate``, and its set_as_main returns without an error."""
+    name = unique("raced")
+    race = memory_service.race_declarations(2, setting=name)
+    outcomes: dict[str, str | None] = {}
+
+    def host(label: str) -> None:
+        keep = heksher.Setting(name, int, ["user"], 0)
+        folder = tmp_path / label
+        folder.mkdir(mode=0o700)
+        client = Recording(memory_service.url, 60, FEATURES, shm_dir=folder)
+        try:
+            client.set_as_main()  # the thread client logs what fails: the recording keeps it
+            outcomes[label] = client.failure
+        finally:
+            client.close()
+        assert keep.get(user="x") == 0
+
+    threads = [threading.Thread(target=host, args=(label,)) for label in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert race.wait(5)
+    assert sorted(race.statuses) == [200, 500]
+    assert outcomes == {"a": None, "b": None}
+    assert memory_service.count(path="/api/v1/settings/declare") == 3  # one of them twice
