@@ -52,9 +52,9 @@ def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, Any]:
     """An engine that publishes into *segment*, and a function running one update on a response."""
     import httpx
 
-    from heksher_shm import _protocol as proto
-    from heksher_shm._engine import Call, Compute, Engine, _Term
-    from heksher_shm._local import LocalLock
+    from heksher_shm._engine.engine import Call, Compute, Engine, _Term
+    from heksher_shm._engine.local import LocalLock
+    from heksher_shm._model.contexts import context_filters
 
     engine = Engine(
         transport=segment,
@@ -65,7 +65,7 @@ def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, Any]:
         identity=(os.getpid(), 0.0, 0),
         errors={},
     )
-    filters = proto.context_filters({f: v if v == "*" else set(v) for f, v in BIG_TRACK.items()})
+    filters = context_filters({f: v if v == "*" else set(v) for f, v in BIG_TRACK.items()})
     spec = (tuple(sorted(name for name, *_ in specs)), filters)
 
     def new_term() -> Any:
@@ -116,9 +116,9 @@ def body(params: dict[str, Any]) -> None:
     import httpx
     import msgspec
 
-    from heksher_shm import _protocol as proto
+    from heksher_shm._model import protocol as proto
+    from heksher_shm._model.snapshot import FORMAT, Head, blob_of, encode_head
     from heksher_shm._shm.segment import Segment
-    from heksher_shm._snapshot import FORMAT, Head, blob_of, encode_head
 
     setting_decoder = msgspec.json.Decoder(proto.QuerySetting)
     specs = specs_from(params["settings"])

@@ -76,7 +76,7 @@ import shutil
 import tempfile
 
 import heksher_shm
-from heksher_shm import _main as _heksher_main
+from heksher_shm._process import main as _heksher_main
 from heksher_shm.testing import HeksherService
 
 # The examples show values, not log lines: keep warnings off stderr.

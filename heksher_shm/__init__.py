@@ -4,8 +4,8 @@ A drop-in replacement for ``heksher`` 0.2.2: ``import heksher_shm as heksher``.
 """
 
 # First, for its side effect: the one at-fork hook exists before any state it resets.
-from heksher_shm import _fork as _fork
-from heksher_shm._protocol import TRACK_ALL
+from heksher_shm._process import fork as _fork  # noqa: F401, I001
+from heksher_shm._model.contexts import TRACK_ALL
 from heksher_shm._version import __version__
 from heksher_shm.clients.async_client import AsyncHeksherClient
 from heksher_shm.clients.thread_client import ThreadHeksherClient

@@ -2,11 +2,11 @@
 
 A :class:`Setting` registers itself with the process's main client on
 creation (or waits for one). The process holds a setting strongly until it
-has been declared and weakly after that (see :mod:`heksher_shm._main`): a
+has been declared and weakly after that (see :mod:`heksher_shm._process.main`): a
 declared setting that is garbage collected is no longer updated.
 
 ``get()`` is the hot path. Each update compiles a setting's rules once
-(:mod:`heksher_shm._resolve`) into an immutable :class:`_State`; ``get()``
+(:mod:`heksher_shm._model.resolve`) into an immutable :class:`_State`; ``get()``
 checks one generation word, then answers repeated contexts from a small
 per-state cache keyed by the call's keyword arguments.
 """
@@ -23,9 +23,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from heksher_shm._lookup import compile_miss
-from heksher_shm._protocol import DeclarationBody, declaration_digest
-from heksher_shm._resolve import CompiledRules
+from heksher_shm._model.lookup import compile_miss
+from heksher_shm._model.protocol import DeclarationBody, declaration_digest
+from heksher_shm._model.resolve import CompiledRules
 from heksher_shm.setting_types import Conversion, SettingType, setting_type
 
 __all__ = ["QueriedRule", "Setting"]
@@ -275,7 +275,7 @@ class Setting(Generic[T]):
             self._declaration_json = msgspec.Raw(msgspec.json.encode(self._declaration))
         except (TypeError, msgspec.EncodeError) as e:
             raise TypeError(f"default value of {name} cannot be sent to the service: {e}") from None
-        from heksher_shm import _main
+        from heksher_shm._process import main as _main
 
         _main.register(self)
 

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from heksher_shm._engine import UNRESPONSIVE_AFTER
+from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
+from heksher_shm._model.snapshot import Head, decode_head
 from heksher_shm._shm.identity import ProcessIdentity, describe
 from heksher_shm._shm.registry import Registry, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
-from heksher_shm._snapshot import Head, decode_head
 from heksher_shm.exceptions import SegmentError
 
 __all__ = ["ProcessInfo", "SegmentStatus", "list_segments", "segment_status"]

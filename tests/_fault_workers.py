@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import heksher_shm as heksher
-from heksher_shm import _engine
+from heksher_shm._engine import engine as _engine
 from heksher_shm._shm import segment as segment_module
 from heksher_shm._shm.identity import current_identity
 from heksher_shm.exceptions import SegmentCorruptedError

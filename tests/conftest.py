@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from heksher_shm import _main
+from heksher_shm._process import main as _main
 from heksher_shm.testing import HeksherService
 from tests._procs import service, workers  # fixtures for multi-process tests
 from tests._support import FEATURES, REAL_URL, Admin, Driver

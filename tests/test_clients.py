@@ -17,7 +17,7 @@ import pytest
 
 import heksher_shm as heksher
 from heksher_shm.testing import Fault, HeksherService
-from tests._support import REAL_URL, Admin, unique, until
+from tests._support import REAL_URL, Admin, Driver, unique, until
 
 
 class Color(Enum):
@@ -709,3 +709,30 @@ async def test_feature_outside_the_filter_grammar(make_driver: Any, kind: str) -
         assert setting.get(trust_level="low") == "none"  # not tracked: filtered locally
         queries = [r for r in svc.requests if r.path == "/api/v1/query"]
         assert queries[-1].query["context_filters"] == "*"
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+async def test_reload_under_modification_lock_times_out(memory_service: HeksherService, kind: str) -> None:
+    """The documented deadlock (reload() while holding modification_lock) ends after startup_timeout,
+    even though the leader keeps making progress at a short update interval: once the leader has
+    answered the request, only this process's own apply is awaited."""
+    _keep = heksher.Setting(unique("deadlock"), int, ["user"], 0)
+    driver = Driver(kind, memory_service.url, 0.2, startup_timeout=1.0)
+    try:
+        await driver.set_as_main()
+        client = driver.client
+        t0 = time.monotonic()
+        if kind == "async":
+            async with client.modification_lock:
+                with pytest.raises(TimeoutError, match="startup_timeout"):
+                    await client.reload()
+        else:
+
+            def locked_reload() -> None:
+                with client.modification_lock:
+                    client.reload()  # logs the timeout and returns
+
+            await asyncio.to_thread(locked_reload)
+        assert time.monotonic() - t0 < 5
+    finally:
+        await driver.close()

@@ -27,10 +27,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from heksher_shm._engine import VERIFY_INTERVAL
+from heksher_shm._engine.engine import VERIFY_INTERVAL
+from heksher_shm._model.snapshot import decode_blob, decode_head
 from heksher_shm._shm import layout
 from heksher_shm._shm.segment import Segment
-from heksher_shm._snapshot import decode_blob, decode_head
 from heksher_shm.testing import HeksherService
 from tests._fault_workers import Counter, FaultWorker, drain_all, percentile, reaping, stress_seconds
 from tests._support import peek, poke, unique
@@ -527,7 +527,7 @@ def test_truncated_under_running_clients(service: HeksherService) -> None:
         path = Path(leader.ask("segment_path"))
         os.truncate(path, layout.HEADER_SIZE)  # the header stays, the slots are cut off
         # The service does not change, so only the leader's self-check can notice and repair.
-        deadline = time.monotonic() + VERIFY_INTERVAL + 3
+        deadline = time.monotonic() + VERIFY_INTERVAL + 8  # a bound: the leader checks at its next wake
         while True:
             leader.process.join(0.05)
             assert leader.alive, f"the leader died with {leader.process.exitcode} (-7 is SIGBUS)"

@@ -227,8 +227,8 @@ async def test_files_are_private(make_driver: Any, service: HeksherService) -> N
 
 
 def _segment_for(client: Any) -> Path:
+    from heksher_shm._engine.shared import default_segment_name
     from heksher_shm._shm.segment import resolve_shm_dir
-    from heksher_shm._shm.shared import default_segment_name
 
     name = default_segment_name(client._service_url, client._context_features)
     return resolve_shm_dir(None) / f"{name}.seg"
@@ -294,7 +294,7 @@ async def test_registration_restored(make_driver: Any, service: HeksherService, 
 
 
 async def test_leader_repairs_a_damaged_segment(service: HeksherService, workers: list[Worker]) -> None:
-    from heksher_shm._engine import VERIFY_INTERVAL
+    from heksher_shm._engine.engine import VERIFY_INTERVAL
 
     name = unique("scribbled")
     setting = heksher.Setting(name, int, ["user"], 0)

@@ -22,8 +22,10 @@ from contextlib import contextmanager
 import pytest
 
 import heksher_shm
-from heksher_shm import _fork, _gc, _main
-from heksher_shm._gc import paused_gc
+from heksher_shm._process import fork as _fork
+from heksher_shm._process import gc as _gc
+from heksher_shm._process import main as _main
+from heksher_shm._process.gc import paused_gc
 
 CHILD_DEADLINE = 10.0
 STEP_DEADLINE = 5.0
@@ -176,7 +178,7 @@ def test_every_reset_module_has_its_hook_and_nothing_else_registers_fork_hooks()
         for path in package.rglob("*.py")
         if "os.register_at_fork(" in path.read_text()
     )
-    assert registering == ["_fork.py"]
+    assert registering == ["_process/fork.py"]
 
 
 def test_parent_hook_releases_only_what_the_before_hook_took(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,8 +216,8 @@ def test_parent_hook_releases_only_what_the_before_hook_took(monkeypatch: pytest
 
 def test_the_reset_order_is_the_documented_one() -> None:
     assert _fork.CHILD_RESETS == (
-        "heksher_shm._gc",
-        "heksher_shm._main",
+        "heksher_shm._process.gc",
+        "heksher_shm._process.main",
         "heksher_shm._shm.election",
         "heksher_shm._shm.segment",
         "heksher_shm._shm.identity",

@@ -1,4 +1,4 @@
-"""The generated miss function (``heksher_shm._lookup``) against a reference written plainly.
+"""The generated miss function (``heksher_shm._model.lookup``) against a reference written plainly.
 
 The reference does what the docs say ``get()`` does with a context: refuse
 keys that are not configurable, warn about values the client does not track,
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heksher_shm._lookup import compile_miss
-from heksher_shm._protocol import TRACK_ALL
-from heksher_shm._resolve import NO_MATCH, CompiledRules, compile_rules
+from heksher_shm._model.contexts import TRACK_ALL
+from heksher_shm._model.lookup import compile_miss
+from heksher_shm._model.resolve import NO_MATCH, CompiledRules, compile_rules
 
 FEATURES = ("a", "b", "c")
 VALUES = ("x", "y", "z")

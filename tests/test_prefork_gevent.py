@@ -74,5 +74,5 @@ def test_gunicorn_gevent_preload(service: HeksherService, tmp_path: Path) -> Non
     takeover = h.master_leads_run(starter(service, tmp_path, "--preload"), service, WORKERS, INTERVAL)
     gevent_workers_ran(tmp_path)
     # the orphaned gevent workers exit within a second (their notify loop sees the new parent), while
-    # followers try the lock every 20 ms: one of them took over before
+    # followers are woken by the leader's exit (a pidfd): one of them took over before
     assert takeover is not None

@@ -1,4 +1,4 @@
-"""heksher_shm._servers: what a client says at start-up under uwsgi, checked with stand-in ``uwsgi`` modules.
+"""heksher_shm._process.servers: what a client does at start-up under uwsgi, with stand-in ``uwsgi`` modules.
 
 The real servers run in test_prefork_uwsgi.py; uwsgi 2.0.27 and later always
 run Python threads, so the no-threads case is checked here (and was observed
@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 import heksher_shm as heksher
-from heksher_shm import _fork, _servers
-from heksher_shm._servers import check_background_threads, forking_uwsgi_master, uwsgi_problems
+from heksher_shm._process import fork as _fork
+from heksher_shm._process import servers as _servers
+from heksher_shm._process.servers import check_background_threads, forking_uwsgi_master, uwsgi_problems
 
 
 def fake_uwsgi(

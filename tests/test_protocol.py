@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heksher_shm import _protocol as proto
+from heksher_shm._model import protocol as proto
 from heksher_shm.exceptions import HeksherProtocolError
 
 # Values with the characters a cut between settings looks for, in strings and nested objects.

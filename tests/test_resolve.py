@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heksher_shm._resolve import NO_MATCH, compile_rules
+from heksher_shm._model.resolve import NO_MATCH, compile_rules
 
 FEATURES = ("a", "b", "c", "d")
 VALUES = ("x", "y", "z")

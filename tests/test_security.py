@@ -26,11 +26,11 @@ import msgspec
 import pytest
 
 import heksher_shm as heksher
+from heksher_shm._engine.shared import default_segment_name
 from heksher_shm._shm.election import LeaderLock
 from heksher_shm._shm.identity import ProcessIdentity, current_identity, identity_of, token
 from heksher_shm._shm.registry import MAX_REGISTRATION_BYTES, registry_directory
 from heksher_shm._shm.segment import Segment
-from heksher_shm._shm.shared import default_segment_name
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.testing import HeksherService
 from tests._fault_workers import FaultWorker, reaping
@@ -456,9 +456,9 @@ def test_hostile_registrations(
 def test_malformed_declaration_is_logged_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from heksher_shm._engine.shared import RegistrySource
     from heksher_shm._shm import registry as registry_module
     from heksher_shm._shm.registry import Registry
-    from heksher_shm._shm.shared import RegistrySource
 
     # Every stamp counts as too fresh to trust, so every scan reads the file again: what happens during
     # the first 100 ms of any new file, made permanent so the test does not depend on timing.

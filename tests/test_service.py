@@ -1082,8 +1082,7 @@ def test_factory_options(heksher_service_factory: Factory) -> None:
 
 def test_serve_in_a_child_process() -> None:
     code = (
-        "from heksher_shm.testing._cli import serve\n"
-        "raise SystemExit(serve('127.0.0.1', 0, ['user', 'theme']))"
+        "from heksher_shm.cli.serve import serve\nraise SystemExit(serve('127.0.0.1', 0, ['user', 'theme']))"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -1114,7 +1113,7 @@ def test_serve_in_a_child_process() -> None:
 def test_serve_reports_a_busy_port(
     heksher_service: HeksherService, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from heksher_shm.testing._cli import serve
+    from heksher_shm.cli.serve import serve
 
     assert serve(heksher_service.host, heksher_service.port, ["user"]) == 1
     assert f"cannot serve on 127.0.0.1:{heksher_service.port}" in capsys.readouterr().err

@@ -82,7 +82,8 @@ def test_a_served_newcomer_costs_the_service_nothing(
     assert served.ask("get", name, {"user": "alice"}) == 7
     assert not served.ask("leading")
     assert served.pid in {p.pid for p in first.ask("status").processes}  # registered
-    # the leader reads registrations every 20 ms: give it fifty scans to (wrongly) ask for something
+    # the newcomer rang the leader, which read its registration at once: give it a second to
+    # (wrongly) ask the service for something
     assert not service.wait_for_requests(1, timeout=1.0), service.requests
 
     needs_more = Worker(service.url, kind, [name, extra], 60)
@@ -188,7 +189,7 @@ def test_fork(service: HeksherService, workers: list[Worker], kind: str, exit_ho
 def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
     """SIGSTOP the leader: one follower replaces it once it broke its promise; SIGCONT: the stopped
     one finds the lock file replaced and steps down. One poller throughout, no value goes backwards."""
-    from heksher_shm._engine import UNRESPONSIVE_AFTER
+    from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
 
     name = unique("stopped")
     interval = 0.5
@@ -245,7 +246,7 @@ def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
 
 def test_slow_service_is_not_an_unresponsive_leader(service: HeksherService, workers: list[Worker]) -> None:
     """The leader beats while it waits on the service: no follower starts polling for itself."""
-    from heksher_shm._engine import UNRESPONSIVE_AFTER
+    from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
     from heksher_shm.testing import Fault
 
     name = unique("slow")

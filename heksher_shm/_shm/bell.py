@@ -158,7 +158,7 @@ atexit.register(_close_sender)
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (called by :mod:`heksher_shm._fork`): drop the parent's sending socket."""
+    """In a forked child (called by :mod:`heksher_shm._process.fork`): drop the parent's sending socket."""
     global _sender
     sender, _sender = _sender, None
     if sender is not None:

@@ -201,7 +201,7 @@ class LeaderLock:
 
         The old holder keeps its ``flock`` on a file no path names any more; its
         next :meth:`verify` says ``False``, and it steps down. Only for a holder
-        judged stuck (see :mod:`heksher_shm._engine`), and only under a second
+        judged stuck (see :mod:`heksher_shm._engine.engine`), and only under a second
         lock that lets one process at a time do it: two seizing at once would
         each hold a file for a moment.
         """
@@ -396,7 +396,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (called by :mod:`heksher_shm._fork`): a new gate; inherited locks closed."""
+    """In a forked child (called by :mod:`heksher_shm._process.fork`): a new gate; inherited locks closed."""
     # The child runs with a single thread, so walking the set is safe; every
     # lock the parent knew of, held or merely open while waiting, is
     # forgotten. The gate is made anew rather than released: some servers

@@ -288,7 +288,7 @@ def current_identity() -> ProcessIdentity:
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (called by :mod:`heksher_shm._fork`): forget the parent's identity."""
+    """In a forked child (called by :mod:`heksher_shm._process.fork`): forget the parent's identity."""
     # getpid() already tells a child from its parent; clearing the cache also
     # covers a child that sees the same PID number (a fresh PID namespace).
     global _cached, _pidns

@@ -331,7 +331,8 @@ _live_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (called by :mod:`heksher_shm._fork`): new writer locks for every open segment."""
+    """In a forked child (called by :mod:`heksher_shm._process.fork`): new writer locks for every open
+    segment."""
     # A thread of the parent may hold a writer lock at fork time; the child has no such
     # thread, so an inherited locked Lock would deadlock a child that later becomes leader.
     for segment in list(_live_segments):
@@ -525,6 +526,8 @@ class Segment:
         value the leader sees also finds every file written before it.
         """
         self._check_open()
+        if self._mm[:8] != MAGIC:
+            return  # not formatted yet: no leader has scanned anything, and the first one will
         words = self._words
         words[WORD_REGISTRY_SEQ] = (words[WORD_REGISTRY_SEQ] + 1) & _WORD_MASK
 

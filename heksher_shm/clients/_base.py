@@ -20,17 +20,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from heksher_shm import _main
-from heksher_shm._engine import Blob, Engine, Wish
-from heksher_shm._gc import paused_gc
-from heksher_shm._local import LocalLock, LocalSource, LocalTransport
-from heksher_shm._protocol import TRACK_ALL, DeclarationBody, covers
-from heksher_shm._resolve import compile_rules
-from heksher_shm._servers import check_background_threads
-from heksher_shm._shm.identity import current_identity
-from heksher_shm._shm.registry import Registration
-from heksher_shm._shm.segment import Segment
-from heksher_shm._shm.shared import (
+from heksher_shm._engine.engine import Blob, Engine, Wish
+from heksher_shm._engine.local import LocalLock, LocalSource, LocalTransport
+from heksher_shm._engine.shared import (
     SEGMENT_NAME,
     Neighbours,
     RegistrySource,
@@ -38,7 +30,16 @@ from heksher_shm._shm.shared import (
     open_shared,
     wish_key,
 )
-from heksher_shm._snapshot import Ack, Head, SettingBlob, SettingEntry, decode_blob, decode_head
+from heksher_shm._model.contexts import TRACK_ALL, covers
+from heksher_shm._model.protocol import DeclarationBody
+from heksher_shm._model.resolve import compile_rules
+from heksher_shm._model.snapshot import Ack, Head, SettingBlob, SettingEntry, decode_blob, decode_head
+from heksher_shm._process import main as _main
+from heksher_shm._process.gc import paused_gc
+from heksher_shm._process.servers import check_background_threads
+from heksher_shm._shm.identity import current_identity
+from heksher_shm._shm.registry import Registration
+from heksher_shm._shm.segment import Segment
 from heksher_shm.clients._defaults import ContextDefaults
 from heksher_shm.exceptions import LeaderUpdateError, SegmentError
 from heksher_shm.setting import QueriedRule, Setting, _ContextView, _State
@@ -552,8 +553,19 @@ class BaseHeksherClient(ContextDefaults):
     def _acked(self, seq: int) -> bool:
         return self._ack.seq >= seq
 
-    def _progress(self) -> float:
-        """When whoever leads last showed progress (monotonic): waits time out on lack of it."""
+    def _progress(self, seq: int) -> float:
+        """What counts as progress towards request *seq* (waits time out on lack of it): the leader's
+        progress, until a published snapshot answers the request. From then on only this process's
+        own apply is awaited, and it cannot come while the caller holds ``modification_lock``: that
+        wait then times out after ``startup_timeout``, whatever the leader does meanwhile."""
+        try:
+            read = self._transport.read_head()
+            head = decode_head(read.head) if read is not None else None
+        except (SegmentError, ValueError, msgspec.DecodeError):
+            head = None
+        ack = head.acks.get(self._key) if head is not None else None
+        if ack is not None and ack.seq >= seq:
+            return -1.0
         return self._transport.liveness()[0]
 
     def _timed_out(self, what: str) -> str:
@@ -810,7 +822,7 @@ class BaseHeksherClient(ContextDefaults):
         setting._defer(self, pending, digest, applied)
 
     def _release_declared(self, head: Head) -> None:
-        """Tell :mod:`heksher_shm._main` which settings it holds strongly *head* shows declared.
+        """Tell :mod:`heksher_shm._process.main` which settings it holds strongly *head* shows declared.
 
         A setting is declared once the leader's outcome for its declaration
         is settled (see ``Outcome.settled``). Costs nothing once every
@@ -975,7 +987,7 @@ _live_clients: weakref.WeakSet[BaseHeksherClient] = weakref.WeakSet()
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (called by :mod:`heksher_shm._fork`, last): every live client resumes."""
+    """In a forked child (called by :mod:`heksher_shm._process.fork`, last): every live client resumes."""
     for client in list(_live_clients):
         try:
             client._after_fork_in_child()

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 
-from heksher_shm import _protocol as proto
-from heksher_shm._drivers import LoopWaker, drive_async, in_thread
-from heksher_shm._engine import Apply
+from heksher_shm._engine.drivers import LoopWaker, drive_async, in_thread
+from heksher_shm._engine.engine import Apply
+from heksher_shm._model import protocol as proto
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import AsyncMainContext
 from heksher_shm.setting import Setting
@@ -215,9 +215,9 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
 
     async def _wait_for(self, seq: int, starting: bool) -> None:
         """Wait until request *seq* is answered; raise after ``startup_timeout`` without progress."""
-        progress = self._progress()
+        progress = self._progress(seq)
         while not await self._waiters.wait(lambda: self._acked(seq) or self._closed, self._startup_timeout):
-            now_progress = self._progress()
+            now_progress = self._progress(seq)
             if now_progress == progress:
                 raise TimeoutError(self._timed_out("set_as_main" if starting else "reload"))
             progress = now_progress
@@ -274,7 +274,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class _Hooks:
-    """What the asyncio driver uses of a client (:class:`heksher_shm._drivers.AsyncHooks`)."""
+    """What the asyncio driver uses of a client (:class:`heksher_shm._engine.drivers.AsyncHooks`)."""
 
     def __init__(self, client: AsyncHeksherClient) -> None:
         self._client = client

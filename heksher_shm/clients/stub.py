@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from unittest.mock import AsyncMock, MagicMock
 
-from heksher_shm import _main
-from heksher_shm._resolve import compile_rules
+from heksher_shm._model.resolve import compile_rules
+from heksher_shm._process import main as _main
 from heksher_shm.clients._context import AsyncMainContext, SyncMainContext
 from heksher_shm.clients._defaults import ContextDefaults
 from heksher_shm.setting import Setting, _ContextView, _State

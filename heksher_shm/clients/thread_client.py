@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from heksher_shm import _protocol as proto
-from heksher_shm._drivers import WakePipe, drive_sync
-from heksher_shm._engine import Apply
-from heksher_shm._health import Trouble
-from heksher_shm._servers import forking_uwsgi_master
-from heksher_shm._threads import block_signals, start_thread
+from heksher_shm._engine.drivers import WakePipe, drive_sync
+from heksher_shm._engine.engine import Apply
+from heksher_shm._engine.health import Trouble
+from heksher_shm._model import protocol as proto
+from heksher_shm._process.servers import forking_uwsgi_master
+from heksher_shm._process.threads import block_signals, start_thread
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import SyncMainContext
 
@@ -191,7 +191,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         thread holds the GIL hangs (uwsgi issue 2387). Then the master lets go
         of everything shared (the lock, its registration and doorbell): it
         serves no requests, and each worker resumes its copy of this client
-        from uwsgi's post-fork hook (see :mod:`heksher_shm._servers`).
+        from uwsgi's post-fork hook (see :mod:`heksher_shm._process.servers`).
         """
         if self._thread is not None:
             raise RuntimeError(
@@ -218,13 +218,13 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
 
     def _wait_for(self, seq: int, what: str) -> None:
         """Wait until request *seq* is answered; give up after ``startup_timeout`` without progress."""
-        progress = self._progress()
+        progress = self._progress(seq)
         deadline = time.monotonic() + self._startup_timeout
         with self._applied_cond:
             while not (self._acked(seq) or self._closed):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    now_progress = self._progress()
+                    now_progress = self._progress(seq)
                     if now_progress == progress:
                         break
                     progress, deadline = now_progress, time.monotonic() + self._startup_timeout
@@ -248,7 +248,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
 
 
 class _Hooks:
-    """What the blocking driver uses of a client (:class:`heksher_shm._drivers.SyncHooks`)."""
+    """What the blocking driver uses of a client (:class:`heksher_shm._engine.drivers.SyncHooks`)."""
 
     def __init__(self, client: ThreadHeksherClient) -> None:
         self._client = client
@@ -280,7 +280,7 @@ class _UntilAcked(_Hooks):
     def __init__(self, client: ThreadHeksherClient, seq: int) -> None:
         super().__init__(client)
         self._seq = seq
-        self._progress = client._progress()
+        self._progress = client._progress(seq)
         self._deadline = time.monotonic() + client._startup_timeout
         self.timed_out = False
 
@@ -289,7 +289,7 @@ class _UntilAcked(_Hooks):
         if client._acked(self._seq) or client._closed:
             raise _Pause
         now = time.monotonic()
-        progress = client._progress()
+        progress = client._progress(self._seq)
         if progress != self._progress:
             self._progress, self._deadline = progress, now + client._startup_timeout
         if now >= self._deadline:

@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
+from heksher_shm._engine.shared import SEGMENT_NAME
+from heksher_shm._model.snapshot import Head, SettingBlob, decode_blob, decode_head
 from heksher_shm._shm.segment import ENV_SHM_DIR, Segment, resolve_shm_dir, shm_dir_path
-from heksher_shm._shm.shared import SEGMENT_NAME
-from heksher_shm._snapshot import Head, SettingBlob, decode_blob, decode_head
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.status import list_segments
 

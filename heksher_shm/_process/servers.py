@@ -85,7 +85,7 @@ def forking_uwsgi_master() -> bool:
 
 
 def _chain_post_fork_hook(uwsgi: Any) -> None:
-    from heksher_shm import _fork
+    from heksher_shm._process import fork as _fork
 
     previous: Callable[[], object] | None = getattr(uwsgi, "post_fork_hook", None)
 

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from heksher_shm._cli_common import (
+from heksher_shm._model.snapshot import decode_head
+from heksher_shm._shm.identity import ProcessIdentity, is_alive
+from heksher_shm._shm.segment import Segment
+from heksher_shm.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_UNHEALTHY,
@@ -32,9 +35,6 @@ from heksher_shm._cli_common import (
     segment_directory,
     select_segments,
 )
-from heksher_shm._shm.identity import ProcessIdentity, is_alive
-from heksher_shm._shm.segment import Segment
-from heksher_shm._snapshot import decode_head
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.status import HEARTBEAT_STALE_AFTER, ProcessInfo, SegmentStatus, segment_status
 

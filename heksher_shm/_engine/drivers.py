@@ -39,8 +39,8 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from heksher_shm._engine import BEAT_INTERVAL, Apply, Call, Calls, Effect, Report, Wait
-from heksher_shm._threads import start_thread
+from heksher_shm._engine.engine import BEAT_INTERVAL, Apply, Call, Calls, Effect, Report, Wait
+from heksher_shm._process.threads import start_thread
 
 __all__ = ["AsyncHooks", "LoopWaker", "SyncHooks", "WakePipe", "drive_async", "drive_sync", "in_thread"]
 
@@ -132,7 +132,7 @@ class Beater:
 
     Started on first use and kept (a thread per request would cost a thread
     start per declaration, and each start is a moment a signal could land in
-    a thread of ours, see :mod:`heksher_shm._threads`); it sleeps on a
+    a thread of ours, see :mod:`heksher_shm._process.threads`); it sleeps on a
     condition while nothing is in progress.
     """
 
@@ -171,7 +171,7 @@ class Beater:
 
     def close(self) -> None:
         """Stop the helper thread and wait for it (a uwsgi master forks right after: no thread of
-        ours may be running then, see :mod:`heksher_shm._servers`)."""
+        ours may be running then, see :mod:`heksher_shm._process.servers`)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from heksher_shm._protocol import TRACK_ALL
-from heksher_shm._resolve import NO_MATCH, CompiledRules
+from heksher_shm._model.contexts import TRACK_ALL
+from heksher_shm._model.resolve import NO_MATCH, CompiledRules
 
 __all__ = ["compile_miss"]
 

@@ -4,7 +4,7 @@ The loop is a generator that yields *effects* instead of doing I/O: send a
 request (or a batch of them), run a piece of CPU-heavy work, wait until
 woken or a deadline passes, apply the latest snapshot, report an update's
 outcome. The thread client runs it in a thread, the async client in an
-asyncio task; both drivers live side by side in :mod:`heksher_shm._drivers`.
+asyncio task; both drivers live side by side in :mod:`heksher_shm._engine.drivers`.
 The declare/update logic therefore exists once.
 
 Nothing here wakes up unless something happened. A client is one of:
@@ -53,10 +53,20 @@ from typing import Any, Protocol
 import httpx
 import msgspec
 
-from heksher_shm import _protocol as proto
-from heksher_shm._gc import paused_gc
-from heksher_shm._health import Trouble, backoff_delay, describe
-from heksher_shm._snapshot import FORMAT, Ack, Head, Outcome, SettingEntry, blob_of, decode_head, encode_head
+from heksher_shm._engine.health import Trouble, backoff_delay, describe
+from heksher_shm._model import protocol as proto
+from heksher_shm._model.contexts import TRACK_ALL, context_filters
+from heksher_shm._model.snapshot import (
+    FORMAT,
+    Ack,
+    Head,
+    Outcome,
+    SettingEntry,
+    blob_of,
+    decode_head,
+    encode_head,
+)
+from heksher_shm._process.gc import paused_gc
 from heksher_shm.exceptions import HeksherProtocolError, LeaderUpdateError
 
 __all__ = [
@@ -164,7 +174,7 @@ Effect = Call | Calls | Compute | Wait | Apply | Report
 class Wish:
     """One live process's registration, as the leader needs it.
 
-    ``declarations`` is keyed by :func:`~heksher_shm._protocol.declaration_digest`
+    ``declarations`` is keyed by :func:`~heksher_shm._model.protocol.declaration_digest`
     (computed once per registration, not per use). ``reload_seq`` numbers the
     process's requests; ``query_seq`` is the latest request that needs a fresh
     query (a ``reload()``), where other requests (``set_as_main``) only need
@@ -690,16 +700,18 @@ class Engine:
         the standing error at once instead of a query: an outage costs the
         service one query per backoff step, however often processes reload.
         """
-        declared_new = yield from self._declare(term, wishes)
+        # A declaration the service answered is a sign it is back (during a backoff); whether it
+        # brought a setting to query is for the spec to say (an ``uptodate`` one usually does not).
+        answered = yield from self._declare(term, wishes)
         spec = self._spec(term, wishes)
         now = time.monotonic()
         asking = [w for w in wishes if w.query_seq > term.queried_for.get(w.key, 0)]
         due = now >= term.next_update
-        if not (declared_new or asking or due or spec != term.spec):
+        if not (asking or due or spec != term.spec):
             if self._acks(term, wishes) != term.served or not term.published:
                 yield from self._publish_acks(term, wishes)
             return False, None
-        if term.failures and not due and not declared_new:
+        if term.failures and not due and not answered:
             for wish in asking:
                 term.queried_for[wish.key] = wish.query_seq  # answered: with the standing error
             if self._acks(term, wishes) != term.served:
@@ -867,8 +879,8 @@ class Engine:
         union: dict[str, str | set[str]] = {}
         for wish in wishes:
             for feature, values in wish.tracked.items():
-                if values == proto.TRACK_ALL or union.get(feature) == proto.TRACK_ALL:
-                    union[feature] = proto.TRACK_ALL
+                if values == TRACK_ALL or union.get(feature) == TRACK_ALL:
+                    union[feature] = TRACK_ALL
                 else:
                     current = union.setdefault(feature, set())
                     assert isinstance(current, set)
@@ -878,8 +890,8 @@ class Engine:
             # like trust_level cannot appear in a filter at all, and would
             # break the query for every process. Ask for every rule instead;
             # each process keeps only its own tracked values anyway.
-            return tuple(sorted(names)), proto.TRACK_ALL
-        return tuple(sorted(names)), proto.context_filters(union)
+            return tuple(sorted(names)), TRACK_ALL
+        return tuple(sorted(names)), context_filters(union)
 
     def _update(
         self, term: _Term, wishes: Sequence[Wish], spec: tuple[tuple[str, ...], str]
@@ -888,7 +900,7 @@ class Engine:
 
         A 404 means the service lost a setting this host still uses (its data
         was reset, or someone deleted the setting): declare everything again,
-        then query once more. Failures back off (see :mod:`heksher_shm._health`).
+        then query once more. Failures back off (see :mod:`heksher_shm._engine.health`).
         What the query brought is committed to the term only once published:
         a publish that fails (a full disk) leaves the term describing what
         readers have, and the next update fetches again.
@@ -1124,7 +1136,7 @@ def _digest(response: httpx.Response) -> _Fresh:
     """Turn a query's answer into snapshot entries and blobs (CPU-heavy: run as a :class:`Compute`).
 
     Settings are decoded and encoded one at a time (see
-    :func:`~heksher_shm._protocol.query_settings`), and every millisecond of
+    :func:`~heksher_shm._model.protocol.query_settings`), and every millisecond of
     that the GIL is offered to other threads: an event loop waiting for it
     never waits for the whole answer.
     """

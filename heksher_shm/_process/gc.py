@@ -9,7 +9,7 @@ leaked, collection simply runs later.
 Fork: a child forked while another thread is inside a pause would inherit a
 disabled collector that only that thread (absent in the child) would enable
 again, and possibly a held lock. :func:`_reset_after_fork` (run by
-:mod:`heksher_shm._fork`) enables the collector again if a pause of ours had
+:mod:`heksher_shm._process.fork`) enables the collector again if a pause of ours had
 disabled it, and starts a new *epoch*: pauses entered before the fork leave
 the child's count alone when they end.
 """

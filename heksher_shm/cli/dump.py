@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from heksher_shm._cli_common import (
+from heksher_shm._model.snapshot import SettingBlob
+from heksher_shm.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     CliError,
@@ -23,7 +24,6 @@ from heksher_shm._cli_common import (
     select_segments,
     show_json,
 )
-from heksher_shm._snapshot import SettingBlob
 
 __all__ = ["run_dump"]
 

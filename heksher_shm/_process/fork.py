@@ -8,10 +8,10 @@ stays held forever, a flag that said "a thread is inside" stays set (design,
 :func:`os.register_at_fork` in the package, calls them in the order of
 :data:`CHILD_RESETS`:
 
-1. ``heksher_shm._gc``: the pause counter and its lock; the cyclic GC is
+1. ``heksher_shm._process.gc``: the pause counter and its lock; the cyclic GC is
    enabled again if a pause of ours had disabled it. First, so that nothing
    after it runs with the collector off.
-2. ``heksher_shm._main``: the lock around the process's settings and main client.
+2. ``heksher_shm._process.main``: the lock around the process's settings and main client.
 3. ``heksher_shm._shm.election``: the gate, and every inherited leader lock
    descriptor (closed, never unlocked).
 4. ``heksher_shm._shm.segment``: the writer locks of the open segments.
@@ -54,8 +54,8 @@ __all__ = ["CHILD_RESETS", "PARENT_GUARDS", "after_fork_in_child"]
 logger = logging.getLogger("heksher_shm.fork")
 
 CHILD_RESETS: Final[tuple[str, ...]] = (
-    "heksher_shm._gc",
-    "heksher_shm._main",
+    "heksher_shm._process.gc",
+    "heksher_shm._process.main",
     "heksher_shm._shm.election",
     "heksher_shm._shm.segment",
     "heksher_shm._shm.identity",

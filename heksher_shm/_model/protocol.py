@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -29,7 +29,6 @@ __all__ = [
     "HEALTH",
     "QUERY",
     "SETTINGS",
-    "TRACK_ALL",
     "ContextFeaturesResponse",
     "DeclarationBody",
     "DeclareResponse",
@@ -40,8 +39,6 @@ __all__ = [
     "RawQueryResponse",
     "SettingData",
     "SettingsResponse",
-    "context_filters",
-    "covers",
     "declaration_digest",
     "decode",
     "query_params",
@@ -53,9 +50,6 @@ CONTEXT_FEATURES: Final = "/api/v1/context_features"
 DECLARE: Final = "/api/v1/settings/declare"
 QUERY: Final = "/api/v1/query"
 SETTINGS: Final = "/api/v1/settings"
-
-TRACK_ALL: Final = "*"
-"""Track every value of a context feature (see ``track_contexts``)."""
 
 T = TypeVar("T")
 
@@ -239,42 +233,6 @@ def query_settings(status: int, content: bytes) -> Iterator[tuple[str, QuerySett
 def declaration_digest(body: DeclarationBody) -> str:
     """A stable digest of a declaration, so identical declarations are sent once per leader term."""
     return hashlib.sha256(_canonical.encode(body)).hexdigest()[:32]
-
-
-def context_filters(tracked: Mapping[str, str | Iterable[str]]) -> str:
-    """The ``context_filters`` query parameter for tracked context values.
-
-    Features come sorted, values sorted inside parentheses, ``*`` for
-    :data:`TRACK_ALL`; nothing tracked gives the empty string, which the
-    service answers with no rules (as heksher 0.2.2 sends it).
-    """
-    parts = []
-    for feature in sorted(tracked):
-        values = tracked[feature]
-        if values == TRACK_ALL:
-            parts.append(f"{feature}:*")
-        else:
-            parts.append(f"{feature}:(" + ",".join(sorted(values)) + ")")
-    return ",".join(parts)
-
-
-_FILTER_PART = re.compile(r"([^:,]+):(\*|\([^)]*\))")
-
-
-def covers(filters: str, tracked: Mapping[str, str | Iterable[str]]) -> bool:
-    """Whether a query with these ``context_filters`` returned every rule *tracked* admits."""
-    if filters == TRACK_ALL:
-        return True
-    admitted: dict[str, str | set[str]] = {}
-    for feature, values in _FILTER_PART.findall(filters):
-        admitted[feature] = TRACK_ALL if values == TRACK_ALL else set(values[1:-1].split(","))
-    for feature, values in tracked.items():
-        have = admitted.get(feature)
-        if have is None:
-            return False
-        if have != TRACK_ALL and (values == TRACK_ALL or not set(values) <= set(have)):
-            return False
-    return True
 
 
 def query_params(settings: Iterable[str], filters: str) -> dict[str, str]:

@@ -127,6 +127,7 @@ def reset() -> None:
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (called by :mod:`heksher_shm._fork`): a new lock (a parent's thread may hold it)."""
+    """In a forked child (called by :mod:`heksher_shm._process.fork`): a new lock (a parent's thread
+    may hold it)."""
     global _lock
     _lock = threading.RLock()

@@ -68,7 +68,7 @@ class CompiledRules:
 
         *namespace* must hold a value for every feature in :attr:`features`.
         ``Setting.get()`` does not call this: its lookup is generated from the
-        same patterns (:mod:`heksher_shm._lookup`).
+        same patterns (:mod:`heksher_shm._model.lookup`).
         """
         features = self.features
         for indices, table in self.patterns:

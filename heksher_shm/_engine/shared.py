@@ -26,8 +26,9 @@ from pathlib import Path
 
 import msgspec
 
-from heksher_shm._engine import Wish
-from heksher_shm._protocol import DeclarationBody, declaration_digest
+from heksher_shm._engine.engine import Wish
+from heksher_shm._model.protocol import DeclarationBody, declaration_digest
+from heksher_shm._model.snapshot import FORMAT as SNAPSHOT_FORMAT
 from heksher_shm._shm.bell import Bell, ring
 from heksher_shm._shm.election import LeaderLock
 from heksher_shm._shm.identity import (
@@ -40,7 +41,6 @@ from heksher_shm._shm.identity import (
 from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.registry import Registration, Registry, bell_name, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
-from heksher_shm._snapshot import FORMAT as SNAPSHOT_FORMAT
 from heksher_shm.exceptions import SegmentError
 
 __all__ = [

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from heksher_shm._protocol import QuerySetting
+from heksher_shm._model.protocol import QuerySetting
 
 __all__ = [
     "FORMAT",

@@ -1,10 +1,10 @@
 """The ``heksher-shm`` command line: the parser and the dispatch to each subcommand.
 
 Subcommands live in their own modules: ``status``/``watch`` in
-:mod:`heksher_shm._cli_status`, ``dump`` in :mod:`heksher_shm._cli_dump`,
-``demo`` in :mod:`heksher_shm.demo` and ``serve`` in
-:mod:`heksher_shm.testing._cli`. Expected failures raise
-:class:`heksher_shm._cli_common.CliError` and end as one line on stderr and
+:mod:`heksher_shm.cli.status`, ``dump`` in :mod:`heksher_shm.cli.dump`,
+``demo`` in :mod:`heksher_shm.cli.demo` and ``serve`` in
+:mod:`heksher_shm.cli.serve`. Expected failures raise
+:class:`heksher_shm.cli.common.CliError` and end as one line on stderr and
 an exit code (see ``EXIT CODES`` in ``heksher-shm --help``), never as a
 traceback.
 """
@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from heksher_shm._cli_common import (
+from heksher_shm.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_UNHEALTHY,
@@ -178,23 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
-        from heksher_shm._cli_status import run_status
+        from heksher_shm.cli.status import run_status
 
         return run_status(args.dir, args.name, args.json, args.ignore_idle)
     if args.command == "dump":
-        from heksher_shm._cli_dump import run_dump
+        from heksher_shm.cli.dump import run_dump
 
         return run_dump(args.dir, args.name, args.setting, args.json)
     if args.command == "watch":
-        from heksher_shm._cli_status import run_watch
+        from heksher_shm.cli.status import run_watch
 
         return run_watch(args.dir, args.name, args.interval, args.count)
     if args.command == "demo":
-        from heksher_shm.demo import run_demo
+        from heksher_shm.cli.demo import run_demo
 
         return run_demo(workers=args.workers, duration=args.duration, shm_dir=args.dir)
     if args.command == "serve":
-        from heksher_shm.testing._cli import serve
+        from heksher_shm.cli.serve import serve
 
         return serve(args.host, args.port, args.context_features)
     raise AssertionError(args.command)  # pragma: no cover - argparse rejects unknown commands

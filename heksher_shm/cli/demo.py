@@ -20,7 +20,7 @@ Any step that misses its deadline fails the demo (exit code 1) with a
 message naming the worker and what it serves instead. Workers are stopped by
 closing their stdin, so they also go away if the demo itself is killed.
 
-Run a worker alone with ``python -m heksher_shm.demo --worker KIND URL INTERVAL SEGMENT``.
+Run a worker alone with ``python -m heksher_shm.cli.demo --worker KIND URL INTERVAL SEGMENT``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO
 
-from heksher_shm._cli_common import EXIT_OK, EXIT_UNHEALTHY, EXIT_UNREADABLE, EXIT_USAGE, CliError
 from heksher_shm._shm.segment import ENV_SHM_DIR, Segment, resolve_shm_dir
+from heksher_shm.cli.common import EXIT_OK, EXIT_UNHEALTHY, EXIT_UNREADABLE, EXIT_USAGE, CliError
 from heksher_shm.exceptions import SegmentError
 
 __all__ = ["run_demo"]
@@ -212,7 +212,7 @@ class _Demo:
                 [
                     sys.executable,
                     "-m",
-                    "heksher_shm.demo",
+                    "heksher_shm.cli.demo",
                     "--worker",
                     kind,
                     self.service.url,
@@ -521,5 +521,7 @@ def _worker_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 6:
-        sys.exit("usage: python -m heksher_shm.demo --worker KIND URL INTERVAL SEGMENT (the demo runs this)")
+        sys.exit(
+            "usage: python -m heksher_shm.cli.demo --worker KIND URL INTERVAL SEGMENT (the demo runs this)"
+        )
     sys.exit(_worker_main(sys.argv[2:]))
