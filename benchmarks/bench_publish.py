@@ -52,8 +52,10 @@ def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, Any]:
     """An engine that publishes into *segment*, and a function running one update on a response."""
     import httpx
 
-    from heksher_shm._engine.engine import Call, Compute, Engine, _Term
+    from heksher_shm._engine.effects import Call, Compute
+    from heksher_shm._engine.engine import Engine
     from heksher_shm._engine.local import LocalLock
+    from heksher_shm._engine.term import Term as _Term
     from heksher_shm._model.contexts import context_filters
 
     engine = Engine(

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
+from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
 from heksher_shm._model.snapshot import Head, decode_head
 from heksher_shm._shm.identity import ProcessIdentity, describe
 from heksher_shm._shm.registry import Registry, registry_directory

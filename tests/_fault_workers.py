@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import heksher_shm as heksher
-from heksher_shm._engine import engine as _engine
+from heksher_shm._engine import policy as _policy
 from heksher_shm._shm import segment as segment_module
 from heksher_shm._shm.identity import current_identity
 from heksher_shm.exceptions import SegmentCorruptedError
@@ -274,7 +274,7 @@ def client_worker(commands: Connection, reports: Connection, spec: dict[str, Any
         os.umask(spec["umask"])
     if "verify_interval" in spec:
         # Only to keep the default test run short; the stress runs measure the real interval.
-        _engine.VERIFY_INTERVAL = spec["verify_interval"]
+        _policy.VERIFY_INTERVAL = spec["verify_interval"]
     logs = _LogCounter()
     package_logger = logging.getLogger("heksher_shm")
     package_logger.addHandler(logs)

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from heksher_shm._engine.engine import VERIFY_INTERVAL
+from heksher_shm._engine.policy import VERIFY_INTERVAL
 from heksher_shm._model.snapshot import decode_blob, decode_head
 from heksher_shm._shm import layout
 from heksher_shm._shm.segment import Segment

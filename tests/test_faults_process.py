@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
+from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
 from heksher_shm._shm import segment as segment_module
 from heksher_shm._shm.segment import Segment
 from heksher_shm.testing import HeksherService

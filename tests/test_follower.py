@@ -294,7 +294,7 @@ async def test_registration_restored(make_driver: Any, service: HeksherService, 
 
 
 async def test_leader_repairs_a_damaged_segment(service: HeksherService, workers: list[Worker]) -> None:
-    from heksher_shm._engine.engine import VERIFY_INTERVAL
+    from heksher_shm._engine.policy import VERIFY_INTERVAL
 
     name = unique("scribbled")
     setting = heksher.Setting(name, int, ["user"], 0)

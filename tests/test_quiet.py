@@ -150,7 +150,7 @@ def test_slow_service_and_a_long_declaration_run_are_not_a_stuck_leader(
 ) -> None:
     """Every request takes 0.3 s and a newcomer brings 40 settings to declare (longer in all than
     UNRESPONSIVE_AFTER): the leader promises progress while it works, so nobody replaces it."""
-    from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
+    from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
 
     first = unique("slowly")
     leader = Worker(service.url, "thread", [first], 60)

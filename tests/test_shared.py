@@ -189,7 +189,7 @@ def test_fork(service: HeksherService, workers: list[Worker], kind: str, exit_ho
 def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
     """SIGSTOP the leader: one follower replaces it once it broke its promise; SIGCONT: the stopped
     one finds the lock file replaced and steps down. One poller throughout, no value goes backwards."""
-    from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
+    from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
 
     name = unique("stopped")
     interval = 0.5
@@ -246,7 +246,7 @@ def test_stopped_leader(service: HeksherService, workers: list[Worker]) -> None:
 
 def test_slow_service_is_not_an_unresponsive_leader(service: HeksherService, workers: list[Worker]) -> None:
     """The leader beats while it waits on the service: no follower starts polling for itself."""
-    from heksher_shm._engine.engine import UNRESPONSIVE_AFTER
+    from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
     from heksher_shm.testing import Fault
 
     name = unique("slow")

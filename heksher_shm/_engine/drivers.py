@@ -39,7 +39,8 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from heksher_shm._engine.engine import BEAT_INTERVAL, Apply, Call, Calls, Effect, Report, Wait
+from heksher_shm._engine.effects import Apply, Call, Calls, Effect, Report, Wait
+from heksher_shm._engine.policy import BEAT_INTERVAL
 from heksher_shm._process.threads import start_thread
 
 __all__ = ["AsyncHooks", "LoopWaker", "SyncHooks", "WakePipe", "drive_async", "drive_sync", "in_thread"]

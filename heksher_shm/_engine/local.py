@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from heksher_shm._engine.engine import Wish
+from heksher_shm._engine.ports import Wish
 from heksher_shm._shm.segment import HeadRead
 
 __all__ = ["KeptBlob", "LocalLock", "LocalSource", "LocalTransport"]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from heksher_shm._engine.engine import Wish
+from heksher_shm._engine.ports import Wish
 from heksher_shm._model.protocol import DeclarationBody, declaration_digest
 from heksher_shm._model.snapshot import FORMAT as SNAPSHOT_FORMAT
 from heksher_shm._shm.bell import Bell, ring

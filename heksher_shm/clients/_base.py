@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from heksher_shm._engine.engine import Blob, Engine, Wish
+from heksher_shm._engine.engine import Engine
 from heksher_shm._engine.local import LocalLock, LocalSource, LocalTransport
+from heksher_shm._engine.ports import Blob, Wish
 from heksher_shm._engine.shared import (
     SEGMENT_NAME,
     Neighbours,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from heksher_shm._engine.drivers import LoopWaker, drive_async, in_thread
-from heksher_shm._engine.engine import Apply
+from heksher_shm._engine.effects import Apply
 from heksher_shm._model import protocol as proto
 from heksher_shm.clients._base import BaseHeksherClient
 from heksher_shm.clients._context import AsyncMainContext

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from heksher_shm._engine.drivers import WakePipe, drive_sync
-from heksher_shm._engine.engine import Apply
+from heksher_shm._engine.effects import Apply
 from heksher_shm._engine.health import Trouble
 from heksher_shm._model import protocol as proto
 from heksher_shm._process.servers import forking_uwsgi_master

@@ -1,0 +1,122 @@
+"""A leader's term: what it declared, queried and published, and what follows from it.
+
+Pure bookkeeping (no I/O, no effects): which settings and contexts to query
+(:func:`query_spec`) and which requests the next snapshot acknowledges
+(:func:`acknowledgements`), both derived from the term and the live
+processes' wishes.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from heksher_shm._engine.ports import Transport, Wish
+from heksher_shm._model.contexts import TRACK_ALL, context_filters
+from heksher_shm._model.snapshot import Ack, Outcome, SettingEntry
+
+__all__ = ["LeaderLost", "Term", "acknowledgements", "query_spec", "transient"]
+
+
+class LeaderLost(Exception):
+    """The lock was lost (or the engine closed) during a term."""
+
+
+@dataclass
+class Term:
+    """A leader's state for one term: what it declared, queried and published."""
+
+    transport: Transport
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    declared: dict[str, Outcome] = field(default_factory=dict)
+    declare_failures: int = 0
+    declare_retry_at: float = 0.0
+    context_features: list[str] | None = None
+    etag: str = ""
+    spec: tuple[tuple[str, ...], str] | None = None
+    next_update: float = 0.0
+    """time.monotonic() of the next query (regular, or a retry after a failure)."""
+    failures: int = 0
+    """Failed updates in a row (the backoff step)."""
+    error: tuple[str, str] | None = None
+    """The standing error (text, id) while updates fail: what a reload() gets during the backoff."""
+    next_prune: float = 0.0
+    queried_for: dict[str, int] = field(default_factory=dict)
+    """Per process, the latest ``query_seq`` a query (or a standing error) has answered."""
+    served: dict[str, Ack] = field(default_factory=dict)
+    entries: list[SettingEntry] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
+    published: bool = False
+    queried: float = 0.0
+    generation: int = 0
+    head: bytes = b""
+    verified: float = 0.0
+    verify_wanted: bool = False
+
+
+def query_spec(term: Term, wishes: Sequence[Wish]) -> tuple[tuple[str, ...], str]:
+    """What to query: settings whose declaration got an answer, and the union of tracked contexts.
+
+    A setting whose declaration failed for want of an answer (the service
+    is down) is still queried if the snapshot already had it: it existed.
+    """
+    names: set[str] = set()
+    known = {entry.name for entry in term.entries}
+    for wish in wishes:
+        for digest, body in wish.declarations.items():
+            outcome = term.declared.get(digest)
+            if outcome is None:
+                continue
+            if outcome.error is None or (transient(outcome) and body.name in known):
+                names.add(body.name)
+    union: dict[str, str | set[str]] = {}
+    for wish in wishes:
+        for feature, values in wish.tracked.items():
+            if values == TRACK_ALL or union.get(feature) == TRACK_ALL:
+                union[feature] = TRACK_ALL
+            else:
+                current = union.setdefault(feature, set())
+                assert isinstance(current, set)
+                current.update(values)
+    if not all(_FILTERABLE.fullmatch(feature) for feature in union):
+        # Heksher 0.5.7 parses filter feature names as [a-z]+: a feature
+        # like trust_level cannot appear in a filter at all, and would
+        # break the query for every process. Ask for every rule instead;
+        # each process keeps only its own tracked values anyway.
+        return tuple(sorted(names)), TRACK_ALL
+    return tuple(sorted(names)), context_filters(union)
+
+
+def acknowledgements(
+    term: Term, wishes: Sequence[Wish], error: str | None = None, error_id: str = ""
+) -> dict[str, Ack]:
+    """The acknowledgements to publish, for live processes only.
+
+    A process's request is acknowledged once each of its declarations got
+    an answer in this term and, if it asked for a query, a query (or the
+    standing error) answered it.
+    """
+    if error is None and term.error is not None:
+        error, error_id = term.error
+    acks = dict(term.served)
+    for wish in wishes:
+        served = acks.get(wish.key)
+        if served is not None and served.seq >= wish.reload_seq and (not served.error or error):
+            continue  # nothing new to say (the common case: no work per process)
+        if wish.query_seq > term.queried_for.get(wish.key, 0):
+            continue  # a query is still to come for it
+        if not all(digest in term.declared for digest in wish.declarations):
+            continue  # its set_as_main waits for its declarations, not just for any update
+        acks[wish.key] = Ack(wish.reload_seq, error, error_id)
+    live = {w.key for w in wishes}
+    return {k: v for k, v in acks.items() if k in live}
+
+
+_FILTERABLE = re.compile(r"[a-z]+")
+
+
+def transient(outcome: Outcome) -> bool:
+    """Worth declaring again: no answer at all, or a server error."""
+    return not outcome.settled
