@@ -1,0 +1,268 @@
+"""A client's state, its engine, and the hooks its driver (thread or asyncio) fills in."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from heksher_shm._engine.engine import Engine
+from heksher_shm._engine.local import LocalLock, LocalSource, LocalTransport
+from heksher_shm._engine.ports import Wish
+from heksher_shm._engine.shared import (
+    SEGMENT_NAME,
+    Neighbours,
+    RegistrySource,
+    SharedParts,
+    open_shared,
+    wish_key,
+)
+from heksher_shm._model.snapshot import Ack, Head, SettingEntry
+from heksher_shm._shm.identity import current_identity
+from heksher_shm._shm.segment import Segment
+from heksher_shm.clients._defaults import ContextDefaults
+from heksher_shm.setting import Setting, _ContextView
+
+__all__ = ["ClientCore"]
+
+logger = logging.getLogger("heksher_shm.client")
+
+_bell_numbers = itertools.count(1)
+"""Numbers this process's doorbells (one per client that joins a segment)."""
+
+
+class ClientCore(ContextDefaults):
+    """The state the parts of a client share, and the engine it runs (see
+    :mod:`heksher_shm.clients._base`)."""
+
+    _is_stub = False
+    _kind: Literal["async", "thread"]
+
+    def __init__(
+        self,
+        service_url: str,
+        update_interval: float,
+        context_features: Sequence[str],
+        *,
+        http_client_args: Mapping[str, Any] | None = None,
+        shared: bool = True,
+        shm_dir: str | os.PathLike[str] | None = None,
+        segment_name: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        _check_arguments(
+            service_url, update_interval, context_features, http_client_args, startup_timeout, segment_name
+        )
+        super().__init__()
+        self._service_url = service_url
+        self._update_interval = float(update_interval)
+        self._context_features = tuple(context_features)
+        self._http_client_args = dict(http_client_args or {})
+        self._shared = bool(shared)
+        self._shm_dir = None if shm_dir is None else os.fspath(shm_dir)
+        self._segment_name = segment_name
+        self._startup_timeout = float(startup_timeout)
+
+        self._tracked: dict[str, str | set[str]] = {}
+        self._warned_untracked: set[tuple[str, str]] = set()
+
+        self._settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
+        self._reapply_all = False
+        """Set when every setting must be rebuilt from the next snapshot, whatever its blob digest."""
+        self._peeked: tuple[int, Head, dict[str, SettingEntry]] | None = None
+        """The head get() decoded to apply one setting (see _apply_one), until the full apply."""
+        self._released_failures: dict[str, str] = {}
+        """Declaration digest -> setting name, of settings released after their declaration failed."""
+        self._failed_conversions: weakref.WeakKeyDictionary[Setting[Any], int] = weakref.WeakKeyDictionary()
+        """Settings whose new rules a validator or on_coerce failed on, and the generation they came in."""
+        # Reentrant: validators run while it is held, and may call get() on other settings.
+        self._apply_lock = threading.RLock()
+        # A list, not an int: settings' states share it, so get() compares the
+        # segment's generation word with it without calling into the client.
+        self._applied_box = [-1]
+        self._queried = 0.0
+        self._head: Head | None = None
+        self._ack = Ack(0)
+        self._reload_seq = 0
+        self._query_seq = 0
+        self._wish_dirty = False
+        """A setting was added since the registration was written: the background loop writes it."""
+        self._errors: dict[str, BaseException] = {}
+        self._main = False
+        self._closed = False
+        self._parts: SharedParts | None = None
+        self._neighbours: Neighbours | None = None
+        self._registered = b""
+        """What this process last wrote as its registration (empty until set_as_main writes it)."""
+        # Held while the registration is computed and written, from set_as_main/reload/track_contexts
+        # and from the background loop's housekeeping: the last write carries the latest wish.
+        self._register_lock = threading.Lock()
+        self._transport: LocalTransport | Segment = LocalTransport()
+        self._local_source = LocalSource(self._wish)
+        self._key = f"local-{id(self):x}"
+        self._engine = self._make_engine()
+        self._init_driver()
+        _live_clients.add(self)
+
+    def _make_engine(self) -> Engine:
+        parts, neighbours = self._parts, self._neighbours
+        if parts is None or neighbours is None:
+            engine = Engine(
+                transport=self._transport,
+                lock=LocalLock(),
+                source=self._local_source,
+                update_interval=self._update_interval,
+                context_features=self._context_features,
+                identity=(os.getpid(), 0.0, 0),
+                errors=self._errors,
+                housekeeping=self._flush_wish,
+                service_url=self._service_url,
+            )
+        else:
+            identity = current_identity()
+            engine = Engine(
+                transport=parts.segment,
+                lock=parts.lock,
+                source=RegistrySource(parts.registry, parts.segment),
+                update_interval=self._update_interval,
+                context_features=self._context_features,
+                identity=(identity.pid, identity.create_time, identity.pidns),
+                errors=self._errors,
+                key=self._key,
+                host=neighbours,
+                bell=neighbours.bell_number,
+                housekeeping=self._housekeep,
+                service_url=self._service_url,
+            )
+        engine.applied_generation = lambda: self._applied_generation
+        return engine
+
+    def _join_shared(self) -> None:
+        """Open the host's segment (once): from now on this client leads or follows there."""
+        if not self._shared or self._parts is not None:
+            return
+        parts = open_shared(
+            self._service_url, self._context_features, shm_dir=self._shm_dir, segment_name=self._segment_name
+        )
+        self._key = wish_key(current_identity())
+        self._neighbours = Neighbours(parts, self._key, next(_bell_numbers))
+        self._parts = parts
+        self._transport = parts.segment
+        self._applied_generation = -1
+        self._engine = self._make_engine()
+
+    def _init_driver(self) -> None:
+        """Create what the driver owns: ``modification_lock``, the HTTP client, events.
+
+        Called at construction and again in a forked child, where it replaces
+        whatever the parent's threads may have held at fork time.
+        """
+        raise NotImplementedError
+
+    def _restart_after_fork(self) -> None:
+        """Resume background work in the child."""
+        raise NotImplementedError
+
+    def _close_driver_in_child(self) -> None:
+        """In a forked child, before ``_init_driver``: close descriptors the parent's driver owned."""
+
+    @property
+    def _applied_generation(self) -> int:
+        """The generation of the shared snapshot applied to this process's settings."""
+        return self._applied_box[0]
+
+    @_applied_generation.setter
+    def _applied_generation(self, generation: int) -> None:
+        self._applied_box[0] = generation
+
+    def _watch(self) -> tuple[Any, list[int]]:
+        """What get() compares: the transport's words (item 2 is the generation) and the applied box."""
+        return self._transport.words, self._applied_box
+
+    def _try_modification_lock(self) -> bool:
+        raise NotImplementedError
+
+    def _release_modification_lock(self) -> None:
+        raise NotImplementedError
+
+    def _notify_applied(self) -> None:
+        """Wake whoever waits for an acknowledgement (set_as_main, reload)."""
+
+    def _wake(self) -> None:
+        """Wake the background loop (the driver's)."""
+        raise NotImplementedError
+
+    # -- what the parts provide each other (defined in the mixins of BaseHeksherClient) ---------------
+
+    def _wish(self) -> Wish:  # clients._registering
+        raise NotImplementedError
+
+    def _setting_added(self, setting: Setting[Any]) -> None:  # clients._registering
+        raise NotImplementedError
+
+    def _flush_wish(self) -> None:  # clients._registering
+        raise NotImplementedError
+
+    def _housekeep(self) -> None:  # clients._registering
+        raise NotImplementedError
+
+    def _segment_damaged(self) -> None:  # clients._registering
+        raise NotImplementedError
+
+    def _already_served(self) -> bool:  # clients._answers
+        raise NotImplementedError
+
+    def _reinstall_all(self) -> None:  # clients._applying
+        raise NotImplementedError
+
+    def _refresh(self, setting: Setting[Any]) -> None:  # clients._applying
+        raise NotImplementedError
+
+    def _context_view(self) -> _ContextView:  # clients._base
+        raise NotImplementedError
+
+    def _after_fork_in_child(self) -> None:  # clients._base
+        raise NotImplementedError
+
+    def on_update_error(self, exc: Exception) -> None:  # clients._base (public)
+        raise NotImplementedError
+
+
+def _check_arguments(
+    service_url: object,
+    update_interval: object,
+    context_features: object,
+    http_client_args: object,
+    startup_timeout: object,
+    segment_name: object,
+) -> None:
+    """Refuse a wrong constructor argument at once, naming it (not later, in the background)."""
+    if not isinstance(service_url, str) or not service_url:
+        raise TypeError(f"service_url must be a non-empty string, got {service_url!r}")
+    _check_seconds("update_interval", update_interval)
+    if (
+        isinstance(context_features, str)
+        or not isinstance(context_features, Sequence)
+        or not all(isinstance(f, str) for f in context_features)
+    ):
+        raise TypeError(f"context_features must be a sequence of names, got {context_features!r}")
+    if http_client_args is not None and not isinstance(http_client_args, Mapping):
+        raise TypeError(f"http_client_args must be a mapping, got {http_client_args!r}")
+    _check_seconds("startup_timeout", startup_timeout)
+    if segment_name is not None and not (
+        isinstance(segment_name, str) and SEGMENT_NAME.fullmatch(segment_name)
+    ):
+        raise ValueError(f"segment_name must match {SEGMENT_NAME.pattern}, got {segment_name!r}")
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+_live_clients: weakref.WeakSet[ClientCore] = weakref.WeakSet()
+"""Every client of this process (each resumes after fork, see :mod:`heksher_shm.clients._base`)."""
