@@ -2,9 +2,18 @@
 
 A client here is the *front end* of one process: it holds the context
 defaults and tracked contexts, registers the process's wishes (declarations,
-tracked contexts, reload requests) where the leader reads them, and applies
+tracked contexts, requests) where the leader reads them, and applies
 published snapshots to the process's settings. The background work itself is
-:class:`heksher_shm._engine.Engine`, driven by each client in its own way.
+the engine (:mod:`heksher_shm._engine`), driven by each client in its own way
+(:mod:`heksher_shm.clients.thread_client`, :mod:`heksher_shm.clients.async_client`).
+
+The parts, one module each, over one shared state::
+
+    _base.py          BaseHeksherClient: the documented API, becoming main, fork
+    _registering.py     telling the leader what this process needs; keeping the files in place
+    _answers.py         what a request came to: acknowledged, failed, timed out, already served
+    _applying.py        applying snapshots to the settings, and compiling their rules lazily
+    _core.py            the state, the engine, and the driver's hooks
 """
 
 from __future__ import annotations
