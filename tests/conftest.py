@@ -8,6 +8,7 @@ injection or request counters ask for ``memory_service`` and skip there.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -30,6 +31,15 @@ def _private_shm_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     directory = tmp_path_factory.mktemp("shm")
     directory.chmod(0o700)
     monkeypatch.setenv("HEKSHER_SHM_DIR", str(directory))
+
+
+@pytest.fixture(autouse=True)
+def _private_umask() -> Iterator[None]:
+    """Files a test writes by hand (hostile registrations, say) are private, as heksher_shm's own are:
+    what a test means to be wrong with them is their content, not their mode."""
+    previous = os.umask(0o077)
+    yield
+    os.umask(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -274,7 +274,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "garbage": (_garbage, "not a valid registration"),
     "symlink": (_symlink, "symbolic link"),
     "fifo": (_fifo, "not a regular file"),
-    "directory": (_directory, "not a regular file"),
+    "directory": (_directory, "is a directory"),
     "foreign": (_foreign, "owned by uid 65534"),
     "other identity": (_other_identity, "not the file's owner"),
     "bad declaration": (_bad_declaration, "invalid name 'x y'"),

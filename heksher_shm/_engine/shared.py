@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import re
-import stat
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import msgspec
 from heksher_shm._engine.ports import Wish
 from heksher_shm._model.protocol import DeclarationBody, declaration_digest
 from heksher_shm._model.snapshot import FORMAT as SNAPSHOT_FORMAT
+from heksher_shm._shm import files
 from heksher_shm._shm.bell import Bell, ring
 from heksher_shm._shm.election import LeaderLock
 from heksher_shm._shm.identity import (
@@ -41,7 +41,6 @@ from heksher_shm._shm.identity import (
 from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.registry import Registration, Registry, bell_name, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
-from heksher_shm.exceptions import SegmentError
 
 __all__ = [
     "SEGMENT_NAME",
@@ -120,14 +119,7 @@ def _check_lock_file(path: Path) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if stat.S_ISLNK(st.st_mode):
-        raise SegmentError(f"lock file {path}: is a symbolic link; refusing to follow it")
-    if not stat.S_ISREG(st.st_mode):
-        raise SegmentError(f"lock file {path}: is not a regular file")
-    if st.st_uid != os.geteuid():
-        raise SegmentError(
-            f"lock file {path}: is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-        )
+    files.refuse_file("leader lock file", path, st)
 
 
 _declaration_decoder = msgspec.json.Decoder(DeclarationBody)

@@ -42,7 +42,6 @@ import contextlib
 import errno
 import os
 import secrets
-import stat
 import threading
 import time
 import weakref
@@ -51,6 +50,7 @@ from pathlib import Path
 
 import filelock
 
+from heksher_shm._shm import files
 from heksher_shm.exceptions import SegmentError
 
 __all__ = ["LeaderLock"]
@@ -87,8 +87,6 @@ else:  # pragma: no cover - depends on the installed filelock
     _try_lock = _fcntl_lock
     _unlock = _fcntl_unlock
 
-# O_NONBLOCK: opening a FIFO planted at the lock path must not wait for a writer.
-_OPEN_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 # Serialises every change to a LeaderLock's descriptor with fork(): the
 # before-fork hook takes it, so a child never inherits a descriptor that was
@@ -302,24 +300,12 @@ class LeaderLock:
 
     def _open(self) -> None:
         self._check_directory()
-        try:
-            fd = os.open(self._path, _OPEN_FLAGS, 0o600)
-        except OSError as error:
-            raise SegmentError(f"{self._path}: cannot open the leader lock file: {_why(error)}") from error
+        fd = files.open_private_file("leader lock file", self._path, create=True, writable=False)
         # Recorded before anything can raise, so the fork hook always finds it.
         self._fd = fd
         try:
             st = os.fstat(fd)
             self._inode = (st.st_dev, st.st_ino)
-            if not stat.S_ISREG(st.st_mode):
-                raise SegmentError(f"{self._path}: refusing the leader lock file: not a regular file")
-            if st.st_uid != os.geteuid():
-                raise SegmentError(
-                    f"{self._path}: refusing the leader lock file: owned by uid {st.st_uid}, "
-                    f"not by this user (uid {os.geteuid()})"
-                )
-            if stat.S_IMODE(st.st_mode) & 0o077:
-                os.fchmod(fd, 0o600)
         except BaseException:
             self._close()
             raise
@@ -330,17 +316,9 @@ class LeaderLock:
             st = os.lstat(directory)
         except OSError as error:
             raise SegmentError(f"{self._path}: cannot use the lock's directory: {_why(error)}") from error
-        problem = None
-        if stat.S_ISLNK(st.st_mode):
-            problem = "it is a symbolic link"
-        elif not stat.S_ISDIR(st.st_mode):
-            problem = "not a directory"
-        elif st.st_uid != os.geteuid():
-            problem = f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-        elif stat.S_IMODE(st.st_mode) & 0o022:
-            problem = f"writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+        problem, _ = files.directory_problem(st, ours=False)
         if problem is not None:
-            raise SegmentError(f"{directory}: refusing the lock's directory: {problem}")
+            raise SegmentError(f"lock folder {directory}: {problem}")
 
     def _path_matches(self) -> bool:
         try:

@@ -67,6 +67,7 @@ from typing import Literal
 
 import msgspec
 
+from heksher_shm._shm import files
 from heksher_shm._shm.identity import (
     TOKEN_PATTERN,
     ProcessIdentity,
@@ -543,12 +544,9 @@ class Registry:
         return key, registration
 
     def _refuse(self, st: os.stat_result) -> str | None:
-        if stat.S_ISLNK(st.st_mode):
-            return "a symbolic link"
-        if not stat.S_ISREG(st.st_mode):
-            return f"not a regular file (mode {st.st_mode:o})"
-        if st.st_uid != os.geteuid():
-            return f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        problem = files.file_problem(st)
+        if problem is not None:
+            return problem
         if st.st_size > self._max_bytes:
             return f"too large ({st.st_size} bytes, limit {self._max_bytes})"
         return None
@@ -611,12 +609,10 @@ class Registry:
             raise SegmentError(f"{path}: cannot use the registry directory: it keeps disappearing")
         try:
             st = os.fstat(fd)
-            if st.st_uid != os.geteuid():
-                raise SegmentError(
-                    f"{path}: refusing the registry directory: owned by uid {st.st_uid}, "
-                    f"not by this user (uid {os.geteuid()})"
-                )
-            if stat.S_IMODE(st.st_mode) != 0o700:
+            problem, tighten = files.directory_problem(st, ours=True)
+            if problem is not None:
+                raise SegmentError(f"registry folder {path}: {problem}")
+            if tighten or stat.S_IMODE(st.st_mode) != 0o700:
                 # Also repairs a restrictive umask at mkdir time.
                 os.fchmod(fd, 0o700)
         except BaseException:

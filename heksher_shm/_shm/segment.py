@@ -41,7 +41,6 @@ import mmap
 import operator
 import os
 import pathlib
-import stat
 import struct
 import sys
 import tempfile
@@ -55,7 +54,7 @@ from itertools import accumulate
 from types import TracebackType
 from typing import NamedTuple, TypeVar
 
-from heksher_shm._shm import layout
+from heksher_shm._shm import files, layout
 from heksher_shm._shm.identity import pid_namespace
 from heksher_shm._shm.layout import (
     DESCRIPTOR_CRC_SPAN,
@@ -102,7 +101,6 @@ _DEV_SHM = "/dev/shm"
 _DIR_PREFIX = "heksher_shm-"
 _GENERATION_LIMIT = 1 << 63  # generations at or above this are treated as garbage
 _WORD_MASK = (1 << 64) - 1
-_OPEN_RETRIES = 10
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -259,74 +257,6 @@ def _region_usable(desc: SlotDescriptor, file_size: int) -> bool:
     )
 
 
-def _check_file(path: pathlib.Path, st: os.stat_result) -> None:
-    """Refuse anything but a private regular file of ours (invariant 9)."""
-    mode = st.st_mode
-    euid = os.geteuid()
-    if stat.S_ISLNK(mode):
-        reason = "is a symbolic link; refusing to follow it"
-    elif stat.S_ISDIR(mode):
-        reason = "is a directory, not a segment file"
-    elif stat.S_ISFIFO(mode):
-        reason = "is a FIFO, not a regular file"
-    elif not stat.S_ISREG(mode):
-        reason = f"is not a regular file (type {stat.S_IFMT(mode):#o})"
-    elif st.st_uid != euid:
-        reason = f"is owned by uid {st.st_uid}, not by this user (uid {euid})"
-    elif mode & 0o077:
-        reason = f"has mode {stat.S_IMODE(mode):#o}; group/other permission bits must be clear (0600)"
-    else:
-        return
-    raise SegmentError(f"segment file {path}: {reason}")
-
-
-def _open_segment_file(path: pathlib.Path, create: bool) -> int:
-    """Open (or create) the segment file without following symlinks or blocking."""
-    # O_NOFOLLOW: a symlink planted in our place fails with ELOOP instead of being followed.
-    # O_NONBLOCK: a FIFO planted in our place cannot hang open(); we refuse it after fstat.
-    # O_CLOEXEC: an exec'd child must not inherit the mapping's descriptor.
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    for _ in range(_OPEN_RETRIES):
-        try:
-            # Look before opening: opening a device node can have side effects, so anything
-            # that is not a regular file is refused without ever being opened.
-            st = os.lstat(path)
-        except FileNotFoundError:
-            if not create:
-                raise SegmentError(f"segment file {path}: does not exist") from None
-            try:
-                # O_EXCL makes creation race-safe: of two processes creating at once, one wins
-                # and the other opens the winner's file through the branch below.
-                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise SegmentError(f"segment file {path}: cannot create it: {exc.strerror}") from exc
-            try:
-                # The umask may have cleared owner bits; the mode must be exactly 0600.
-                os.fchmod(fd, 0o600)
-            except OSError as exc:
-                os.close(fd)
-                raise SegmentError(f"segment file {path}: cannot set mode 0600: {exc.strerror}") from exc
-            return fd
-        except OSError as exc:
-            raise SegmentError(f"segment file {path}: cannot inspect it: {exc.strerror}") from exc
-        _check_file(path, st)
-        try:
-            return os.open(path, flags)
-        except FileNotFoundError:
-            continue  # removed between lstat and open: start over
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                reason = "is a symbolic link; refusing to follow it"
-            elif exc.errno == errno.EISDIR:
-                reason = "is a directory, not a segment file"
-            else:
-                reason = f"cannot open it: {exc.strerror}"
-            raise SegmentError(f"segment file {path}: {reason}") from exc
-    raise SegmentError(f"segment file {path}: keeps being created and removed by another process")
-
-
 _live_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
 
 
@@ -379,11 +309,9 @@ class Segment:
             # The hot path reads the generation as a native word; the layout is little-endian.
             raise SegmentError(f"segment file {path}: big-endian hosts are not supported")
         seg_path = pathlib.Path(os.path.abspath(os.fspath(path)))
-        fd = _open_segment_file(seg_path, create)
+        fd = files.open_private_file("segment file", seg_path, create=create, writable=True)
         try:
             st = os.fstat(fd)
-            # The lstat check ran on a name; this one runs on the file we actually opened.
-            _check_file(seg_path, st)
             if st.st_size < HEADER_SIZE:
                 # Every opener, reader or writer, makes sure the header exists, so every
                 # mapping covers it and generation() is a plain load with no size check.
@@ -1137,20 +1065,12 @@ def resolve_shm_dir(shm_dir: str | os.PathLike[str] | None = None) -> pathlib.Pa
             reason = f"cannot open it: {exc.strerror}"
         raise SegmentError(f"segment directory {path}: {reason}") from exc
     try:
-        st = os.fstat(fd)
-        euid = os.geteuid()
-        if st.st_uid != euid:
-            raise SegmentError(
-                f"segment directory {path}: is owned by uid {st.st_uid}, not by this user (uid {euid})"
-            )
-        mode = stat.S_IMODE(st.st_mode)
-        if created or (not explicit and mode & 0o077):
+        problem, tighten = files.directory_problem(os.fstat(fd), ours=not explicit)
+        if problem is not None and not created:
+            raise SegmentError(f"segment directory {path}: {problem}")
+        if created or tighten:
             # Ours and meant to be private: the umask may have widened or narrowed it.
             os.fchmod(fd, 0o700)
-        elif explicit and mode & 0o022:
-            raise SegmentError(
-                f"segment directory {path}: has mode {mode:#o}; it must not be writable by group or others"
-            )
     except OSError as exc:
         raise SegmentError(f"segment directory {path}: cannot check or set its mode: {exc.strerror}") from exc
     finally:
