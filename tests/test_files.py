@@ -38,9 +38,12 @@ def _directory(path: Path) -> None:
 
 
 def _socket(path: Path) -> None:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(path))
-    sock.close()
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(f"/proc/self/fd/{folder}/{path.name}")  # a deep tmp path is too long for sun_path
+    finally:
+        os.close(folder)
     path.chmod(0o600)
 
 
