@@ -38,12 +38,23 @@ def racer(path: str, barrier: Barrier, conn: Connection) -> None:
     got = lock.try_acquire()
     conn.send(("first", os.getpid(), got, time.monotonic()))
     if not got:
-        got = lock.acquire(timeout=WORKER_DEADLINE, poll_interval=0.02)
+        got = wait_for_lock(lock, WORKER_DEADLINE)
         if got:
             conn.send(("acquired", os.getpid(), True, time.monotonic()))
     if got and conn.poll(WORKER_DEADLINE):
         conn.recv()
         lock.release()
+
+
+def wait_for_lock(lock: LeaderLock, timeout: float, poll: float = 0.02) -> bool:
+    """Try the lock every *poll* seconds until it is taken or *timeout* passed (a test's waiter: the
+    library itself never waits on the lock, it is told when to try)."""
+    deadline = time.monotonic() + timeout
+    while not lock.try_acquire():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
 
 
 def fork_leader(path: str, mode: str, conn: Connection) -> None:

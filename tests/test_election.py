@@ -35,6 +35,7 @@ from heksher_shm._shm.identity import (
 )
 from heksher_shm.exceptions import SegmentError
 from tests import _election_workers as workers
+from tests._election_workers import wait_for_lock
 
 SPAWN = multiprocessing.get_context("spawn")
 # Generous bound for one step that needs a fresh interpreter (spawn + imports).
@@ -240,41 +241,14 @@ def test_lock_file_is_private_and_exclusive(private_dir: Path) -> None:
         second.release()
 
 
-def test_acquire_times_out_and_returns_promptly_when_cancelled(private_dir: Path) -> None:
-    path = private_dir / "seg.lock"
-    holder, waiter = LeaderLock(path), LeaderLock(path)
-    assert holder.try_acquire()
-    try:
-        started = time.monotonic()
-        assert not waiter.acquire(timeout=0.1)
-        assert 0.1 <= time.monotonic() - started < 1.0
-
-        cancel = threading.Event()
-        result: list[bool] = []
-        thread = threading.Thread(target=lambda: result.append(waiter.acquire(None, cancel, poll_interval=5)))
-        thread.start()
-        cancelled_at = time.monotonic()
-        cancel.set()
-        thread.join(STEP_DEADLINE)
-        assert not thread.is_alive()
-        assert result == [False]
-        assert time.monotonic() - cancelled_at < 0.5  # not one 5 s poll interval
-
-        assert not waiter.acquire(timeout=None, cancel=cancel)  # already cancelled: no attempt
-    finally:
-        holder.release()
-    assert waiter.acquire(timeout=STEP_DEADLINE)
-    waiter.release()
-
-
-def test_acquire_takes_over_after_release_within_poll_interval(private_dir: Path) -> None:
+def test_a_waiter_takes_over_after_release(private_dir: Path) -> None:
     path = private_dir / "seg.lock"
     holder, waiter = LeaderLock(path), LeaderLock(path)
     assert holder.try_acquire()
     acquired_at: list[float] = []
 
     def wait_for_it() -> None:
-        if waiter.acquire(timeout=STEP_DEADLINE, poll_interval=0.02):
+        if wait_for_lock(waiter, STEP_DEADLINE):
             acquired_at.append(time.monotonic())
 
     thread = threading.Thread(target=wait_for_it)
@@ -374,26 +348,16 @@ def test_forked_child_neither_holds_nor_releases_the_parents_lock(private_dir: P
     other_path = private_dir / "other.lock"
     lock = LeaderLock(path)
     other = LeaderLock(other_path)
-    waiter = LeaderLock(other_path)
     probe = LeaderLock(path)
     assert lock.try_acquire()
     assert other.try_acquire()
-    # A thread of the parent waits in acquire(), so its descriptor is open
-    # (but not locked) at the moment of the fork.
-    cancel = threading.Event()
-    thread = threading.Thread(target=waiter.acquire, args=(None, cancel, 0.01))
-    thread.start()
     try:
-        deadline = time.monotonic() + STEP_DEADLINE
-        while _descriptors_open_on(other_path) < 2:
-            assert time.monotonic() < deadline, "waiter never opened the lock file"
-            time.sleep(0.001)
 
         def child() -> bytes:
             inherited = _descriptors_open_on(path, other_path)
             report = f"{inherited} {lock.held} {lock.try_acquire()} {lock.verify()}"
             lock.release()
-            report += f" {lock.try_acquire()} {waiter.held}"
+            report += f" {lock.try_acquire()} {other.held}"
             return report.encode()
 
         output, code = run_in_child(child)
@@ -404,9 +368,7 @@ def test_forked_child_neither_holds_nor_releases_the_parents_lock(private_dir: P
         lock.release()
         assert probe.try_acquire()
     finally:
-        cancel.set()
-        thread.join(STEP_DEADLINE)
-        for each in (lock, probe, other, waiter):
+        for each in (lock, probe, other):
             each.release()
 
 

@@ -3,8 +3,9 @@
 Whoever holds an exclusive ``flock`` on ``<segment>.lock`` is the segment's
 leader. The kernel drops the lock when the holder's last descriptor closes,
 which includes every kind of death (SIGKILL, OOM kill), so a dead leader never
-blocks a successor; waiters poll with a non-blocking ``flock`` and take over
-within one ``poll_interval``.
+blocks a successor. Nobody waits on the lock itself: followers try it
+without waiting when something tells them the leader may be gone (its pidfd,
+a ring; see :mod:`heksher_shm._engine`).
 
 Why the descriptor is ours and not a :class:`filelock.FileLock`
 ---------------------------------------------------------------
@@ -43,7 +44,6 @@ import errno
 import os
 import secrets
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -146,52 +146,7 @@ class LeaderLock:
         """Take the lock if it is free, without waiting; return whether it is held now."""
         with _GATE:
             self._adopt_fork()
-            return self._held or self._attempt(keep_open=False)
-
-    def acquire(
-        self,
-        timeout: float | None = None,
-        cancel: threading.Event | None = None,
-        poll_interval: float = 0.02,
-    ) -> bool:
-        """Wait for the lock; return ``True`` once held, ``False`` on timeout or cancellation.
-
-        Args:
-            timeout: seconds to wait; ``None`` waits until cancelled.
-            cancel: when set (also from another thread), the wait ends within
-                moments and ``False`` is returned; a set event means no attempt
-                is made.
-            poll_interval: seconds between attempts. ``flock`` offers no
-                waiting with a timeout, so a takeover happens at most this long
-                after the lock becomes free.
-        """
-        if poll_interval <= 0:
-            raise ValueError(f"poll_interval must be positive, not {poll_interval!r}")
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        try:
-            while True:
-                if cancel is not None and cancel.is_set():
-                    return False
-                with _GATE:
-                    self._adopt_fork()
-                    # The descriptor stays open between attempts: one open()
-                    # per wait, not one per poll.
-                    if self._held or self._attempt(keep_open=True):
-                        return True
-                delay = poll_interval
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    delay = min(delay, remaining)
-                if cancel is not None:
-                    cancel.wait(delay)
-                else:
-                    time.sleep(delay)
-        finally:
-            with _GATE:
-                if not self._held and self._owner_pid == os.getpid():
-                    self._close()
+            return self._held or self._attempt()
 
     def seize(self) -> bool:
         """Lead in place of a holder that stopped making progress: put a new lock file, locked by this
@@ -274,7 +229,7 @@ class LeaderLock:
 
     # -- internals (callers hold _GATE) ------------------------------------
 
-    def _attempt(self, *, keep_open: bool) -> bool:
+    def _attempt(self) -> bool:
         # Two rounds: if the file we locked turns out to have been replaced
         # (see verify()), try once more on the file that is there now.
         for _ in range(2):
@@ -288,8 +243,7 @@ class LeaderLock:
                 self._close()
                 raise SegmentError(f"{self._path}: cannot lock the leader lock file: {error}") from error
             if not locked:
-                if not keep_open:
-                    self._close()
+                self._close()
                 return False
             if self._path_matches():
                 self._held = True
