@@ -10,7 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from heksher_shm.testing._server import HeksherService
+from heksher_shm.testing import HeksherService
 
 __all__ = ["serve"]
 
