@@ -178,7 +178,7 @@ class InMemoryService(BenchService):
         construction. Falls back to the public path if the internals moved.
         """
         try:
-            from heksher_shm.testing._state import _Rule
+            from heksher_shm.testing._records import StoredRule as _Rule
 
             state = self._service.state
             with state._lock:

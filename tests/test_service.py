@@ -6,6 +6,7 @@ real Heksher 0.5.7 gives: statuses, bodies and body kinds (JSON, plain text, emp
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
@@ -16,11 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import heksher_shm
 import heksher_shm.testing
 from heksher_shm.testing import (
     Fault,
@@ -93,6 +96,52 @@ def test_all_is_complete() -> None:
     # pytest's assertion rewriting adds `@py_...` names to plugin packages: not identifiers, skipped
     public = {name for name in vars(heksher_shm.testing) if name.isidentifier() and not name.startswith("_")}
     assert public - {"pytest_plugin"} == set(heksher_shm.testing.__all__)
+
+
+# Each module of the service and the modules it may import: only ones further down this list.
+LAYERS = [
+    "_types",
+    "_errors",
+    "_faults",
+    "_records",
+    "_validation",
+    "_declare",
+    "_store",
+    "_race",
+    "_api",
+    "_http",
+    "_service",
+    "__init__",
+    "pytest_plugin",
+]
+
+
+def test_service_modules_import_only_downwards() -> None:
+    package = Path(heksher_shm.testing.__file__).parent
+    assert {path.stem for path in package.glob("*.py")} == set(LAYERS)
+    for module in LAYERS:
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {
+            node.module.rpartition(".")[2]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module is not None
+            and node.module.startswith("heksher_shm.testing.")
+        }
+        upward = {name for name in imported if LAYERS.index(name) >= LAYERS.index(module)}
+        assert not upward, f"{module} imports {upward}, which are not below it"
+
+
+def test_setting_type_is_a_deprecated_alias_of_service_type() -> None:
+    with pytest.warns(DeprecationWarning, match=r"testing\.SettingType is deprecated.*ServiceType"):
+        alias = heksher_shm.testing.SettingType
+    assert alias is heksher_shm.testing.ServiceType
+    assert alias is not heksher_shm.SettingType
+    with pytest.warns(DeprecationWarning, match="ServiceType"):
+        from heksher_shm.testing import SettingType  # noqa: F401
+    assert isinstance(parse_setting_type("Sequence<int>"), heksher_shm.testing.ServiceType)
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        heksher_shm.testing.NoSuchName  # noqa: B018
 
 
 def test_importing_the_package_does_not_import_pytest() -> None:

@@ -162,7 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment directory (default: $HEKSHER_SHM_DIR, else a private temporary one)",
     )
 
-    serve = commands.add_parser("serve", help="run the in-memory Heksher service until interrupted")
+    serve = commands.add_parser(
+        "serve",
+        help="run the in-memory Heksher service until interrupted",
+        description="Run heksher_shm's in-memory Heksher service (the one tests get from\n"
+        "heksher_shm.testing) on HOST:PORT: the Heksher v1 HTTP API, answered as a real\n"
+        "Heksher 0.5.7 answers it, for trying clients by hand. Not for production: its\n"
+        "settings and rules live in memory only and are lost when it stops.\n"
+        "\n"
+        "It prints its URL on the first line, serves until SIGINT (Ctrl-C) or SIGTERM,\n"
+        "then prints a line saying it stopped and exits 0; it exits 1 when it cannot\n"
+        "listen (the port is taken, say). Clients declare their settings themselves and\n"
+        "must use the same context features, in the same order (--context-features);\n"
+        "add rules with curl against /api/v1/rules.",
+        epilog="example:\n"
+        "  heksher-shm serve --port 8888 --context-features user,theme,environment\n"
+        "  curl -s http://127.0.0.1:8888/api/v1/query     # from another shell\n"
+        "\n"
+        "The documentation's Testing page has curl examples that add, change and\n"
+        "delete rules.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument(
         "--port", type=int, default=8888, help="port to listen on, 0 for any free one (default: 8888)"
@@ -171,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-features",
         type=_features,
         default=["user", "theme", "environment"],
+        metavar="A,B,...",
         help="comma-separated context features, in order (default: user,theme,environment)",
     )
     return parser

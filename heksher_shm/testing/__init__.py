@@ -3,26 +3,25 @@
 It speaks the Heksher v1 HTTP API the way a real 0.5.7 server does, records requests and injects
 faults.  The pytest fixtures live in :mod:`heksher_shm.testing.pytest_plugin` (loaded by pytest
 automatically; importing this package does not import pytest).
+
+The modules, each importing only those below it: ``_service`` (the facade) -> ``_http`` (sockets)
+-> ``_api`` (routes) -> ``_validation`` (422s), ``_race`` and ``_store`` (the data) -> ``_declare``
+(judging declarations) -> ``_records``, ``_errors`` -> ``_types`` (type strings); ``_faults`` (faults
+and request records) is used by the facade and the sockets.
 """
 
-from heksher_shm.testing._server import (
-    DEFAULT_CONTEXT_FEATURES,
-    HEKSHER_VERSION,
-    DeclarationRace,
-    Fault,
-    FaultKind,
-    HeksherService,
-    InjectedFault,
-    RequestRecord,
-)
-from heksher_shm.testing._state import (
-    HeksherState,
-    RuleInfo,
-    ServiceError,
-    SettingInfo,
-    SettingType,
-    parse_setting_type,
-)
+# Underscored imports keep the module's namespace equal to __all__ (tests/test_service.py checks it).
+import warnings as _warnings
+from typing import Any as _Any
+
+from heksher_shm.testing._api import HEKSHER_VERSION
+from heksher_shm.testing._errors import ServiceError
+from heksher_shm.testing._faults import Fault, FaultKind, InjectedFault, RequestRecord
+from heksher_shm.testing._race import DeclarationRace
+from heksher_shm.testing._records import RuleInfo, SettingInfo
+from heksher_shm.testing._service import DEFAULT_CONTEXT_FEATURES, HeksherService
+from heksher_shm.testing._store import HeksherState
+from heksher_shm.testing._types import ServiceType, parse_setting_type
 
 __all__ = [
     "DEFAULT_CONTEXT_FEATURES",
@@ -36,7 +35,27 @@ __all__ = [
     "RequestRecord",
     "RuleInfo",
     "ServiceError",
+    "ServiceType",
     "SettingInfo",
-    "SettingType",
     "parse_setting_type",
 ]
+
+# Old names that still work, with a DeprecationWarning on each access (PEP 562).  Not in __all__, so
+# `from heksher_shm.testing import *` does not warn.
+_DEPRECATED = {
+    # `SettingType` read as the client's heksher_shm.SettingType, which it is not
+    "SettingType": ("ServiceType", ServiceType),
+}
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _DEPRECATED:
+        new_name, value = _DEPRECATED[name]
+        _warnings.warn(
+            f"heksher_shm.testing.{name} is deprecated: use heksher_shm.testing.{new_name} (the service's "
+            f"parsed type string; the client's type is heksher_shm.SettingType)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ the setting.  When two declarations of the same new setting both look before eit
 insert, and the second insert breaks the unique setting name: that client gets a bare 500 (uvicorn's
 ``Internal Server Error``, and the connection is closed).  Declaring again then answers ``uptodate``.
 
-:class:`~heksher_shm.testing._state.HeksherState` answers a declaration in one step under one lock, so
+:class:`~heksher_shm.testing._store.HeksherState` answers a declaration in one step under one lock, so
 the in-memory service never races by itself.  :class:`RaceGate` makes it race when a test arms a
 :class:`DeclarationRace`: the next declaration that would create a setting is held between the look-up
 and the insert, and the declarations of the same setting that arrive meanwhile are held with it (they
@@ -20,7 +20,9 @@ import threading
 import time
 from typing import Any
 
-from heksher_shm.testing._state import Declaration, HeksherState, ServiceError
+from heksher_shm.testing._errors import ServiceError
+from heksher_shm.testing._records import Declaration
+from heksher_shm.testing._store import HeksherState
 
 __all__ = ["DeclarationRace", "RaceGate"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from heksher_shm.testing._server import DEFAULT_CONTEXT_FEATURES, HeksherService
+from heksher_shm.testing._service import DEFAULT_CONTEXT_FEATURES, HeksherService
 
 __all__ = ["heksher_service", "heksher_service_factory"]
 

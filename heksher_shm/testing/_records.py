@@ -1,0 +1,106 @@
+"""The records of the in-memory service: what a declaration says, what the store keeps, what tests see.
+
+:class:`Declaration` is a validated declaration body; ``StoredSetting`` and ``StoredRule`` are the
+store's own mutable records (a rule points at its setting, so a rename touches no rule);
+:class:`SettingInfo` and :class:`RuleInfo` are the frozen copies handed to tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from heksher_shm.testing._types import SETTING_NAME_RE, VERSION_RE, JSONValue, ServiceType
+
+__all__ = ["Declaration", "RuleInfo", "SettingInfo", "StoredRule", "StoredSetting"]
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """A validated ``POST /api/v1/settings/declare`` body."""
+
+    name: str
+    configurable_features: tuple[str, ...]
+    type: ServiceType
+    default_value: JSONValue
+    metadata: Mapping[str, JSONValue] = field(default_factory=dict)
+    alias: str | None = None
+    version: str = "1.0"
+
+    def __post_init__(self) -> None:
+        # the HTTP layer reports these as 422s first; this guards the Python helpers
+        if not SETTING_NAME_RE.fullmatch(self.name):
+            raise ValueError(f"invalid setting name {self.name!r}")
+        if self.alias is not None and (not SETTING_NAME_RE.fullmatch(self.alias) or self.alias == self.name):
+            raise ValueError(f"invalid alias {self.alias!r} for setting {self.name!r}")
+        if not VERSION_RE.fullmatch(self.version):
+            raise ValueError(f"invalid version {self.version!r}")
+        if not self.configurable_features or len(set(self.configurable_features)) != len(
+            self.configurable_features
+        ):
+            raise ValueError("configurable_features must be a non-empty list without repeats")
+        if not self.type.validate(self.default_value):
+            raise ValueError(f"type ({self.type}) and default value ({self.default_value!r}) must match")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Snapshots handed to tests
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """A copy of one stored setting, as :attr:`HeksherService.settings` shows it."""
+
+    name: str
+    type: str
+    default_value: JSONValue
+    configurable_features: tuple[str, ...]
+    metadata: Mapping[str, JSONValue]
+    aliases: tuple[str, ...]
+    version: str
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """A copy of one stored rule; ``feature_values`` follows the context-feature order."""
+
+    rule_id: int
+    setting: str
+    feature_values: tuple[tuple[str, str], ...]
+    value: JSONValue
+    metadata: Mapping[str, JSONValue]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The store's own records
+
+
+@dataclass
+class StoredSetting:
+    """A setting as the store keeps it (mutable; never handed out)."""
+
+    name: str
+    type: ServiceType
+    default_value: JSONValue
+    configurable_features: list[str]
+    metadata: dict[str, JSONValue]
+    aliases: list[str]
+    version: str
+
+    def ordered_features(self, order: Sequence[str]) -> list[str]:
+        """The configurable features in context-feature ``order``, as the real server reports them."""
+        return sorted(
+            self.configurable_features,
+            key=lambda f: order.index(f) if f in order else len(order),
+        )
+
+
+@dataclass
+class StoredRule:
+    """A rule as the store keeps it (mutable; never handed out)."""
+
+    rule_id: int
+    setting: StoredSetting  # by reference, so that a rename needs no rule updates
+    feature_values: dict[str, str]
+    value: JSONValue
+    metadata: dict[str, JSONValue]
