@@ -21,7 +21,10 @@ from typing import Any
 
 import pytest
 
+from heksher_shm import __version__
+from heksher_shm._model.snapshot import FORMAT
 from heksher_shm._shm.identity import ProcessIdentity, current_identity, pid_namespace
+from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.registry import Registration, Registry, registry_directory
 from heksher_shm.testing import HeksherService
 from tests._procs import Worker, leaders_of
@@ -403,6 +406,14 @@ def test_watch_needs_one_segment(shm_dir: Path) -> None:
     no_traceback(result)
     assert result.returncode == 2
     assert "name the one to watch: one, two" in result.stderr
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == (
+        f"heksher-shm {__version__} (segment format {FORMAT_VERSION}, snapshot format {FORMAT})\n"
+    )
 
 
 def test_help_lists_commands_and_exit_codes() -> None:

@@ -17,6 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from heksher_shm._model.snapshot import FORMAT as SNAPSHOT_FORMAT
+from heksher_shm._shm.layout import FORMAT_VERSION as SEGMENT_FORMAT
+from heksher_shm._version import __version__
 from heksher_shm.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -27,6 +30,9 @@ from heksher_shm.cli.common import (
 )
 
 __all__ = ["build_parser", "main"]
+
+VERSION = f"heksher-shm {__version__} (segment format {SEGMENT_FORMAT}, snapshot format {SNAPSHOT_FORMAT})"
+"""What ``heksher-shm --version`` prints: the package's version and the file formats it reads."""
 
 _EPILOG = f"""\
 exit codes:
@@ -88,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run the demo, or run an in-memory Heksher service.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=VERSION,
+        help="print the version, and the segment and snapshot formats it reads, and exit",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
