@@ -36,9 +36,11 @@ VERSION = f"heksher-shm {__version__} (segment format {SEGMENT_FORMAT}, snapshot
 
 _EPILOG = f"""\
 exit codes:
-  {EXIT_OK}  success; for status: every segment shown is healthy (verdict ok)
-  {EXIT_UNHEALTHY}  status: a segment is empty, leaderless, unresponsive or stale; demo: it failed
-  {EXIT_USAGE}  bad command line (also: several segments where watch needs one)
+  {EXIT_OK}  success; for status: every segment in use is ok (idle ones, left over by exited
+     processes, count only when named or with --strict)
+  {EXIT_UNHEALTHY}  status: a segment is empty, leaderless, unresponsive or stale (or idle, when
+     named or with --strict); demo: it failed
+  {EXIT_USAGE}  bad command line; watch: no NAME, and not exactly one segment in use
   {EXIT_NOT_FOUND}  not found: the directory, the named segment or setting, or no segments at all
   {EXIT_UNREADABLE}  unreadable: a segment or the directory is another user's, a symlink, or corrupted
   When several segments are shown, status exits with the highest code among them.
@@ -107,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="leader, freshness and processes of each segment; a health check",
         description="Show each segment's leader, generation, heartbeat, last update and error,\n"
-        "live processes, settings and rules, and a verdict. Exits non-zero unless every\n"
-        "segment shown is healthy, so it can serve as a health check.",
+        "live processes, settings and rules, and a verdict. Exits non-zero when a segment\n"
+        "that live processes use is not healthy, so it can serve as a health check; a\n"
+        "segment left over by processes that have exited is idle, which fails only when\n"
+        "it is named (status NAME) or with --strict.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -117,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--ignore-idle",
         action="store_true",
-        help="leave out segments that no live process uses (left over by processes that exited)",
+        help="leave out idle segments: those no live process uses (left over by processes that exited)",
+    )
+    status.add_argument(
+        "--strict",
+        action="store_true",
+        help="count idle segments as unhealthy (exit 1), as status NAME does for the named one",
     )
 
     dump = commands.add_parser(
@@ -141,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_segment_arguments(watch, "the only segment in the directory")
+    _add_segment_arguments(watch, "the only segment in the directory, else the only one in use")
     watch.add_argument(
         "--interval",
         type=_positive_float,
@@ -192,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from heksher_shm.cli.status import run_status
 
-        return run_status(args.dir, args.name, args.json, args.ignore_idle)
+        return run_status(args.dir, args.name, args.json, args.ignore_idle, args.strict)
     if args.command == "dump":
         from heksher_shm.cli.dump import run_dump
 
