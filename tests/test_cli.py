@@ -496,11 +496,36 @@ def test_version() -> None:
     )
 
 
+def exit_codes(help_text: str) -> set[int]:
+    """The codes listed under ``exit codes`` in a --help text."""
+    section = help_text.split("\nexit codes", 1)[1].split("\n\n", 1)[0]
+    return {int(code) for code in re.findall(r"^  (\d+) ", section, re.MULTILINE)}
+
+
 def test_help_lists_commands_and_exit_codes() -> None:
     result = cli("--help")
     assert result.returncode == 0
-    for word in ("status", "dump", "watch", "demo", "serve", "exit codes:"):
+    for word in ("status", "dump", "watch", "demo", "serve", "--version", "exit codes"):
         assert word in result.stdout
+    assert exit_codes(result.stdout) == {0, 1, 2, 3, 4, 130}
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [
+        ("status", {0, 1, 2, 3, 4, 130}),
+        ("dump", {0, 2, 3, 4, 130}),
+        ("watch", {0, 2, 3, 4}),
+        ("demo", {0, 1, 2, 4, 130}),
+    ],
+)
+def test_each_command_lists_its_own_exit_codes(command: str, codes: set[int]) -> None:
+    result = cli(command, "--help")
+    assert result.returncode == 0
+    assert exit_codes(result.stdout) == codes
+    others = {"status", "dump", "watch", "demo", "serve"} - {command}
+    section = result.stdout.split("\nexit codes", 1)[1]
+    assert not [word for word in others if f"{word}:" in section]  # no other command's codes
 
 
 # -- the demo --------------------------------------------------------------------------------------------
