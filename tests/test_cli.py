@@ -396,9 +396,11 @@ def test_garbage_segment(shm_dir: Path) -> None:
     path.write_bytes(bytes(range(256)) * 32)
     path.chmod(0o600)
     code, (seg,) = status_json()
-    assert code == 4
-    assert seg["verdict"] == "corrupted"
+    assert code == 0  # no live process uses it: as a leftover of another format version would be
+    assert (seg["verdict"], seg["idle"]) == ("corrupted", True)
     assert "bad magic" in seg["summary"]
+    assert seg["summary"].endswith("; no live process uses it")
+    assert status_json("--strict")[0] == 4
 
     text = cli("status", "garbage")
     no_traceback(text)
@@ -414,6 +416,13 @@ def test_garbage_segment(shm_dir: Path) -> None:
     no_traceback(watch)
     assert watch.returncode == 0
     assert "corrupted: bad magic" in watch.stdout
+
+    # A process uses it: now it fails unnamed too, and the next leader is to rewrite it.
+    attach_this_process(path)
+    code, (seg,) = status_json()
+    assert code == 4
+    assert (seg["verdict"], seg["idle"]) == ("corrupted", False)
+    assert seg["summary"].endswith("; its next leader rewrites it")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")

@@ -41,13 +41,14 @@ The segment directory is --dir, else $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm
 
 _EPILOG = f"""\
 exit codes (each command's --help lists its own):
-  {EXIT_OK}    success; status: every segment in use is ok (idle ones, left over by exited
-       processes, count only when named or with --strict)
-  {EXIT_UNHEALTHY}    status: a segment is empty, leaderless, unresponsive or stale (or idle, when
-       named or with --strict); demo: a step failed; serve: it cannot listen
+  {EXIT_OK}    success; status: every segment in use is ok (one that no live process uses, left
+       over by processes that have exited, counts only when named or with --strict)
+  {EXIT_UNHEALTHY}    status: a segment is empty, leaderless, unresponsive or stale, or idle and
+       counted; demo: a step failed; serve: it cannot listen
   {EXIT_USAGE}    bad command line; watch: no NAME, and not exactly one segment in use
   {EXIT_NOT_FOUND}    not found: the directory, the named segment or setting, or no segments at all
-  {EXIT_UNREADABLE}    unreadable: a segment or the directory is another user's, a symlink, or corrupted
+  {EXIT_UNREADABLE}    unreadable: a segment or the directory is another user's or a symlink, or a
+       segment is corrupted
   130  interrupted (Ctrl-C), except watch, which exits {EXIT_OK}
 
 {_DIRECTORY}"""
@@ -56,22 +57,26 @@ _STATUS_EPILOG = f"""\
 verdicts:
   ok            a live leader keeps its promises of progress and updates in time
   idle          no live process uses it (no live leader, none attached): left over by
-                processes that have exited; not a failure unless named or --strict
+                processes that have exited
   empty         processes use it, but nothing is published yet (a leader is starting)
   leaderless    processes use it, but no live leader serves it
   unresponsive  the leader is alive but broke its promise of progress by over 5 s
   stale         no successful update for over two update intervals plus 5 s
-  corrupted     the file fails validation; its next leader rewrites it
+  corrupted     the file fails validation (damaged, or another version's format)
   unreadable    the file is another user's, a symlink, or has group or other permissions
 
+A segment that no live process uses (idle, or corrupted and unused) counts only when it is
+given as NAME or with --strict: a leftover is not a failure, but a segment you name must be
+served.
+
 exit codes:
-  {EXIT_OK}    every segment shown is ok or idle (the segment given as NAME must be ok)
-  {EXIT_UNHEALTHY}    a segment is empty, leaderless, unresponsive or stale; or idle, when given
-       as NAME or with --strict
+  {EXIT_OK}    every segment shown is ok, or not in use and not counted
+  {EXIT_UNHEALTHY}    a segment is empty, leaderless, unresponsive or stale, or idle and counted
   {EXIT_USAGE}    bad command line, or NAME is not a segment name
   {EXIT_NOT_FOUND}    the directory or the named segment does not exist, there are no segments,
        or (--ignore-idle) none is in use
-  {EXIT_UNREADABLE}    a segment is corrupted or unreadable, or the directory cannot be used
+  {EXIT_UNREADABLE}    a segment is unreadable, or corrupted (and in use, or counted), or the
+       directory cannot be used
   130  interrupted (Ctrl-C)
   With several segments, status exits with the highest code among them.
 
@@ -174,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="leader, freshness and processes of each segment; a health check",
         description="Show each segment's leader, generation, heartbeat, last update and error,\n"
         "live processes, settings and rules, and a verdict. Exits non-zero when a segment\n"
-        "that live processes use is not healthy, so it can serve as a health check; a\n"
-        "segment left over by processes that have exited is idle, which fails only when\n"
-        "it is named (status NAME) or with --strict.",
+        "that live processes use is not healthy, so it can serve as a health check. A\n"
+        "segment left over by processes that have exited is idle, and fails only when it\n"
+        "is named (status NAME) or with --strict.",
         epilog=_STATUS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -190,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--strict",
         action="store_true",
-        help="count idle segments as unhealthy (exit 1), as status NAME does for the named one",
+        help="count segments that no live process uses as failures (idle: exit 1), as status NAME "
+        "does for the named one",
     )
 
     dump = commands.add_parser(

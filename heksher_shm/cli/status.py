@@ -7,9 +7,11 @@ it: left over by processes that have exited), ``corrupted`` (the file is
 there but its header or snapshot fails validation) and ``unreadable`` (the
 file cannot be used safely at all: another user's, a symlink...).
 
-An idle segment is not a failure unless it was asked for: ``status NAME``
-and ``status --strict`` count it as unhealthy, ``status`` alone does not, and
-``watch`` without a name skips idle segments when choosing the one to follow.
+A segment that no live process uses is not a failure unless it was asked
+for: ``status NAME`` and ``status --strict`` count it (exit 1, or 4 when it is
+corrupted, as a leftover of another version's format reads), ``status`` alone
+does not, and ``watch`` without a name skips such segments when choosing the
+one to follow.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class Checked:
 def check_segment(path: Path, *, strict: bool = False) -> Checked:
     """Read a segment's status and judge it; never raises for a bad file.
 
-    An idle segment (verdict ``idle``) exits 0, or 1 when ``strict``.
+    A segment no live process uses (verdict ``idle``, or ``corrupted``) exits 0 unless ``strict``.
     """
     name = path.name.removesuffix(".seg")
     try:
@@ -85,7 +87,7 @@ def check_segment(path: Path, *, strict: bool = False) -> Checked:
         verdict = "corrupted"
     if st.idle and verdict in ("empty", "leaderless"):
         verdict = "idle"
-    if verdict == "ok" or (verdict == "idle" and not strict):
+    if verdict == "ok" or (st.idle and not strict):
         code = EXIT_OK
     else:
         code = EXIT_UNREADABLE if verdict == "corrupted" else EXIT_UNHEALTHY
@@ -109,6 +111,8 @@ def _summary(st: SegmentStatus, verdict: str) -> str:
         what = "nothing published" if st.verdict == "empty" else f"the rules of generation {st.generation}"
         return f"no live process uses it: left over by processes that have exited, with {what}"
     if verdict == "corrupted":
+        if st.idle:  # perhaps a leftover of another version, which no leader of this one rewrites
+            return f"the segment fails validation: {st.problem}; no live process uses it"
         return f"the segment fails validation: {st.problem}; its next leader rewrites it"
     if verdict == "empty":
         if leader is not None and leader.alive:
