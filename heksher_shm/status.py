@@ -55,7 +55,7 @@ class SegmentStatus:
 
     ``heartbeat_age`` is the time since the leader last showed progress (it
     sleeps between updates, so this grows up to an update interval on a
-    healthy idle host); ``overdue`` is how far past its promised next sign of
+    healthy quiet host); ``overdue`` is how far past its promised next sign of
     progress it is (``None`` or negative: not overdue).
     """
 
@@ -83,6 +83,15 @@ class SegmentStatus:
     def healthy(self) -> bool:
         """Whether the segment is served and fresh."""
         return self.verdict == "ok"
+
+    @property
+    def idle(self) -> bool:
+        """Whether no live process uses the segment: no live leader and no live process attached.
+
+        An idle segment was left over by processes that have exited (its verdict is then
+        ``"leaderless"``, or ``"empty"`` if they published nothing).
+        """
+        return (self.leader is None or not self.leader.alive) and not self.processes
 
 
 def list_segments(shm_dir: str | os.PathLike[str] | None = None) -> list[Path]:

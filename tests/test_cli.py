@@ -22,7 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
+from heksher_shm import __version__
+from heksher_shm._model.snapshot import FORMAT
 from heksher_shm._shm.identity import ProcessIdentity, current_identity, pid_namespace
+from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.registry import Registration, Registry, registry_directory
 from heksher_shm.testing import HeksherService
 from tests._procs import Worker, leaders_of
@@ -96,6 +99,22 @@ def popen() -> Iterator[list[subprocess.Popen[str]]]:
                 stream.close()
 
 
+def attach_this_process(segment: Path) -> None:
+    """Register the test process as attached to ``segment``: a live process uses it, and nothing else
+    does (no client of its own, so it never leads)."""
+    me = current_identity()
+    Registry(registry_directory(segment)).write(
+        Registration(pid=me.pid, create_time=me.create_time, pidns=me.pidns, kind="thread")
+    )
+
+
+def unformatted_segment(path: Path) -> Path:
+    """A segment file no leader has published into (what a client that died at once leaves)."""
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    return path
+
+
 def start_pair(service: HeksherService, workers: list[Worker], name: str, interval: float = 60) -> Worker:
     """A thread worker and an async worker sharing a segment; returns the leader."""
     workers.extend(Worker(service.url, kind, [name], interval) for kind in ("thread", "async"))
@@ -162,29 +181,53 @@ def test_status_and_dump_of_a_healthy_segment(service: HeksherService, workers: 
     assert name in unknown.stderr  # says what the segment does hold
 
 
-def test_status_is_leaderless_when_every_process_died(service: HeksherService, workers: list[Worker]) -> None:
+def test_a_leftover_segment_is_idle_not_a_failure(service: HeksherService, workers: list[Worker]) -> None:
     start_pair(service, workers, unique("gone"))
+    segment = Path(workers[0].ask("status").path)
+    name = segment.name.removesuffix(".seg")
     for w in workers:
         w.kill()
+
     code, (seg,) = status_json()
-    assert code == 1
-    assert seg["verdict"] == "leaderless"
-    assert seg["idle"] is True
+    assert code == 0  # what is left over by exited processes does not fail the check
+    assert seg["verdict"] == "idle"
+    assert (seg["idle"], seg["healthy"]) == (True, False)
     assert seg["leader"]["alive"] is False
     assert seg["processes"] == []
 
     text = cli("status")
-    assert text.returncode == 1
-    assert "LEADERLESS" in text.stdout
-    assert "left over by processes that have exited" in text.stdout
+    no_traceback(text)
+    assert text.returncode == 0
+    assert text.stdout.startswith(
+        f"{name}: IDLE - no live process uses it: left over by processes that have exited, "
+        f"with the rules of generation {seg['generation']}"
+    )
+    assert "by a leader now gone" in text.stdout  # not the dead leader's promise of more
+    assert "next within" not in text.stdout
+
+    # Asked for by name, or with --strict, the segment must be served.
+    named = cli("status", name)
+    assert (named.returncode, named.stdout.startswith(f"{name}: IDLE")) == (1, True)
+    assert status_json("--strict")[0] == 1
 
     ignoring = cli("status", "--ignore-idle")
     no_traceback(ignoring)
     assert ignoring.returncode == 3
     assert "left over" in ignoring.stderr
 
-    # the snapshot outlives its processes: dump still shows it
+    # the snapshot outlives its processes: dump and watch still show it
     assert cli("dump").returncode == 0
+    watched = cli("watch", "--count", "1")
+    assert watched.returncode == 0
+    assert " (gone)  ok" in watched.stdout
+
+    # A live process attached to it, and no live leader: that is a failure.
+    attach_this_process(segment)
+    code, (seg,) = status_json()
+    assert code == 1
+    assert (seg["verdict"], seg["idle"]) == ("leaderless", False)
+    assert seg["summary"].endswith("and none of the 1 live processes has taken over")
+    assert [p["pid"] for p in seg["processes"]] == [os.getpid()]
 
 
 @pytest.mark.skipif(pid_namespace() == 0, reason="needs a readable /proc/self/ns/pid")
@@ -339,9 +382,11 @@ def test_empty_directory_and_unknown_or_invalid_names(shm_dir: Path) -> None:
     assert invalid.returncode == 2
     assert "is not a segment name" in invalid.stderr
 
-    # A file no leader has published into yet is merely empty.
+    # A file no leader has published into, that no live process uses, is idle: a failure only when named.
     code, (seg,) = status_json("present")
-    assert (code, seg["verdict"]) == (1, "empty")
+    assert (code, seg["verdict"]) == (1, "idle")
+    assert seg["summary"].endswith("with nothing published")
+    assert status_json()[0] == 0
     nothing = cli("dump", "present")
     assert nothing.returncode == 0
     assert "nothing published yet" in nothing.stdout
@@ -352,9 +397,11 @@ def test_garbage_segment(shm_dir: Path) -> None:
     path.write_bytes(bytes(range(256)) * 32)
     path.chmod(0o600)
     code, (seg,) = status_json()
-    assert code == 4
-    assert seg["verdict"] == "corrupted"
+    assert code == 0  # no live process uses it: as a leftover of another format version would be
+    assert (seg["verdict"], seg["idle"]) == ("corrupted", True)
     assert "bad magic" in seg["summary"]
+    assert seg["summary"].endswith("; no live process uses it")
+    assert status_json("--strict")[0] == 4
 
     text = cli("status", "garbage")
     no_traceback(text)
@@ -370,6 +417,13 @@ def test_garbage_segment(shm_dir: Path) -> None:
     no_traceback(watch)
     assert watch.returncode == 0
     assert "corrupted: bad magic" in watch.stdout
+
+    # A process uses it: now it fails unnamed too, and the next leader is to rewrite it.
+    attach_this_process(path)
+    code, (seg,) = status_json()
+    assert code == 4
+    assert (seg["verdict"], seg["idle"]) == ("corrupted", False)
+    assert seg["summary"].endswith("; its next leader rewrites it")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
@@ -396,21 +450,92 @@ def test_foreign_owned_segment_and_directory(shm_dir: Path) -> None:
     assert f"segment directory {shm_dir}: is owned by uid {FOREIGN_UID}" in result.stderr
 
 
-def test_watch_needs_one_segment(shm_dir: Path) -> None:
+def test_watch_picks_the_segment_in_use(
+    service: HeksherService, workers: list[Worker], shm_dir: Path
+) -> None:
+    unformatted_segment(shm_dir / "old.seg")  # left over: nobody uses it
+    workers.append(Worker(service.url, "thread", [unique("shop")], 60, client={"segment_name": "shop"}))
+    (leader,) = (w.ready() for w in workers)
+
+    picked = cli("watch", "--count", "1")
+    no_traceback(picked)
+    assert picked.returncode == 0, picked.stderr
+    assert f"watching shop in {shm_dir}, the only one in use (1 other idle or unreadable)" in picked.stderr
+    line = LINE.fullmatch(picked.stdout.rstrip("\n"))
+    assert line is not None, picked.stdout
+    assert (line[4], line[6]) == (str(leader.pid), "ok")
+
+    text = cli("status")
+    assert text.returncode == 0  # the idle one does not count
+    assert text.stdout.rstrip().endswith("2 segments: 1 idle, 1 ok")
+
+    # Two segments in use: watch cannot choose, and says which.
+    attach_this_process(unformatted_segment(shm_dir / "busy.seg"))
+    ambiguous = cli("watch")
+    no_traceback(ambiguous)
+    assert ambiguous.returncode == 2
+    assert (
+        f"2 segments in use in {shm_dir}; name the one to watch: busy, shop (and not in use: old)"
+        in ambiguous.stderr
+    )
+    code, segments = status_json()
+    assert code == 1  # busy: a live process and nothing published, no leader
+    assert [(s["name"], s["verdict"]) for s in segments] == [
+        ("busy", "empty"),
+        ("old", "idle"),
+        ("shop", "ok"),
+    ]
+
+
+def test_watch_needs_a_segment_in_use(shm_dir: Path) -> None:
     for name in ("one", "two"):
-        (shm_dir / f"{name}.seg").write_bytes(b"")
-        (shm_dir / f"{name}.seg").chmod(0o600)
+        unformatted_segment(shm_dir / f"{name}.seg")
     result = cli("watch")
     no_traceback(result)
     assert result.returncode == 2
+    assert f"2 segments in {shm_dir} and none in use" in result.stderr
     assert "name the one to watch: one, two" in result.stderr
+    assert cli("watch", "two", "--count", "1").returncode == 0
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == (
+        f"heksher-shm {__version__} (segment format {FORMAT_VERSION}, snapshot format {FORMAT})\n"
+    )
+
+
+def exit_codes(help_text: str) -> set[int]:
+    """The codes listed under ``exit codes`` in a --help text."""
+    section = help_text.split("\nexit codes", 1)[1].split("\n\n", 1)[0]
+    return {int(code) for code in re.findall(r"^  (\d+) ", section, re.MULTILINE)}
 
 
 def test_help_lists_commands_and_exit_codes() -> None:
     result = cli("--help")
     assert result.returncode == 0
-    for word in ("status", "dump", "watch", "demo", "serve", "exit codes:"):
+    for word in ("status", "dump", "watch", "demo", "serve", "--version", "exit codes"):
         assert word in result.stdout
+    assert exit_codes(result.stdout) == {0, 1, 2, 3, 4, 130}
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [
+        ("status", {0, 1, 2, 3, 4, 130}),
+        ("dump", {0, 2, 3, 4, 130}),
+        ("watch", {0, 2, 3, 4}),
+        ("demo", {0, 1, 2, 4, 130}),
+    ],
+)
+def test_each_command_lists_its_own_exit_codes(command: str, codes: set[int]) -> None:
+    result = cli(command, "--help")
+    assert result.returncode == 0
+    assert exit_codes(result.stdout) == codes
+    others = {"status", "dump", "watch", "demo", "serve"} - {command}
+    section = result.stdout.split("\nexit codes", 1)[1]
+    assert not [word for word in others if f"{word}:" in section]  # no other command's codes
 
 
 # -- the demo --------------------------------------------------------------------------------------------

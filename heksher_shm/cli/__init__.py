@@ -5,8 +5,8 @@ Subcommands live in their own modules: ``status``/``watch`` in
 ``demo`` in :mod:`heksher_shm.cli.demo` and ``serve`` in
 :mod:`heksher_shm.cli.serve`. Expected failures raise
 :class:`heksher_shm.cli.common.CliError` and end as one line on stderr and
-an exit code (see ``EXIT CODES`` in ``heksher-shm --help``), never as a
-traceback.
+an exit code (the summary in ``heksher-shm --help``, each command's own in
+``heksher-shm COMMAND --help``), never as a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from heksher_shm._model.snapshot import FORMAT as SNAPSHOT_FORMAT
+from heksher_shm._shm.layout import FORMAT_VERSION as SEGMENT_FORMAT
+from heksher_shm._version import __version__
 from heksher_shm.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -28,17 +31,91 @@ from heksher_shm.cli.common import (
 
 __all__ = ["build_parser", "main"]
 
-_EPILOG = f"""\
-exit codes:
-  {EXIT_OK}  success; for status: every segment shown is healthy (verdict ok)
-  {EXIT_UNHEALTHY}  status: a segment is empty, leaderless, unresponsive or stale; demo: it failed
-  {EXIT_USAGE}  bad command line (also: several segments where watch needs one)
-  {EXIT_NOT_FOUND}  not found: the directory, the named segment or setting, or no segments at all
-  {EXIT_UNREADABLE}  unreadable: a segment or the directory is another user's, a symlink, or corrupted
-  When several segments are shown, status exits with the highest code among them.
+VERSION = f"heksher-shm {__version__} (segment format {SEGMENT_FORMAT}, snapshot format {SNAPSHOT_FORMAT})"
+"""What ``heksher-shm --version`` prints: the package's version and the file formats it reads."""
 
+_DIRECTORY = """\
 The segment directory is --dir, else $HEKSHER_SHM_DIR, else /dev/shm/heksher_shm-<uid>-<pidns>
 (<pidns>: the PID namespace, the inode of /proc/self/ns/pid).
+"""
+
+_EPILOG = f"""\
+exit codes (each command's --help lists its own):
+  {EXIT_OK}    success; status: every segment in use is ok (one that no live process uses, left
+       over by processes that have exited, counts only when named or with --strict)
+  {EXIT_UNHEALTHY}    status: a segment is empty, leaderless, unresponsive or stale, or idle and
+       counted; demo: a step failed; serve: it cannot listen
+  {EXIT_USAGE}    bad command line; watch: no NAME, and not exactly one segment in use
+  {EXIT_NOT_FOUND}    not found: the directory, the named segment or setting, or no segments at all
+  {EXIT_UNREADABLE}    unreadable: a segment or the directory is another user's or a symlink, or a
+       segment is corrupted
+  130  interrupted (Ctrl-C), except watch, which exits {EXIT_OK}
+
+{_DIRECTORY}"""
+
+_STATUS_EPILOG = f"""\
+verdicts:
+  ok            a live leader keeps its promises of progress and updates in time
+  idle          no live process uses it (no live leader, none attached): left over by
+                processes that have exited
+  empty         processes use it, but nothing is published yet (a leader is starting)
+  leaderless    processes use it, but no live leader serves it
+  unresponsive  the leader is alive but broke its promise of progress by over 5 s
+  stale         no successful update for over two update intervals plus 5 s
+  corrupted     the file fails validation (damaged, or another version's format)
+  unreadable    the file is another user's, a symlink, or has group or other permissions
+
+A segment that no live process uses (idle, or corrupted and unused) counts only when it is
+given as NAME or with --strict: a leftover is not a failure, but a segment you name must be
+served.
+
+exit codes:
+  {EXIT_OK}    every segment shown is ok, or not in use and not counted
+  {EXIT_UNHEALTHY}    a segment is empty, leaderless, unresponsive or stale, or idle and counted
+  {EXIT_USAGE}    bad command line, or NAME is not a segment name
+  {EXIT_NOT_FOUND}    the directory or the named segment does not exist, there are no segments,
+       or (--ignore-idle) none is in use
+  {EXIT_UNREADABLE}    a segment is unreadable, or corrupted (and in use, or counted), or the
+       directory cannot be used
+  130  interrupted (Ctrl-C)
+  With several segments, status exits with the highest code among them.
+
+{_DIRECTORY}"""
+
+_DUMP_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    printed (also a segment with nothing published yet)
+  {EXIT_USAGE}    bad command line, or NAME is not a segment name
+  {EXIT_NOT_FOUND}    the directory or the named segment does not exist, there are no segments,
+       or no segment holds the --setting
+  {EXIT_UNREADABLE}    a segment is corrupted or unreadable, or the directory cannot be used
+       (with several segments, the others are printed first)
+  130  interrupted (Ctrl-C)
+
+{_DIRECTORY}"""
+
+_WATCH_EPILOG = f"""\
+Without NAME, watch follows the only segment in the directory, else the only one that live
+processes use (segments left over by exited processes are idle); when none or several are in
+use it exits {EXIT_USAGE}, naming them.
+
+exit codes:
+  {EXIT_OK}    stopped after --count lines, or with Ctrl-C
+  {EXIT_USAGE}    bad command line, NAME is not a segment name, or no NAME and not exactly
+       one segment in use
+  {EXIT_NOT_FOUND}    the directory or the named segment does not exist, or there are no segments
+  {EXIT_UNREADABLE}    the segment or the directory cannot be used (another user's, a symlink,
+       wrong permissions); a corrupted segment is watched and shows as corrupted
+
+{_DIRECTORY}"""
+
+_DEMO_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    every worker converged after each change
+  {EXIT_UNHEALTHY}    a step failed: a worker did not converge, none took over, or one died
+  {EXIT_USAGE}    bad command line
+  {EXIT_UNREADABLE}    --dir (or $HEKSHER_SHM_DIR) cannot be used
+  130  interrupted (Ctrl-C); 143 on SIGTERM (workers stopped and files removed either way)
 """
 
 
@@ -89,15 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=VERSION,
+        help="print the version, and the segment and snapshot formats it reads, and exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     status = commands.add_parser(
         "status",
         help="leader, freshness and processes of each segment; a health check",
         description="Show each segment's leader, generation, heartbeat, last update and error,\n"
-        "live processes, settings and rules, and a verdict. Exits non-zero unless every\n"
-        "segment shown is healthy, so it can serve as a health check.",
-        epilog=_EPILOG,
+        "live processes, settings and rules, and a verdict. Exits non-zero when a segment\n"
+        "that live processes use is not healthy, so it can serve as a health check. A\n"
+        "segment left over by processes that have exited is idle, and fails only when it\n"
+        "is named (status NAME) or with --strict.",
+        epilog=_STATUS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_segment_arguments(status, "every segment in the directory")
@@ -105,7 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--ignore-idle",
         action="store_true",
-        help="leave out segments that no live process uses (left over by processes that exited)",
+        help="leave out idle segments: those no live process uses (left over by processes that exited)",
+    )
+    status.add_argument(
+        "--strict",
+        action="store_true",
+        help="count segments that no live process uses as failures (idle: exit 1), as status NAME "
+        "does for the named one",
     )
 
     dump = commands.add_parser(
@@ -113,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the defaults and rules a segment holds",
         description="Print the settings of the current snapshot: each default and rule,\n"
         "with their raw JSON values decoded.",
-        epilog=_EPILOG,
+        epilog=_DUMP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_segment_arguments(dump, "every segment in the directory")
@@ -126,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Follow a segment: print a line with the time, generation, settings and\n"
         "rules, leader pid and outcome of the last update, first for the current state\n"
         "and then at every change, until Ctrl-C.",
-        epilog=_EPILOG,
+        epilog=_WATCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_segment_arguments(watch, "the only segment in the directory")
+    _add_segment_arguments(watch, "the only segment in the directory, else the only one in use")
     watch.add_argument(
         "--interval",
         type=_positive_float,
@@ -142,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="watch worker processes share one poller, survive a SIGKILLed leader",
-        description="Start an in-memory Heksher service and worker processes (thread and async clients) "
-        "serving one setting; change its rules, SIGKILL the leader, and print what happens. "
-        "Finishes by itself and cleans up; exits 0 when every worker converged.",
+        description="Start an in-memory Heksher service and worker processes (thread and async\n"
+        "clients) serving one setting; change its rules, SIGKILL the leader, and print what\n"
+        "happens. Finishes by itself (in about --duration seconds) and cleans up.",
+        epilog=_DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument(
         "--workers", type=_positive_int, default=4, metavar="N", help="worker processes (default: 4)"
@@ -201,7 +294,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from heksher_shm.cli.status import run_status
 
-        return run_status(args.dir, args.name, args.json, args.ignore_idle)
+        return run_status(args.dir, args.name, args.json, args.ignore_idle, args.strict)
     if args.command == "dump":
         from heksher_shm.cli.dump import run_dump
 

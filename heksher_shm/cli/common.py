@@ -44,11 +44,13 @@ __all__ = [
 ]
 
 EXIT_OK = 0
-"""Success; for ``status``: every segment shown is healthy."""
+"""Success; for ``status``: every segment in use is healthy (idle ones count only when named or strict)."""
 EXIT_UNHEALTHY = 1
-"""``status``: a segment is not healthy (empty, leaderless, unresponsive, stale); ``demo``: it failed."""
+"""``status``: a segment is not healthy (empty, leaderless, unresponsive, stale; idle when named or
+strict); ``demo``: it failed."""
 EXIT_USAGE = 2
-"""Bad command line (argparse uses 2 as well), e.g. an invalid segment name or several to choose from."""
+"""Bad command line (argparse uses 2 as well), e.g. an invalid segment name, or no segment in use (or
+several) for ``watch`` to follow."""
 EXIT_NOT_FOUND = 3
 """Nothing to look at: the directory, the named segment or the setting does not exist, or no segments."""
 EXIT_UNREADABLE = 4

@@ -1,10 +1,17 @@
 """``heksher-shm status`` (one report per segment, usable as a health check) and ``heksher-shm watch``.
 
 Verdicts are those of :func:`heksher_shm.status.segment_status` (``ok``,
-``empty``, ``leaderless``, ``unresponsive``, ``stale``) plus two of the
-command line's own: ``corrupted`` (the file is there but its header or
-snapshot fails validation) and ``unreadable`` (the file cannot be used
-safely at all: another user's, a symlink...).
+``empty``, ``leaderless``, ``unresponsive``, ``stale``) plus three of the
+command line's own: ``idle`` (empty or leaderless, and no live process uses
+it: left over by processes that have exited), ``corrupted`` (the file is
+there but its header or snapshot fails validation) and ``unreadable`` (the
+file cannot be used safely at all: another user's, a symlink...).
+
+A segment that no live process uses is not a failure unless it was asked
+for: ``status NAME`` and ``status --strict`` count it (exit 1, or 4 when it is
+corrupted, as a leftover of another version's format reads), ``status`` alone
+does not, and ``watch`` without a name skips such segments when choosing the
+one to follow.
 """
 
 from __future__ import annotations
@@ -59,9 +66,17 @@ class Checked:
     code: int
     """This segment's exit code."""
 
+    @property
+    def in_use(self) -> bool:
+        """Whether live processes use it (a leader or an attached process); unknown for unreadable files."""
+        return self.status is not None and not self.idle
 
-def check_segment(path: Path) -> Checked:
-    """Read a segment's status and judge it; never raises for a bad file."""
+
+def check_segment(path: Path, *, strict: bool = False) -> Checked:
+    """Read a segment's status and judge it; never raises for a bad file.
+
+    A segment no live process uses (verdict ``idle``, or ``corrupted``) exits 0 unless ``strict``.
+    """
     name = path.name.removesuffix(".seg")
     try:
         st = segment_status(path)
@@ -70,13 +85,16 @@ def check_segment(path: Path) -> Checked:
     verdict = st.verdict
     if verdict == "empty" and st.problem is not None and st.problem != _UNFORMATTED:
         verdict = "corrupted"
-    leader_alive = st.leader is not None and st.leader.alive
-    idle = not leader_alive and not st.processes
-    code = EXIT_OK if verdict == "ok" else EXIT_UNREADABLE if verdict == "corrupted" else EXIT_UNHEALTHY
-    return Checked(path, name, st, verdict, _summary(st, verdict, idle), idle, code)
+    if st.idle and verdict in ("empty", "leaderless"):
+        verdict = "idle"
+    if verdict == "ok" or (st.idle and not strict):
+        code = EXIT_OK
+    else:
+        code = EXIT_UNREADABLE if verdict == "corrupted" else EXIT_UNHEALTHY
+    return Checked(path, name, st, verdict, _summary(st, verdict), st.idle, code)
 
 
-def _summary(st: SegmentStatus, verdict: str, idle: bool) -> str:
+def _summary(st: SegmentStatus, verdict: str) -> str:
     leader = st.leader
     if verdict == "ok":
         assert leader is not None
@@ -89,15 +107,18 @@ def _summary(st: SegmentStatus, verdict: str, idle: bool) -> str:
             f"leader pid {leader.pid} serves generation {st.generation}, "
             f"last update {age(st.last_update_age)} ago{failing}"
         )
+    if verdict == "idle":
+        what = "nothing published" if st.verdict == "empty" else f"the rules of generation {st.generation}"
+        return f"no live process uses it: left over by processes that have exited, with {what}"
     if verdict == "corrupted":
+        if st.idle:  # perhaps a leftover of another version, which no leader of this one rewrites
+            return f"the segment fails validation: {st.problem}; no live process uses it"
         return f"the segment fails validation: {st.problem}; its next leader rewrites it"
     if verdict == "empty":
         if leader is not None and leader.alive:
             return f"nothing published yet; leader pid {leader.pid} is starting"
         return "nothing published yet, and no live leader"
     if verdict == "leaderless":
-        if idle:
-            return "no live process uses it: left over by processes that have exited"
         gone = f"the last leader (pid {leader.pid}) is gone" if leader is not None else "no leader recorded"
         return f"{gone}, and none of the {len(st.processes)} live processes has taken over"
     if verdict == "unresponsive":
@@ -152,7 +173,10 @@ def _render(checked: Checked) -> list[str]:
     )
     lines.append(f"  generation      {st.generation}{published}")
     heartbeat = f"{age(st.heartbeat_age)} ago" if st.heartbeat_age is not None else "never"
-    if st.overdue is not None and st.heartbeat_age is not None:
+    if leader is None or not leader.alive:
+        if st.heartbeat_age is not None:
+            heartbeat += ", by a leader now gone"  # its promise of more means nothing
+    elif st.overdue is not None and st.heartbeat_age is not None:
         heartbeat += (
             f", overdue by {age(st.overdue)}" if st.overdue > 0 else f", next within {age(-st.overdue)}"
         )
@@ -190,15 +214,24 @@ def _as_json(checked: Checked) -> dict[str, Any]:
     else:
         base["error"] = checked.summary
     base.update(
-        verdict=checked.verdict, healthy=checked.code == EXIT_OK, idle=checked.idle, summary=checked.summary
+        verdict=checked.verdict,
+        healthy=checked.verdict == "ok",
+        idle=checked.idle,
+        summary=checked.summary,
     )
     return base
 
 
-def run_status(dir_arg: str | None, name: str | None, as_json: bool, ignore_idle: bool) -> int:
-    """``heksher-shm status``: print every segment's state; the exit code is the worst segment's."""
+def run_status(
+    dir_arg: str | None, name: str | None, as_json: bool, ignore_idle: bool, strict: bool = False
+) -> int:
+    """``heksher-shm status``: print every segment's state; the exit code is the worst segment's.
+
+    An idle segment fails (exit 1) only when named or with ``strict``.
+    """
     directory = segment_directory(dir_arg)
-    checked = [check_segment(path) for path in select_segments(directory, name)]
+    strict = strict or name is not None
+    checked = [check_segment(path, strict=strict) for path in select_segments(directory, name)]
     if ignore_idle:
         checked = [c for c in checked if not c.idle]
         if not checked:
@@ -280,17 +313,52 @@ class _Watcher:
         return alive
 
 
+def _choose(directory: Path, paths: list[Path]) -> tuple[Path, str]:
+    """The one segment to watch when none is named, and why it was chosen (for the first line).
+
+    The only segment there, else the only one live processes use.
+
+    Raises:
+        CliError: none or several are in use (exit 2); the message names them.
+    """
+    if len(paths) == 1:
+        return paths[0], ""
+    checked = [check_segment(path) for path in paths]
+    in_use = [c for c in checked if c.in_use]
+    if len(in_use) == 1:
+        rest = len(paths) - 1
+        return in_use[0].path, f", the only one in use ({_plural(rest, 'other')} idle or unreadable)"
+
+    def names(group: list[Checked]) -> str:
+        return ", ".join(c.name for c in group)
+
+    if not in_use:
+        raise CliError(
+            f"{len(paths)} segments in {directory} and none in use: no live process is attached to any "
+            f"(left over by processes that have exited, or unreadable); name the one to watch: "
+            f"{names(checked)}",
+            EXIT_USAGE,
+        )
+    idle = [c for c in checked if not c.in_use]
+    others = f" (and not in use: {names(idle)})" if idle else ""
+    raise CliError(
+        f"{len(in_use)} segments in use in {directory}; name the one to watch: {names(in_use)}{others}",
+        EXIT_USAGE,
+    )
+
+
 def run_watch(dir_arg: str | None, name: str | None, interval: float, count: int | None) -> int:
-    """``heksher-shm watch``: one line per change of generation, leader or update outcome."""
+    """``heksher-shm watch``: one line per change of generation, leader or update outcome.
+
+    Without ``name``: the only segment in the directory, else the only one in use.
+    """
     directory = segment_directory(dir_arg)
     paths = select_segments(directory, name)
-    if len(paths) > 1:
-        names = ", ".join(p.name.removesuffix(".seg") for p in paths)
-        raise CliError(f"{len(paths)} segments in {directory}; name the one to watch: {names}", EXIT_USAGE)
-    segment = open_segment(paths[0])
+    path, why = _choose(directory, paths) if name is None else (paths[0], "")
+    segment = open_segment(path)
     watcher = _Watcher(segment)
     print(
-        f"watching {paths[0].name.removesuffix('.seg')} in {directory} (Ctrl-C to stop)",
+        f"watching {path.name.removesuffix('.seg')} in {directory}{why} (Ctrl-C to stop)",
         file=sys.stderr,
         flush=True,
     )
