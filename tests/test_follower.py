@@ -106,8 +106,9 @@ async def test_get_applies_its_own_setting_first(service: HeksherService, leader
     """The get() that finds a new snapshot applies it to its own setting only; the others follow
     with their own get() or the next full apply, after which all share the client's applied box.
 
-    An async client, so that its background task cannot apply anything while this test does not
-    await: every step below runs between two awaits.
+    An async client, so that its background task cannot start applying anything while this test
+    does not await: every step below runs between two awaits, once the task is idle (its applies run
+    in a worker thread under modification_lock, and one may still be finishing when reload() returns).
     """
     names = [unique("first"), unique("other")]
     first, other = (heksher.Setting(name, int, ["user"], 0) for name in names)
@@ -117,6 +118,7 @@ async def test_get_applies_its_own_setting_first(service: HeksherService, leader
     try:
         rules = [service.add_rule(name, {"user": "alice"}, 1) for name in names]
         await client.reload()
+        await until(lambda: not client.modification_lock.locked(), what="the background task idle")
         assert (first.get(user="alice"), other.get(user="alice")) == (1, 1)
         box = client._applied_box
         assert first._state.applied is box
