@@ -17,7 +17,7 @@ import sys
 # Import the package from this checkout even when it is not installed.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from heksher_shm import __version__  # noqa: E402
+from heksher_shm import __version__
 
 project = "heksher_shm"
 author = "heksher_shm developers"

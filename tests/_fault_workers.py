@@ -35,8 +35,9 @@ from typing import Any
 
 import heksher_shm as heksher
 from heksher_shm._engine import policy as _policy
-from heksher_shm._shm import segment as segment_module
+from heksher_shm._shm import writing
 from heksher_shm._shm.identity import current_identity
+from heksher_shm._shm.segment import Segment
 from heksher_shm.exceptions import SegmentCorruptedError
 from heksher_shm.status import segment_status
 
@@ -258,7 +259,7 @@ def _answer(cmd: tuple[Any, ...], ctx: _Context) -> Any:
     if op == "registration":
         return str(client._parts.registry.path_for(current_identity()))
     if op == "arm":
-        segment_module._crash_point = _die_at(cmd[1])
+        writing._crash_point = _die_at(cmd[1])
         return True
     if op == "disk_full":
         os.posix_fallocate = _full_disk if cmd[1] else _real_fallocate  # type: ignore[assignment]
@@ -499,6 +500,14 @@ class FaultWorker:
             assert time.monotonic() < deadline, f"{self} not ready within {timeout}s"
         return self
 
+    def refused(self, timeout: float = 30) -> str:
+        """The error the worker failed to start with (asserting that it did not start)."""
+        deadline = time.monotonic() + timeout
+        while self.startup_error is None:
+            assert not self.poll_ready(0.05), f"{self} started"
+            assert time.monotonic() < deadline, f"{self} neither started nor failed within {timeout}s"
+        return self.startup_error
+
     def ask(self, *cmd: Any, timeout: float = 30) -> Any:
         self.commands.send(cmd)
         assert self.commands.poll(timeout), f"{self}: no answer to {cmd}"
@@ -644,7 +653,7 @@ def token_payload(token: int, big: bool = False) -> tuple[bytes, list[bytes]]:
     return head, blobs
 
 
-def check_token_snapshot(segment: segment_module.Segment) -> tuple[str, int | None]:
+def check_token_snapshot(segment: Segment) -> tuple[str, int | None]:
     """Read the current snapshot and check it byte for byte: (outcome, token).
 
     Outcomes: ``ok``, ``none`` (nothing published), ``moved`` (republished while reading),
@@ -677,7 +686,7 @@ def segment_reader(path: str, conn: Connection) -> None:
     tokens: set[int] = set()
     state: dict[str, Any] = {"last": None, "problem": None}
 
-    def read_once(segment: segment_module.Segment) -> None:
+    def read_once(segment: Segment) -> None:
         try:
             outcome, token = check_token_snapshot(segment)
         except Exception:
@@ -693,7 +702,7 @@ def segment_reader(path: str, conn: Connection) -> None:
     def summary() -> dict[str, Any]:
         return {"counts": dict(counts), "tokens": sorted(tokens), **state}
 
-    with segment_module.Segment.open(path, create=False) as segment:
+    with Segment.open(path, create=False) as segment:
         conn.send("ready")
         while True:
             read_once(segment)
@@ -709,7 +718,7 @@ def segment_reader(path: str, conn: Connection) -> None:
 
 def doomed_publish(path: str, step: str, token: int) -> None:
     """Publish a big snapshot under ``token`` and SIGKILL this process at ``step`` of the publish."""
-    segment_module._crash_point = _die_at(step)
-    with segment_module.Segment.open(path) as segment:
+    writing._crash_point = _die_at(step)
+    with Segment.open(path) as segment:
         segment.publish(*token_payload(token, big=True))
     # Reaching this line means the step was never passed: the test sees exit code 0 and fails.

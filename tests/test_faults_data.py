@@ -329,7 +329,8 @@ def test_random_damage_under_running_clients(service: HeksherService) -> None:
 
 
 def test_helper_files_damaged_under_running_clients(service: HeksherService) -> None:
-    """The lock file scribbled over, emptied, grown and opened up; registry entries of live processes
+    """The lock file scribbled over, emptied, grown and opened up (newcomers refuse it until it is
+    private again); registry entries of live processes
     replaced by garbage; junk in the registry folder: one leader throughout, everyone keeps serving, the
     junk is reported once, and the damaged registrations come back when their owners write again."""
     interval = 0.3
@@ -357,7 +358,12 @@ def test_helper_files_damaged_under_running_clients(service: HeksherService) -> 
         still_serving()
         os.truncate(lock, 1 << 20)
         lock.chmod(0o666)
-        still_serving()
+        still_serving()  # the running processes hold it open already
+        refused = FaultWorker(service.url, "thread", [(name, "int", -1)], interval)
+        message = refused.refused()  # a newcomer does not open a lock file others may write ...
+        assert f"leader lock file {lock}: has mode 0o666" in message, message
+        refused.process.join(10)
+        lock.chmod(0o600)  # ... until the operator fixes it, as the message says
 
         entry = Path(follower.ask("registration"))
         entry.write_bytes(b"\x00garbage{")

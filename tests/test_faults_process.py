@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
-from heksher_shm._shm import segment as segment_module
+from heksher_shm._shm import writing
 from heksher_shm._shm.segment import Segment
 from heksher_shm.testing import HeksherService
 from tests._fault_workers import (
@@ -334,7 +334,7 @@ def _first_event(workers: list[FaultWorker], kind: str, after: float, timeout: f
 # A writer killed at every step of publishing
 
 
-STEPS = segment_module._CRASH_STEPS
+STEPS = writing._CRASH_STEPS
 PUBLISH_STEPS = tuple(s for s in STEPS if not s.startswith("format"))
 
 
@@ -473,4 +473,4 @@ def test_leader_killed_at_each_publish_step(service: HeksherService) -> None:
 
 
 def test_crash_point_hook_is_off_by_default() -> None:
-    assert segment_module._crash_point is None
+    assert writing._crash_point is None

@@ -219,7 +219,7 @@ def test_the_reset_order_is_the_documented_one() -> None:
         "heksher_shm._process.gc",
         "heksher_shm._process.main",
         "heksher_shm._shm.election",
-        "heksher_shm._shm.segment",
+        "heksher_shm._shm.writing",
         "heksher_shm._shm.identity",
         "heksher_shm._shm.bell",
         "heksher_shm.clients._base",

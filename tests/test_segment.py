@@ -26,8 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from heksher_shm._shm import identity, layout
-from heksher_shm._shm import segment as segment_module
+from heksher_shm._shm import folder, identity, layout
 from heksher_shm._shm.segment import HeadRead, Segment, resolve_shm_dir
 from heksher_shm.exceptions import SegmentCorruptedError, SegmentError
 from tests import _segment_workers as workers
@@ -852,12 +851,12 @@ def default_dir_name() -> str:
 @pytest.fixture
 def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resolve without the user's HEKSHER_SHM_DIR."""
-    monkeypatch.delenv(segment_module.ENV_SHM_DIR, raising=False)
+    monkeypatch.delenv(folder.ENV_SHM_DIR, raising=False)
 
 
 @pytest.mark.usefixtures("no_env")
 def test_shm_dir_explicit_argument_beats_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(segment_module.ENV_SHM_DIR, str(tmp_path / "from-env"))
+    monkeypatch.setenv(folder.ENV_SHM_DIR, str(tmp_path / "from-env"))
     assert resolve_shm_dir(tmp_path / "explicit") == tmp_path / "explicit"
     assert stat.S_IMODE(os.stat(tmp_path / "explicit").st_mode) == 0o700
     assert resolve_shm_dir() == tmp_path / "from-env"
@@ -868,7 +867,7 @@ def test_shm_dir_explicit_argument_beats_environment(tmp_path: Path, monkeypatch
 def test_shm_dir_default_under_dev_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_dev_shm = tmp_path / "dev-shm"
     fake_dev_shm.mkdir()
-    monkeypatch.setattr(segment_module, "_DEV_SHM", str(fake_dev_shm))
+    monkeypatch.setattr(folder, "_DEV_SHM", str(fake_dev_shm))
     old = os.umask(0o022)
     try:
         path = resolve_shm_dir()
@@ -885,7 +884,7 @@ def test_shm_dir_default_under_dev_shm(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.usefixtures("no_env")
 def test_shm_dir_default_falls_back_to_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path / "no-such-dir"))
+    monkeypatch.setattr(folder, "_DEV_SHM", str(tmp_path / "no-such-dir"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert resolve_shm_dir() == tmp_path / "tmp" / default_dir_name()
@@ -896,10 +895,10 @@ def test_shm_dir_default_falls_back_to_tempdir(tmp_path: Path, monkeypatch: pyte
 def test_shm_dir_default_is_per_pid_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Containers sharing /dev/shm but not their PIDs get a folder each by default; an explicit folder
     (HEKSHER_SHM_DIR, shm_dir) is used exactly as given."""
-    monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path))
+    monkeypatch.setattr(folder, "_DEV_SHM", str(tmp_path))
     namespace = os.stat("/proc/self/ns/pid").st_ino
     assert resolve_shm_dir() == tmp_path / f"heksher_shm-{os.geteuid()}-{namespace}"
-    monkeypatch.setenv(segment_module.ENV_SHM_DIR, str(tmp_path / "given"))
+    monkeypatch.setenv(folder.ENV_SHM_DIR, str(tmp_path / "given"))
     assert resolve_shm_dir() == tmp_path / "given"
     assert resolve_shm_dir(tmp_path / "explicit") == tmp_path / "explicit"
 
@@ -908,7 +907,7 @@ def test_shm_dir_default_is_per_pid_namespace(tmp_path: Path, monkeypatch: pytes
 def test_shm_dir_default_without_a_readable_namespace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path))
+    monkeypatch.setattr(folder, "_DEV_SHM", str(tmp_path))
     monkeypatch.setattr(identity, "_NS_PATH", str(tmp_path / "no-such-ns"))
     monkeypatch.setattr(identity, "_pidns", None)
     assert resolve_shm_dir() == tmp_path / f"heksher_shm-{os.geteuid()}"
@@ -969,7 +968,7 @@ def test_shm_dir_refuses_foreign_owner(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(SegmentError, match=rf"{foreign}: is owned by uid {NOBODY}"):
         resolve_shm_dir(foreign)
     # The same for a default directory squatted by another user.
-    monkeypatch.setattr(segment_module, "_DEV_SHM", str(tmp_path))
+    monkeypatch.setattr(folder, "_DEV_SHM", str(tmp_path))
     squatted = tmp_path / default_dir_name()
     squatted.mkdir(mode=0o777)
     os.chown(squatted, NOBODY, NOBODY)

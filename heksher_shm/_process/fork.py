@@ -14,7 +14,7 @@ stays held forever, a flag that said "a thread is inside" stays set (design,
 2. ``heksher_shm._process.main``: the lock around the process's settings and main client.
 3. ``heksher_shm._shm.election``: the gate, and every inherited leader lock
    descriptor (closed, never unlocked).
-4. ``heksher_shm._shm.segment``: the writer locks of the open segments.
+4. ``heksher_shm._shm.writing``: the writer locks of the open segments.
 5. ``heksher_shm._shm.identity``: the cached identity of this process (the
    child has a new PID and start time, and may be in a new PID namespace).
 6. ``heksher_shm._shm.bell``: the socket this process rings others' doorbells
@@ -57,7 +57,7 @@ CHILD_RESETS: Final[tuple[str, ...]] = (
     "heksher_shm._process.gc",
     "heksher_shm._process.main",
     "heksher_shm._shm.election",
-    "heksher_shm._shm.segment",
+    "heksher_shm._shm.writing",
     "heksher_shm._shm.identity",
     "heksher_shm._shm.bell",
     "heksher_shm.clients._base",
