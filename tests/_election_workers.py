@@ -18,7 +18,8 @@ from multiprocessing.synchronize import Barrier
 
 from heksher_shm._shm.election import LeaderLock
 from heksher_shm._shm.identity import current_identity
-from heksher_shm._shm.registry import Registration, Registry, encode_declaration
+from heksher_shm._shm.registration import Registration, encode_declaration
+from heksher_shm._shm.registry import Registry
 
 WORKER_DEADLINE = 30.0
 

@@ -26,7 +26,8 @@ from heksher_shm import __version__
 from heksher_shm._model.snapshot import FORMAT
 from heksher_shm._shm.identity import ProcessIdentity, current_identity, pid_namespace
 from heksher_shm._shm.layout import FORMAT_VERSION
-from heksher_shm._shm.registry import Registration, Registry, registry_directory
+from heksher_shm._shm.registration import Registration
+from heksher_shm._shm.registry import Registry, registry_directory
 from heksher_shm.testing import HeksherService
 from tests._procs import Worker, leaders_of
 from tests._support import FEATURES, unique

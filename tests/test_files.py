@@ -17,7 +17,8 @@ import pytest
 
 from heksher_shm._shm.election import LeaderLock
 from heksher_shm._shm.identity import current_identity
-from heksher_shm._shm.registry import Registration, Registry
+from heksher_shm._shm.registration import Registration
+from heksher_shm._shm.registry import Registry
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
 from heksher_shm.exceptions import SegmentError
 

@@ -16,14 +16,8 @@ import pytest
 
 from heksher_shm._shm import registry as registry_module
 from heksher_shm._shm.identity import ProcessIdentity, current_identity, parse_token, pid_namespace, token
-from heksher_shm._shm.registry import (
-    MAX_REGISTRATION_BYTES,
-    Registration,
-    Registry,
-    encode_declaration,
-    registry_directory,
-    validate_registration,
-)
+from heksher_shm._shm.registration import Registration, encode_declaration, validate_registration
+from heksher_shm._shm.registry import MAX_REGISTRATION_BYTES, Registry, registry_directory
 from heksher_shm.exceptions import SegmentError
 from tests import _election_workers as workers
 

@@ -39,7 +39,8 @@ from heksher_shm._shm.identity import (
     token,
 )
 from heksher_shm._shm.layout import FORMAT_VERSION
-from heksher_shm._shm.registry import Registration, Registry, bell_name, registry_directory
+from heksher_shm._shm.registration import Registration
+from heksher_shm._shm.registry import Registry, bell_name, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
 
 __all__ = [

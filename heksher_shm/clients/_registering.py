@@ -15,7 +15,7 @@ from heksher_shm._engine.shared import (
 from heksher_shm._model.contexts import TRACK_ALL
 from heksher_shm._model.protocol import DeclarationBody
 from heksher_shm._shm.identity import current_identity
-from heksher_shm._shm.registry import Registration
+from heksher_shm._shm.registration import Registration
 from heksher_shm._shm.segment import Segment
 from heksher_shm.clients._core import ClientCore
 from heksher_shm.exceptions import SegmentError
