@@ -1,0 +1,298 @@
+"""The two drivers of the engine's effects are twins: the same effect scripts, the same transcripts.
+
+Each script below is a generator like the engine: it yields effects and
+writes down what it was sent back (or what was thrown in). Every script runs
+through the blocking driver (``drive_sync``) and the asyncio driver
+(``drive_async``) against a real service on 127.0.0.1, and the two
+transcripts must be equal, and equal to what the script expects. A new
+effect, or a driver that handles one differently, fails here first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, get_args
+
+import httpx
+import pytest
+
+from heksher_shm._engine.drivers import LoopWaker, WakePipe, drive_async, drive_sync
+from heksher_shm._engine.effects import Apply, Call, Calls, Compute, Effect, Report, Wait
+from heksher_shm._engine.policy import BEAT_INTERVAL
+
+Script = Callable[["Transcript", "Setup"], Generator[Effect, Any, str]]
+Transcript = list[object]
+
+DEADLINE = 10 * BEAT_INTERVAL + 5
+
+
+class Setup:
+    """What the scripts of one run share: the service, a refused address, and a pipe to make readable."""
+
+    def __init__(self, url: str, refused_url: str) -> None:
+        self.url = url
+        self.refused_url = refused_url
+        self.read_fd, self.write_fd = os.pipe()
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def _outcome(result: object) -> object:
+    """A transcript entry for a driver's answer: status codes and exception types, not objects."""
+    if isinstance(result, httpx.Response):
+        return ("response", result.status_code)
+    if isinstance(result, BaseException):
+        return ("error", type(result).__name__)
+    if isinstance(result, list):
+        return [_outcome(item) for item in result]
+    return result
+
+
+# -- the scripts ---------------------------------------------------------------------------------------------
+
+
+def calls_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    log.append(_outcome((yield Call("GET", f"{setup.url}/api/health"))))
+    log.append(_outcome((yield Call("GET", f"{setup.url}/api/v1/settings/no.such.setting"))))
+    try:
+        yield Call("GET", f"{setup.refused_url}/api/health")
+    except httpx.ConnectError as error:
+        log.append(_outcome(error))  # a transport error is thrown in, and the script goes on
+    answers = yield Calls(
+        [
+            Call("GET", f"{setup.url}/api/health"),
+            Call("GET", f"{setup.refused_url}/api/health"),
+            Call("GET", f"{setup.url}/api/v1/settings/no.such.setting"),
+        ],
+        limit=2,
+    )
+    log.append(_outcome(answers))  # each call's own outcome, in order, none thrown
+    log.append(_outcome((yield Calls([Call("GET", f"{setup.url}/api/health")], limit=4))))
+    return "calls done"
+
+
+def compute_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    log.append((yield Compute(lambda: 6 * 7)))
+    try:
+        yield Compute(lambda: int("not a number"))
+    except ValueError as error:
+        log.append(_outcome(error))
+    return "compute done"
+
+
+def wait_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    log.append((yield Wait(0.01)))  # a timeout: nothing readable
+    log.append((yield Wait(0.01, (setup.read_fd,))))
+    os.write(setup.write_fd, b"x")
+    readable = yield Wait(DEADLINE, (setup.read_fd,))
+    log.append(readable == {setup.read_fd})  # the readable descriptor is sent back
+    os.read(setup.read_fd, 1)
+    return "wait done"
+
+
+def apply_report_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    sent = yield Apply(blocking=True, report=True, error=None)
+    log.append(sent)  # Apply and Report send nothing back
+    yield Report(None)
+    yield Report(RuntimeError("the service failed"))
+    return "apply done"
+
+
+def failing_hook_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    try:
+        yield Apply(blocking=False)  # the hooks below raise for a non-blocking apply
+    except LookupError as error:
+        log.append(_outcome(error))  # a hook's error is thrown into the script like any other
+    return "hook error seen"
+
+
+def beat_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    """A busy effect with a *beat* is beaten while it runs, and no more once it ended."""
+    beaten = threading.Event()
+    beats: list[None] = []
+
+    def beat() -> None:
+        beaten.set()
+        beats.append(None)
+
+    log.append((yield Compute(lambda: beaten.wait(DEADLINE), beat=beat)))  # returns once beaten
+    seen = len(beats)
+    log.append((yield Wait(2.5 * BEAT_INTERVAL)))
+    log.append(len(beats) == seen)
+    return "beats done"
+
+
+def raising_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    yield Compute(lambda: None)
+    raise KeyError("the engine itself failed")
+
+
+SCRIPTS: dict[str, tuple[Script, list[object], str]] = {
+    "calls": (
+        calls_script,
+        [
+            ("response", 200),
+            ("response", 404),
+            ("error", "ConnectError"),
+            [("response", 200), ("error", "ConnectError"), ("response", 404)],
+            [("response", 200)],
+        ],
+        "calls done",
+    ),
+    "compute": (compute_script, [42, ("error", "ValueError")], "compute done"),
+    "wait": (wait_script, [set(), set(), True], "wait done"),
+    "apply-report": (
+        apply_report_script,
+        [("apply", True, True), None, ("report", None), ("report", "RuntimeError")],
+        "apply done",
+    ),
+    "failing-hook": (failing_hook_script, [("error", "LookupError")], "hook error seen"),
+    "beat": (beat_script, [True, set(), True], "beats done"),
+}
+
+
+# -- the two drivers' hooks, as thin as the clients' ---------------------------------------------------------
+
+
+class SyncTestHooks:
+    def __init__(self, log: Transcript) -> None:
+        self.log = log
+        self.client = httpx.Client(timeout=DEADLINE)
+        self.pools: dict[int, ThreadPoolExecutor] = {}
+        self.waker = WakePipe()
+
+    def http(self) -> httpx.Client:
+        return self.client
+
+    def pool(self, limit: int) -> ThreadPoolExecutor:
+        return self.pools.setdefault(limit, ThreadPoolExecutor(limit))
+
+    def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
+        return self.waker.wait(timeout, fds)
+
+    def apply(self, effect: Apply) -> None:
+        if not effect.blocking:
+            raise LookupError("refused by the test")
+        self.log.append(("apply", effect.blocking, effect.report))
+
+    def report(self, error: BaseException | None) -> None:
+        self.log.append(("report", None if error is None else type(error).__name__))
+
+    def close(self) -> None:
+        self.client.close()
+        for pool in self.pools.values():
+            pool.shutdown()
+        self.waker.close()
+
+
+class AsyncTestHooks:
+    def __init__(self, log: Transcript) -> None:
+        self.log = log
+        self.client = httpx.AsyncClient(timeout=DEADLINE)
+        self.waker = LoopWaker(asyncio.get_running_loop())
+
+    def http(self) -> httpx.AsyncClient:
+        return self.client
+
+    async def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
+        return await self.waker.wait(timeout, fds)
+
+    async def apply(self, effect: Apply) -> None:
+        if not effect.blocking:
+            raise LookupError("refused by the test")
+        self.log.append(("apply", effect.blocking, effect.report))
+
+    def report(self, error: BaseException | None) -> None:
+        self.log.append(("report", None if error is None else type(error).__name__))
+
+
+def run_sync(script: Script, setup: Setup) -> tuple[Transcript, object]:
+    log: Transcript = []
+    hooks = SyncTestHooks(log)
+    try:
+        result = drive_sync(script(log, setup), hooks)
+    finally:
+        hooks.close()
+    return log, result
+
+
+def run_async(script: Script, setup: Setup) -> tuple[Transcript, object]:
+    async def main() -> tuple[Transcript, object]:
+        log: Transcript = []
+        hooks = AsyncTestHooks(log)
+        try:
+            result = await drive_async(script(log, setup), hooks)
+        finally:
+            await hooks.client.aclose()
+        return log, result
+
+    return asyncio.run(main())
+
+
+# -- the tests -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def setup(service_url: str) -> Iterator[Setup]:
+    with socket.socket() as placeholder:  # a port nobody listens on: connections are refused
+        placeholder.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{placeholder.getsockname()[1]}"
+    made = Setup(service_url.rstrip("/"), refused)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_both_drivers_give_the_same_transcript(name: str, setup: Setup) -> None:
+    script, expected, result = SCRIPTS[name]
+    blocking = run_sync(script, setup)
+    asynchronous = run_async(script, setup)
+    assert blocking == asynchronous
+    assert blocking == (expected, result)
+
+
+def test_the_scripts_cover_every_effect() -> None:
+    """Each kind of effect appears in some script (read from the scripts' code, not run)."""
+    import inspect
+
+    text = "".join(inspect.getsource(script) for script, _, _ in SCRIPTS.values())
+    for kind in get_args(Effect):
+        assert f"{kind.__name__}(" in text, f"no script yields {kind.__name__}"
+
+
+@pytest.mark.parametrize("run", [run_sync, run_async], ids=["sync", "async"])
+def test_an_error_of_the_engine_itself_leaves_the_driver(run: Callable[..., Any], setup: Setup) -> None:
+    with pytest.raises(KeyError, match="the engine itself failed"):
+        run(raising_script, setup)
+
+
+def test_a_cancelled_async_driver_closes_its_script(setup: Setup) -> None:
+    """Cancelling the async driver (a client's ``aclose()``) runs the script's ``finally`` blocks; the
+    blocking driver has no cancellation (its thread is woken and the script returns instead)."""
+    closed = threading.Event()
+
+    def waits_forever(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+        try:
+            yield Wait(None)
+        finally:
+            closed.set()
+        return "unreachable"
+
+    async def main() -> None:
+        hooks = AsyncTestHooks([])
+        task = asyncio.get_running_loop().create_task(drive_async(waits_forever([], setup), hooks))
+        await asyncio.sleep(0)  # let it reach its wait
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await hooks.client.aclose()
+
+    asyncio.run(main())
+    assert closed.is_set()
