@@ -8,26 +8,17 @@ the leading worker is SIGKILLed (uvicorn replaces it), clean TERM and restart.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from heksher_shm.testing import HeksherService
-from tests._support import FEATURES
 from tests.apps.prefork import harness as h
 
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e '.[prefork]')")
 
 INTERVAL = 0.3
 WORKERS = 4
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        svc.declare(h.SETTING, "int", h.DEFAULT, ["user"])
-        yield svc
 
 
 def test_uvicorn_workers(service: HeksherService, tmp_path: Path) -> None:

@@ -11,26 +11,17 @@ folder works. See ``docs/deployment/gunicorn.rst`` for what each step shows.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from heksher_shm.testing import HeksherService
-from tests._support import FEATURES
 from tests.apps.prefork import harness as h
 
 pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install -e '.[prefork]')")
 
 INTERVAL = 0.3
 WORKERS = 4
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        svc.declare(h.SETTING, "int", h.DEFAULT, ["user"])
-        yield svc
 
 
 def starter(service: HeksherService, tmp_path: Path, worker_class: str, *options: str) -> h.Start:

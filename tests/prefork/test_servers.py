@@ -1,6 +1,6 @@
 """heksher_shm._process.servers: what a client does at start-up under uwsgi, with stand-in ``uwsgi`` modules.
 
-The real servers run in test_prefork_uwsgi.py; uwsgi 2.0.27 and later always
+The real servers run in test_uwsgi.py; uwsgi 2.0.27 and later always
 run Python threads, so the no-threads case is checked here (and was observed
 with uwsgi 2.0.26, see docs/deployment/uwsgi.rst).
 """

@@ -2,7 +2,7 @@
 
 A stress test (off by default), printing one line per configuration:
 
-    .venv/bin/pytest -m stress -s -p no:randomly tests/test_prefork_measure.py
+    .venv/bin/pytest -m stress -s -p no:randomly tests/prefork/test_measure.py
 
 gunicorn sync workers, update interval 0.5 s, on this machine; the figures
 depend on the machine and its load, the bounds asserted do not.
@@ -13,13 +13,11 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from heksher_shm.testing import HeksherService
-from tests._support import FEATURES
 from tests.apps.prefork import harness as h
 
 pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install -e '.[prefork]')")
@@ -28,13 +26,6 @@ INTERVAL = 0.5
 WINDOW = 10  # intervals
 CHANGES = 5
 KILLS = 3
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        svc.declare(h.SETTING, "int", h.DEFAULT, ["user"])
-        yield svc
 
 
 @pytest.mark.stress

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from heksher_shm.testing import HeksherService
-from tests._support import FEATURES
 from tests.apps.prefork import harness as h
 
 UWSGI = shutil.which("uwsgi", path=str(Path(sys.executable).parent)) or shutil.which("uwsgi")
@@ -25,13 +23,6 @@ INTERVAL = 0.3
 WORKERS = 4
 TEST_OPTIONS = ["--disable-logging", "--home", sys.prefix]  # quiet, and this virtualenv's packages
 REFUSAL = "already runs in a uwsgi master"
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        svc.declare(h.SETTING, "int", h.DEFAULT, ["user"])
-        yield svc
 
 
 def uwsgi(port: int, *options: str) -> list[str]:

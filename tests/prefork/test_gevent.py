@@ -22,13 +22,11 @@ update ages, last error).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from heksher_shm.testing import HeksherService
-from tests._support import FEATURES
 from tests.apps.prefork import harness as h
 
 pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install -e '.[prefork]')")
@@ -38,13 +36,6 @@ pytest.importorskip(
 
 INTERVAL = 0.3
 WORKERS = 3
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        svc.declare(h.SETTING, "int", h.DEFAULT, ["user"])
-        yield svc
 
 
 def starter(service: HeksherService, tmp_path: Path, *options: str) -> h.Start:
