@@ -7,6 +7,7 @@ injection or request counters ask for ``memory_service`` and skip there.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,12 +18,54 @@ import pytest
 
 from heksher_shm._process import main as _main
 from heksher_shm.testing import HeksherService
+from tests import _semaphores
 from tests._procs import service, workers  # fixtures for multi-process tests
 from tests._support import FEATURES, REAL_URL, Admin, Driver
 
 __all__ = ["service", "workers"]
 
 _SPAWN = multiprocessing.get_context("spawn")
+
+# Every multiprocessing semaphore of this session, and of the pool drivers it starts, is named after it
+# (see tests/_semaphores.py), so that _no_semaphores_left_behind can tell its leftovers from other programs'.
+_SEM_PREFIX = f"mp-heksher-test-{os.getpid()}"
+_semaphores.tag_this_process(_SEM_PREFIX)
+os.environ[_semaphores.PREFIX_ENV] = _SEM_PREFIX
+_untagged_semaphores: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_semaphores_left_behind() -> Iterator[None]:
+    """Fail the session if semaphore files it made stay in /dev/shm; report other new ones.
+
+    A test that kills processes with multiprocessing objects (a pool, a
+    barrier) must remove their semaphores, as PoolDriver.close() does. New
+    ``sem.mp-*`` files without the session's name may be another program's
+    (another test run on the host), so they are reported in the summary,
+    not failed on.
+    """
+    before = _semaphores.semaphores()
+    yield
+    gc.collect()  # the session's own multiprocessing objects unlink theirs when collected
+    left = _semaphores.semaphores() - before
+    ours = sorted(n for n in left if n.startswith(_SEM_PREFIX))
+    _untagged_semaphores[:] = sorted(left - set(ours))
+    if ours:
+        _semaphores.remove(_SEM_PREFIX)
+        pytest.fail(
+            f"the tests left {len(ours)} multiprocessing semaphores in {_semaphores.SEM_DIR} (removed now): "
+            f"{', '.join('sem.' + n for n in ours[:10])}{' ...' if len(ours) > 10 else ''}; a test killed "
+            "processes that used them without removing them (see tests/_semaphores.py)"
+        )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _untagged_semaphores:
+        terminalreporter.write_line(
+            f"note: {len(_untagged_semaphores)} sem.mp-* files appeared in {_semaphores.SEM_DIR} during the "
+            "run without this session's name: another program's, or left by a process the tests started "
+            "(tests/_semaphores.py)"
+        )
 
 
 @pytest.fixture(autouse=True)

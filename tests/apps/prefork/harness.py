@@ -37,6 +37,7 @@ import psutil
 
 from heksher_shm.status import SegmentStatus, list_segments, segment_status
 from heksher_shm.testing import HeksherService
+from tests import _semaphores
 
 HERE = Path(__file__).resolve().parent
 TIMING = bool(os.environ.get("HEKSHER_PREFORK_TIMING"))
@@ -712,6 +713,7 @@ class PoolDriver:
     ) -> None:
         self._log = open(log, "ab")  # noqa: SIM115 - closed in close()
         self.log_path = log
+        self._semaphore_prefix = env.get(_semaphores.PREFIX_ENV)
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "pool_app.py"), kind, method, mode, str(workers)],
             cwd=HERE,
@@ -767,6 +769,10 @@ class PoolDriver:
                 os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+        # The SIGKILL took the resource tracker too: remove the pool's semaphores, which pool_app.py named
+        # after this session and the driver's pid (tests/_semaphores.py).
+        if self._semaphore_prefix:
+            _semaphores.remove(f"{self._semaphore_prefix}-{self.pid}-")
         for stream in (self.process.stdin, self.process.stdout):
             with contextlib.suppress(OSError):
                 if stream is not None:

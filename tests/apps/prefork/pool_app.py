@@ -53,9 +53,23 @@ def commands() -> Iterator[dict[str, Any]]:
                 yield dict(json.loads(line))
 
 
+def tag_semaphores() -> None:
+    """Name this process's multiprocessing semaphores ``<HEKSHER_TEST_SEMPREFIX>-<pid>-...``.
+
+    The tests SIGKILL this process's whole session, resource tracker included,
+    which leaves the pool's semaphores in /dev/shm; PoolDriver.close() removes
+    them by this name (see tests/_semaphores.py; ``semprefix`` is private to
+    multiprocessing).
+    """
+    prefix = os.environ.get("HEKSHER_TEST_SEMPREFIX")
+    if prefix:
+        multiprocessing.current_process()._config["semprefix"] = f"/{prefix}-{os.getpid()}"  # type: ignore[attr-defined]
+
+
 def main() -> None:
     import pool_tasks
 
+    tag_semaphores()
     kind, method, mode, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     ctx = multiprocessing.get_context(method)
     barrier = ctx.Barrier(workers)
