@@ -422,6 +422,20 @@ def test_bad_client_arguments() -> None:
         heksher.AsyncHeksherClient(None, 1, ["user"])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("cls", [heksher.ThreadHeksherClient, heksher.AsyncHeksherClient])
+def test_bad_http_client_args_are_refused_at_once(cls: type[Any], recwarn: pytest.WarningsRecorder) -> None:
+    """A keyword the HTTP client would refuse fails in the constructor, naming it, not in the
+    background (where a thread client would only log it, and set_as_main wait for nothing)."""
+    with pytest.raises(TypeError, match="http_client_args are refused by .*Client: .*'timout'"):
+        cls("http://x", 1, ["user"], http_client_args={"timout": 3})
+    with pytest.raises(ValueError, match="must not hold base_url: service_url is the base URL"):
+        cls("http://x", 1, ["user"], http_client_args={"base_url": "http://y"})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        cls("http://x", 1, ["user"], http_client_args=[("timeout", 3)])
+    cls("http://x", 1, ["user"], http_client_args={"timeout": 3, "headers": {"Authorization": "Bearer t"}})
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
 async def test_settings_nobody_keeps_are_declared_then_held_weakly(
     make_driver: Any, memory_service: HeksherService
 ) -> None:

@@ -10,6 +10,8 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import httpx
+
 from heksher_shm._engine.engine import Engine
 from heksher_shm._engine.local import LocalLock, LocalSource, LocalTransport
 from heksher_shm._engine.ports import Wish
@@ -41,6 +43,8 @@ class ClientCore(ContextDefaults):
 
     _is_stub = False
     _kind: Literal["async", "thread"]
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
+    """What ``http_client_args`` are passed to (with ``base_url=service_url``)."""
 
     def __init__(
         self,
@@ -57,6 +61,8 @@ class ClientCore(ContextDefaults):
         _check_arguments(
             service_url, update_interval, context_features, http_client_args, startup_timeout, segment_name
         )
+        if http_client_args:
+            _check_http_client_args(self._http_class, service_url, http_client_args)
         super().__init__()
         self._service_url = service_url
         self._update_interval = float(update_interval)
@@ -257,6 +263,30 @@ def _check_arguments(
         isinstance(segment_name, str) and SEGMENT_NAME.fullmatch(segment_name)
     ):
         raise ValueError(f"segment_name must match {SEGMENT_NAME.pattern}, got {segment_name!r}")
+
+
+class _NoTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Stands in for the real transport while ``http_client_args`` are tried (nothing is sent)."""
+
+
+def _check_http_client_args(
+    http_class: type[httpx.Client] | type[httpx.AsyncClient], service_url: str, args: Mapping[str, Any]
+) -> None:
+    """Refuse ``http_client_args`` the HTTP client would refuse, now rather than in the background.
+
+    Only the leader builds its HTTP client (followers never send a request), and building one costs
+    30-50 ms (its TLS context), so the arguments are tried on a client with a stand-in transport: a
+    misspelled keyword or a wrong type fails here, naming it. What only the real transport reads
+    (``verify``, ``cert``, proxies) is checked when the leader builds it; a failure then is the
+    update's error (``on_update_error``, the log).
+    """
+    if "base_url" in args:
+        raise ValueError("http_client_args must not hold base_url: service_url is the base URL")
+    trial = {**args, "transport": args.get("transport", _NoTransport())}
+    try:
+        http_class(base_url=service_url, **trial)  # not closed: closing would close a transport of theirs
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"http_client_args are refused by {http_class.__qualname__}: {error}") from error
 
 
 def _check_seconds(name: str, value: object) -> None:

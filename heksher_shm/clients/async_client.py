@@ -52,6 +52,7 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
     """
 
     _kind = "async"
+    _http_class = httpx.AsyncClient
 
     def _init_driver(self) -> None:
         # Also run in a forked child: the parent's loop, task and HTTP client

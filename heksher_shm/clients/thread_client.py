@@ -46,6 +46,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
     """
 
     _kind = "thread"
+    _http_class = httpx.Client
 
     def _init_driver(self) -> None:
         # Also run in a forked child: nothing of the parent's threads is kept,
