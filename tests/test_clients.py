@@ -426,7 +426,7 @@ def test_bad_client_arguments() -> None:
 def test_bad_http_client_args_are_refused_at_once(cls: type[Any], recwarn: pytest.WarningsRecorder) -> None:
     """A keyword the HTTP client would refuse fails in the constructor, naming it, not in the
     background (where a thread client would only log it, and set_as_main wait for nothing)."""
-    with pytest.raises(TypeError, match="http_client_args are refused by .*Client: .*'timout'"):
+    with pytest.raises(TypeError, match=r"http_client_args are refused by .*Client: .*'timout'"):
         cls("http://x", 1, ["user"], http_client_args={"timout": 3})
     with pytest.raises(ValueError, match="must not hold base_url: service_url is the base URL"):
         cls("http://x", 1, ["user"], http_client_args={"base_url": "http://y"})
@@ -750,3 +750,33 @@ async def test_reload_under_modification_lock_times_out(memory_service: HeksherS
         assert time.monotonic() - t0 < 5
     finally:
         await driver.close()
+
+
+@pytest.mark.parametrize("close_first", [True, False], ids=["first-closed", "first-open"])
+async def test_a_new_main_clients_reload_queries_again(
+    memory_service: HeksherService, close_first: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The clients of one process share one registration, so their requests share one count: a new main
+    client's reload() is not answered by the answers the earlier client's requests got. The registration
+    is the new main client's: the earlier one neither fights over it nor removes it when it closes."""
+    _keep = heksher.Setting(unique("renewed"), int, ["user"], 0)
+    features = ["user", "theme", "environment"]
+    first = heksher.ThreadHeksherClient(memory_service.url, 60, features)
+    await asyncio.to_thread(first.set_as_main)
+    for _ in range(3):
+        await asyncio.to_thread(first.reload)  # its requests 2, 3 and 4 are answered
+    if close_first:
+        first.close()
+    second = heksher.ThreadHeksherClient(memory_service.url, 60, features)
+    await asyncio.to_thread(second.set_as_main)
+    for _ in range(2):
+        asked = time.monotonic()
+        await asyncio.to_thread(second.reload)
+        answered = time.monotonic()
+        queries = [r for r in memory_service.requests if r.path == "/api/v1/query" and r.time >= asked]
+        assert queries, "reload() sent no query"
+        assert queries[0].time <= answered  # reload() returned after its own query
+    first.close()
+    await asyncio.to_thread(second.reload)
+    second.close()
+    assert not [r for r in caplog.records if "registration was missing" in r.message]

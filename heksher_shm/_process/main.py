@@ -37,6 +37,8 @@ class MainClient(Protocol):
 
     def _setting_added(self, setting: Setting[Any]) -> None: ...
 
+    def _replaced_as_main(self) -> None: ...
+
 
 _lock = threading.RLock()
 _settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
@@ -105,6 +107,7 @@ def set_main(client: MainClient) -> list[Setting[Any]]:
                     f"previous: {list(previous._context_features)}, new: {list(client._context_features)}"
                 )
             logger.warning("switching main heksher clients! this is NOT recommended (unless this is a test)")
+            previous._replaced_as_main()
         _main = client
         return live_settings()
 

@@ -167,6 +167,17 @@ class BaseHeksherClient(Registering, Answering, Applying):
             setting._install_state(self, None)
         self._applied_generation = -1
 
+    def _replaced_as_main(self) -> None:
+        """Another client of this process became main (:func:`heksher_shm._process.main.set_main`).
+
+        The process has one registration, and it is the new main client's now:
+        this one stops writing it, defending it, and removing it on close. (If
+        it leads the host, it goes on leading until it closes.)
+        """
+        with self._register_lock:
+            self._main = False
+            self._registered = b""
+
 
 def _reset_after_fork() -> None:
     """In a forked child (called by :mod:`heksher_shm._process.fork`, last): every live client resumes."""

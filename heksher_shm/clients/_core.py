@@ -37,6 +37,29 @@ _bell_numbers = itertools.count(1)
 """Numbers this process's doorbells (one per client that joins a segment)."""
 
 
+class _RequestNumbers:
+    """This process's request numbers (``reload_seq``), shared by all its clients.
+
+    The leader answers requests per process (one registration per process),
+    so a client that becomes main after another must number its requests
+    after the other's: else the answers the earlier client got would count as
+    answers to the new one's requests.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.latest = 0
+        """The last number given out (a new client starts its registration there: never backwards)."""
+
+    def next(self) -> int:
+        with self._lock:
+            self.latest += 1
+            return self.latest
+
+
+request_numbers = _RequestNumbers()
+
+
 class ClientCore(ContextDefaults):
     """The state the parts of a client share, and the engine it runs (see
     :mod:`heksher_shm.clients._base`)."""
@@ -93,7 +116,7 @@ class ClientCore(ContextDefaults):
         self._queried = 0.0
         self._head: Head | None = None
         self._ack = Ack(0)
-        self._reload_seq = 0
+        self._reload_seq = request_numbers.latest
         self._query_seq = 0
         self._wish_dirty = False
         """A setting was added since the registration was written: the background loop writes it."""
@@ -232,6 +255,9 @@ class ClientCore(ContextDefaults):
         raise NotImplementedError
 
     def _after_fork_in_child(self) -> None:  # clients._base
+        raise NotImplementedError
+
+    def _replaced_as_main(self) -> None:  # clients._base
         raise NotImplementedError
 
     def on_update_error(self, exc: Exception) -> None:  # clients._base (public)

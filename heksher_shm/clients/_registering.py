@@ -17,7 +17,7 @@ from heksher_shm._model.protocol import DeclarationBody
 from heksher_shm._shm.identity import current_identity
 from heksher_shm._shm.registration import Registration
 from heksher_shm._shm.segment import Segment
-from heksher_shm.clients._core import ClientCore
+from heksher_shm.clients._core import ClientCore, request_numbers
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.setting import Setting
 
@@ -53,7 +53,7 @@ class Registering(ClientCore):
     def _request_reload(self, query: bool = True) -> int:
         """A new request to the leader: a fresh query (``reload``), or only declarations and a covering
         snapshot (``set_as_main``, ``track_contexts``). Returns its number, to wait for."""
-        self._reload_seq += 1
+        self._reload_seq = request_numbers.next()
         if query:
             self._query_seq = self._reload_seq
         self._wish_changed()
@@ -149,7 +149,7 @@ class Registering(ClientCore):
     def _leave_shared(self) -> None:
         """On close: take this process's registration and doorbell away (the segment stays for the others)."""
         parts, neighbours = self._parts, self._neighbours
-        if parts is not None:
+        if parts is not None and self._main:  # a replaced main client's registration is the new one's
             try:
                 parts.registry.remove()
                 parts.segment.bump_registry_seq()

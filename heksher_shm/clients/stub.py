@@ -137,6 +137,9 @@ class _StubClient(ContextDefaults):
     def _become_main(self) -> None:
         _main.declared(_main.set_main(self))
 
+    def _replaced_as_main(self) -> None:
+        pass
+
 
 class SyncStubHeksherClient(SyncMainContext, _StubClient):
     """A stand-in for :class:`~heksher_shm.ThreadHeksherClient` in tests; takes and ignores any arguments."""
