@@ -51,11 +51,13 @@ class QueriedRule:
 
     Attributes:
         rule_id: the service's id of the rule (``None`` for stub rules).
-        context_features: the rule's exact-match conditions, as (feature, value) pairs.
+        context_features: the rule's exact-match conditions, as ``[feature, value]``
+            lists in the service's order of features (what heksher 0.2.2 hands over:
+            the service's JSON, decoded).
     """
 
     rule_id: int | None
-    context_features: Sequence[tuple[str, str]]
+    context_features: Sequence[Sequence[str]]
 
 
 Validator = Callable[[T, "QueriedRule | None", "Setting[T]"], T]

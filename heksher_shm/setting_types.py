@@ -262,4 +262,21 @@ def setting_type(arg: Any) -> SettingType[Any]:
         if key is not str:
             raise TypeError(f"mapping setting types need str keys, got {arg!r}")
         return HeksherMapping(inner)
-    raise TypeError(f"cannot use {arg!r} as a setting type")
+    raise TypeError(f"cannot use {arg!r} as a setting type{_suggestion(arg, origin)}")
+
+
+def _suggestion(arg: Any, origin: Any) -> str:
+    """What to write instead of a concrete container type (refused, as heksher 0.2.2 refuses them)."""
+    if arg in (dict, list, tuple) or origin in (dict, list, tuple):
+        return f"; use {_abstract(arg)} (from typing or collections.abc)"
+    return ""
+
+
+def _abstract(arg: Any) -> str:
+    """*arg* spelled with the abstract containers setting types accept (``T`` where it says nothing)."""
+    origin, args = typing.get_origin(arg) or arg, typing.get_args(arg)
+    if origin in (dict, collections.abc.Mapping):
+        return f"Mapping[str, {_abstract(args[1]) if len(args) == 2 else 'T'}]"
+    if origin in (list, collections.abc.Sequence) or origin is tuple:
+        return f"Sequence[{_abstract(args[0]) if args else 'T'}]"
+    return arg.__name__ if isinstance(arg, type) else repr(arg)

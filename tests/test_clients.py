@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
 import weakref
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from enum import Enum, IntFlag
-from typing import Any
+from typing import Any, Dict, List  # noqa: UP035 - the spellings a heksher 0.2.2 user may have
 
 import httpx
 import pytest
@@ -411,6 +412,21 @@ def test_bad_setting_arguments() -> None:
         heksher.Setting("ok", list, ["user"], 0)
     with pytest.raises(TypeError):
         heksher.Setting("ok", Mapping[int, int], ["user"], {})
+
+
+@pytest.mark.parametrize(
+    ("given", "suggested"),
+    [
+        (dict, "Mapping[str, T]"),
+        (Dict[str, int], "Mapping[str, int]"),  # noqa: UP006 - the spelling a 0.2.2 user may have
+        (dict[str, list[int]], "Mapping[str, Sequence[int]]"),
+        (List[str], "Sequence[str]"),  # noqa: UP006
+        (tuple[float, ...], "Sequence[float]"),
+    ],
+)
+def test_a_concrete_container_type_is_refused_with_what_to_write(given: Any, suggested: str) -> None:
+    with pytest.raises(TypeError, match=re.escape(f"as a setting type; use {suggested} (from typing")):
+        heksher.Setting(unique("container"), given, ["user"], None)
 
 
 def test_bad_client_arguments() -> None:

@@ -19,7 +19,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_model", "setting_types", "setting_type"}),
     frozenset({"_shm"}),
     frozenset({"_process"}),
-    frozenset({"setting"}),
+    frozenset({"setting", "main_client"}),
     frozenset({"_engine"}),
     frozenset({"status"}),
     frozenset({"clients"}),

@@ -375,7 +375,8 @@ class Applying(ClientCore):
                 continue
             if not all(tracked.get(f) == TRACK_ALL or v in tracked.get(f, ()) for f, v in conditions):
                 continue  # another process tracks these contexts; this one does not
-            rule = QueriedRule(record.rule_id, conditions)
+            # Lists of [feature, value] lists, the service's JSON as heksher 0.2.2 hands it to validators.
+            rule = QueriedRule(record.rule_id, [list(pair) for pair in conditions])
             try:
                 raw = _json_decoder.decode(record.value)
             except msgspec.DecodeError as e:

@@ -50,6 +50,22 @@ def at_most_100(value: int, rule: Any, setting: Any) -> int:
     return value
 
 
+seen_rules: set[str] = set()
+
+
+@settings["title"].add_validator
+def record_rule(value: str, rule: Any, setting: Any) -> str:
+    """What a validator is handed as the rule: its id, and its context_features down to their types."""
+    if rule is None:
+        seen_rules.add("no rule")
+    else:
+        features = rule.context_features
+        pairs = [type(pair).__name__ for pair in features]
+        shape = [type(features).__name__, pairs, [list(pair) for pair in features]]
+        seen_rules.add(json.dumps([isinstance(rule.rule_id, int), shape]))
+    return value
+
+
 user: ContextVar[str] = ContextVar("user", default="alice")
 CONTEXTS = [
     {"user": "alice"},
@@ -72,6 +88,7 @@ def snapshot() -> dict[str, Any]:
             elif isinstance(value, tuple):
                 value = list(value)
             out[f"{name}{sorted(ctx.items())}"] = value
+    out["title validator saw"] = sorted(seen_rules)
     return out
 
 
@@ -84,6 +101,7 @@ def run_thread() -> dict[str, Any]:
     client = heksher.ThreadHeksherClient(URL, 60, ["user", "theme", "environment"])
     configure(client)
     client.set_as_main()
+    assert heksher.main_client.Main is client
     settings["late"] = heksher.Setting("compat_late", str, FEATURES, "late-default")
     client.reload()
     try:
@@ -96,6 +114,7 @@ async def run_async() -> dict[str, Any]:
     client = heksher.AsyncHeksherClient(URL, 60, ["user", "theme", "environment"])
     configure(client)
     await client.set_as_main()
+    assert heksher.main_client.Main is client
     settings["late"] = heksher.Setting("compat_late", str, FEATURES, "late-default")
     await client.reload()
     try:
