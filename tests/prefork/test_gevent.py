@@ -41,7 +41,10 @@ WORKERS = 3
 def starter(service: HeksherService, tmp_path: Path, *options: str) -> h.Start:
     def start(tag: str) -> h.Server:
         port = h.free_port()
-        argv = h.gunicorn(port, "gevent", WORKERS, *options)
+        # A gevent worker takes up to --worker-connections (1000) connections at once, so under load the
+        # first one awake may accept every request of the sweep and another never get one. Two at a time
+        # leaves the rest to the other workers, as a sync worker does.
+        argv = h.gunicorn(port, "gevent", WORKERS, "--worker-connections", "2", *options)
         log = tmp_path / f"gunicorn-gevent{tag}.log"
         return h.Server(argv, h.server_env(service.url, INTERVAL), h.HERE, port, log)
 

@@ -11,7 +11,6 @@ depend on the machine and its load, the bounds asserted do not.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ KILLS = 3
 def test_measure_gunicorn(service: HeksherService, tmp_path: Path, workers: int) -> None:
     rule = service.add_rule(h.SETTING, {"user": "alice"}, 0)
     port = h.free_port()
-    argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+    argv = [*h.gunicorn_base(port), "--workers", str(workers)]
     argv += ["--chdir", str(h.HERE), "wsgi_app:app"]
     server = h.Server(argv, h.server_env(service.url, INTERVAL), h.HERE, port, tmp_path / "gunicorn.log")
     try:
@@ -74,7 +73,7 @@ def test_measure_recycling(service: HeksherService, tmp_path: Path, preload: boo
     """Propagation while workers are recycled (--max-requests 100 under steady traffic), 4 workers."""
     rule = service.add_rule(h.SETTING, {"user": "alice"}, 0)
     port = h.free_port()
-    argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "4"]
+    argv = [*h.gunicorn_base(port), "--workers", "4"]
     argv += ["--max-requests", "100", "--max-requests-jitter", "0", "--chdir", str(h.HERE)]
     argv += [*(["--preload"] if preload else []), "wsgi_app:app"]
     server = h.Server(argv, h.server_env(service.url, INTERVAL), h.HERE, port, tmp_path / "gunicorn.log")

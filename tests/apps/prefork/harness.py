@@ -351,9 +351,22 @@ def server_env(url: str, interval: float, **extra: str) -> dict[str, str]:
     return env
 
 
+def gunicorn_base(port: int, *options: str) -> list[str]:
+    """The start of every gunicorn command line of the tests: bound to *port*, without a control socket.
+
+    gunicorn 24 and later open a control socket at one fixed path per user
+    (``~/.gunicorn/gunicorn.ctl``): two servers at once, in one test or in two
+    runs on one machine, would fight over it. The tests do not use it.
+    """
+    from gunicorn.config import KNOWN_SETTINGS
+
+    no_control = [f for s in KNOWN_SETTINGS if s.name == "control_socket_disable" for f in s.cli]
+    return [sys.executable, "-m", "gunicorn", *no_control, *options, "--bind", f"127.0.0.1:{port}"]
+
+
 def gunicorn(port: int, worker_class: str, workers: int, *options: str) -> list[str]:
     """A gunicorn command line for ``wsgi_app.py``; options given here override a ``--config`` file's."""
-    argv = [sys.executable, "-m", "gunicorn", *options, "--bind", f"127.0.0.1:{port}"]
+    argv = gunicorn_base(port, *options)
     argv += ["--workers", str(workers), "--worker-class", worker_class, "--graceful-timeout", "10"]
     if worker_class == "gthread":
         argv += ["--threads", "4"]
