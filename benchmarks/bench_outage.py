@@ -7,13 +7,13 @@ every one is ready, the service answers every ``GET /api/v1/query`` with 500
 after a delay of 50 ms (an overloaded service, not one that refuses at once)
 for a window (30 s; ``--quick``: 3 s), and the query requests that reach the
 service in the window are counted: queries per minute for the whole host.
-Our leader backs off (0.5 s doubling up to the update interval, equal
-jitter: each wait is between half a step and a whole one), so the host
-makes one query per backoff step whatever N: no two queries less than half
-an interval apart once the step reached the interval (from the third query
-on), which bounds the count; the mean wait is 0.75 of the interval, so
-about 74 a minute is expected at 1 s. Each peer process polls every
-interval, whatever the answer.
+Our leader backs off (``heksher_shm._engine.health.backoff_delay``: 0.5 s
+doubling with equal jitter until the step reaches the update interval, then
+waits of one to 1.25 intervals), so the host makes one query per backoff
+step whatever N: no two queries less than an interval apart from the third
+query on, which bounds the count; the mean wait is then 1.125 intervals, so
+about 51 a minute is expected at 1 s with the fault's 50 ms. Each peer
+process polls every interval, whatever the answer.
 
 In the **reload variant** (``--quick``: N=4; full: N=1 and 8) one process
 (ours: a follower when there is one; the peer: any) calls ``reload()`` in a
@@ -29,8 +29,9 @@ of the rule that answers it and ends the outage at the same moment (the
 rule first, then the faults, microseconds apart). Each process reports the
 ``time.monotonic()`` (one clock for the host) at which it first reads the
 new value; the table shows the median and the max over the processes. A
-query already in flight at that moment still fails (after its delay): the
-target allows the update interval, that delay, and 100 ms.
+query already in flight at that moment still fails (after its delay), and
+the next one waits for its backoff step: the target allows the longest step
+(1.25 update intervals), that delay, and 100 ms.
 
 Against a real Heksher (``--service URL``) the counting proxy answers the
 500s in the service's place.
@@ -276,10 +277,10 @@ def _outage(
 def _query_row(
     n: int, reload: bool, window: float, ours: dict[str, Any], peer: dict[str, Any]
 ) -> dict[str, Any]:
-    # Equal jitter: every wait after a failure is at least half its step, and the step reaches the
-    # update interval after the second failure: one query per step means none closer than half an
-    # interval from the third query on, and at most window / (interval / 2) + 2 queries.
-    floor = INTERVAL / 2
+    # The step reaches the update interval at the second failure, and from then on every wait is one
+    # to 1.25 intervals: one query per step means none closer than an interval from the third query
+    # on, and at most window / interval + 2 queries.
+    floor = INTERVAL
     closest = min(ours["gaps"][2:], default=None)
     bound = window / floor + 2
     gaps = ours["gaps"]
@@ -298,7 +299,7 @@ def _query_row(
         "ours": summary([ours["per_minute"]]),
         "peer": summary([peer["per_minute"]]),
         "ratio": ours["per_minute"] / peer["per_minute"] if peer["per_minute"] else None,
-        "target": f"one per backoff step, any N: >= {floor * 1000:.0f} ms apart (about 74/min expected)",
+        "target": f"one per backoff step, any N: >= {floor * 1000:.0f} ms apart (about 51/min expected)",
         "met": ours["queries"] <= bound and (closest is None or closest >= floor),
         "note": "; ".join(notes),
     }
