@@ -66,7 +66,7 @@ RECYCLING_LAG = 10.0
 
 @pytest.mark.parametrize("preload", [False, True], ids=["lazy", "preload"])
 def test_gunicorn_max_requests(service: HeksherService, tmp_path: Path, preload: bool) -> None:
-    """Workers recycled while serving (--max-requests 100 under steady traffic).
+    """Workers recycled while serving (--max-requests 200 under steady traffic).
 
     Every answer is the rule's value (a fresh worker never answers before it
     has the rules), the poller stays one (plus a new leader's first query and
@@ -77,7 +77,9 @@ def test_gunicorn_max_requests(service: HeksherService, tmp_path: Path, preload:
     changes arrive later (see docs/deployment/gunicorn.rst for the figures).
     """
     rule = service.add_rule(h.SETTING, {"user": "alice"}, 1)
-    options = ["--max-requests", "100", "--max-requests-jitter", "0", *(["--preload"] if preload else [])]
+    # About two seconds a worker: every leader term lives long enough to query even on a starved
+    # machine (at 100 a worker lived one second, and a starved leader could exit before its first query).
+    options = ["--max-requests", "200", "--max-requests-jitter", "0", *(["--preload"] if preload else [])]
     server = starter(service, tmp_path, "sync", *options)("")
     try:
         with h.shown_on_failure(server):
