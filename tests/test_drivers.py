@@ -11,11 +11,13 @@ effect, or a driver that handles one differently, fails here first.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import socket
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, get_args
 
 import httpx
@@ -296,3 +298,49 @@ def test_a_cancelled_async_driver_closes_its_script(setup: Setup) -> None:
 
     asyncio.run(main())
     assert closed.is_set()
+
+
+def _payload(size: int) -> bytes:
+    return (bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+@pytest.fixture
+def gzip_url() -> Iterator[str]:
+    """A real HTTP server whose ``GET /<size>`` answers *size* bytes, gzip-encoded, with an ETag."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            compressed = gzip.compress(_payload(int(self.path.strip("/"))))
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(compressed)))
+            self.send_header("ETag", '"v1"')
+            self.end_headers()
+            self.wfile.write(compressed)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(DEADLINE)
+
+
+@pytest.mark.parametrize("size", [10, 4 << 20], ids=["small", "big"])
+def test_a_body_arrives_decoded_and_whole(gzip_url: str, setup: Setup, size: int) -> None:
+    """A gzip-encoded answer reaches the engine decoded, whole and with its ETag from both drivers,
+    whether the asyncio driver joins it on the loop (small) or in a worker thread (big)."""
+
+    def fetch(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+        response = yield Call("GET", f"{gzip_url}/{size}")
+        log.append((response.status_code, response.headers.get("ETag"), response.content == _payload(size)))
+        response.raise_for_status()  # the answer still knows its request
+        return "fetched"
+
+    expected = ([(200, '"v1"', True)], "fetched")
+    assert run_sync(fetch, setup) == expected
+    assert run_async(fetch, setup) == expected
