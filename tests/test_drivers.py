@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import select
 import socket
+import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -344,3 +346,63 @@ def test_a_body_arrives_decoded_and_whole(gzip_url: str, setup: Setup, size: int
     expected = ([(200, '"v1"', True)], "fetched")
     assert run_sync(fetch, setup) == expected
     assert run_async(fetch, setup) == expected
+
+
+def test_a_real_thread_waits_in_the_kernels_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a monkey-patcher, a greenlet on the main OS thread waits in the patched ``select.poll``;
+    a real OS thread (a client's thread restarted in a forked gunicorn ``--preload`` gevent worker
+    before the worker patched) waits in the kernel's, not in a gevent hub of its own."""
+    patched: list[str] = []
+    kernel_poll = select.poll
+
+    class PatchedPoll:
+        def __init__(self) -> None:
+            patched.append(threading.current_thread().name)
+            self._real = kernel_poll()
+
+        def register(self, fd: int, mask: int) -> None:
+            self._real.register(fd, mask)
+
+        def poll(self, timeout: int | None) -> list[tuple[int, int]]:
+            return self._real.poll(timeout)
+
+    monkeypatch.delitem(sys.modules, "gevent.monkey", raising=False)
+    monkeypatch.setattr(select, "poll", PatchedPoll)
+    pipe = WakePipe()
+    try:
+        pipe.wake()
+        assert pipe.wait(DEADLINE, ()) == set()  # on the main thread: the patched poll
+        assert patched == ["MainThread"]
+
+        def in_a_thread() -> None:
+            pipe.wake()
+            pipe.wait(DEADLINE, ())
+
+        thread = threading.Thread(target=in_a_thread, name="real")
+        thread.start()
+        thread.join(DEADLINE)
+        assert not thread.is_alive()
+        assert patched == ["MainThread"]  # the real thread never used it
+    finally:
+        pipe.close()
+
+
+def test_the_main_os_thread_is_known_in_a_forked_child() -> None:
+    """A forked child's main thread is its main OS thread (not the parent's, noted at import), and a
+    thread it starts is not: signals stay unblocked where the application handles them."""
+    from heksher_shm._process.threads import on_main_os_thread
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            seen: list[bool] = []
+            thread = threading.Thread(target=lambda: seen.append(on_main_os_thread()))
+            thread.start()
+            thread.join(DEADLINE)
+            code = 0 if on_main_os_thread() and seen == [False] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert on_main_os_thread()

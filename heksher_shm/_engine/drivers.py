@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import select
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ import httpx
 
 from heksher_shm._engine.effects import Apply, Call, Calls, Effect, Report, Wait
 from heksher_shm._engine.policy import BEAT_INTERVAL
-from heksher_shm._process.threads import start_thread
+from heksher_shm._process.threads import on_main_os_thread, start_thread
 
 __all__ = ["AsyncHooks", "LoopWaker", "SyncHooks", "WakePipe", "drive_async", "drive_sync", "in_thread"]
 
@@ -182,6 +183,28 @@ class Beater:
             thread.join(5.0)
 
 
+_KERNEL_POLL = getattr(select, "poll", None)
+"""``select.poll`` as this module found it: the kernel's, unless a monkey-patcher ran before the import."""
+
+
+def _poll_here() -> Callable[[], Any] | None:
+    """The ``poll`` to block in from the calling thread (None: eventlet removed it; use ``select``).
+
+    On the main OS thread, whatever ``select.poll`` is now: under gevent or
+    eventlet the caller is a greenlet and must wait in the hub. On any other
+    OS thread, the kernel's: that thread is a real one (a client's thread
+    restarted in a forked gunicorn ``--preload`` worker before the worker
+    patched), and it blocks in the kernel rather than running a gevent hub of
+    its own.
+    """
+    if on_main_os_thread():
+        return getattr(select, "poll", None)
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return monkey.get_original("select", "poll")  # type: ignore[no-any-return]
+    return _KERNEL_POLL
+
+
 class WakePipe:
     """How another thread (or a signal handler) wakes a blocking driver's :meth:`wait`."""
 
@@ -196,7 +219,7 @@ class WakePipe:
     def wait(self, timeout: float | None, fds: Sequence[int]) -> set[int]:
         """Block until woken, one of *fds* is readable, or *timeout* seconds passed; the readable *fds*."""
         wanted = (self._read, *fds)
-        poller = getattr(select, "poll", None)  # eventlet removes poll(); select() is patched instead
+        poller = _poll_here()
         if poller is not None:
             p = poller()
             for fd in wanted:

@@ -17,12 +17,13 @@ thread that turns out to run on the main OS thread leaves its mask alone.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["block_signals", "start_thread"]
+__all__ = ["block_signals", "on_main_os_thread", "start_thread"]
 
 _SYNCHRONOUS = {
     getattr(signal, name)
@@ -31,12 +32,19 @@ _SYNCHRONOUS = {
 }
 """Signals the thread itself causes: blocking them would not defer them, it would kill the process."""
 
-_MAIN_NATIVE_ID = threading.main_thread().native_id
+
+def on_main_os_thread() -> bool:
+    """Whether the caller runs on the process's main OS thread (a greenlet under gevent or eventlet does).
+
+    On Linux the main thread's id is the process id, in a forked child too
+    (where the id noted at import would be the parent's).
+    """
+    return threading.get_native_id() == os.getpid()
 
 
 def block_signals() -> None:
     """Block the asynchronous signals in the calling OS thread, unless it is the main one."""
-    if threading.get_native_id() == _MAIN_NATIVE_ID or not hasattr(signal, "pthread_sigmask"):
+    if on_main_os_thread() or not hasattr(signal, "pthread_sigmask"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _SYNCHRONOUS)
 
