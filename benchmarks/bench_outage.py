@@ -61,6 +61,7 @@ from benchmarks._fleet import roles, start_fleet
 from benchmarks._scenario import SMALL_DEFAULTS, SMALL_TRACK, seed_small, specs_from
 from benchmarks._service import QUERY_PATH
 from benchmarks._sides import library, make_client, make_settings, role
+from heksher_shm._engine.health import STEADY_SPREAD
 
 NAME = "outage"
 MODULE = "bench_outage"
@@ -77,7 +78,7 @@ WATCH_PERIOD = 0.005
 CONTEXT = {"user": "alice"}
 ORIGINAL_VALUE = 3
 """The small settings' ``{theme: light}`` rule's value (``_scenario.seed_small``), put back at the end."""
-LONGEST_STEP = 1.25 * INTERVAL
+LONGEST_STEP = (1 + STEADY_SPREAD) * INTERVAL
 """Seconds: the longest backoff step once failures last (``heksher_shm._engine.health.backoff_delay``
 waits one to 1.25 update intervals), so the longest a recovery can go unnoticed."""
 RECOVERY_SLACK = 0.1

@@ -27,10 +27,13 @@ import random
 import time
 from typing import Any
 
-__all__ = ["FIRST_DELAY", "SUMMARY_INTERVAL", "Trouble", "backoff_delay"]
+__all__ = ["FIRST_DELAY", "STEADY_SPREAD", "SUMMARY_INTERVAL", "Trouble", "backoff_delay"]
 
 FIRST_DELAY = 0.5
 """Seconds to wait after the first failure; each further failure doubles it, up to the update interval."""
+
+STEADY_SPREAD = 0.25
+"""Once the step reached the update interval, each wait is the interval plus up to this fraction of it."""
 
 SUMMARY_INTERVAL = 60.0
 """Seconds between two summaries of a trouble that lasts."""
@@ -42,7 +45,7 @@ def backoff_delay(failures: int, cap: float, rng: random.Random | None = None) -
     draw = (rng or random).uniform
     if step < cap:
         return step / 2 + draw(0.0, step / 2)
-    return cap + draw(0.0, cap / 4)
+    return cap + draw(0.0, cap * STEADY_SPREAD)
 
 
 class Trouble:
