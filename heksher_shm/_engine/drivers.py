@@ -299,7 +299,7 @@ _BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encod
 
 
 async def _send_async(http: httpx.AsyncClient, call: Call) -> httpx.Response:
-    """Send *call*; the body is read on the loop a chunk at a time and joined in a thread.
+    """Send *call*; the body is read on the loop a chunk at a time, and a big one is joined in a thread.
 
     Joining a big answer in one piece (8 MB for 100k rules) writes to freshly
     allocated pages for milliseconds; on the loop (as ``Response.aread()``
