@@ -11,6 +11,7 @@ __all__ = [
     "NoMatchError",
     "SegmentCorruptedError",
     "SegmentError",
+    "SnapshotFencedError",
 ]
 
 
@@ -65,4 +66,15 @@ class SegmentCorruptedError(SegmentError):
     Raised by readers when a check keeps failing while the generation word
     stays the same (so it is not a publish in progress). The next publish by
     the elected writer repairs the segment.
+    """
+
+
+class SnapshotFencedError(SegmentError):
+    """A snapshot was published, or was about to be, by a leader that another process replaced.
+
+    Every term of leadership takes a new fencing token in the segment, and
+    every snapshot carries the token of its term. A leader that was stopped
+    long enough to be replaced may still try to publish when it resumes:
+    its writer refuses, and if the publish slipped through anyway, every
+    reader refuses the snapshot (this error) and keeps the rules it has.
     """

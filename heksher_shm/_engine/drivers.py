@@ -1,7 +1,7 @@
 """The two drivers of the engine's effects, side by side: blocking (thread client) and asyncio.
 
-:class:`~heksher_shm._engine.Engine` yields effects; a driver performs each
-one and sends the result back (or throws the error in). The two drivers
+:class:`~heksher_shm._engine.engine.Engine` yields effects; a driver performs
+each one and sends the result back (or throws the error in). The two drivers
 below are twins on purpose, written next to each other and kept in step by
 ``tests/test_drivers.py``, which runs the same effect scripts through both.
 
@@ -12,15 +12,21 @@ effect         blocking driver                         asyncio driver
                                                        joined in a worker thread
 ``Calls``      a thread pool, *limit* wide             ``asyncio.gather`` under a semaphore
 ``Compute``    run in place                            run in a worker thread (the loop never stalls)
-``Wait``       ``poll()`` on the wake pipe and fds     loop readers on the fds and a wake event
+``Digest``     run in place                            run in a worker thread, offering the GIL often
+host effects   ``effect.perform(host)`` in place       in a worker thread (``quick`` ones in place)
+``Wait``       ``poll()`` on the wake pipe, the        loop readers on the doorbell, the exit handle
+               doorbell and the exit handle            and a wake event
 ``Apply``      under ``modification_lock``             under ``modification_lock``, in a worker thread
 ``Report``     the client's callbacks                  the client's callbacks
+``Housekeep``  the client's chores                     the client's chores, in a worker thread
 =============  ======================================  ==============================================
 
-While a ``Call``, ``Calls`` or ``Compute`` carrying a *beat* runs, the
-driver calls it every :data:`~heksher_shm._engine.BEAT_INTERVAL` seconds
-(from a helper thread, or a task): a leader waiting on a slow service stays
-trusted by its followers.
+While an effect marked ``busy`` runs, the driver stores a new promise of
+progress in the segment every :data:`~heksher_shm._engine.policy.BEAT_INTERVAL`
+seconds (from a helper thread, or a task): a leader waiting on a slow service
+stays trusted by its followers. When a driver stops before the engine ends (a
+task cancelled, an error), it performs the engine's closing effects: the lock
+is let go at once.
 
 Blocking waits happen only in ``poll()``/``select()`` on descriptors, which
 gevent and eventlet patch into cooperative waits, so a monkey-patched worker
@@ -31,27 +37,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import select
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from heksher_shm._engine.effects import Apply, Call, Calls, Effect, Report, Wait
-from heksher_shm._engine.policy import BEAT_INTERVAL
+from heksher_shm._engine.answers import Fresh, digest_query
+from heksher_shm._engine.effects import (
+    Apply,
+    Call,
+    Calls,
+    Compute,
+    Digest,
+    Effect,
+    HostEffect,
+    Housekeep,
+    Report,
+    Wait,
+)
+from heksher_shm._engine.host import Host
+from heksher_shm._engine.policy import BEAT_INTERVAL, BUSY_PROMISE
+from heksher_shm._process.gc import paused_gc
 from heksher_shm._process.threads import on_main_os_thread, start_thread
 
-__all__ = ["AsyncHooks", "LoopWaker", "SyncHooks", "WakePipe", "drive_async", "drive_sync", "in_thread"]
+__all__ = [
+    "AsyncHooks",
+    "LoopWaker",
+    "SyncHooks",
+    "WakePipe",
+    "drive_async",
+    "drive_sync",
+    "in_thread",
+    "run_closing",
+]
 
 T = TypeVar("T")
 
 
 class SyncHooks(Protocol):
     """What the blocking driver needs from its client."""
+
+    @property
+    def host(self) -> Host: ...
 
     def http(self) -> httpx.Client: ...
 
@@ -63,9 +97,14 @@ class SyncHooks(Protocol):
 
     def report(self, error: BaseException | None) -> None: ...
 
+    def housekeep(self) -> bool: ...
+
 
 class AsyncHooks(Protocol):
     """What the asyncio driver needs from its client."""
+
+    @property
+    def host(self) -> Host: ...
 
     def http(self) -> httpx.AsyncClient: ...
 
@@ -75,45 +114,113 @@ class AsyncHooks(Protocol):
 
     def report(self, error: BaseException | None) -> None: ...
 
+    def housekeep(self) -> bool: ...
+
 
 def _request(effect: Call) -> dict[str, Any]:
     return {"params": effect.params, "content": effect.content, "headers": effect.headers}
 
 
+def _busy_beat(host: Host) -> Callable[[], None]:
+    def beat() -> None:
+        now = time.monotonic()
+        host.beat(now, now + BUSY_PROMISE)
+
+    return beat
+
+
+def _wait_fds(host: Host, effect: Wait) -> tuple[int, ...]:
+    bell = host.bell_fd()
+    fds = () if bell is None else (bell,)
+    return fds if effect.leader_exit is None else (*fds, effect.leader_exit)
+
+
+def _digest(effect: Digest) -> Fresh:
+    """A query's answer digested, offering the GIL to other threads (an event loop) every millisecond."""
+    yield_at = time.perf_counter() + 0.001
+
+    def pause() -> None:
+        nonlocal yield_at
+        if time.perf_counter() >= yield_at:
+            time.sleep(0)  # let a waiting thread run
+            yield_at = time.perf_counter() + 0.001
+
+    with paused_gc():
+        return digest_query(effect.response, effect.queried, pause)
+
+
+def _compute(effect: Compute) -> Any:
+    with paused_gc():  # thousands of small objects made in one go: no collection needs to run meanwhile
+        return effect.fn()
+
+
+def run_closing(host: Host, effects: Sequence[HostEffect]) -> None:
+    """Perform an engine's closing effects in place (each one is quick: an unlock, a ring)."""
+    for effect in effects:
+        with contextlib.suppress(Exception):
+            effect.perform(host)
+
+
 # -- blocking ---------------------------------------------------------------------------------------------
 
 
-def drive_sync(steps: Generator[Effect, Any, T], hooks: SyncHooks) -> T:
-    """Run *steps* to completion with blocking I/O (the thread client's driver)."""
+def drive_sync(
+    steps: Generator[Effect, Any, T],
+    hooks: SyncHooks,
+    closing: Callable[[], Sequence[HostEffect]] = list,
+) -> T:
+    """Run *steps* to completion with blocking I/O (the thread client's driver).
+
+    If the run ends early (an error, or the caller stops it), the effects *closing* returns are
+    performed before this returns.
+    """
     to_send: Any = None
     to_throw: BaseException | None = None
     beater = Beater()
+    host = hooks.host
+    finished = False
     try:
         while True:
             try:
                 effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
             except StopIteration as stop:
+                finished = True
                 return stop.value  # type: ignore[no-any-return]
             to_send, to_throw = None, None
             try:
-                if isinstance(effect, Wait):
-                    to_send = hooks.wait(effect.timeout, effect.fds)
-                elif isinstance(effect, Apply):
-                    hooks.apply(effect)
-                elif isinstance(effect, Report):
-                    hooks.report(effect.error)
-                else:
-                    with beater.beating(effect.beat):
-                        if isinstance(effect, Call):
-                            to_send = hooks.http().request(effect.method, effect.path, **_request(effect))
-                        elif isinstance(effect, Calls):
-                            to_send = _calls_sync(hooks, effect)
-                        else:
-                            to_send = effect.fn()
+                to_send = _perform_sync(effect, hooks, host, beater)
             except Exception as e:
                 to_throw = e
     finally:
         beater.close()
+        if not finished:
+            steps.close()
+            run_closing(host, closing())
+
+
+def _perform_sync(effect: Effect, hooks: SyncHooks, host: Host, beater: Beater) -> Any:
+    if isinstance(effect, Wait):
+        ready = hooks.wait(effect.timeout, _wait_fds(host, effect))
+        host.drain()
+        return effect.leader_exit is not None and effect.leader_exit in ready
+    if isinstance(effect, Apply):
+        hooks.apply(effect)
+        return None
+    if isinstance(effect, Report):
+        hooks.report(effect.error)
+        return None
+    if isinstance(effect, Housekeep):
+        return hooks.housekeep()
+    with beater.beating(_busy_beat(host) if effect.busy else None):
+        if isinstance(effect, HostEffect):
+            return effect.perform(host)
+        if isinstance(effect, Call):
+            return hooks.http().request(effect.method, effect.path, **_request(effect))
+        if isinstance(effect, Calls):
+            return _calls_sync(hooks, effect)
+        if isinstance(effect, Digest):
+            return _digest(effect)
+        return _compute(effect)
 
 
 def _calls_sync(hooks: SyncHooks, effect: Calls) -> list[httpx.Response | BaseException]:
@@ -245,36 +352,63 @@ class WakePipe:
 # -- asyncio ----------------------------------------------------------------------------------------------
 
 
-async def drive_async(steps: Generator[Effect, Any, T], hooks: AsyncHooks) -> T:
-    """Run *steps* to completion on the running loop (the async client's driver)."""
+async def drive_async(
+    steps: Generator[Effect, Any, T],
+    hooks: AsyncHooks,
+    closing: Callable[[], Sequence[HostEffect]] = list,
+) -> T:
+    """Run *steps* to completion on the running loop (the async client's driver).
+
+    If the run ends early (cancelled, or an error), the effects *closing* returns are performed
+    in place before this returns or raises.
+    """
     to_send: Any = None
     to_throw: BaseException | None = None
-    while True:
-        try:
-            effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        to_send, to_throw = None, None
-        try:
-            if isinstance(effect, Wait):
-                to_send = await hooks.wait(effect.timeout, effect.fds)
-            elif isinstance(effect, Apply):
-                await hooks.apply(effect)
-            elif isinstance(effect, Report):
-                hooks.report(effect.error)
-            else:
-                async with abeating(effect.beat):
-                    if isinstance(effect, Call):
-                        to_send = await _send_async(hooks.http(), effect)
-                    elif isinstance(effect, Calls):
-                        to_send = await _calls_async(hooks, effect)
-                    else:
-                        to_send = await in_thread(effect.fn)
-        except asyncio.CancelledError:
+    host = hooks.host
+    finished = False
+    try:
+        while True:
+            try:
+                effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
+            except StopIteration as stop:
+                finished = True
+                return stop.value  # type: ignore[no-any-return]
+            to_send, to_throw = None, None
+            try:
+                to_send = await _perform_async(effect, hooks, host)
+            except Exception as e:
+                to_throw = e
+    finally:
+        if not finished:
             steps.close()
-            raise
-        except Exception as e:
-            to_throw = e
+            run_closing(host, closing())
+
+
+async def _perform_async(effect: Effect, hooks: AsyncHooks, host: Host) -> Any:
+    if isinstance(effect, Wait):
+        ready = await hooks.wait(effect.timeout, _wait_fds(host, effect))
+        host.drain()
+        return effect.leader_exit is not None and effect.leader_exit in ready
+    if isinstance(effect, Apply):
+        await hooks.apply(effect)
+        return None
+    if isinstance(effect, Report):
+        hooks.report(effect.error)
+        return None
+    if isinstance(effect, Housekeep):
+        return await in_thread(hooks.housekeep)
+    if isinstance(effect, HostEffect) and effect.quick:
+        return effect.perform(host)
+    async with abeating(_busy_beat(host) if effect.busy else None):
+        if isinstance(effect, HostEffect):
+            return await in_thread(functools.partial(effect.perform, host))
+        if isinstance(effect, Call):
+            return await _send_async(hooks.http(), effect)
+        if isinstance(effect, Calls):
+            return await _calls_async(hooks, effect)
+        if isinstance(effect, Digest):
+            return await in_thread(functools.partial(_digest, effect))
+        return await in_thread(functools.partial(_compute, effect))
 
 
 async def _calls_async(hooks: AsyncHooks, effect: Calls) -> list[httpx.Response | BaseException]:

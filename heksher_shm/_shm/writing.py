@@ -119,7 +119,7 @@ class SegmentWriter(SegmentReader):
         _live_segments.discard(self)
         super().close()
 
-    def publish(self, head: bytes, blobs: Sequence[bytes]) -> int:  # noqa: PLR0915 (the crash-point hooks)
+    def publish(self, head: bytes, blobs: Sequence[bytes], term: int = 0) -> int:  # noqa: PLR0915
         """Publish a new snapshot (``head`` and ``blobs``) and return its generation.
 
         Writer only. Fills the slot that is not current, then makes it current
@@ -343,6 +343,14 @@ class SegmentWriter(SegmentReader):
                 error_text=text, last_error_time=when, error_count=(block.error_count + 1) & _WORD_MASK
             )
         )
+
+    def begin_term(self) -> int:  # STUB until the fencing branch lands
+        """Stub."""
+        self._stub_term = getattr(self, "_stub_term", 0) + 1
+        return self._stub_term
+
+    def count_declarations(self, ok: int, failed: int) -> None:  # STUB
+        """Stub."""
 
     def bump_registry_seq(self) -> None:
         """Say "a registration changed" to the leader: any process may call it, after writing its file.

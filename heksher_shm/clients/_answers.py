@@ -7,12 +7,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import msgspec
-
 from heksher_shm._model.contexts import covers
-from heksher_shm._model.snapshot import decode_head
+from heksher_shm._model.snapshot import Ack
 from heksher_shm.clients._core import ClientCore
-from heksher_shm.exceptions import LeaderUpdateError, SegmentError
+from heksher_shm.exceptions import LeaderUpdateError
 
 __all__ = ["Answering"]
 
@@ -22,20 +20,38 @@ logger = logging.getLogger("heksher_shm.client")
 class Answering(ClientCore):
     """Reads the leader's answers to this process's requests."""
 
+    def _latest_ack(self) -> Ack | None:
+        """The leader's latest answer to this process (written where only this process reads it)."""
+        return self._host.read_ack()
+
+    def _take_ack(self) -> None:
+        """From an apply (under ``modification_lock``): take the leader's latest answer."""
+        ack = self._latest_ack()
+        if ack is not None and (self._ack is None or ack.seq >= self._ack.seq):
+            self._ack = ack
+
     def _acked(self, seq: int) -> bool:
-        return self._ack.seq >= seq
+        """Whether request *seq* is answered: with an error, or by a snapshot this process applied.
+
+        A successful answer names the snapshot (term, generation) that serves
+        the request; it counts once this process applied that snapshot or a
+        later one of the same term. An answer from an earlier term does not
+        count (its leader was replaced: the new one answers again).
+        """
+        ack = self._ack
+        if ack is None or ack.seq < seq:
+            return False
+        if ack.error is not None:
+            return True
+        head = self._head
+        return head is not None and head.term == ack.term and self._applied_generation >= ack.generation
 
     def _progress(self, seq: int) -> float:
         """What counts as progress towards request *seq* (waits time out on lack of it): the leader's
         progress, until a published snapshot answers the request. From then on only this process's
         own apply is awaited, and it cannot come while the caller holds ``modification_lock``: that
         wait then times out after ``startup_timeout``, whatever the leader does meanwhile."""
-        try:
-            read = self._transport.read_head()
-            head = decode_head(read.head) if read is not None else None
-        except (SegmentError, ValueError, msgspec.DecodeError):
-            head = None
-        ack = head.acks.get(self._key) if head is not None else None
+        ack = self._latest_ack()
         if ack is not None and ack.seq >= seq:
             return -1.0
         return self._transport.liveness()[0]
@@ -67,9 +83,10 @@ class Answering(ClientCore):
                 if outcome is not None and outcome.error is not None:
                     problems.append(f"declaring {name} failed: {outcome.error}")
                     original = original or self._errors.get(outcome.error_id)
-        if self._ack.error is not None and self._ack.seq >= seq:
-            problems.append(f"the update failed: {self._ack.error}")
-            original = original or self._errors.get(self._ack.error_id)
+        ack = self._ack
+        if ack is not None and ack.error is not None and ack.seq >= seq:
+            problems.append(f"the update failed: {ack.error}")
+            original = original or self._errors.get(ack.error_id)
         if not problems:
             return None
         if starting and self._covered_by_snapshot(released.values()):

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from heksher_shm._engine.ports import Blob
 from heksher_shm._model.contexts import TRACK_ALL
 from heksher_shm._model.resolve import compile_rules
 from heksher_shm._model.snapshot import Head, SettingBlob, decode_blob, decode_head
 from heksher_shm._process import main as _main
 from heksher_shm._process.gc import paused_gc
 from heksher_shm.clients._core import ClientCore
-from heksher_shm.exceptions import SegmentError
+from heksher_shm.exceptions import SegmentError, SnapshotFencedError
 from heksher_shm.setting import QueriedRule, Setting, _State
 
 __all__ = ["Applying"]
@@ -25,6 +24,14 @@ __all__ = ["Applying"]
 logger = logging.getLogger("heksher_shm.client")
 
 _json_decoder = msgspec.json.Decoder()
+
+
+class Blob(Protocol):
+    """A blob taken from a snapshot to be decoded later (``copy_blobs``)."""
+
+    def verified(self) -> bytes | memoryview:
+        """Its bytes, checked; raises :class:`~heksher_shm.exceptions.SegmentCorruptedError` if damaged."""
+        ...
 
 
 class _PendingRules:
@@ -123,6 +130,11 @@ class Applying(ClientCore):
         are copied, and they are decoded and converted at their next ``get()``.
         *notify*: wake the waiters of ``set_as_main``/``reload`` (the background
         loop does that itself, after the callbacks).
+
+        The leader's latest answer to this process's requests is taken here,
+        after the snapshot: a request is answered once an apply saw both (so a
+        ``reload()`` made while holding ``modification_lock`` waits, as
+        documented).
         """
         if self._apply_lock.acquire(blocking=blocking):
             # The head and a new state per changed setting are thousands of small objects, made in
@@ -130,6 +142,7 @@ class Applying(ClientCore):
             try:
                 with paused_gc():
                     self._apply_from(self._transport)
+                self._take_ack()
             finally:
                 self._apply_lock.release()
         if notify:
@@ -167,6 +180,8 @@ class Applying(ClientCore):
         if entry is None or head.queried < self._queried or state.client is not self:
             self._apply_latest(blocking=False)
             return
+        # Never back: a full apply refuses rules older than what any setting of this process has.
+        self._queried = head.queried
         box = [generation]
         if state.digest == entry.digest and not self._reapply_all:
             setting._set_state(state.reboxed(box, state.digest))
@@ -195,6 +210,13 @@ class Applying(ClientCore):
                 if read is None or seen(read.generation):
                     return
                 head = decode_head(read.head)
+            except SnapshotFencedError as e:
+                # A leader that was replaced published late: never read it (the leader in charge
+                # republishes once rung). Remembered, so that get() does not retry it on every call.
+                logger.warning("ignoring a snapshot of a replaced leader; keeping the previous rules: %s", e)
+                mark(generation)
+                self._segment_damaged()
+                return
             except (SegmentError, ValueError, msgspec.DecodeError):
                 # Keep serving what we have; remember this generation so that
                 # get() does not retry it on every call. The leader repairs
@@ -210,7 +232,6 @@ class Applying(ClientCore):
                     "skipping a snapshot older than the applied one", extra={"generation": read.generation}
                 )
                 mark(read.generation)
-                self._take_ack(head)
                 return
             entries = {entry.name: entry for entry in head.settings}
             settings = [s for s in self._settings if s._state.client is self]
@@ -254,7 +275,6 @@ class Applying(ClientCore):
             self._queried = head.queried
             self._release_declared(head)
             mark(read.generation)
-            self._take_ack(head)
             return
         logger.warning("the snapshot kept changing while being read; keeping the previous one")
 
@@ -292,11 +312,6 @@ class Applying(ClientCore):
                 if outcome.error is not None:  # for set_as_main()/reload() to raise, as heksher 0.2.2 does
                     self._released_failures[digest] = setting.name
         _main.declared(settled)
-
-    def _take_ack(self, head: Head) -> None:
-        ack = head.acks.get(self._key)
-        if ack is not None and ack.seq >= self._ack.seq:
-            self._ack = ack
 
     def _apply_outdated_default(self, setting: Setting[Any], head: Head) -> None:
         outcome = head.outcomes.get(setting._digest)

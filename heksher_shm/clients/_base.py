@@ -22,10 +22,7 @@ import logging
 import threading
 from collections.abc import Collection
 
-from heksher_shm._engine.shared import (
-    Neighbours,
-    wish_key,
-)
+from heksher_shm._engine.shared import Neighbours, SharedHost, wish_key
 from heksher_shm._model.contexts import TRACK_ALL
 from heksher_shm._process import main as _main
 from heksher_shm._process.servers import check_background_threads
@@ -139,15 +136,20 @@ class BaseHeksherClient(Registering, Answering, Applying):
         if self._neighbours is not None:
             self._neighbours.forget_inherited()
             self._neighbours = None
+        self._host = self._local_host
         if self._parts is not None:
-            self._key = wish_key(current_identity())
+            identity = current_identity()
+            self._key = wish_key(identity)
             if not self._closed:
                 try:
                     self._neighbours = Neighbours(self._parts, self._key, next(_bell_numbers))
+                    self._host = SharedHost(self._parts, self._neighbours, identity)
                 except SegmentError:
                     logger.exception("cannot listen for the leader after fork; rules still come on get()")
         self._engine = self._make_engine()
         self._init_driver()
+        if self._parts is not None and self._neighbours is None:
+            return  # passive: get() applies what the leader publishes; nothing runs in the background
         if self._main and not self._closed:
             self._wish_changed()
             self._restart_after_fork()

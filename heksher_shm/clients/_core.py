@@ -5,20 +5,23 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
 
+from heksher_shm._engine.context import Context, ErrorBook
 from heksher_shm._engine.engine import Engine
-from heksher_shm._engine.local import LocalLock, LocalSource, LocalTransport
-from heksher_shm._engine.ports import Wish
+from heksher_shm._engine.host import Wish
+from heksher_shm._engine.local import LocalHost
 from heksher_shm._engine.shared import (
     SEGMENT_NAME,
     Neighbours,
-    RegistrySource,
+    SharedHost,
     SharedParts,
     open_shared,
     wish_key,
@@ -115,12 +118,13 @@ class ClientCore(ContextDefaults):
         self._applied_box = [-1]
         self._queried = 0.0
         self._head: Head | None = None
-        self._ack = Ack(0)
+        self._ack: Ack | None = None
+        """The leader's latest answer to this process's requests, as of the last apply."""
         self._reload_seq = request_numbers.latest
         self._query_seq = 0
         self._wish_dirty = False
         """A setting was added since the registration was written: the background loop writes it."""
-        self._errors: dict[str, BaseException] = {}
+        self._errors = ErrorBook(os.getpid())
         self._main = False
         self._closed = False
         self._parts: SharedParts | None = None
@@ -130,45 +134,26 @@ class ClientCore(ContextDefaults):
         # Held while the registration is computed and written, from set_as_main/reload/track_contexts
         # and from the background loop's housekeeping: the last write carries the latest wish.
         self._register_lock = threading.Lock()
-        self._transport: LocalTransport | Segment = LocalTransport()
-        self._local_source = LocalSource(self._wish)
+        self._local_host = LocalHost(self._wish)
+        self._host: LocalHost | SharedHost = self._local_host
+        self._transport: LocalHost | Segment = self._local_host
         self._key = f"local-{id(self):x}"
         self._engine = self._make_engine()
         self._init_driver()
         _live_clients.add(self)
 
     def _make_engine(self) -> Engine:
-        parts, neighbours = self._parts, self._neighbours
-        if parts is None or neighbours is None:
-            engine = Engine(
-                transport=self._transport,
-                lock=LocalLock(),
-                source=self._local_source,
-                update_interval=self._update_interval,
-                context_features=self._context_features,
-                identity=(os.getpid(), 0.0, 0),
-                errors=self._errors,
-                housekeeping=self._flush_wish,
-                service_url=self._service_url,
-            )
-        else:
-            identity = current_identity()
-            engine = Engine(
-                transport=parts.segment,
-                lock=parts.lock,
-                source=RegistrySource(parts.registry, parts.segment),
-                update_interval=self._update_interval,
-                context_features=self._context_features,
-                identity=(identity.pid, identity.create_time, identity.pidns),
-                errors=self._errors,
-                key=self._key,
-                host=neighbours,
-                bell=neighbours.bell_number,
-                housekeeping=self._housekeep,
-                service_url=self._service_url,
-            )
-        engine.applied_generation = lambda: self._applied_generation
-        return engine
+        """The engine of this client (again after joining a segment, or in a forked child)."""
+        ctx = Context(
+            update_interval=self._update_interval,
+            context_features=self._context_features,
+            shared=self._parts is not None,
+            clock=_SYSTEM_CLOCK,
+            rng=random.Random(),
+            errors=self._errors,
+            service_url=self._service_url,
+        )
+        return Engine(ctx)
 
     def _join_shared(self) -> None:
         """Open the host's segment (once): from now on this client leads or follows there."""
@@ -177,9 +162,11 @@ class ClientCore(ContextDefaults):
         parts = open_shared(
             self._service_url, self._context_features, shm_dir=self._shm_dir, segment_name=self._segment_name
         )
-        self._key = wish_key(current_identity())
+        identity = current_identity()
+        self._key = wish_key(identity)
         self._neighbours = Neighbours(parts, self._key, next(_bell_numbers))
         self._parts = parts
+        self._host = SharedHost(parts, self._neighbours, identity)
         self._transport = parts.segment
         self._applied_generation = -1
         self._engine = self._make_engine()
@@ -236,10 +223,13 @@ class ClientCore(ContextDefaults):
     def _flush_wish(self) -> None:  # clients._registering
         raise NotImplementedError
 
-    def _housekeep(self) -> None:  # clients._registering
+    def _housekeep(self) -> bool:  # clients._registering
         raise NotImplementedError
 
     def _segment_damaged(self) -> None:  # clients._registering
+        raise NotImplementedError
+
+    def _take_ack(self) -> None:  # clients._answers
         raise NotImplementedError
 
     def _already_served(self) -> bool:  # clients._answers
@@ -319,6 +309,15 @@ def _check_seconds(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
+
+class _SystemClock:
+    """The engine's clock in a real process."""
+
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+
+
+_SYSTEM_CLOCK = _SystemClock()
 
 _live_clients: weakref.WeakSet[ClientCore] = weakref.WeakSet()
 """Every client of this process (each resumes after fork, see :mod:`heksher_shm.clients._base`)."""

@@ -8,10 +8,8 @@ import dataclasses
 import logging
 from typing import Any
 
-from heksher_shm._engine.ports import Wish
-from heksher_shm._engine.shared import (
-    RegistrySource,
-)
+from heksher_shm._engine.host import Wish
+from heksher_shm._engine.shared import SharedHost
 from heksher_shm._model.contexts import TRACK_ALL
 from heksher_shm._model.protocol import DeclarationBody
 from heksher_shm._shm.identity import current_identity
@@ -71,7 +69,7 @@ class Registering(ClientCore):
         parts, neighbours = self._parts, self._neighbours
         if parts is None:
             self._wish_dirty = False
-            self._local_source.touch()
+            self._local_host.touch()
         elif not self._closed:
             with self._register_lock:
                 self._wish_dirty = False
@@ -101,17 +99,21 @@ class Registering(ClientCore):
         if self._wish_dirty and self._main:
             self._wish_changed()
 
-    def _housekeep(self) -> None:
+    def _housekeep(self) -> bool:
+        """The background loop's chores at a wake (:class:`~heksher_shm._engine.effects.Housekeep`);
+        whether the segment file was replaced."""
         self._flush_wish()
-        self._ensure_registered()
+        return self._ensure_registered()
 
-    def _ensure_registered(self) -> None:
+    def _ensure_registered(self) -> bool:
         """Write this process's registration again if it vanished (a leader that wrongly judged this
-        process dead may have pruned it; someone may have cleaned the folder)."""
+        process dead may have pruned it; someone may have cleaned the folder). Returns whether the
+        segment file was replaced (and reopened)."""
         parts = self._parts
         if parts is None or not self._main or self._closed:
-            return
-        if parts.segment.is_replaced():
+            return False
+        replaced = parts.segment.is_replaced()
+        if replaced:
             self._reopen_segment()
         if self._neighbours is not None:
             self._neighbours.ensure_bell()
@@ -122,6 +124,7 @@ class Registering(ClientCore):
         if not intact:
             logger.warning("this process's registration was missing or damaged; registering again")
             self._wish_changed()
+        return replaced
 
     def _reopen_segment(self) -> None:
         """The segment file was removed or replaced: move to the file now at its path.
@@ -138,12 +141,8 @@ class Registering(ClientCore):
         segment = Segment.open(parts.segment.path)
         self._parts = parts = dataclasses.replace(parts, segment=segment)
         self._transport = segment
-        self._engine.replace_transport(segment)
-        source = self._engine.source
-        if isinstance(source, RegistrySource):
-            source.replace_segment(segment)
-        if self._neighbours is not None:
-            self._neighbours.replace_parts(parts)
+        if isinstance(self._host, SharedHost):
+            self._host.replace_parts(parts)
         self._reinstall_all()  # states watch the new file's generation word
 
     def _leave_shared(self) -> None:

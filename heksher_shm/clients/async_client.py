@@ -162,8 +162,9 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         return client
 
     async def _run(self) -> None:
+        engine = self._engine
         try:
-            await drive_async(self._engine.run(), _Hooks(self))
+            await drive_async(engine.run(), _Hooks(self), engine.closing_effects)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -279,6 +280,10 @@ class _Hooks:
 
     def __init__(self, client: AsyncHeksherClient) -> None:
         self._client = client
+        self.host = client._host
+
+    def housekeep(self) -> bool:
+        return self._client._housekeep()
 
     def http(self) -> httpx.AsyncClient:
         return self._client._http

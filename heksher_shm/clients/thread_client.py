@@ -60,7 +60,9 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         self._thread: threading.Thread | None = None
         # One error line when requests start failing, not one (with a traceback) per call.
         self._failing = {
-            what: Trouble(logger, f"{what} failed", logging.ERROR, service_url=self._service_url)
+            what: Trouble(
+                logger, f"{what} failed", time.monotonic, logging.ERROR, service_url=self._service_url
+            )
             for what in ("set_as_main", "reload")
         }
 
@@ -140,8 +142,9 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         return pool
 
     def _run(self) -> None:
+        engine = self._engine
         try:
-            drive_sync(self._engine.run(), _Hooks(self))
+            drive_sync(engine.run(), _Hooks(self), engine.closing_effects)
         except Exception:
             logger.exception("the heksher background thread stopped on an error")
         finally:
@@ -204,13 +207,13 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         seq = self._register_as_main()
         if seq is not None:
             hooks = _UntilAcked(self, seq)
-            steps = self._engine.run()
+            engine = self._engine
             try:
-                drive_sync(steps, hooks)
+                # Stopped by _Pause: the driver then lets go of the lock and rings the others.
+                drive_sync(engine.run(), hooks, engine.closing_effects)
             except _Pause:
                 pass
             finally:
-                steps.close()  # the engine lets go of the lock, and rings the others
                 pool, self._pool = self._pool, None
                 if pool is not None:
                     pool.shutdown(wait=True)
@@ -253,6 +256,10 @@ class _Hooks:
 
     def __init__(self, client: ThreadHeksherClient) -> None:
         self._client = client
+        self.host = client._host
+
+    def housekeep(self) -> bool:
+        return self._client._housekeep()
 
     def http(self) -> httpx.Client:
         return self._client._http
