@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import heksher_shm as heksher
 from heksher_shm._shm import layout, writing
 from heksher_shm._shm.segment import Segment
 from heksher_shm.exceptions import SegmentCorruptedError, SnapshotFencedError
-from tests._support import peek, poke
+from heksher_shm.testing import HeksherService
+from tests._support import FEATURES, peek, poke, unique
 
 
 @pytest.fixture
@@ -254,3 +256,37 @@ def test_a_reformat_keeps_the_term(old: Segment, seg_path: Path) -> None:
     assert (old.status().term, snapshot(old)[3]) == (5, 5)
     poke(seg_path, 0, bytes(layout.HEADER_SIZE))  # the header is lost, terms and all
     assert old.begin_term() > 10**15
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+def test_a_fenced_leader_steps_down_and_leads_again_with_a_new_term(memory_service: HeksherService) -> None:
+    """The engine takes a term when it leads; a publish refused for an older term makes it step down
+    (here it wins the lock again at once: nobody else competes) and lead under a new term."""
+    name = unique("fenced")
+    setting = heksher.Setting(name, int, ["user"], 0)
+    client = heksher.ThreadHeksherClient(memory_service.url, 60, FEATURES)
+    client.track_contexts(user="alice")
+    client.set_as_main()
+    try:
+        assert client.leading
+        with Segment.open(client.segment_path or "", create=False) as watch:
+            before = watch.status()
+            assert before.term >= 1
+            assert before.current_slot is not None
+            assert before.slots[before.current_slot].term == before.term
+            assert before.updates_ok >= 1
+            replaced_by = watch.begin_term()  # as a process that seized the lock would
+            memory_service.add_rule(name, {"user": "alice"}, 5)
+            client.reload()  # its publish is refused; it steps down and leads again, under a new term
+            assert setting.get(user="alice") == 5
+            after = watch.status()
+            assert after.term == replaced_by + 1
+            assert after.leader_changes == before.leader_changes + 2
+            read = watch.read_head()
+            assert read is not None
+            assert read.term == after.term
+        assert client.leading
+    finally:
+        client.close()

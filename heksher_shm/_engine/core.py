@@ -72,6 +72,7 @@ class EngineCore:
         self.closed = False
         self.leading = False
         self.term: Term | None = None
+        self._seized_token = 0  # the term taken right after seizing the lock, for the next _lead
         self.applied_generation: Callable[[], int] = lambda: -1
         self._marks: tuple[float, int, str | None] | None = None
         self._wishes: list[Wish] = []

@@ -25,6 +25,7 @@ class Following(EngineCore):
         """One wake of a follower: apply, report, judge the leader, then sleep until something happens."""
         host = self.host
         assert host is not None, "alone in the process, a client always leads"
+        self._seized_token = 0  # a seized lock that did not lead (lost again) left a stale one
         if self.transport.generation() != self.applied_generation():
             yield Apply(blocking=False)
         yield from self._report_marks()
@@ -85,6 +86,9 @@ class Following(EngineCore):
             )
             if not self.lock.seize():
                 return False
+            # Fence the stopped leader at once: from now on it cannot publish, nor readers take what
+            # it publishes anyway.
+            self._seized_token = self.transport.begin_term()
             now = time.monotonic()
             # Before anyone else judges the old leader again: the segment shows progress from here on.
             self.transport.beat(now, now + policy.BUSY_PROMISE)

@@ -28,7 +28,8 @@ class Leading(Publishing):
 
     def _lead(self) -> Generator[Effect, Any, None]:
         self.leading = True
-        term = self.term = Term(self.transport)
+        token, self._seized_token = self._seized_token or self.transport.begin_term(), 0
+        term = self.term = Term(self.transport, token)
         pid, create_time, pidns = self.identity
         # Who leads comes first: a process that rings from now on rings this one.
         self.transport.set_leader(pid, create_time, self.bell, pidns)

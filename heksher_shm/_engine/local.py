@@ -37,6 +37,7 @@ class LocalTransport:
         """Item 2 is the generation, as in the shared segment's header words."""
         self._marks: tuple[float, int, str | None] = (0.0, 0, None)
         self._liveness = (0.0, 0.0)
+        self._term = 0
 
     def generation(self) -> int:
         return self._current[0]
@@ -55,7 +56,13 @@ class LocalTransport:
         blobs = self.read_blobs(generation, indices)
         return None if blobs is None else [KeptBlob(blob) for blob in blobs]
 
-    def publish(self, head: bytes, blobs: Sequence[bytes]) -> int:
+    def begin_term(self) -> int:
+        """Terms count, but fence nothing: no other process publishes here."""
+        self._term += 1
+        return self._term
+
+    def publish(self, head: bytes, blobs: Sequence[bytes], term: int = 0) -> int:
+        """Swap in the snapshot; *term* is ignored (one process cannot replace its own leader)."""
         generation = self._current[0] + 1
         self._current = (generation, head, tuple(blobs))
         self.words[2] = generation

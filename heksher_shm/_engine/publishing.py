@@ -18,6 +18,7 @@ from heksher_shm._engine.ports import Wish
 from heksher_shm._engine.term import LeaderLost, Term, acknowledgements, query_spec
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import FORMAT, Head, encode_head
+from heksher_shm.exceptions import SnapshotFencedError
 
 __all__ = ["Publishing"]
 
@@ -158,9 +159,15 @@ class Publishing(Declaring):
         return failed  # type: ignore[no-any-return]
 
     def _publish(self, term: Term, head: bytes, blobs: list[bytes]) -> BaseException | None:
-        """Publish; on failure (a full disk...) the previous snapshot stays and the error is returned."""
+        """Publish; on failure (a full disk...) the previous snapshot stays and the error is returned.
+
+        A newer term fenced this one (it was replaced while stopped): step down.
+        """
         try:
-            term.generation = term.transport.publish(head, blobs)
+            term.generation = term.transport.publish(head, blobs, term.token)
+        except SnapshotFencedError as e:
+            logger.warning("a newer leader took over (%s); stepping down", e)
+            raise LeaderLost from e
         except Exception as e:
             self._publishing.failed(e)
             return e

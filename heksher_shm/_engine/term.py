@@ -29,6 +29,8 @@ class Term:
     """A leader's state for one term: what it declared, queried and published."""
 
     transport: Transport
+    token: int = 0
+    """The fencing token (``Transport.begin_term``) every publish of this term carries."""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     declared: dict[str, Outcome] = field(default_factory=dict)
     declare_failures: int = 0
