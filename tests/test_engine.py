@@ -155,6 +155,7 @@ def test_a_first_term_declares_queries_publishes_and_answers() -> None:
         "ScanWishes",
         "RingAll",  # followers watch the new leader from now on
         "ReadHead",  # nothing to inherit
+        "RestoreKept",  # nor a last-known-good file
         "Call",  # the service's context features
         "KeepsLead",
         "ScanWishes",
@@ -165,6 +166,7 @@ def test_a_first_term_declares_queries_publishes_and_answers() -> None:
         "KeepsLead",  # checked right before writing
         "Compute",
         "Publish",
+        "KeepSnapshot",  # new rules: the last-known-good file (if any) gets them
         "RecordOk",
         "Acknowledge",
         "Apply",

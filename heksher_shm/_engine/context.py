@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from typing import Any
 
+from heksher_shm._engine.effects import Effect, Housekeep
 from heksher_shm._engine.health import Trouble, error_text
 from heksher_shm._engine.host import Clock
 from heksher_shm._model.snapshot import Outcome
@@ -83,6 +85,16 @@ class Context:
         self.declaring = Trouble(logger, "declaring settings fails", now, service_url=service_url)
         self.stuck = Trouble(logger, "the leader is not making progress", now)
         self.publishing = Trouble(logger, "publishing snapshots fails; the previous one stays", now)
+
+    def housekeep(self) -> Generator[Effect, Any, bool]:
+        """The client's chores at a wake (:class:`~heksher_shm._engine.effects.Housekeep`); whether the
+        segment file was replaced. A chore's error is logged, never fatal to the engine."""
+        try:
+            replaced: bool = yield Housekeep()
+        except Exception:
+            logger.exception("housekeeping failed")
+            return False
+        return replaced
 
     def failed(self, name: str, status: int, exc: BaseException) -> Outcome:
         """The outcome of a declaration that failed with *exc* (kept, for its own process to raise)."""

@@ -50,6 +50,7 @@ __all__ = [
     "GiveUpLead",
     "HostEffect",
     "Housekeep",
+    "KeepSnapshot",
     "KeepsLead",
     "LeaderExited",
     "LookAtLeader",
@@ -60,6 +61,7 @@ __all__ = [
     "RecordError",
     "RecordOk",
     "Report",
+    "RestoreKept",
     "RingAll",
     "RingAnswered",
     "ScanWishes",
@@ -313,6 +315,29 @@ class Publish(HostEffect):
 
     def perform(self, host: Host) -> int:
         return host.publish(self.head, self.blobs, self.term)
+
+
+@dataclass(frozen=True)
+class KeepSnapshot(HostEffect):
+    """Write the snapshot just published into the last-known-good file (nothing when there is none)."""
+
+    head: bytes
+    blobs: Sequence[bytes]
+    busy: bool = False
+
+    def perform(self, host: Host) -> None:
+        host.keep_snapshot(self.head, self.blobs)
+
+
+@dataclass(frozen=True)
+class RestoreKept(HostEffect):
+    """The last-known-good file's snapshot (a :class:`~heksher_shm._engine.host.Restored`), or ``None``
+    when there is no file or it must not be served (the host says why, once)."""
+
+    busy: bool = False
+
+    def perform(self, host: Host) -> Any:
+        return host.restore_kept()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from heksher_shm._engine.effects import (
     Beat,
     Effect,
     EndTakeover,
-    Housekeep,
     LeaderExited,
     LookAtLeader,
     ReadMarks,
@@ -54,7 +53,7 @@ class Follower:
         ctx = self._ctx
         yield Apply(blocking=False)  # answered at once when nothing new was published
         yield from self._report_marks()
-        yield Housekeep()
+        yield from ctx.housekeep()
         seen: LeaderSeen = yield LookAtLeader()
         now = ctx.clock.monotonic()
         deadline = yield from self._stuck_deadline(seen)

@@ -21,7 +21,7 @@ from typing import NamedTuple, Protocol
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import Ack
 
-__all__ = ["Clock", "HeadCopy", "Host", "LeaderSeen", "Marks", "Wish"]
+__all__ = ["Clock", "HeadCopy", "Host", "LeaderSeen", "Marks", "Restored", "Wish"]
 
 
 class Clock(Protocol):
@@ -92,6 +92,15 @@ class Marks(NamedTuple):
     """The last failure's description."""
 
 
+class Restored(NamedTuple):
+    """A snapshot read back from the last-known-good file."""
+
+    head: bytes
+    blobs: list[bytes]
+    where: str
+    """The file, for the log."""
+
+
 class Host(Protocol):
     """The operations of the host the engine's effects stand for (one method per host effect)."""
 
@@ -159,6 +168,14 @@ class Host(Protocol):
 
     def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None:
         """Verified blobs of snapshot *generation*, or None if it is not current any more."""
+        ...
+
+    def keep_snapshot(self, head: bytes, blobs: Sequence[bytes]) -> None:
+        """Write this snapshot into the last-known-good file, if the client has one."""
+        ...
+
+    def restore_kept(self) -> Restored | None:
+        """The last-known-good file's snapshot, if there is a usable one."""
         ...
 
     def record_ok(self, when: float) -> None:

@@ -20,19 +20,19 @@ from heksher_shm._engine.effects import (
     Call,
     Compute,
     Effect,
-    Housekeep,
     ReadBlobs,
     ReadHead,
+    RestoreKept,
     RingAll,
     ScanWishes,
     Wait,
 )
 from heksher_shm._engine.health import error_text
-from heksher_shm._engine.host import Wish
+from heksher_shm._engine.host import Restored, Wish
 from heksher_shm._engine.term import Term, query_spec
 from heksher_shm._engine.updating import Updater, keep_lead
 from heksher_shm._model import protocol as proto
-from heksher_shm._model.snapshot import SettingEntry, decode_head
+from heksher_shm._model.snapshot import Head, SettingEntry, decode_head
 
 __all__ = ["Leader"]
 
@@ -89,7 +89,7 @@ class Leader:
             yield RingAll()
         else:
             yield Apply(blocking=False)
-        if (yield Housekeep()):
+        if (yield from ctx.housekeep()):
             term.segment_replaced()
         # Whatever woke it (an update, a ring from a process that found the segment damaged...),
         # check the segment now and then; never on a timer of its own.
@@ -110,33 +110,56 @@ class Leader:
         return Beat(now, now + policy.BUSY_PROMISE)
 
     def _inherit(self) -> Generator[Effect, Any, None]:
-        """Start from the snapshot the previous leader left, so a failing first update loses nothing.
+        """Start from the snapshot the previous leader left, so a failing first update loses nothing;
+        with no usable snapshot in the segment, from the last-known-good file, if there is one.
 
         Read after this term began (its fencing token is in the segment): a
         replaced leader's late snapshot is either in what this reads, or
         refused by every reader.
         """
-        term = self.term
         for _ in range(10):
             try:
                 read = yield ReadHead(busy=True)
                 if read is None:
-                    return
+                    break
                 head = yield Compute(functools.partial(decode_head, read.head), busy=True)
                 blobs = yield ReadBlobs(read.generation, [e.blob for e in head.settings], busy=True)
             except Exception as e:
                 logger.warning("the previous snapshot is unreadable; starting afresh: %s", error_text(e))
                 logger.debug("the previous snapshot is unreadable: details", exc_info=True)
-                return
+                break
             if blobs is not None:
-                term.queried = head.queried
-                term.entries = [
-                    SettingEntry(e.name, i, e.digest, e.rule_count) for i, e in enumerate(head.settings)
-                ]
-                term.blobs = blobs
-                if head.context_features:
-                    term.context_features = head.context_features
+                self._adopt(head, blobs, head.queried, head.restored)
                 return
+        yield from self._restore()
+
+    def _restore(self) -> Generator[Effect, Any, None]:
+        """Start from the last-known-good file (its rules are older than any this host had: readers
+        that applied newer ones keep theirs)."""
+        restored: Restored | None = yield RestoreKept(busy=True)
+        if restored is None:
+            return
+        try:
+            head = yield Compute(functools.partial(decode_head, restored.head), busy=True)
+            blobs = [restored.blobs[entry.blob] for entry in head.settings]
+        except Exception as e:
+            logger.warning("the last-known-good file %s is unusable: %s", restored.where, error_text(e))
+            return
+        logger.info(
+            "no snapshot on this host; starting from the last-known-good file %s until the service answers",
+            restored.where,
+            extra={"snapshot_file": restored.where, "as_of": head.as_of},
+        )
+        self._adopt(head, blobs, 0.0, restored.where)
+
+    def _adopt(self, head: Head, blobs: list[bytes], queried: float, restored: str | None) -> None:
+        """Take *head*'s settings with their *blobs* (in the head's order) as this term's rules."""
+        term = self.term
+        term.queried, term.as_of, term.restored = queried, head.as_of, restored
+        term.entries = [SettingEntry(e.name, i, e.digest, e.rule_count) for i, e in enumerate(head.settings)]
+        term.blobs = blobs
+        if head.context_features:
+            term.context_features = head.context_features
 
     def _refresh_inherited(self) -> Generator[Effect, Any, None]:
         """A new term's first update, before its declarations: the settings the previous leader

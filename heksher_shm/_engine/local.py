@@ -13,8 +13,10 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
-from heksher_shm._engine.host import LeaderSeen, Marks, Wish
+from heksher_shm._engine.host import LeaderSeen, Marks, Restored, Wish
+from heksher_shm._engine.keeping import Keeper
 from heksher_shm._model.snapshot import Ack
+from heksher_shm._shm.lastgood import KeptFile
 
 __all__ = ["KeptBlob", "LocalHost", "Published"]
 
@@ -44,10 +46,12 @@ class LocalHost:
 
     Args:
         wish: this process's wish, as it is now.
+        kept: the last-known-good file, if the client has one.
     """
 
-    def __init__(self, wish: Callable[[], Wish]) -> None:
+    def __init__(self, wish: Callable[[], Wish], kept: KeptFile | None = None) -> None:
         self._wish = wish
+        self._keeper = Keeper(kept)
         self._wishes: list[Wish] = []
         self._changed = threading.Event()
         self._changed.set()
@@ -129,6 +133,12 @@ class LocalHost:
         """Like :meth:`read_blobs`, for a client's apply."""
         blobs = self.read_blobs(generation, indices)
         return None if blobs is None else [KeptBlob(blob) for blob in blobs]
+
+    def keep_snapshot(self, head: bytes, blobs: Sequence[bytes]) -> None:
+        self._keeper.keep(head, blobs)
+
+    def restore_kept(self) -> Restored | None:
+        return self._keeper.restore()
 
     def record_ok(self, when: float) -> None:
         self._marks = self._marks._replace(ok_time=when)

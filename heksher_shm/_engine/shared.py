@@ -28,7 +28,8 @@ from pathlib import Path
 
 import msgspec
 
-from heksher_shm._engine.host import LeaderSeen, Marks, Wish
+from heksher_shm._engine.host import LeaderSeen, Marks, Restored, Wish
+from heksher_shm._engine.keeping import Keeper
 from heksher_shm._model.protocol import DeclarationBody, declaration_digest
 from heksher_shm._model.snapshot import FORMAT as SNAPSHOT_FORMAT
 from heksher_shm._model.snapshot import Ack, decode_ack, encode_ack
@@ -42,6 +43,7 @@ from heksher_shm._shm.identity import (
     is_alive,
     token,
 )
+from heksher_shm._shm.lastgood import KeptFile
 from heksher_shm._shm.layout import FORMAT_VERSION
 from heksher_shm._shm.reading import HeadRead
 from heksher_shm._shm.registration import Registration
@@ -347,13 +349,21 @@ class SharedHost:
         parts: the segment's files, opened.
         neighbours: this client's doorbell and its view of the other processes.
         identity: this process.
+        kept: the last-known-good file, if the client has one.
     """
 
-    def __init__(self, parts: SharedParts, neighbours: Neighbours, identity: ProcessIdentity) -> None:
+    def __init__(
+        self,
+        parts: SharedParts,
+        neighbours: Neighbours,
+        identity: ProcessIdentity,
+        kept: KeptFile | None = None,
+    ) -> None:
         self._parts = parts
         self.neighbours = neighbours
         self.source = RegistrySource(parts.registry, parts.segment)
         self._identity = identity
+        self._keeper = Keeper(kept)
         self._ack_failed = False
 
     @property
@@ -437,6 +447,12 @@ class SharedHost:
 
     def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None:
         return self._parts.segment.read_blobs(generation, indices)
+
+    def keep_snapshot(self, head: bytes, blobs: Sequence[bytes]) -> None:
+        self._keeper.keep(head, blobs)
+
+    def restore_kept(self) -> Restored | None:
+        return self._keeper.restore()
 
     def record_ok(self, when: float) -> None:
         self._parts.segment.record_update_ok(when)

@@ -55,6 +55,10 @@ class Term:
     blobs: list[bytes] = field(default_factory=list)
     published: bool = False
     queried: float = 0.0
+    as_of: float = 0.0
+    """When the service answered the query behind the rules (epoch seconds; 0.0: unknown)."""
+    restored: str | None = None
+    """Where the rules came from when not from the service (the last-known-good file), or None."""
     generation: int = 0
     head: bytes = b""
     fresh: bool = False

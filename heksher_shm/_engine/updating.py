@@ -5,6 +5,7 @@ This module does no I/O: it yields effects.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 from collections.abc import Generator, Sequence
@@ -23,6 +24,7 @@ from heksher_shm._engine.effects import (
     Digest,
     Effect,
     KeepsLead,
+    KeepSnapshot,
     Publish,
     ReadBlobs,
     ReadHead,
@@ -179,18 +181,21 @@ class Updater:
         *error* describes the failure of the update behind it (the head says whether its rules come
         from a successful query).
         """
-        entries, blobs, queried = term.entries, term.blobs, term.queried
+        ctx = self._ctx
+        entries, blobs, queried, as_of = term.entries, term.blobs, term.queried, term.as_of
+        restored = term.restored
         changed = False
         if fresh is not None:
-            queried = fresh.queried
+            queried, as_of, restored = fresh.queried, ctx.clock.wall(), None
             if fresh.entries is not None and fresh.entries != term.entries:
                 entries, blobs, changed = fresh.entries, fresh.blobs, True
+            # Rules restored from the last-known-good file, now confirmed by the service: say so.
+            changed = changed or term.restored is not None
         if not (changed or not term.published):
             if fresh is not None:
-                term.etag, term.queried = fresh.etag, queried
+                term.etag, term.queried, term.as_of = fresh.etag, queried, as_of
             return None
         yield from keep_lead()  # a leader that was replaced while it was stopped must not write
-        ctx = self._ctx
         head = Head(
             format=FORMAT,
             term=term.number,
@@ -203,17 +208,30 @@ class Updater:
             update_interval=ctx.update_interval,
             queried=queried,
             filters=term.spec[1] if term.spec is not None else None,
+            as_of=as_of,
+            restored=restored,
         )
         encoded: bytes = yield Compute(functools.partial(encode_head, head), busy=True)
         failed = yield from self._write(term, encoded, blobs)
-        if failed is None:
-            term.entries, term.blobs, term.queried = entries, blobs, queried
-            term.published = True
-            if fresh is not None:
-                term.etag = fresh.etag
-        else:
+        if failed is not None:
             term.etag = ""  # what the service answered is not what readers have: fetch again
-        return failed
+            return failed
+        term.entries, term.blobs, term.queried = entries, blobs, queried
+        term.as_of, term.restored = as_of, restored
+        term.published = True
+        if fresh is not None:
+            term.etag = fresh.etag
+        if changed:
+            yield KeepSnapshot(encoded, blobs, busy=True)  # at most once per update, only when it changed
+        elif restored is not None:
+            logger.warning(
+                "no snapshot on this host and the service cannot be reached: serving the rules of the "
+                "last-known-good file %s (as of %s); they are stale until the service answers",
+                restored,
+                _when(as_of),
+                extra={"snapshot_file": restored, "as_of": as_of},
+            )
+        return None
 
     def _write(
         self, term: Term, head: bytes, blobs: list[bytes]
@@ -290,3 +308,10 @@ class Updater:
         fresh: Fresh = yield Digest(response, clock.monotonic(), busy=True)
         logger.info("heksher reload done", extra={"settings": len(fresh.entries or ())})
         return fresh
+
+
+def _when(epoch: float) -> str:
+    """An epoch time for a log line (converted, not read: the core reads no clock)."""
+    if not epoch:
+        return "an unknown time"
+    return datetime.datetime.fromtimestamp(epoch, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

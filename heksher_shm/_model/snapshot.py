@@ -141,6 +141,11 @@ class Head(msgspec.Struct, frozen=True):
     """When the service answered the query behind these rules (monotonic seconds, host-wide on Linux)."""
     filters: str | None = None
     """The ``context_filters`` of the query behind these rules (None: unknown)."""
+    as_of: float = 0.0
+    """When the service answered the query behind these rules (epoch seconds; 0.0: unknown)."""
+    restored: str | None = None
+    """Where these rules were restored from when the service could not be reached (the last-known-good
+    file), or None: they came from the service in this segment's lifetime."""
 
 
 _head_encoder = msgspec.msgpack.Encoder()

@@ -143,7 +143,7 @@ class BaseHeksherClient(Registering, Answering, Applying):
             if not self._closed:
                 try:
                     self._neighbours = Neighbours(self._parts, self._key, next(_bell_numbers))
-                    self._host = SharedHost(self._parts, self._neighbours, identity)
+                    self._host = SharedHost(self._parts, self._neighbours, identity, self._kept)
                 except SegmentError:
                     logger.exception("cannot listen for the leader after fork; rules still come on get()")
         self._engine = self._make_engine()

@@ -10,6 +10,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -28,6 +29,7 @@ from heksher_shm._engine.shared import (
 )
 from heksher_shm._model.snapshot import Ack, Head, SettingEntry
 from heksher_shm._shm.identity import current_identity
+from heksher_shm._shm.lastgood import ENV_SNAPSHOT_FILE, KeptFile
 from heksher_shm._shm.segment import Segment
 from heksher_shm.clients._defaults import ContextDefaults
 from heksher_shm.setting import Setting, _ContextView
@@ -83,6 +85,7 @@ class ClientCore(ContextDefaults):
         shm_dir: str | os.PathLike[str] | None = None,
         segment_name: str | None = None,
         startup_timeout: float = 30.0,
+        snapshot_file: str | os.PathLike[str] | None = None,
     ) -> None:
         _check_arguments(
             service_url, update_interval, context_features, http_client_args, startup_timeout, segment_name
@@ -98,6 +101,7 @@ class ClientCore(ContextDefaults):
         self._shm_dir = None if shm_dir is None else os.fspath(shm_dir)
         self._segment_name = segment_name
         self._startup_timeout = float(startup_timeout)
+        self._kept = _kept_file(snapshot_file, service_url, self._context_features)
 
         self._tracked: dict[str, str | set[str]] = {}
         self._warned_untracked: set[tuple[str, str]] = set()
@@ -134,7 +138,7 @@ class ClientCore(ContextDefaults):
         # Held while the registration is computed and written, from set_as_main/reload/track_contexts
         # and from the background loop's housekeeping: the last write carries the latest wish.
         self._register_lock = threading.Lock()
-        self._local_host = LocalHost(self._wish)
+        self._local_host = LocalHost(self._wish, self._kept)
         self._host: LocalHost | SharedHost = self._local_host
         self._transport: LocalHost | Segment = self._local_host
         self._key = f"local-{id(self):x}"
@@ -166,7 +170,7 @@ class ClientCore(ContextDefaults):
         self._key = wish_key(identity)
         self._neighbours = Neighbours(parts, self._key, next(_bell_numbers))
         self._parts = parts
-        self._host = SharedHost(parts, self._neighbours, identity)
+        self._host = SharedHost(parts, self._neighbours, identity, self._kept)
         self._transport = parts.segment
         self._applied_generation = -1
         self._engine = self._make_engine()
@@ -303,6 +307,19 @@ def _check_http_client_args(
         http_class(base_url=service_url, **trial)  # not closed: closing would close a transport of theirs
     except (TypeError, ValueError) as error:
         raise type(error)(f"http_client_args are refused by {http_class.__qualname__}: {error}") from error
+
+
+def _kept_file(
+    snapshot_file: str | os.PathLike[str] | None, service_url: str, context_features: tuple[str, ...]
+) -> KeptFile | None:
+    """The client's last-known-good file: ``snapshot_file``, else ``HEKSHER_SHM_SNAPSHOT_FILE``, else none."""
+    if snapshot_file is None:
+        snapshot_file = os.environ.get(ENV_SNAPSHOT_FILE) or None
+    if snapshot_file is None:
+        return None
+    if not isinstance(snapshot_file, (str, os.PathLike)) or not os.fspath(snapshot_file):
+        raise TypeError(f"snapshot_file must be a path, got {snapshot_file!r}")
+    return KeptFile(Path(os.path.abspath(os.fspath(snapshot_file))), service_url, context_features)
 
 
 def _check_seconds(name: str, value: object) -> None:

@@ -45,6 +45,10 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait without
             any progress towards their update (a leader that neither answers nor
             works on it) before raising :class:`TimeoutError`.
+        snapshot_file: a last-known-good file: the leader keeps the latest
+            snapshot there, and a host with no snapshot that cannot reach the
+            service starts from it (default: ``HEKSHER_SHM_SNAPSHOT_FILE``, else
+            none; see :doc:`/last-known-good`).
 
     After ``fork()`` (e.g. gunicorn ``--preload``), a child's copy resumes its
     background task on the first ``get()``, ``reload()`` or ``set_as_main()``

@@ -43,6 +43,10 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait without
             any progress towards their update (a leader that neither answers nor
             works on it) before logging an error and returning.
+        snapshot_file: a last-known-good file: the leader keeps the latest
+            snapshot there, and a host with no snapshot that cannot reach the
+            service starts from it (default: ``HEKSHER_SHM_SNAPSHOT_FILE``, else
+            none; see :doc:`/last-known-good`).
     """
 
     _kind = "thread"
