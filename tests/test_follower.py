@@ -243,8 +243,10 @@ async def test_foreign_segment_refused(make_driver: Any, service: HeksherService
     path.write_bytes(b"")
     path.chmod(0o600)
     os.chown(path, 65534, 65534)
+    await driver.set_as_main()  # the application starts: it serves without sharing
+    assert driver.client.segment_path is None
     with pytest.raises(SegmentError, match=str(path)):
-        await driver.set_as_main()
+        driver.client.shared_status()
 
 
 async def test_symlink_segment_refused(make_driver: Any, service: HeksherService, tmp_path: Path) -> None:
@@ -253,8 +255,9 @@ async def test_symlink_segment_refused(make_driver: Any, service: HeksherService
     target = tmp_path / "elsewhere"
     target.write_bytes(b"precious")
     path.symlink_to(target)
+    await driver.set_as_main()
     with pytest.raises(SegmentError, match=r"symbolic link|symlink"):
-        await driver.set_as_main()
+        driver.client.shared_status()
     assert target.read_bytes() == b"precious"
 
 

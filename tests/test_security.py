@@ -88,7 +88,12 @@ def _assert(condition: bool) -> None:
 
 
 async def _join(kind: str, url: str) -> tuple[BaseException | None, float]:
-    """Create a client of ``kind`` and make it main; returns (what it raised, seconds it took)."""
+    """Create a client of ``kind`` and make it main; returns (why it could not share, seconds it took).
+
+    A file or folder that must not be used never stops the application (issue 16, "a bad neighbour"):
+    ``set_as_main()`` succeeds, the client serves without sharing, and ``shared_status()`` raises the
+    refusal, naming the path.
+    """
     cls: type[Any] = heksher.AsyncHeksherClient if kind == "async" else heksher.ThreadHeksherClient
     # A refusal must come at once; the short timeout only bounds the wait when it does not.
     client = cls(url, 60, FEATURES, startup_timeout=1.5)
@@ -102,6 +107,12 @@ async def _join(kind: str, url: str) -> tuple[BaseException | None, float]:
     except Exception as e:
         raised = e
     elapsed = time.monotonic() - start
+    if raised is None and client.segment_path is None:
+        assert client.leading  # alone: it polls for itself
+        try:
+            client.shared_status()
+        except SegmentError as refusal:
+            raised = refusal
     if kind == "async":
         await client.aclose()
     else:
@@ -159,7 +170,8 @@ def test_files_are_private_whatever_the_umask(service: HeksherService, tmp_path:
 async def test_impostor_is_refused_by_the_client(
     service: HeksherService, tmp_path: Path, kind: str, path_kind: str, what: str
 ) -> None:
-    """set_as_main raises SegmentError naming the path, at once, and leaves the impostor alone."""
+    """The client refuses the impostor at once, naming the path, serves without sharing, and leaves the
+    impostor alone."""
     shm_dir = Path(os.environ["HEKSHER_SHM_DIR"])
     path = _paths(service.url, shm_dir)[path_kind]
     untouched = _plant(path, what, tmp_path / "elsewhere")

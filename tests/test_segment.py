@@ -984,3 +984,24 @@ def test_shm_dir_refuses_foreign_owner(tmp_path: Path, monkeypatch: pytest.Monke
     os.chown(squatted, NOBODY, NOBODY)
     with pytest.raises(SegmentError, match=f"owned by uid {NOBODY}"):
         resolve_shm_dir()
+
+
+@pytest.mark.usefixtures("no_env")
+def test_shm_dir_default_prefers_a_private_runtime_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody else can create our folder's name first in $XDG_RUNTIME_DIR (a private folder of this
+    user's); one that is not private, or not a folder, is passed over for /dev/shm."""
+    fake_dev_shm = tmp_path / "dev-shm"
+    fake_dev_shm.mkdir()
+    monkeypatch.setattr(folder, "_DEV_SHM", str(fake_dev_shm))
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    runtime.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert resolve_shm_dir() == runtime / default_dir_name()
+    assert folder.default_shm_dirs() == [runtime / default_dir_name(), fake_dev_shm / default_dir_name()]
+    runtime.chmod(0o755)  # not private: another user could not create in it, but could look in
+    assert resolve_shm_dir() == fake_dev_shm / default_dir_name()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/path")
+    assert resolve_shm_dir() == fake_dev_shm / default_dir_name()

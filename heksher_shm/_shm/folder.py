@@ -5,19 +5,24 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import stat
 import tempfile
 
 from heksher_shm._shm import files
 from heksher_shm._shm.identity import pid_namespace
 from heksher_shm.exceptions import SegmentError
 
-__all__ = ["ENV_SHM_DIR", "resolve_shm_dir", "shm_dir_path"]
+__all__ = ["ENV_SHM_DIR", "default_shm_dirs", "resolve_shm_dir", "shm_dir_path"]
 
 ENV_SHM_DIR = "HEKSHER_SHM_DIR"
 """Environment variable naming the directory for segments and helper files."""
 
 
 _DEV_SHM = "/dev/shm"
+
+_ENV_RUNTIME_DIR = "XDG_RUNTIME_DIR"
+"""The user's private runtime folder (``/run/user/<uid>``, made by the login manager): where nobody
+else can create our folder's name first, unlike the world-writable ``/dev/shm``."""
 
 
 _DIR_PREFIX = "heksher_shm-"
@@ -27,8 +32,10 @@ def shm_dir_path(shm_dir: str | os.PathLike[str] | None = None) -> tuple[pathlib
     """Where the segment directory is, and whether it was given explicitly; checks and creates nothing.
 
     ``shm_dir`` if given, else the ``HEKSHER_SHM_DIR`` environment variable
-    (either exactly as given), else ``/dev/shm/heksher_shm-<euid>-<pidns>``
-    when ``/dev/shm`` is a directory, else ``<tempdir>/heksher_shm-<euid>-<pidns>``.
+    (either exactly as given), else ``$XDG_RUNTIME_DIR/heksher_shm-<euid>-<pidns>``
+    when that variable names a private folder of this user's, else
+    ``/dev/shm/heksher_shm-<euid>-<pidns>`` when ``/dev/shm`` is a directory,
+    else ``<tempdir>/heksher_shm-<euid>-<pidns>`` (see :func:`default_shm_dirs`).
     ``<pidns>`` is the PID namespace (:func:`~heksher_shm._shm.identity.pid_namespace`):
     containers that share ``/dev/shm`` but not their PIDs get a folder
     each by default, as they cannot tell each other's processes apart. It is
@@ -38,10 +45,34 @@ def shm_dir_path(shm_dir: str | os.PathLike[str] | None = None) -> tuple[pathlib
         shm_dir = os.environ.get(ENV_SHM_DIR) or None
     if shm_dir is not None:
         return pathlib.Path(os.path.abspath(os.fspath(shm_dir))), True
-    base = _DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()
+    return default_shm_dirs()[0], False
+
+
+def default_shm_dirs() -> list[pathlib.Path]:
+    """The default folders, most preferred first: in ``$XDG_RUNTIME_DIR`` when it is set and private to
+    this user (no other user can create our folder there first), then under ``/dev/shm`` (or the temp
+    dir). The ``heksher-shm`` commands look in each; a client uses the first."""
     namespace = pid_namespace()
     suffix = f"-{namespace}" if namespace else ""
-    return pathlib.Path(base) / f"{_DIR_PREFIX}{os.geteuid()}{suffix}", False
+    name = f"{_DIR_PREFIX}{os.geteuid()}{suffix}"
+    shared = pathlib.Path(_DEV_SHM if os.path.isdir(_DEV_SHM) else tempfile.gettempdir()) / name
+    runtime = _private_runtime_dir()
+    return [shared] if runtime is None else [runtime / name, shared]
+
+
+def _private_runtime_dir() -> pathlib.Path | None:
+    """``$XDG_RUNTIME_DIR`` if it is an absolute path to a real folder of this user's that only this
+    user may enter (as the login manager makes it), else None."""
+    value = os.environ.get(_ENV_RUNTIME_DIR)
+    if not value or not os.path.isabs(value):
+        return None
+    try:
+        st = os.lstat(value)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        return None
+    return pathlib.Path(value)
 
 
 def resolve_shm_dir(shm_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:

@@ -60,9 +60,11 @@ class BaseHeksherClient(Registering, Answering, Applying):
         """The status of this client's shared segment: leader, generation, freshness, processes, counts.
 
         Raises:
-            heksher_shm.exceptions.SegmentError: not joined to a segment (``shared=False``, or before
-                ``set_as_main``).
+            heksher_shm.exceptions.SegmentError: not joined to a segment (``shared=False``, before
+                ``set_as_main``, or the host's folder could not be used: the message says why).
         """
+        if self._unshared is not None:
+            raise SegmentError(f"this client serves without sharing: {self._unshared}")
         return segment_status(self.segment_path)
 
     def track_contexts(self, **context_values: str | Collection[str]) -> None:

@@ -32,6 +32,7 @@ from heksher_shm._shm.identity import current_identity
 from heksher_shm._shm.lastgood import ENV_SNAPSHOT_FILE, KeptFile
 from heksher_shm._shm.segment import Segment
 from heksher_shm.clients._defaults import ContextDefaults
+from heksher_shm.exceptions import SegmentError
 from heksher_shm.setting import Setting, _ContextView
 
 __all__ = ["ClientCore"]
@@ -132,6 +133,9 @@ class ClientCore(ContextDefaults):
         self._main = False
         self._closed = False
         self._parts: SharedParts | None = None
+        # Why this client serves without sharing although shared=True (the host's folder or files
+        # could not be used), or None.
+        self._unshared: str | None = None
         self._neighbours: Neighbours | None = None
         self._registered = b""
         """What this process last wrote as its registration (empty until set_as_main writes it)."""
@@ -160,15 +164,30 @@ class ClientCore(ContextDefaults):
         return Engine(ctx)
 
     def _join_shared(self) -> None:
-        """Open the host's segment (once): from now on this client leads or follows there."""
-        if not self._shared or self._parts is not None:
+        """Open the host's segment (once): from now on this client leads or follows there.
+
+        A folder or file that must not be used (another user's, loosened, a
+        full disk, a read-only ``/dev/shm``) does not stop the application:
+        the client serves without sharing, as ``shared=False`` would, and says
+        so once at ERROR, with the fix (see :attr:`_unshared`).
+        """
+        if not self._shared or self._parts is not None or self._unshared is not None:
             return
-        parts = open_shared(
-            self._service_url, self._context_features, shm_dir=self._shm_dir, segment_name=self._segment_name
-        )
-        identity = current_identity()
+        try:
+            parts = open_shared(
+                self._service_url,
+                self._context_features,
+                shm_dir=self._shm_dir,
+                segment_name=self._segment_name,
+            )
+            identity = current_identity()
+            neighbours = Neighbours(parts, wish_key(identity), next(_bell_numbers))
+        except SegmentError as error:
+            self._unshared = str(error)
+            _say_unshared(self._unshared)
+            return
         self._key = wish_key(identity)
-        self._neighbours = Neighbours(parts, self._key, next(_bell_numbers))
+        self._neighbours = neighbours
         self._parts = parts
         self._host = SharedHost(parts, self._neighbours, identity, self._kept)
         self._transport = parts.segment
@@ -307,6 +326,24 @@ def _check_http_client_args(
         http_class(base_url=service_url, **trial)  # not closed: closing would close a transport of theirs
     except (TypeError, ValueError) as error:
         raise type(error)(f"http_client_args are refused by {http_class.__qualname__}: {error}") from error
+
+
+_said_unshared: set[str] = set()
+
+
+def _say_unshared(problem: str) -> None:
+    """Once per process and problem, at ERROR: why this process polls on its own, and the fix."""
+    if problem in _said_unshared or len(_said_unshared) > 64:
+        return
+    _said_unshared.add(problem)
+    logger.error(
+        "cannot share the host's rule cache: %s; this process serves its settings on its own, polling "
+        "the service itself as heksher 0.2.2 does. To share again, make that folder or file this user's "
+        "own and private (or remove it: it is made again), or point HEKSHER_SHM_DIR (or shm_dir) at a "
+        "private folder of this user's, and restart the processes",
+        problem,
+        extra={"problem": problem},
+    )
 
 
 def _kept_file(
