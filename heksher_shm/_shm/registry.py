@@ -89,6 +89,7 @@ __all__ = [
     "Rejection",
     "ScanResult",
     "bell_name",
+    "entry_owner",
     "registry_directory",
 ]
 
@@ -149,6 +150,13 @@ def _entry_name(identity: ProcessIdentity) -> str:
 def bell_name(identity: ProcessIdentity, number: int) -> str:
     """The file name of doorbell *number* (>= 1) of the process *identity*, in the registry directory."""
     return f"{token(identity)}.{number}.bell"
+
+
+def entry_owner(name: str) -> ProcessIdentity | None:
+    """The process a registry entry belongs to, read from its file name (a registration, a doorbell
+    or a write in progress); None for a name the registry never makes. (``heksher-shm clean`` uses it.)"""
+    match = _ENTRY_RE.fullmatch(name) or _TEMP_RE.fullmatch(name) or _BELL_RE.fullmatch(name)
+    return None if match is None else _identity_from(match)
 
 
 def _identity_from(match: re.Match[str]) -> ProcessIdentity:
