@@ -44,6 +44,11 @@ Spec = tuple[str, str, list[str], Any]
 """A setting to make: (name, a key of TYPES, configurable features, default)."""
 
 
+def set_provider(provider: Any) -> None:
+    """``api.set_provider_and_wait`` (openfeature-sdk 0.10); before 0.10, ``set_provider`` waits itself."""
+    getattr(api, "set_provider_and_wait", api.set_provider)(provider)
+
+
 def make_settings(specs: list[Spec]) -> dict[str, heksher.Setting[Any]]:
     return {
         name: heksher.Setting(name, TYPES[kind], features, default) for name, kind, features, default in specs
@@ -109,7 +114,7 @@ def _start_provider() -> Recorder:
     from heksher_shm.openfeature import HeksherProvider
 
     recorder = Recorder()
-    api.set_provider_and_wait(HeksherProvider())
+    set_provider(HeksherProvider())
     return recorder
 
 

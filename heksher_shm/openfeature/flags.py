@@ -145,7 +145,11 @@ class SnapshotView:
         return blob
 
     def rule(self, source: Any, name: str, conditions: Sequence[tuple[str, str]]) -> RuleInfo | None:
-        """The rule of setting *name* with exactly these conditions, if the snapshot holds it."""
+        """The rule of setting *name* with exactly these conditions, if the snapshot holds it.
+
+        Raises:
+            Moved: the snapshot moved on (read it again).
+        """
         index = self.rules.get(name)
         if index is None:
             if name not in self.entries:
@@ -155,7 +159,7 @@ class SnapshotView:
             except (SegmentError, ValueError):
                 return None
             if blob is None:
-                return None
+                raise Moved
             index = self.rules[name] = {
                 _key(r.conditions): RuleInfo(r.rule_id, r.metadata) for r in blob.rules
             }

@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from openfeature.evaluation_context import EvaluationContext
@@ -18,7 +18,7 @@ from openfeature.exception import (
     ProviderNotReadyError,
     TypeMismatchError,
 )
-from openfeature.flag_evaluation import FlagResolutionDetails, FlagValueType, Reason
+from openfeature.flag_evaluation import FlagResolutionDetails, Reason
 from openfeature.provider import AbstractProvider, Metadata
 
 from heksher_shm._process import main as _main
@@ -37,6 +37,9 @@ from heksher_shm.openfeature.flags import (
 )
 from heksher_shm.openfeature.kinds import Kind
 from heksher_shm.setting import FEATURE_NAME, Setting
+
+if TYPE_CHECKING:
+    from openfeature.flag_evaluation import FlagValueType  # not in every SDK version this supports
 
 __all__ = ["HeksherProvider"]
 
@@ -185,22 +188,31 @@ class HeksherProvider(AbstractProvider):
         # answer out of date (see heksher_shm.openfeature.flags); anything else goes the slow way.
         flag = self._flags.get(key)
         if flag is not None and flag.kind is kind:
-            client = self.client
-            if client is None:
-                client = _current_main()
             setting = flag.setting
             if setting is not None:
+                # A setting's state is replaced whenever its answers may change, a new main client too.
                 state = setting._state
                 fresh = state is flag.state and state.words[2] == state.applied[0]
             else:
+                client = self.client
+                if client is None:
+                    client = _current_main()
                 fresh = (
-                    flag.words[2] == flag.generation
+                    flag.client is client
+                    and flag.words[2] == flag.generation
                     and client._defaults_version == flag.defaults
                     and client._snapshot_source() is flag.source
                 )
-            if fresh and flag.client is client:
+            if fresh:
+                if context is None:
+                    cache_key: Any = None
+                else:
+                    attributes = context.attributes
+                    cache_key = (context.targeting_key, tuple(attributes.items()) if attributes else ())
+                if flag.contextvars:
+                    cache_key = (cache_key, tuple(variable.get(None) for variable in flag.contextvars))
                 try:
-                    found = flag.cache.get(_key(flag, context))
+                    found = flag.cache.get(cache_key)
                 except TypeError:  # an attribute that cannot be a key (a list): the slow path says why
                     found = None
                 if found is not None and _monotonic() < self._stale_at:
@@ -311,7 +323,11 @@ class HeksherProvider(AbstractProvider):
 
 
 def _key(flag: Flag, context: EvaluationContext | None) -> Any:
-    key: Any = None if context is None else (context.targeting_key, tuple(context.attributes.items()))
+    """The key of *context*'s answer in *flag*'s cache (as the fast path of ``_resolve`` spells it)."""
+    key: Any = None
+    if context is not None:
+        attributes = context.attributes
+        key = (context.targeting_key, tuple(attributes.items()) if attributes else ())
     if flag.contextvars:
         key = (key, tuple(variable.get(None) for variable in flag.contextvars))
     return key
