@@ -103,6 +103,8 @@ class HeksherProvider(AbstractProvider):
         """The context feature the targeting key fills."""
         self._lock = threading.RLock()
         self._flags: dict[str, Flag] = {}
+        self._absent: dict[str, tuple[Any, int, str]] = {}
+        """Keys no setting has: (source, generation) where that was found, and the error message."""
         self._flags_client: Any = None
         self._view: SnapshotView | None = None
         self._stale_at = math.inf
@@ -118,10 +120,13 @@ class HeksherProvider(AbstractProvider):
     def initialize(self, evaluation_context: EvaluationContext) -> None:
         """Start listening to the client's updates (the SDK calls it from ``set_provider``).
 
+        Rules that are already stale (the service is down as the application starts, and a snapshot
+        serves) do not fail it: the SDK reports the provider ready, every resolution says ``STALE``,
+        and the first wake-up of the client emits ``PROVIDER_STALE``.
+
         Raises:
             ProviderNotReadyError: no client yet (no main client in this process): the SDK reports the
                 provider in error; the first successful update after one becomes main makes it ready.
-            OpenFeatureError: the rules are already older than the staleness bound (the same).
         """
         client = self._current()
         if client is None:
@@ -130,15 +135,12 @@ class HeksherProvider(AbstractProvider):
                 "no main Heksher client in this process yet: call set_as_main() first"
             )
         self._bind(client)
-        if _monotonic() >= self._stale_at:
-            self._events.state = "stale"
-            raise GeneralError("the rules are older than the staleness bound")
 
     def shutdown(self) -> None:
         """Stop listening to the client and forget every kept answer."""
         with self._lock:
             self._events.unbind()
-            self._flags, self._flags_client, self._view = {}, None, None
+            self._flags, self._absent, self._flags_client, self._view = {}, {}, None, None
 
     # -- the typed resolvers (the SDK's *_async resolvers call these: nothing here waits) -------------
 
@@ -283,6 +285,9 @@ class HeksherProvider(AbstractProvider):
             and client._defaults_version == flag.defaults
         ):
             return flag
+        absent = self._absent.get(key)
+        if absent is not None and absent[0] is source and absent[1] == source.generation():
+            raise FlagNotFoundError(absent[2])  # looked for in this snapshot already: not in it
         view = self._view_now(source)
         setting = _own_setting(client, key)
         if setting is not None:
@@ -290,7 +295,13 @@ class HeksherProvider(AbstractProvider):
         elif source is None or view is None:
             raise FlagNotFoundError(f"no setting {key!r} in this process, and no shared snapshot to look in")
         else:
-            flag = foreign_flag(view, source, client, key)
+            try:
+                flag = foreign_flag(view, source, client, key)
+            except FlagNotFoundError as e:
+                # A setting declared from now on comes with a new snapshot: look again then.
+                self._absent[key] = (source, view.generation, e.error_message or "")
+                raise
+        self._absent.pop(key, None)
         self._flags[key] = flag
         return flag
 
@@ -309,7 +320,7 @@ class HeksherProvider(AbstractProvider):
     def _bind(self, client: Any) -> None:
         with self._lock:
             if client is not self._flags_client:
-                self._flags, self._view, self._flags_client = {}, None, client
+                self._flags, self._absent, self._view, self._flags_client = {}, {}, None, client
             self._events.bind(client)
 
     def _current(self) -> Any:
