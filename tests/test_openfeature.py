@@ -499,3 +499,25 @@ def test_a_forked_child_follows_with_the_providers_events(service: HeksherServic
                 child.kill()
                 child.join(5)
     del cache_size
+
+
+@pytest.mark.parametrize("follower", ["thread"], indirect=True)
+def test_a_provider_pinned_to_a_client(follower: Any, rules: dict[str, int]) -> None:
+    """HeksherProvider(client), called directly (no SDK): the same answers, from that client."""
+    client, _ = follower
+    provider = HeksherProvider(client)
+    provider.initialize(EvaluationContext())
+    try:
+        found = provider.resolve_integer_details("cache_size", 0, EvaluationContext("alice"))
+        assert (found.value, found.reason, found.flag_metadata["rule_id"]) == (
+            20,
+            Reason.TARGETING_MATCH,
+            rules["cache_size"],
+        )
+        assert provider.resolve_integer_details("cache_size", 0, EvaluationContext("alice")) is found  # kept
+        assert (
+            provider.resolve_string_details("greeting", "", EvaluationContext("bob", {"theme": "x"})).value
+            == "hi"
+        )
+    finally:
+        provider.shutdown()

@@ -243,6 +243,7 @@ class Flag:
         self.order: tuple[str, ...] = ()
 
     def remember(self, key: Any, details: FlagResolutionDetails[Any]) -> None:
+        """Keep *details* as the answer for *key* (the cache is emptied when full, as ``get()``'s is)."""
         cache = self.cache
         if len(cache) >= CACHE_LIMIT:
             cache.clear()

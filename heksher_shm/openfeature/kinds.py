@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["JsonType", "Kind", "parse"]
+__all__ = ["JsonType", "Kind", "kind_of_value", "parse"]
 
 
 class Kind(enum.Enum):
