@@ -35,6 +35,7 @@ CASES = [
     "get_repeated",
     "get_new_context",
     "get_default",
+    "openfeature",
     "pollers",
     "propagation",
     "outage",

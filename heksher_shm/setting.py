@@ -13,6 +13,7 @@ per-state cache keyed by the call's keyword arguments.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
@@ -332,6 +333,38 @@ class Setting(Generic[T]):
         return value  # type: ignore[no-any-return]
 
     # -- internals --------------------------------------------------------------------------------------
+
+    def _explain(self, contexts: Mapping[str, str]) -> tuple[T, tuple[tuple[str, str], ...] | None, object]:
+        """What ``get(**contexts)`` answers, the conditions of the rule it answers from (``None``: no
+        rule matched, the default answers), and the state both come from. Raises as ``get()`` does.
+
+        The answer holds while ``self._state`` is that state and no newer snapshot waits for it
+        (``state.words[2] == state.applied[0]``, the check ``get()`` makes). For
+        :mod:`heksher_shm.openfeature`, which names the matching rule and keeps answers by that test:
+        keep this method and that test through refactors of the state. Not for the hot path.
+        """
+        self.get(**contexts)  # applies a snapshot that is waiting, and raises what get() raises
+        state = self._state
+        if state.pending is not None:  # newer rules arrived meanwhile: install them, then read them
+            state.pending()
+            state = self._state
+        value = state.miss(dict(contexts))
+        rules = state.rules
+        if rules is None:
+            return value, None, state
+        view = state.client._context_view() if state.client is not None else None
+        namespace = dict(contexts)
+        for feature in rules.features:
+            if feature in namespace or view is None:
+                continue
+            if feature in view.const:
+                namespace[feature] = view.const[feature]
+                continue
+            variable = dict(view.variables).get(feature)
+            if variable is not None:
+                with contextlib.suppress(LookupError):  # get() raised already if the feature is needed
+                    namespace[feature] = variable.get()
+        return value, rules.match(namespace), state
 
     def _convert(self, raw: Any, rule: QueriedRule | None) -> Conversion[T]:
         """Convert a server value: type, then ``on_coerce`` if it coerced, then validators."""

@@ -8,10 +8,21 @@
         print(segment_status(path).verdict)
 
 Reading status never creates, locks or repairs anything.
+
+**The staleness bound.** Rules are *stale* when no update has succeeded for
+longer than :func:`stale_after` seconds: by default two of the leader's update
+intervals plus :data:`HEARTBEAT_STALE_AFTER` (a leader that misses two updates
+in a row is past any backoff of a healthy one), or exactly
+``HEKSHER_SHM_STALE_AFTER`` seconds when that environment variable is set.
+This one bound turns ``heksher-shm status`` ``stale``, the metrics'
+``heksher_shm_stale`` gauge (:mod:`heksher_shm.metrics`) and the OpenFeature
+provider's ``STALE`` reason and event (:mod:`heksher_shm.openfeature`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,14 +31,72 @@ from pathlib import Path
 from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
 from heksher_shm._model.snapshot import Head, decode_head
 from heksher_shm._shm.identity import ProcessIdentity, describe
+from heksher_shm._shm.reading import HeaderStatus
 from heksher_shm._shm.registry import Registry, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
 from heksher_shm.exceptions import SegmentError
 
-__all__ = ["ProcessInfo", "SegmentStatus", "list_segments", "segment_status"]
+__all__ = [
+    "ENV_STALE_AFTER",
+    "HEARTBEAT_STALE_AFTER",
+    "STALE_INTERVALS",
+    "ProcessInfo",
+    "SegmentStatus",
+    "list_segments",
+    "segment_status",
+    "stale_after",
+]
+
+logger = logging.getLogger("heksher_shm.status")
 
 HEARTBEAT_STALE_AFTER = UNRESPONSIVE_AFTER
 """Seconds a leader may overrun its promise of progress before it counts as unresponsive."""
+
+STALE_INTERVALS = 2
+"""The default staleness bound, in update intervals (plus :data:`HEARTBEAT_STALE_AFTER`)."""
+
+ENV_STALE_AFTER = "HEKSHER_SHM_STALE_AFTER"
+"""Environment variable: the staleness bound in seconds, replacing the default (see :func:`stale_after`)."""
+
+_refused_bound: str | None = None
+
+
+def stale_after(update_interval: float | None) -> float | None:
+    """Seconds without a successful update after which the rules are stale: the staleness bound.
+
+    ``HEKSHER_SHM_STALE_AFTER`` (a positive number of seconds) when it is set,
+    else :data:`STALE_INTERVALS` update intervals plus
+    :data:`HEARTBEAT_STALE_AFTER` seconds: 125 s at the usual 60 s interval.
+    ``None`` when neither is known (nothing published yet). A value of the
+    variable that is not a positive number is refused with one warning naming
+    it, and the default applies.
+
+    Read where staleness is judged: by :func:`segment_status` (the ``stale``
+    verdict), the metrics and the OpenFeature provider (at each wake-up, not
+    per evaluation), so a changed variable applies to processes started after.
+    """
+    global _refused_bound
+    text = os.environ.get(ENV_STALE_AFTER, "").strip()
+    if text:
+        try:
+            bound = float(text)
+        except ValueError:
+            bound = math.nan
+        if bound > 0 and math.isfinite(bound):
+            return bound
+        if _refused_bound != text:
+            _refused_bound = text
+            logger.warning(
+                "%s=%r is not a positive number of seconds; using the default staleness bound "
+                "(%d update intervals plus %g s)",
+                ENV_STALE_AFTER,
+                text,
+                STALE_INTERVALS,
+                HEARTBEAT_STALE_AFTER,
+            )
+    if not update_interval:
+        return None
+    return STALE_INTERVALS * update_interval + HEARTBEAT_STALE_AFTER
 
 
 @dataclass(frozen=True)
@@ -50,8 +119,9 @@ class SegmentStatus:
     ``"corrupted"`` (the file fails validation: ``problem`` says how; the
     next leader rewrites it), ``"leaderless"`` (no live leader), ``"unresponsive"`` (the leader
     broke its promise to show progress by more than :data:`HEARTBEAT_STALE_AFTER` seconds: stopped
-    or wedged; a follower replaces it) or ``"stale"`` (no successful update for over two update
-    intervals); ``healthy`` is true only for ``"ok"``.
+    or wedged; a follower replaces it) or ``"stale"`` (no successful update for longer than
+    :attr:`stale_after` seconds, the staleness bound of :func:`~heksher_shm.status.stale_after`);
+    ``healthy`` is true only for ``"ok"``.
 
     ``heartbeat_age`` is the time since the leader last showed progress (it
     sleeps between updates, so this grows up to an update interval on a
@@ -78,6 +148,12 @@ class SegmentStatus:
     processes: list[ProcessInfo] = field(default_factory=list)
     verdict: str = "ok"
     problem: str | None = None
+    stale_after: float | None = None
+    """The staleness bound applied (:func:`~heksher_shm.status.stale_after`); None: not known."""
+    snapshot_bytes: int = 0
+    """Bytes of the current snapshot in the segment (its blob table, head and blobs)."""
+    header: HeaderStatus | None = field(default=None, repr=False, compare=False)
+    """The header as read (every counter it holds, for the metrics); not part of ``status --json``."""
 
     @property
     def healthy(self) -> bool:
@@ -151,6 +227,7 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
     overdue = None if header.promise is None else mono - header.promise
     last_ok_age = None if header.last_update_ok is None else max(0.0, now - header.last_update_ok)
     interval = head.update_interval if head is not None and head.update_interval else None
+    bound = stale_after(interval)
     if problem is not None:
         verdict = "corrupted"
     elif head is None:
@@ -159,7 +236,7 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         verdict = "leaderless"
     elif overdue is None or overdue > HEARTBEAT_STALE_AFTER:
         verdict = "unresponsive"
-    elif interval is not None and (last_ok_age is None or last_ok_age > 2 * interval + HEARTBEAT_STALE_AFTER):
+    elif bound is not None and (last_ok_age is None or last_ok_age > bound):
         verdict = "stale"
     else:
         verdict = "ok"
@@ -183,4 +260,7 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         processes=[p for p in processes if p.alive],
         verdict=verdict,
         problem=problem,
+        stale_after=bound,
+        snapshot_bytes=next((s.length for s in header.slots if s.index == header.current_slot), 0),
+        header=header,
     )

@@ -21,6 +21,8 @@ PUBLIC_MODULES = [
     "heksher_shm.setting_type",
     "heksher_shm.status",
     "heksher_shm.testing",
+    "heksher_shm.openfeature",
+    "heksher_shm.metrics",
 ]
 
 

@@ -222,5 +222,6 @@ def test_the_reset_order_is_the_documented_one() -> None:
         "heksher_shm._shm.writing",
         "heksher_shm._shm.identity",
         "heksher_shm._shm.bell",
+        "heksher_shm.openfeature.events",
         "heksher_shm.clients._base",
     )

@@ -21,13 +21,15 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"_process"}),
     frozenset({"setting", "main_client"}),
     frozenset({"_engine"}),
-    frozenset({"status"}),
+    frozenset({"status", "_exposition"}),
     frozenset({"clients"}),
     frozenset({"__init__"}),
+    frozenset({"openfeature", "metrics"}),
     frozenset({"cli", "__main__"}),
 )
 """Bottom to top: pure model and resolution; shared-memory files; process-wide hooks; the Setting;
-the engine with its drivers and transports; status; the clients; the package's face; the command line."""
+the engine with its drivers and transports; status and its metric families; the clients; the package's
+face; the integrations (optional extras); the command line."""
 
 STANDALONE = frozenset({"testing"})
 """The in-memory service shares no code with the client it stands in for; anything above may use it."""

@@ -80,7 +80,17 @@ def declaration_outcome(
         logger.warning(
             "unexpected declaration outcome", extra={"setting_name": body.name, "outcome": answer.outcome}
         )
-    return Outcome(body.name, answer.outcome, status, None, default)
+    # The declared type and features travel with the outcome, for the processes that read this setting
+    # without declaring it (the OpenFeature provider).
+    return Outcome(
+        body.name,
+        answer.outcome,
+        status,
+        None,
+        default,
+        type=body.type,
+        features=tuple(body.configurable_features),
+    )
 
 
 @dataclass(frozen=True)

@@ -236,9 +236,13 @@ def declaration_digest(body: DeclarationBody) -> str:
 
 
 def query_params(settings: Iterable[str], filters: str) -> dict[str, str]:
-    """The parameters of a query for *settings* (any order) and a ``context_filters`` string."""
+    """The parameters of a query for *settings* (any order) and a ``context_filters`` string.
+
+    Rule metadata is asked for: the OpenFeature provider shows the matching
+    rule's metadata, in any process of the host.
+    """
     return {
         "settings": ",".join(sorted(settings)),
         "context_filters": filters,
-        "include_metadata": "false",
+        "include_metadata": "true",
     }

@@ -78,6 +78,20 @@ class CompiledRules:
                 return value
         return self.catch_all
 
+    def match(self, namespace: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
+        """The conditions of the rule :meth:`resolve` answers from, as (feature, value) pairs in
+        :attr:`features` order (``()`` for a rule without conditions); None when no rule matches.
+
+        Not for the hot path: the OpenFeature provider uses it to name the rule behind a value.
+        """
+        features = self.features
+        for indices, table in self.patterns:
+            names = [features[i] for i in indices]
+            key = namespace[names[0]] if len(names) == 1 else tuple(namespace[f] for f in names)
+            if key in table:
+                return tuple((f, namespace[f]) for f in names)
+        return () if self.catch_all is not NO_MATCH else None
+
 
 def _pattern_rank(indices: tuple[int, ...], width: int) -> tuple[int, tuple[bool, ...]]:
     present = set(indices)

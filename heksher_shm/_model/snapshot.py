@@ -43,11 +43,13 @@ FORMAT = 3
 
 
 class RuleRecord(msgspec.Struct, array_like=True, frozen=True):
-    """A rule: its id, its (feature, value) conditions in service order, and its raw JSON value."""
+    """A rule: its id, its (feature, value) conditions in service order, its raw JSON value, and its
+    metadata as raw JSON (empty when it has none; the OpenFeature provider shows it)."""
 
     rule_id: int
     conditions: list[tuple[str, str]]
     value: bytes
+    metadata: bytes = b""
 
 
 class SettingBlob(msgspec.Struct, array_like=True, frozen=True):
@@ -73,7 +75,10 @@ class Outcome(msgspec.Struct, array_like=True, frozen=True):
     when the declaration failed; ``default`` is the service's newer default
     (raw JSON) when the outcome was ``outdated`` and the default differed;
     ``error_id`` says which exception the leader kept for the error
-    (meaningful in the leader's own process only).
+    (meaningful in the leader's own process only). ``type`` and ``features``
+    are the declaration's type string and configurable features (empty when
+    the declaration failed): what a process that does not declare the
+    setting itself needs to read its rules (the OpenFeature provider).
     """
 
     name: str
@@ -82,6 +87,8 @@ class Outcome(msgspec.Struct, array_like=True, frozen=True):
     error: str | None = None
     default: bytes | None = None
     error_id: str = ""
+    type: str = ""
+    features: tuple[str, ...] = ()
 
     @property
     def settled(self) -> bool:
@@ -152,16 +159,25 @@ _head_encoder = msgspec.msgpack.Encoder()
 _head_decoder = msgspec.msgpack.Decoder(Head)
 _blob_encoder = msgspec.msgpack.Encoder()
 _blob_decoder = msgspec.msgpack.Decoder(SettingBlob)
+_metadata_encoder = msgspec.json.Encoder()
 
 
 def blob_of(result: QuerySetting) -> tuple[bytes, bytes, int]:
     """Encode a setting's query result as a blob: (blob bytes, digest, rule count)."""
     blob = SettingBlob(
         bytes(result.default_value),
-        [RuleRecord(r.rule_id, r.context_features, bytes(r.value)) for r in result.rules],
+        [
+            RuleRecord(r.rule_id, r.context_features, bytes(r.value), _metadata_json(r.metadata))
+            for r in result.rules
+        ],
     )
     data = _blob_encoder.encode(blob)
     return data, hashlib.blake2b(data, digest_size=16).digest(), len(result.rules)
+
+
+def _metadata_json(metadata: dict[str, object] | None) -> bytes:
+    # Most rules have none: an empty field costs the blob one byte where "{}" would cost three.
+    return _metadata_encoder.encode(metadata) if metadata else b""
 
 
 def encode_head(head: Head) -> bytes:

@@ -19,7 +19,10 @@ stays held forever, a flag that said "a thread is inside" stays set (design,
    child has a new PID and start time, and may be in a new PID namespace).
 6. ``heksher_shm._shm.bell``: the socket this process rings others' doorbells
    with (the child makes its own).
-7. ``heksher_shm.clients._base``: every live client rebuilds its engine,
+7. ``heksher_shm.openfeature.events`` (when the OpenFeature provider is
+   imported): the SDK's thread pool for event handlers, whose threads the
+   child does not have.
+8. ``heksher_shm.clients._base``: every live client rebuilds its engine,
    locks and driver, and rejoins as a follower. Last, because it uses all of
    the above (it takes ``_main``'s lock, opens leader locks, reads the identity).
 
@@ -60,6 +63,7 @@ CHILD_RESETS: Final[tuple[str, ...]] = (
     "heksher_shm._shm.writing",
     "heksher_shm._shm.identity",
     "heksher_shm._shm.bell",
+    "heksher_shm.openfeature.events",
     "heksher_shm.clients._base",
 )
 """Modules whose ``_reset_after_fork()`` runs in a forked child, in this order (see the module docstring)."""

@@ -55,7 +55,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import secrets
 import stat
 import time
@@ -67,12 +66,10 @@ import msgspec
 
 from heksher_shm._shm import files
 from heksher_shm._shm.identity import (
-    TOKEN_PATTERN,
     ProcessIdentity,
     current_identity,
     in_this_pid_namespace,
     is_alive,
-    parse_token,
     token,
 )
 from heksher_shm._shm.registration import (
@@ -80,6 +77,17 @@ from heksher_shm._shm.registration import (
     decode_registration,
     encode_registration,
     validate_registration,
+)
+from heksher_shm._shm.registry_names import (
+    ACK_RE,
+    BELL_RE,
+    ENTRY_RE,
+    TEMP_RE,
+    bell_name,
+    entry_name,
+    entry_owner,
+    identity_from,
+    registry_directory,
 )
 from heksher_shm.exceptions import SegmentError
 
@@ -89,6 +97,7 @@ __all__ = [
     "Rejection",
     "ScanResult",
     "bell_name",
+    "entry_owner",
     "registry_directory",
 ]
 
@@ -105,10 +114,6 @@ MAX_REGISTRATION_BYTES = 1 << 20
 _RACY_WINDOW_NS = 100_000_000
 _RACY_WINDOW_COARSE_NS = 2_100_000_000
 
-_ENTRY_RE = re.compile(rf"({TOKEN_PATTERN})\.reg")
-_TEMP_RE = re.compile(rf"\.({TOKEN_PATTERN})\.[0-9a-f]{{1,32}}\.tmp")
-_BELL_RE = re.compile(rf"({TOKEN_PATTERN})\.[1-9][0-9]{{0,8}}\.bell")
-_ACK_RE = re.compile(rf"({TOKEN_PATTERN})\.ack")
 MAX_ACK_BYTES = 4096
 """Largest acknowledgement file read (an Ack is a few dozen bytes, its error text at most a few KiB)."""
 
@@ -138,26 +143,6 @@ class ScanResult(msgspec.Struct, frozen=True):
     rejected: tuple[Rejection, ...]
     dead: tuple[str, ...]
     bells: tuple[str, ...] = ()
-
-
-def registry_directory(segment_path: str | os.PathLike[str]) -> Path:
-    """Return the registry directory that belongs to the segment at ``segment_path``."""
-    return Path(f"{os.fspath(segment_path)}.d")
-
-
-def _entry_name(identity: ProcessIdentity) -> str:
-    return f"{token(identity)}.reg"
-
-
-def bell_name(identity: ProcessIdentity, number: int) -> str:
-    """The file name of doorbell *number* (>= 1) of the process *identity*, in the registry directory."""
-    return f"{token(identity)}.{number}.bell"
-
-
-def _identity_from(match: re.Match[str]) -> ProcessIdentity:
-    identity = parse_token(match[1])
-    assert identity is not None  # the match is of TOKEN_PATTERN
-    return identity
 
 
 def _is_racy(mtime_ns: int, now_ns: int) -> bool:
@@ -232,7 +217,7 @@ class Registry:
 
     def path_for(self, identity: ProcessIdentity) -> Path:
         """Return the path of the registry file of the process ``identity``."""
-        return self._directory / _entry_name(identity)
+        return self._directory / entry_name(identity)
 
     # -- the follower's side --------------------------------------------------
 
@@ -255,7 +240,7 @@ class Registry:
         data = encode_registration(msgspec.structs.replace(registration, updated=time.time()))
         if len(data) > self._max_bytes:
             raise ValueError(f"registration is {len(data)} bytes, over the limit of {self._max_bytes}")
-        self._replace(_entry_name(registration.identity), data, "registration file")
+        self._replace(entry_name(registration.identity), data, "registration file")
         return data
 
     def holds(self, identity: ProcessIdentity, data: bytes) -> bool:
@@ -267,7 +252,7 @@ class Registry:
         owner = self._identity() if identity is None else identity
         dir_fd = self._open_directory()
         try:
-            for name in (_entry_name(owner), f"{token(owner)}.ack"):
+            for name in (entry_name(owner), f"{token(owner)}.ack"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=dir_fd)
         finally:
@@ -374,21 +359,21 @@ class Registry:
 
     def _scan_one(self, found: _Scan, name: str) -> None:
         dir_fd = found.dir_fd
-        helper = _TEMP_RE.fullmatch(name) or _BELL_RE.fullmatch(name) or _ACK_RE.fullmatch(name)
+        helper = TEMP_RE.fullmatch(name) or BELL_RE.fullmatch(name) or ACK_RE.fullmatch(name)
         if helper is not None:
             # A write in progress, a doorbell or an answer: nothing to read, but gone with its process.
-            if not self._judged_alive(_identity_from(helper)):
+            if not self._judged_alive(identity_from(helper)):
                 found.dead.append(name)
                 if found.prune:
                     self._unlink(dir_fd, name)
             elif name.endswith(".bell"):
                 found.bells.append(name)
             return
-        entry = _ENTRY_RE.fullmatch(name)
+        entry = ENTRY_RE.fullmatch(name)
         if entry is None:
             self._reject(found, name, None, "unexpected file name")
             return
-        owner = _identity_from(entry)
+        owner = identity_from(entry)
         if not self._judged_alive(owner):
             found.dead.append(name)
             if found.prune:
@@ -456,7 +441,7 @@ class Registry:
         problem = validate_registration(registration)
         if problem is not None:
             return key, f"not a valid registration: {problem}"
-        if _entry_name(registration.identity) != name:
+        if entry_name(registration.identity) != name:
             return key, f"names process {token(registration.identity)}, not the file's owner {token(owner)}"
         return key, registration
 

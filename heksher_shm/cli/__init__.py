@@ -2,6 +2,7 @@
 
 Subcommands live in their own modules: ``status``/``watch`` in
 :mod:`heksher_shm.cli.status`, ``dump`` in :mod:`heksher_shm.cli.dump`,
+``clean`` in :mod:`heksher_shm.cli.clean`,
 ``demo`` in :mod:`heksher_shm.cli.demo` and ``serve`` in
 :mod:`heksher_shm.cli.serve`. Expected failures raise
 :class:`heksher_shm.cli.common.CliError` and end as one line on stderr and
@@ -44,11 +45,11 @@ exit codes (each command's --help lists its own):
   {EXIT_OK}    success; status: every segment in use is ok (one that no live process uses, left
        over by processes that have exited, counts only when named or with --strict)
   {EXIT_UNHEALTHY}    status: a segment is empty, leaderless, unresponsive or stale, or idle and
-       counted; demo: a step failed; serve: it cannot listen
+       counted; clean: a file could not be removed; demo: a step failed; serve: it cannot listen
   {EXIT_USAGE}    bad command line; watch: no NAME, and not exactly one segment in use
   {EXIT_NOT_FOUND}    not found: the directory, the named segment or setting, or no segments at all
   {EXIT_UNREADABLE}    unreadable: a segment or the directory is another user's or a symlink, or a
-       segment is corrupted
+       segment is corrupted; clean: a segment was left alone, not judged
   130  interrupted (Ctrl-C), except watch, which exits {EXIT_OK}
 
 {_DIRECTORY}"""
@@ -61,7 +62,8 @@ verdicts:
   empty         processes use it, but nothing is published yet (a leader is starting)
   leaderless    processes use it, but no live leader serves it
   unresponsive  the leader is alive but broke its promise of progress by over 5 s
-  stale         no successful update for over two update intervals plus 5 s
+  stale         no successful update for longer than the staleness bound: two update
+                intervals plus 5 s, or $HEKSHER_SHM_STALE_AFTER seconds when set
   corrupted     the file fails validation (damaged, or another version's format)
   unreadable    the file is another user's, a symlink, or has group or other permissions
 
@@ -70,7 +72,8 @@ given as NAME or with --strict: a leftover is not a failure, but a segment you n
 served.
 
 exit codes:
-  {EXIT_OK}    every segment shown is ok, or not in use and not counted
+  {EXIT_OK}    every segment shown is ok, or not in use and not counted; with --prometheus: the
+       metrics were printed (the segments' health is in them)
   {EXIT_UNHEALTHY}    a segment is empty, leaderless, unresponsive or stale, or idle and counted
   {EXIT_USAGE}    bad command line, or NAME is not a segment name
   {EXIT_NOT_FOUND}    the directory or the named segment does not exist, there are no segments,
@@ -106,6 +109,28 @@ exit codes:
   {EXIT_NOT_FOUND}    the directory or the named segment does not exist, or there are no segments
   {EXIT_UNREADABLE}    the segment or the directory cannot be used (another user's, a symlink,
        wrong permissions); a corrupted segment is watched and shows as corrupted
+
+{_DIRECTORY}"""
+
+_CLEAN_EPILOG = f"""\
+A segment is in use, and kept whole, while its election or takeover lock is held (tried
+with flock, without waiting: a leader holds it), or a live process (or one of another PID
+namespace) has an entry in its registry folder. Files another user owns,
+symbolic links and files with loosened modes are never judged nor removed. --dry-run takes
+each lock for a moment too, to tell whether someone holds it.
+
+exit codes:
+  {EXIT_OK}    every unused segment was removed (--dry-run: listed), or there was none; also
+       when the default directory does not exist
+  {EXIT_UNHEALTHY}    a file could not be removed (the line names it)
+  {EXIT_USAGE}    bad command line, or NAME is not a segment name
+  {EXIT_NOT_FOUND}    the directory given (--dir, $HEKSHER_SHM_DIR) does not exist, or no file of the
+       named segment is there
+  {EXIT_UNREADABLE}    the directory cannot be used, or a segment was not judged: one of its files is
+       another user's, a symlink or has loosened modes, or its registry folder holds a file
+       heksher_shm does not make (left alone)
+  130  interrupted (Ctrl-C)
+  With several segments, clean exits with the highest code among them.
 
 {_DIRECTORY}"""
 
@@ -161,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``heksher-shm``."""
     parser = argparse.ArgumentParser(
         prog="heksher-shm",
-        description="Heksher client with one poller per host: inspect the shared segments,\n"
-        "run the demo, or run an in-memory Heksher service.",
+        description="Heksher client with one poller per host: inspect and clean up the shared\n"
+        "segments, run the demo, or run an in-memory Heksher service.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -186,7 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_segment_arguments(status, "every segment in the directory")
-    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON instead of text")
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print the metrics in Prometheus's text format (for node_exporter's textfile collector) "
+        f"and exit {EXIT_OK} once printed, whatever the segments' health",
+    )
     status.add_argument(
         "--ignore-idle",
         action="store_true",
@@ -229,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between looks (default: 0.1)",
     )
     watch.add_argument("--count", type=_positive_int, metavar="N", help="stop after printing N lines")
+
+    clean = commands.add_parser(
+        "clean",
+        help="remove the files of segments no live process uses",
+        description="Remove the segments left over by processes that have exited: each segment's\n"
+        "file, its lock files and its registry folder (registrations and doorbells). A segment\n"
+        "in use is kept whole. With --dry-run, list what would be removed and remove nothing.",
+        epilog=_CLEAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_segment_arguments(clean, "every segment in the directory")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
 
     demo = commands.add_parser(
         "demo",
@@ -294,7 +338,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from heksher_shm.cli.status import run_status
 
-        return run_status(args.dir, args.name, args.json, args.ignore_idle, args.strict)
+        return run_status(args.dir, args.name, args.json, args.ignore_idle, args.strict, args.prometheus)
     if args.command == "dump":
         from heksher_shm.cli.dump import run_dump
 
@@ -303,6 +347,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from heksher_shm.cli.status import run_watch
 
         return run_watch(args.dir, args.name, args.interval, args.count)
+    if args.command == "clean":
+        from heksher_shm.cli.clean import run_clean
+
+        return run_clean(args.dir, args.name, args.dry_run)
     if args.command == "demo":
         from heksher_shm.cli.demo import run_demo
 

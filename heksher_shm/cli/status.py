@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from heksher_shm._exposition import families, read_segment, text_format
 from heksher_shm._model.snapshot import decode_head
 from heksher_shm._shm.identity import ProcessIdentity, is_alive
 from heksher_shm._shm.segment import Segment
@@ -129,8 +130,9 @@ def _summary(st: SegmentStatus, verdict: str) -> str:
         )
     if verdict == "stale":
         interval = f"every {age(st.update_interval)}" if st.update_interval else "at its interval"
+        bound = f", stale after {age(st.stale_after)}" if st.stale_after is not None else ""
         why = f"; last error: {one_line(st.last_error, 200)}" if st.last_error else ""
-        return f"no successful update for {age(st.last_update_age)} (it should update {interval}){why}"
+        return f"no successful update for {age(st.last_update_age)} (it should update {interval}{bound}){why}"
     return verdict  # pragma: no cover - a verdict added to heksher_shm.status later
 
 
@@ -209,6 +211,7 @@ def _as_json(checked: Checked) -> dict[str, Any]:
     base: dict[str, Any] = {"name": checked.name, "path": str(checked.path)}
     if checked.status is not None:
         base.update(dataclasses.asdict(checked.status))
+        del base["header"]  # the raw header view (for the metrics); its fields are shown above
         if base["leader"] is not None:
             base["leader"]["kind"] = _leader_kind(checked.status)
     else:
@@ -223,13 +226,26 @@ def _as_json(checked: Checked) -> dict[str, Any]:
 
 
 def run_status(
-    dir_arg: str | None, name: str | None, as_json: bool, ignore_idle: bool, strict: bool = False
+    dir_arg: str | None,
+    name: str | None,
+    as_json: bool,
+    ignore_idle: bool,
+    strict: bool = False,
+    prometheus: bool = False,
 ) -> int:
     """``heksher-shm status``: print every segment's state; the exit code is the worst segment's.
 
-    An idle segment fails (exit 1) only when named or with ``strict``.
+    An idle segment fails (exit 1) only when named or with ``strict``. With
+    ``prometheus``, print the metrics in the text exposition format instead and
+    exit 0 once they are printed: the segments' health is in the figures.
     """
     directory = segment_directory(dir_arg)
+    if prometheus:
+        readings = [read_segment(path) for path in select_segments(directory, name)]
+        if ignore_idle:
+            readings = [r for r in readings if r.status is None or not r.status.idle]
+        sys.stdout.write(text_format(families(readings)))
+        return EXIT_OK
     strict = strict or name is not None
     checked = [check_segment(path, strict=strict) for path in select_segments(directory, name)]
     if ignore_idle:

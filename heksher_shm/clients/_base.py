@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
+from heksher_shm._engine.local import LocalHost
 from heksher_shm._engine.shared import Neighbours, SharedHost, wish_key
 from heksher_shm._model.contexts import TRACK_ALL
 from heksher_shm._process import main as _main
 from heksher_shm._process.servers import check_background_threads
 from heksher_shm._shm.identity import current_identity
+from heksher_shm._shm.segment import Segment
 from heksher_shm.clients._answers import Answering
 from heksher_shm.clients._applying import Applying
 from heksher_shm.clients._core import _bell_numbers, _live_clients
@@ -106,6 +108,38 @@ class BaseHeksherClient(Registering, Answering, Applying):
 
     def on_update_ok(self) -> None:
         """Called after a successful rule update (including when nothing changed). Override to add one."""
+
+    # -- for the integrations (heksher_shm.openfeature): keep these through refactors ------------------
+
+    _update_listeners: tuple[Callable[[BaseException | None], None], ...] = ()
+
+    def _add_update_listener(self, listener: Callable[[BaseException | None], None]) -> None:
+        """Call ``listener(error)`` at every wake-up that runs :meth:`on_update_ok` (``error`` None) or
+        :meth:`on_update_error`, right after it, in this process, leader or follower.
+
+        Internal, for :mod:`heksher_shm.openfeature` (its provider's events). A listener runs in the
+        client's background thread or event loop: it must return quickly; what it raises is logged.
+        """
+        self._update_listeners = (*self._update_listeners, listener)
+
+    def _remove_update_listener(self, listener: Callable[[BaseException | None], None]) -> None:
+        """Stop calling *listener* (see :meth:`_add_update_listener`); nothing if it was not added."""
+        self._update_listeners = tuple(known for known in self._update_listeners if known != listener)
+
+    def _run_update_listeners(self, error: BaseException | None) -> None:
+        """From the drivers' ``_report``, after the callbacks."""
+        for listener in self._update_listeners:
+            try:
+                listener(error)
+            except Exception:
+                logger.exception("update listener raised")
+
+    def _snapshot_source(self) -> LocalHost | Segment:
+        """What this client reads snapshots from: the shared segment, or the in-process stand-in
+        (``shared=False``): ``words`` (item 2 is the generation), ``generation()``, ``read_head()``,
+        ``read_blobs()``, ``update_marks()``. Replaced when the segment file is reopened: ask again
+        rather than keep it. Internal, for :mod:`heksher_shm.openfeature`."""
+        return self._transport
 
     def _context_view(self) -> _ContextView:
         return _ContextView(

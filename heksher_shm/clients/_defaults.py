@@ -22,6 +22,9 @@ class ContextDefaults:
     def __init__(self) -> None:
         self._const_defaults: dict[str, str] = {}
         self._var_defaults: dict[str, ContextVar[str]] = {}
+        self._defaults_version = 0
+        """Bumped by every ``set_defaults``: what :mod:`heksher_shm.openfeature` compares to know that
+        the answers it keeps were made with the current defaults (keep it through refactors)."""
 
     def set_defaults(self, **kwargs: str | ContextVar[str]) -> None:
         """Set default context feature values: a string, or a :class:`~contextvars.ContextVar` read per call.
@@ -46,6 +49,7 @@ class ContextDefaults:
                 self._const_defaults[feature] = value
             else:
                 self._var_defaults[feature] = value
+        self._defaults_version += 1
         self._defaults_changed()
 
     def _defaults_changed(self) -> None:

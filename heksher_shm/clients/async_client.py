@@ -196,6 +196,7 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
                 self.on_update_error(error)
         except Exception:
             logger.exception("update callback raised")
+        self._run_update_listeners(error)
 
     def _try_modification_lock(self) -> bool:
         # get() runs synchronously: between two awaits nothing else on this

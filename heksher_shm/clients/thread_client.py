@@ -177,6 +177,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
                 self.on_update_error(error)
         except Exception:
             logger.exception("update callback raised")
+        self._run_update_listeners(error)
 
     def _restart_after_fork(self) -> None:
         self._thread = start_thread(self._run, "heksher-shm")
