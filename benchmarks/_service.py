@@ -161,37 +161,10 @@ class InMemoryService(BenchService):
         self._service.declare(name, type, default, list(features))
 
     def add_rules(self, rules: Iterable[Rule]) -> list[int]:
-        rules = list(rules)
-        if len(rules) > 200:
-            bulk = self._bulk_add(rules)
-            if bulk is not None:
-                return bulk
+        # The public admin helper: it costs what one rule costs, however many the service holds.
         return [
             self._service.add_rule(setting, dict(conditions), value) for setting, conditions, value in rules
         ]
-
-    def _bulk_add(self, rules: list[Rule]) -> list[int] | None:
-        """Insert many rules at once through the state's internals.
-
-        The public ``add_rule`` looks for a duplicate by scanning every rule,
-        which makes 100k rules take minutes; the rules made here are unique by
-        construction. Falls back to the public path if the internals moved.
-        """
-        try:
-            from heksher_shm.testing._records import StoredRule as _Rule
-
-            state = self._service.state
-            with state._lock:
-                ids = []
-                for setting, conditions, value in rules:
-                    target = state._settings[setting]
-                    rule_id = state._next_rule_id
-                    state._next_rule_id += 1
-                    state._rules[rule_id] = _Rule(rule_id, target, dict(conditions), value, {})
-                    ids.append(rule_id)
-                return ids
-        except (ImportError, AttributeError, TypeError):
-            return None
 
     def set_rule_value(self, rule_id: int, value: Any) -> None:
         self._service.set_rule_value(rule_id, value)

@@ -86,6 +86,13 @@ class StoredSetting:
     metadata: dict[str, JSONValue]
     aliases: list[str]
     version: str
+    # Not compared nor shown: the rules point back at their setting.
+    rules: dict[int, StoredRule] = field(default_factory=dict, compare=False, repr=False)
+    """This setting's rules by id, in id order: a query or a declaration reads only these."""
+    rule_by_conditions: dict[frozenset[tuple[str, str]], StoredRule] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """The same rules by their conditions, which are unique per setting (a duplicate is a 409)."""
 
     def ordered_features(self, order: Sequence[str]) -> list[str]:
         """The configurable features in context-feature ``order``, as the real server reports them."""
@@ -104,3 +111,11 @@ class StoredRule:
     feature_values: dict[str, str]
     value: JSONValue
     metadata: dict[str, JSONValue]
+    json_cache: dict[tuple[int, bool], bytes] = field(default_factory=dict, compare=False, repr=False)
+    """This rule as a query answer lists it, by (context-feature order, with metadata): the store clears
+    it whenever the value or the metadata change."""
+
+    @property
+    def conditions_key(self) -> frozenset[tuple[str, str]]:
+        """The conditions as a key of :attr:`StoredSetting.rule_by_conditions`."""
+        return frozenset(self.feature_values.items())
