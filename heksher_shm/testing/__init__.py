@@ -5,9 +5,9 @@ faults.  The pytest fixtures live in :mod:`heksher_shm.testing.pytest_plugin` (l
 automatically; importing this package does not import pytest).
 
 The modules, each importing only those below it: ``_service`` (the facade) -> ``_http`` (sockets)
--> ``_api`` (routes) -> ``_validation`` (422s), ``_race`` and ``_store`` (the data) -> ``_declare``
-(judging declarations) -> ``_records``, ``_errors`` -> ``_types`` (type strings); ``_faults`` (faults
-and request records) is used by the facade and the sockets.
+-> ``_api`` (routes) -> ``_validation`` (422s), ``_race`` and ``_store`` (the data) -> ``_query``
+(query answers) and ``_declare`` (judging declarations) -> ``_records``, ``_errors`` -> ``_types``
+(type strings); ``_faults`` (faults and request records) is used by the facade and the sockets.
 """
 
 # Underscored imports keep the module's namespace equal to __all__ (tests/test_service.py checks it).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from heksher_shm.testing._types import SETTING_NAME_RE, VERSION_RE, JSONValue, ServiceType
 
@@ -93,6 +94,10 @@ class StoredSetting:
         default_factory=dict, compare=False, repr=False
     )
     """The same rules by their conditions, which are unique per setting (a duplicate is a 409)."""
+    json_cache: dict[tuple[int, bool, frozenset[Any] | None], bytes] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """This setting's entry in query answers, as JSON (see ``_query.py``)."""
 
     def ordered_features(self, order: Sequence[str]) -> list[str]:
         """The configurable features in context-feature ``order``, as the real server reports them."""
@@ -112,8 +117,7 @@ class StoredRule:
     value: JSONValue
     metadata: dict[str, JSONValue]
     json_cache: dict[tuple[int, bool], bytes] = field(default_factory=dict, compare=False, repr=False)
-    """This rule as a query answer lists it, by (context-feature order, with metadata): the store clears
-    it whenever the value or the metadata change."""
+    """This rule as query answers list it, as JSON (see ``_query.py``)."""
 
     @property
     def conditions_key(self) -> frozenset[tuple[str, str]]:
