@@ -46,6 +46,7 @@ CASES = [
     "stall",
     "idle",
     "start",
+    "service",
 ]
 """In running order (publish, first_get, memory and stall share the big rule set, seeded as it grows)."""
 
