@@ -4,19 +4,14 @@ Pure functions over the store's records; :class:`~heksher_shm.testing.HeksherSta
 its lock with its context features in order.  A query reads only the settings it asks for and their
 own rules, never the rest of the store.
 
-The JSON answer is cached in two layers, so that a client polling 1,000 settings with 100 rules each
-costs the service 1,000 cached pieces, not 100k freshly built dictionaries:
-
-* each rule keeps its piece (``{"value":...,"context_features":...,"rule_id":...}``) in
-  :attr:`StoredRule.json_cache`, by (context-feature order, with metadata);
-* each setting keeps its whole piece (``"name":{"default_value":...,"rules":[...]}``) in
-  :attr:`StoredSetting.json_cache`, by (context-feature order, with metadata, filters).
-
-The store clears a rule's cache and its setting's when the rule changes (:func:`rule_changed`), and a
-setting's when the setting changes or gains or loses a rule (:func:`setting_changed`); a move of the
-context features changes the order number, which is part of every key.  The bytes are exactly
-``dump_json`` of :func:`setting_answer` (``tests/test_service_size.py`` checks it after random
-sequences of operations).
+Each setting keeps its piece of the JSON answer (``"name":{"default_value":...,"rules":[...]}``) in
+:attr:`StoredSetting.json_cache`, by (context-feature order, with metadata, filters), so a client
+polling 1,000 settings with 100 rules each costs the service 1,000 cached pieces joined, not 100k
+dictionaries built and dumped again.  The store drops a setting's pieces when the setting or any of its
+rules changes, or it gains or loses a rule (:func:`setting_changed`): the next query dumps that one
+setting again, which costs what the setting holds.  A move of the context features changes the order
+number, which is part of every key.  The bytes are exactly ``dump_json`` of :func:`setting_answer`
+(``tests/test_service_size.py`` checks it after random sequences of operations).
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ __all__ = [
     "Admitted",
     "admits",
     "ordered_conditions",
-    "rule_changed",
     "setting_answer",
     "setting_changed",
     "setting_json",
@@ -100,40 +94,12 @@ def setting_json(
     if cached is None:
         if len(setting.json_cache) >= _SETTING_CACHE_SIZE:
             setting.json_cache.clear()
-        rules = b",".join(
-            _rule_json(rule, features, order, include_metadata)
-            for rule in setting.rules.values()
-            if admits(admitted, rule)
-        )
-        cached = setting.json_cache[key] = b"".join(
-            (
-                dump_json(setting.name),
-                b':{"default_value":',
-                dump_json(setting.default_value),
-                b',"rules":[',
-                rules,
-                b"]}",
-            )
-        )
+        answer = setting_answer(setting, features, admitted, include_metadata)
+        # one dump per setting: json's C encoder does the rules in one go
+        cached = setting.json_cache[key] = dump_json(setting.name) + b":" + dump_json(answer)
     return cached
-
-
-def _rule_json(rule: StoredRule, features: Sequence[str], order: int, include_metadata: bool) -> bytes:
-    key = (order, include_metadata)
-    cached = rule.json_cache.get(key)
-    if cached is None:
-        if any(cached_order != order for cached_order, _ in rule.json_cache):
-            rule.json_cache.clear()  # written before the context features moved
-        cached = rule.json_cache[key] = dump_json(_rule_answer(rule, features, include_metadata))
-    return cached
-
-
-def rule_changed(rule: StoredRule) -> None:
-    """Forget the cached answers that show ``rule`` (its value or metadata changed)."""
-    rule.json_cache.clear()
-    rule.setting.json_cache.clear()
 
 
 def setting_changed(setting: StoredSetting) -> None:
-    """Forget the cached answers of ``setting`` (it changed, or gained or lost a rule)."""
+    """Forget the cached answers of ``setting`` (it or one of its rules changed, or it gained or lost one)."""
     setting.json_cache.clear()

@@ -116,8 +116,6 @@ class StoredRule:
     feature_values: dict[str, str]
     value: JSONValue
     metadata: dict[str, JSONValue]
-    json_cache: dict[tuple[int, bool], bytes] = field(default_factory=dict, compare=False, repr=False)
-    """This rule as query answers list it, as JSON (see ``_query.py``)."""
 
     @property
     def conditions_key(self) -> frozenset[tuple[str, str]]:

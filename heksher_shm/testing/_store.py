@@ -24,7 +24,6 @@ from heksher_shm.testing._errors import ServiceError, set_text
 from heksher_shm.testing._query import (
     Admitted,
     ordered_conditions,
-    rule_changed,
     setting_answer,
     setting_changed,
     setting_json,
@@ -402,7 +401,7 @@ class HeksherState:
                     400, f"rule value is incompatible with setting type {rule.setting.type}"
                 )
             rule.value = copy_json(value)
-            rule_changed(rule)
+            setting_changed(rule.setting)
 
     def delete_rule(self, rule_id: int) -> None:
         """``DELETE /api/v1/rules/{id}`` (404 with an empty body when unknown)."""
@@ -444,32 +443,32 @@ class HeksherState:
         with self._lock:
             rule = self._rule(rule_id, ServiceError.empty(404))
             rule.metadata.update(copy.deepcopy(dict(metadata)))
-            rule_changed(rule)
+            setting_changed(rule.setting)
 
     def replace_rule_metadata(self, rule_id: int, metadata: Mapping[str, JSONValue]) -> None:
         """``PUT /api/v1/rules/{id}/metadata``: replace the whole metadata."""
         with self._lock:
             rule = self._rule(rule_id, ServiceError.empty(404))
             rule.metadata = copy.deepcopy(dict(metadata))
-            rule_changed(rule)
+            setting_changed(rule.setting)
 
     def set_rule_metadata_key(self, rule_id: int, key: str, value: JSONValue) -> None:
         """``PUT /api/v1/rules/{id}/metadata/{key}``."""
         with self._lock:
             rule = self._rule(rule_id, ServiceError.empty(404))
             rule.metadata[key] = copy_json(value)
-            rule_changed(rule)
+            setting_changed(rule.setting)
 
     def delete_rule_metadata(self, rule_id: int) -> None:
         """``DELETE /api/v1/rules/{id}/metadata``."""
         with self._lock:
             rule = self._rule(rule_id, ServiceError.empty(404))
             rule.metadata = {}
-            rule_changed(rule)
+            setting_changed(rule.setting)
 
     def delete_rule_metadata_key(self, rule_id: int, key: str) -> None:
         """``DELETE /api/v1/rules/{id}/metadata/{key}`` (a missing key is not an error)."""
         with self._lock:
             rule = self._rule(rule_id, ServiceError.empty(404))
             rule.metadata.pop(key, None)
-            rule_changed(rule)
+            setting_changed(rule.setting)
