@@ -1,7 +1,7 @@
 """The in-memory service at a real size: each operation costs what it changes, not what the service holds.
 
-The store keeps every setting's rules with the setting (by id and by conditions) and a piece of query
-JSON with each rule.  Two kinds of tests hold it to that without timing anything:
+The store keeps every setting's rules with the setting (by id and by conditions) and its piece of the
+query answer's JSON.  Two kinds of tests hold it to that without timing anything:
 
 * the indexes always agree with a brute-force recomputation, and a query answers exactly what the plain
   algorithm (every rule, in id order, filtered) answers, byte for byte, after any sequence of
