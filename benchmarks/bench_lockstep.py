@@ -22,8 +22,12 @@ queries already lie seconds apart, which no real fleet of H machines would see. 
 host's times are moved back by its own start delay (its first query's lateness against
 the fleet's first), which turns the measurement into that of hosts that started at the
 same instant: hosts in lockstep keep a spread near 0, a fleet that spreads out grows it.
-The same shift applies after the outage (a host keeps its phase through an outage unless
-its client changes it). The raw spreads, as the service saw them, are in the note.
+The raw spreads, as the service saw them, are in the note.
+
+After the outage the question is whether hosts that were in step come back in step, so
+the spreads are those of the largest group of hosts whose last queries before the outage
+lay within 5 % of an interval of each other (the note gives its size), unshifted: the
+outage began and ended for all of them at the same instants.
 
 The requirement (issue 16, item 5): within three intervals the queries spread over at
 least one update interval, so the row's value is the shifted spread of wave 3 in
@@ -52,6 +56,8 @@ HOSTS_ENV = "HEKSHER_BENCH_LOCKSTEP_HOSTS"
 INTERVAL_FULL, INTERVAL_QUICK = 5.0, 2.0
 WAVES = 4
 OUTAGE_INTERVALS = 3
+IN_STEP = 0.05
+"""Hosts whose last queries before the outage lie within this fraction of an interval were in step."""
 MIN_SPREAD = 1.0
 """In update intervals, for wave 3."""
 
@@ -141,6 +147,18 @@ def _wait_waves(r: Run, markers: dict[str, str], since: float, interval: float, 
         time.sleep(interval / 4)
 
 
+def in_step(per_host: dict[str, list[float]], before: float, window: float) -> dict[str, float]:
+    """The largest group of hosts in step when an outage began: whose last queries before *before* lie
+    within *window* seconds of each other (each host's time moved back to 0 for the group)."""
+    lasts = sorted((max(t for t in times if t < before), host) for host, times in per_host.items() if times)
+    best: list[tuple[float, str]] = []
+    for i, (first, _) in enumerate(lasts):
+        group = [(t, host) for t, host in lasts[i:] if t - first <= window]
+        if len(group) > len(best):
+            best = group
+    return {host: 0.0 for _, host in best}
+
+
 def _phase(
     per_host: dict[str, list[float]], since: float, interval: float, delays: dict[str, float]
 ) -> dict[str, Any]:
@@ -188,12 +206,17 @@ def _side(r: Run, side: str, hosts: int, interval: float, settings: dict[str, An
         delays = start_delays(at_start)
         start = _phase(at_start, released, interval, delays)
 
+        outage_began = time.monotonic()
         service.fail_queries(500)
         time.sleep(OUTAGE_INTERVALS * interval)
         service.heal()
         healed = time.monotonic()
         _wait_waves(r, markers, healed, interval, healed + (WAVES + 3) * interval)
-        outage = _phase(_by_host(r, markers, healed), healed, interval, delays)
+        # After the outage, only the hosts that were in step when it began: whether they come back in
+        # step is the question, and the others' phases say nothing about it.
+        group = in_step(_by_host(r, markers, released), outage_began, IN_STEP * interval)
+        after = {host: times for host, times in _by_host(r, markers, healed).items() if host in group}
+        outage = {**_phase(after, healed, interval, group), "hosts_in_step": len(group)}
     finally:
         service.heal()
         if write_end != -1:
@@ -214,9 +237,13 @@ def _row(phase: str, label: str, hosts: int, interval: float, ours: Any, peer: A
     notes = []
     for name, side in (("ours", ours), ("peer", peer)):
         got = side[phase]
+        which = (
+            f" (raw {_fmt(got['raw_spreads_s'])} s)"
+            if phase == "start"
+            else f" over the {got['hosts_in_step']} hosts in step when it began"
+        )
         notes.append(
-            f"{name}: waves 0-3 spread {_fmt(got['spreads_s'])} s (raw {_fmt(got['raw_spreads_s'])} s), "
-            "first queries "
+            f"{name}: waves 0-3 spread {_fmt(got['spreads_s'])} s{which}, first queries "
             f"{got['first_query_s']['min']:.2f} to {got['first_query_s']['max']:.2f} s after the "
             f"{'release' if phase == 'start' else 'healing'}"
             + (f", {got['hosts_short']} hosts made fewer than {WAVES} waves" if got["hosts_short"] else "")
@@ -247,7 +274,7 @@ def run(r: Run) -> dict[str, Any]:
         log(
             f"{NAME}: {side}: start spreads {_fmt(got['start']['spreads_s'])} s (raw "
             f"{_fmt(got['start']['raw_spreads_s'])}); after the outage {_fmt(got['outage']['spreads_s'])} s "
-            f"(raw {_fmt(got['outage']['raw_spreads_s'])}) (interval {interval:g} s, {hosts} hosts)"
+            f"({got['outage']['hosts_in_step']} hosts in step) (interval {interval:g} s, {hosts} hosts)"
         )
     ours, peer = measured["ours"], measured["peer"]
     return {
