@@ -14,9 +14,9 @@ the service receives during a window of five intervals (``--quick``: three) and 
 service's CPU time at both ends (``benchmarks/_load.py``: for the in-memory service the
 runner's own process; for a real Heksher on this machine the server's process and the
 PostgreSQL backends serving it). The update interval is 2 s against the in-memory service
-and 10 s against a real Heksher, whose single process answers a query for 1,000 settings
-in a few hundred milliseconds (a shorter interval would measure its saturation, not the
-fleet's load).
+and 10 s against a real Heksher (``--quick``: half of each), whose single process answers
+a query for 1,000 settings in a few hundred milliseconds (a shorter interval would measure
+its saturation, not the fleet's load).
 
 Reported per cell: query requests per second (target: ours H per interval, the peer's
 H x W), the service's CPU in % of one core, and the CPU per query.
@@ -204,6 +204,8 @@ def run(r: Run) -> dict[str, Any]:
     service = r.service
     cells, settings, window = (((2, 2),), 100, 3) if r.quick else (((4, 4), (8, 4)), 1000, 5)
     interval = INTERVAL_IN_MEMORY if service.kind == "in-memory" else INTERVAL_REAL
+    if r.quick:
+        interval /= 2
     if r.shared.get("idle_settings", 0) < settings:
         seed_small(service, STEM, settings)
         r.shared["idle_settings"] = settings
