@@ -228,7 +228,7 @@ def _query_rows(rules: int, per: int, everything: Any, in_big: Any, in_small: An
             "met": None,
             "note": (
                 f"200 without the ETag: {summary(_ms(everything['full']))['median']:.0f} ms "
-                f"({everything['bytes'] / 1e6:.1f} MB); the first query, which fills every rule's cached "
+                f"({everything['bytes'] / 1e6:.1f} MB); the first query, which fills the settings' cached "
                 f"JSON: {everything['first'] * 1000:.0f} ms"
             ),
         },
