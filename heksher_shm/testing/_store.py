@@ -2,14 +2,14 @@
 
 Everything here is pure: no sockets, no clocks, no threads other than one lock that makes
 :class:`HeksherState` safe to share between the server's handler threads and the test that drives it.
+The API (``_api.py``) turns the results and :class:`~heksher_shm.testing.ServiceError` exceptions into
+responses that look like the ones a real Heksher 0.5.7 server sends.  How a declaration of an existing
+setting is judged lives in ``_declare.py``; query answers in ``_query.py``; the types in ``_types.py``.
 
 Every operation costs what it touches, not what the service holds: each setting keeps its own rules
 (by id and by conditions), so adding, finding or deleting a rule, declaring a setting that has rules and
-querying some settings never walk the rules of other settings.  A service with 100k rules answers as
-fast as one with ten, per rule it returns (``benchmarks/bench_service.py`` measures it).
-The API (``_api.py``) turns the results and :class:`~heksher_shm.testing.ServiceError` exceptions into
-responses that look like the ones a real Heksher 0.5.7 server sends.  How a declaration of an existing
-setting is judged lives in ``_declare.py``; the types in ``_types.py``.
+querying some settings never walk the rules of other settings (``benchmarks/bench_service.py`` measures
+it with 100k rules).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class HeksherState:
         self._next_rule_id = 1
         # how many settings are configurable by each context feature: deleting one checks this, not them all
         self._feature_users: dict[str, int] = {}
-        # bumped when context features move: the rules' cached query JSON lists conditions in that order
+        # bumped when context features move: the cached query JSON lists conditions in that order
         self._feature_order = 0
 
     # -- context features ------------------------------------------------------------------------------------
