@@ -103,7 +103,7 @@ def big_specs(prefix: str, count: int = BIG_SETTINGS) -> list[SettingSpec]:
     ]
 
 
-def _big_rule(spec: SettingSpec, i: int, j: int) -> Rule:
+def big_rule(spec: SettingSpec, i: int, j: int) -> Rule:
     name, type_, _, _ = spec
     shape = j % 4
     if shape == 0:
@@ -133,7 +133,7 @@ def grow_big(service: BenchService, shared: dict[str, Any], per_setting: int) ->
         big = shared["big"] = {"specs": specs, "per": 0, "ids": [[] for _ in specs], "version": 0}
     if per_setting > big["per"]:
         specs: Sequence[SettingSpec] = big["specs"]
-        new = [_big_rule(spec, i, j) for i, spec in enumerate(specs) for j in range(big["per"], per_setting)]
+        new = [big_rule(spec, i, j) for i, spec in enumerate(specs) for j in range(big["per"], per_setting)]
         ids = service.add_rules(new)
         width = per_setting - big["per"]
         for i in range(len(specs)):

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 
@@ -48,6 +49,13 @@ class BenchService:
 
     def request_count(self) -> int:
         """How many counted requests (any method and path) reached the service so far."""
+        raise NotImplementedError
+
+    def queries(self) -> list[tuple[float, str]]:
+        """``(time.monotonic(), settings parameter)`` of every counted query request, oldest first.
+
+        The ``settings`` parameter tells which host asked when each host tracks a setting of its own.
+        """
         raise NotImplementedError
 
     def last_request_time(self) -> float | None:
@@ -138,6 +146,13 @@ class InMemoryService(BenchService):
     def request_count(self) -> int:
         return self._service.count()
 
+    def queries(self) -> list[tuple[float, str]]:
+        return [
+            (r.time, r.query.get("settings", ""))
+            for r in self._service.requests
+            if r.method == "GET" and r.path == QUERY_PATH
+        ]
+
     def last_request_time(self) -> float | None:
         # Records are kept in the order requests were answered: the latest read is among the last few.
         return max((r.time for r in self._service.requests[-64:]), default=None)
@@ -161,37 +176,10 @@ class InMemoryService(BenchService):
         self._service.declare(name, type, default, list(features))
 
     def add_rules(self, rules: Iterable[Rule]) -> list[int]:
-        rules = list(rules)
-        if len(rules) > 200:
-            bulk = self._bulk_add(rules)
-            if bulk is not None:
-                return bulk
+        # The public admin helper: it costs what one rule costs, however many the service holds.
         return [
             self._service.add_rule(setting, dict(conditions), value) for setting, conditions, value in rules
         ]
-
-    def _bulk_add(self, rules: list[Rule]) -> list[int] | None:
-        """Insert many rules at once through the state's internals.
-
-        The public ``add_rule`` looks for a duplicate by scanning every rule,
-        which makes 100k rules take minutes; the rules made here are unique by
-        construction. Falls back to the public path if the internals moved.
-        """
-        try:
-            from heksher_shm.testing._records import StoredRule as _Rule
-
-            state = self._service.state
-            with state._lock:
-                ids = []
-                for setting, conditions, value in rules:
-                    target = state._settings[setting]
-                    rule_id = state._next_rule_id
-                    state._next_rule_id += 1
-                    state._rules[rule_id] = _Rule(rule_id, target, dict(conditions), value, {})
-                    ids.append(rule_id)
-                return ids
-        except (ImportError, AttributeError, TypeError):
-            return None
 
     def set_rule_value(self, rule_id: int, value: Any) -> None:
         self._service.set_rule_value(rule_id, value)
@@ -223,6 +211,9 @@ class RemoteService(BenchService):
 
     def request_count(self) -> int:
         return 0 if self._proxy is None else self._proxy.count()
+
+    def queries(self) -> list[tuple[float, str]]:
+        return [] if self._proxy is None else self._proxy.queries()
 
     def last_request_time(self) -> float | None:
         return None if self._proxy is None else self._proxy.last()
@@ -282,14 +273,14 @@ def open_service(url: str | None = None) -> BenchService:
 
 
 class _CountingProxy:
-    """A forwarding HTTP proxy that records (method, path, time) of every request it passes on.
+    """A forwarding HTTP proxy that records (method, path, time, query) of every request it passes on.
 
     While :attr:`failing` is ``(status, delay)``, it answers query requests itself: *status*
     after *delay* seconds, without passing them on (an outage, for :meth:`BenchService.fail_queries`).
     """
 
     def __init__(self, upstream: str) -> None:
-        records: list[tuple[str, str, float]] = []
+        records: list[tuple[str, str, float, str]] = []
         lock = threading.Lock()
         local = threading.local()
         proxy = self
@@ -305,7 +296,7 @@ class _CountingProxy:
             def _fail(self, status: int, delay: float, received: float) -> None:
                 time.sleep(delay)
                 with lock:
-                    records.append((self.command, QUERY_PATH, received))
+                    records.append((self.command, QUERY_PATH, received, self.path.partition("?")[2]))
                 content = b"Internal Server Error" if status == 500 else f"Error {status}".encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -329,7 +320,8 @@ class _CountingProxy:
                 }
                 response = http_client.request(self.command, self.path, content=body, headers=headers)
                 with lock:
-                    records.append((self.command, self.path.split("?", 1)[0], received))
+                    path, _, query = self.path.partition("?")
+                    records.append((self.command, path, received, query))
                 content = response.content
                 self.send_response(response.status_code)
                 for name, value in response.headers.items():
@@ -350,7 +342,7 @@ class _CountingProxy:
 
     def times(self, method: str, path: str) -> list[float]:
         with self._lock:
-            return [t for m, p, t in self._records if m == method and p == path]
+            return [t for m, p, t, _ in self._records if m == method and p == path]
 
     def count(self) -> int:
         with self._lock:
@@ -358,7 +350,12 @@ class _CountingProxy:
 
     def last(self) -> float | None:
         with self._lock:
-            return max((t for _, _, t in self._records[-64:]), default=None)
+            return max((t for _, _, t, _ in self._records[-64:]), default=None)
+
+    def queries(self) -> list[tuple[float, str]]:
+        with self._lock:
+            found = [(t, q) for m, p, t, q in self._records if m == "GET" and p == QUERY_PATH]
+        return [(t, parse_qs(q).get("settings", [""])[-1]) for t, q in found]
 
     def close(self) -> None:
         self._server.shutdown()

@@ -47,6 +47,9 @@ CASES = [
     "stall",
     "idle",
     "start",
+    "service",
+    "capacity",
+    "lockstep",
 ]
 """In running order (publish, first_get, memory and stall share the big rule set, seeded as it grows)."""
 

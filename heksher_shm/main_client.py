@@ -8,17 +8,20 @@ client main; call ``set_as_main()``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from heksher_shm._process import main as _main
 
 __all__ = ["Main"]
 
 Main: Any
-"""The current main client, or ``None`` (computed on each read by :func:`__getattr__`)."""
+"""The current main client, or ``None`` (computed on each read by the module's ``__getattr__``)."""
 
+if not TYPE_CHECKING:
+    # Hidden from type checkers: a module __getattr__ would make them accept any attribute of this
+    # module, a misspelled one included; they see Main, declared above (tests/test_typing.py).
 
-def __getattr__(name: str) -> Any:
-    if name == "Main":
-        return _main.current()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name == "Main":
+            return _main.current()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,9 +31,8 @@ from pathlib import Path
 from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
 from heksher_shm._model.snapshot import Head, decode_head
 from heksher_shm._shm.identity import ProcessIdentity, describe
-from heksher_shm._shm.reading import HeaderStatus
 from heksher_shm._shm.registry import Registry, registry_directory
-from heksher_shm._shm.segment import Segment, resolve_shm_dir
+from heksher_shm._shm.segment import HeaderStatus, Segment, resolve_shm_dir
 from heksher_shm.exceptions import SegmentError
 
 __all__ = [
@@ -127,12 +126,16 @@ class SegmentStatus:
     sleeps between updates, so this grows up to an update interval on a
     healthy quiet host); ``overdue`` is how far past its promised next sign of
     progress it is (``None`` or negative: not overdue).
+
+    ``generation`` is ``None`` when the header itself is corrupted (its prefix fails validation, or
+    no slot descriptor carries the generation its generation word names): whatever number that word
+    then holds is not a generation.
     """
 
     path: str
     name: str
     read_at: float
-    generation: int
+    generation: int | None
     leader: ProcessInfo | None
     heartbeat_age: float | None
     overdue: float | None
@@ -188,6 +191,28 @@ def _process(identity: ProcessIdentity, kind: str | None = None) -> ProcessInfo:
     )
 
 
+_UNFORMATTED = "not formatted"
+"""The header problem of a file that no leader has formatted yet (all zeros)."""
+
+
+def header_damage(header: HeaderStatus) -> str | None:
+    """Why a segment's header is corrupted, or ``None`` when it is sound or simply not formatted yet.
+
+    A header is corrupted when its fixed prefix fails validation (bad magic, another format version,
+    a wrong size), when it is unformatted but its generation word is not zero, or when no slot
+    descriptor carries the generation its generation word names. Its fields are then noise: the
+    generation word included.
+    """
+    problem = header.header_problem
+    if problem is not None:
+        if problem != _UNFORMATTED:
+            return problem
+        return f"{problem}, yet the generation word is not zero" if header.generation else None
+    if header.generation and header.current_slot is None:
+        return "no slot descriptor carries the generation the generation word names"
+    return None
+
+
 def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
     """Read one segment's status.
 
@@ -204,12 +229,14 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         header = segment.status()
         head: Head | None = None
         # An unformatted file (nothing published yet) is empty, not corrupted.
-        problem = header.header_problem if header.formatted else None
-        try:
-            read = segment.read_head()
-            head = decode_head(read.head) if read is not None else None
-        except (SegmentError, ValueError) as e:
-            problem = problem or str(e)
+        damage = header_damage(header)
+        problem = None if damage is None else f"the header is corrupted: {damage}"
+        if damage is None:
+            try:
+                read = segment.read_head()
+                head = decode_head(read.head) if read is not None else None
+            except (SegmentError, ValueError) as e:
+                problem = str(e)
     finally:
         segment.close()
     processes: list[ProcessInfo] = []
@@ -244,7 +271,7 @@ def segment_status(path: str | os.PathLike[str] | None) -> SegmentStatus:
         path=str(path),
         name=path.name.removesuffix(".seg"),
         read_at=now,
-        generation=header.generation,
+        generation=None if damage is not None else header.generation,
         leader=leader,
         heartbeat_age=heartbeat_age,
         overdue=overdue,

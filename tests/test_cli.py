@@ -25,12 +25,12 @@ import pytest
 from heksher_shm import __version__
 from heksher_shm._model.snapshot import FORMAT
 from heksher_shm._shm.identity import ProcessIdentity, current_identity, pid_namespace
-from heksher_shm._shm.layout import FORMAT_VERSION
+from heksher_shm._shm.layout import FORMAT_VERSION, OFF_GENERATION
 from heksher_shm._shm.registration import Registration
 from heksher_shm._shm.registry import Registry, registry_directory
 from heksher_shm.testing import HeksherService
 from tests._procs import Worker, leaders_of
-from tests._support import FEATURES, unique
+from tests._support import FEATURES, poke, unique
 
 FOREIGN_UID = 65534  # "nobody"
 
@@ -400,8 +400,10 @@ def test_garbage_segment(shm_dir: Path) -> None:
     code, (seg,) = status_json()
     assert code == 0  # no live process uses it: as a leftover of another format version would be
     assert (seg["verdict"], seg["idle"]) == ("corrupted", True)
-    assert "bad magic" in seg["summary"]
+    assert "the header is corrupted: bad magic" in seg["summary"]
     assert seg["summary"].endswith("; no live process uses it")
+    assert seg["generation"] is None  # the generation word of a garbage header is not a generation
+    assert "generation" not in seg["summary"]
     assert status_json("--strict")[0] == 4
 
     text = cli("status", "garbage")
@@ -417,7 +419,8 @@ def test_garbage_segment(shm_dir: Path) -> None:
     watch = cli("watch", "garbage", "--count", "1")
     no_traceback(watch)
     assert watch.returncode == 0
-    assert "corrupted: bad magic" in watch.stdout
+    assert "corrupted header: bad magic" in watch.stdout
+    assert "generation" not in watch.stdout
 
     # A process uses it: now it fails unnamed too, and the next leader is to rewrite it.
     attach_this_process(path)
@@ -425,6 +428,72 @@ def test_garbage_segment(shm_dir: Path) -> None:
     assert code == 4
     assert (seg["verdict"], seg["idle"]) == ("corrupted", False)
     assert seg["summary"].endswith("; its next leader rewrites it")
+
+
+def test_a_generation_word_no_slot_carries_is_a_corrupted_header(
+    service: HeksherService, workers: list[Worker]
+) -> None:
+    start_pair(service, workers, unique("garbled"))
+    segment = Path(workers[0].ask("status").path)
+    name = segment.name.removesuffix(".seg")
+    for w in workers:
+        w.kill()
+    garbage = 0x1234_5678_9ABC_DEF0
+    poke(segment, OFF_GENERATION, garbage.to_bytes(8, "little"))
+
+    code, (seg,) = status_json(name)
+    assert code == 4
+    assert seg["verdict"] == "corrupted"
+    assert seg["generation"] is None
+    assert "the header is corrupted: no slot descriptor carries the generation" in seg["summary"]
+    assert str(garbage) not in cli("status", name).stdout
+
+    watch = cli("watch", name, "--count", "1")
+    no_traceback(watch)
+    assert "corrupted header: no slot descriptor carries" in watch.stdout
+    assert str(garbage) not in watch.stdout
+
+
+def into_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``heksher-shm ARGS`` with stdout a pipe whose reader has gone (as ``| head`` leaves it)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE: no race with a reader that reads and leaves
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "heksher_shm", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+def test_output_into_a_closed_pipe_exits_quietly_with_what_was_found(shm_dir: Path) -> None:
+    unformatted_segment(shm_dir / "unused.seg")  # idle: counts only when named or with --strict
+    for args, code in [
+        (("dump",), 0),
+        (("dump", "--json"), 0),
+        (("status",), 0),
+        (("status", "--json"), 0),
+        (("status", "--strict"), 1),  # the verdict stands, whoever reads the output
+        (("watch", "--count", "1"), 0),
+    ]:
+        result = into_closed_pipe(*args)
+        assert result.returncode == code, args
+        # no BrokenPipeError, no traceback, no "Exception ignored" from Python's flush at exit
+        assert "Error" not in result.stderr, args
+        assert "Exception" not in result.stderr, args
+
+    path = shm_dir / "garbage.seg"
+    path.write_bytes(bytes(range(256)) * 32)
+    path.chmod(0o600)
+    dump = into_closed_pipe("dump")
+    assert dump.returncode == 4  # the corrupted segment is still reported
+    assert "Exception" not in dump.stderr
+    assert "garbage.seg: bad magic" in dump.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")

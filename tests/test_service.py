@@ -106,6 +106,7 @@ LAYERS = [
     "_records",
     "_validation",
     "_declare",
+    "_query",
     "_store",
     "_race",
     "_api",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +27,7 @@ from heksher_shm.cli.common import (
     EXIT_UNREADABLE,
     EXIT_USAGE,
     CliError,
+    silence_stdout,
 )
 
 __all__ = ["build_parser", "main"]
@@ -370,18 +370,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The library's own warnings (a foreign registry entry, say) go to stderr, one line each.
         logging.basicConfig(level=logging.WARNING, format="heksher-shm: %(name)s: %(levelname)s: %(message)s")
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
+        return code
     except CliError as e:
         print(f"heksher-shm {args.command}: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (`heksher-shm watch | head -3`): nothing left to say to it. Python
-        # would complain again while flushing stdout at exit, so stdout goes to /dev/null first.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK if args.command == "watch" else EXIT_UNHEALTHY
+        # The reader went away (`heksher-shm watch | head -3`): it had what it wanted, and there is
+        # nothing left to say to it, so exit quietly and successfully. `status` and `dump` catch it
+        # themselves, to exit with what they found (a closed pipe does not make a segment healthy);
+        # the demo's failure stays a failure.
+        silence_stdout()
+        return EXIT_UNHEALTHY if args.command == "demo" else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "segment_directory",
     "select_segments",
     "show_json",
+    "silence_stdout",
 ]
 
 EXIT_OK = 0
@@ -55,6 +57,19 @@ EXIT_NOT_FOUND = 3
 """Nothing to look at: the directory, the named segment or the setting does not exist, or no segments."""
 EXIT_UNREADABLE = 4
 """A segment or the directory cannot be used safely (another user's, a symlink, corrupted...)."""
+
+
+def silence_stdout() -> None:
+    """Point stdout at ``/dev/null``: its reader went away (``heksher-shm dump | head``).
+
+    Whatever is still buffered, and Python's own flush at exit, then go nowhere instead of raising
+    :class:`BrokenPipeError` again (which Python would report on stderr and exit 120 for).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 class CliError(Exception):

@@ -23,6 +23,7 @@ from heksher_shm.cli.common import (
     segment_directory,
     select_segments,
     show_json,
+    silence_stdout,
 )
 
 __all__ = ["run_dump"]
@@ -142,11 +143,19 @@ def run_dump(dir_arg: str | None, name: str | None, setting: str | None, as_json
         found.append((path, snapshot, names))
     if setting is not None and not found and not failures:
         raise CliError(f"no segment in {directory} holds a setting named {setting!r}", EXIT_NOT_FOUND)
-    if as_json:
-        segments = [_segment_json(p, s, n) for p, s, n in found]
-        print(json.dumps({"directory": str(directory), "segments": segments}, indent=2, ensure_ascii=False))
-    else:
-        print("\n\n".join("\n".join(_render(p, s, n, setting is not None)) for p, s, n in found))
+    try:
+        if as_json:
+            segments = [_segment_json(p, s, n) for p, s, n in found]
+            print(
+                json.dumps({"directory": str(directory), "segments": segments}, indent=2, ensure_ascii=False)
+            )
+        else:
+            print("\n\n".join("\n".join(_render(p, s, n, setting is not None)) for p, s, n in found))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `dump | head`: the reader had what it wanted. Quietly, with what the dump found: the segments
+        # that could not be read are still reported below, and still decide the exit code.
+        silence_stdout()
     for failure in failures:
         print(f"heksher-shm dump: {failure}", file=sys.stderr)
     return max((f.code for f in failures), default=EXIT_OK)

@@ -42,9 +42,16 @@ from heksher_shm.cli.common import (
     open_segment,
     segment_directory,
     select_segments,
+    silence_stdout,
 )
 from heksher_shm.exceptions import SegmentError
-from heksher_shm.status import HEARTBEAT_STALE_AFTER, ProcessInfo, SegmentStatus, segment_status
+from heksher_shm.status import (
+    HEARTBEAT_STALE_AFTER,
+    ProcessInfo,
+    SegmentStatus,
+    header_damage,
+    segment_status,
+)
 
 __all__ = ["Checked", "check_segment", "run_status", "run_watch"]
 
@@ -256,15 +263,24 @@ def run_status(
                 EXIT_NOT_FOUND,
             )
     code = max((c.code for c in checked), default=EXIT_OK)
-    if as_json:
-        print(json.dumps({"directory": str(directory), "segments": [_as_json(c) for c in checked]}, indent=2))
-        return code
-    blocks = ["\n".join(_render(c)) for c in checked]
-    print("\n\n".join(blocks))
-    if len(checked) > 1:
-        tally = Counter(c.verdict for c in checked)
-        parts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(tally.items()))
-        print(f"\n{len(checked)} segments: {parts}")
+    try:
+        if as_json:
+            print(
+                json.dumps(
+                    {"directory": str(directory), "segments": [_as_json(c) for c in checked]}, indent=2
+                )
+            )
+        else:
+            print("\n\n".join("\n".join(_render(c)) for c in checked))
+            if len(checked) > 1:
+                tally = Counter(c.verdict for c in checked)
+                parts = ", ".join(f"{count} {verdict}" for verdict, count in sorted(tally.items()))
+                print(f"\n{len(checked)} segments: {parts}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `status | head -1`: the reader went away, but the verdict stands (a health check that pipes
+        # its output must still fail on an unhealthy segment).
+        silence_stdout()
     return code
 
 
@@ -284,9 +300,14 @@ class _Watcher:
         segment = self.segment
         generation = segment.generation()
         header = segment.status()
-        problem = header.header_problem if header.header_problem != _UNFORMATTED else None
+        damage = header_damage(header)
+        if damage is not None:
+            # The header's fields are noise, its generation word included: say so instead of showing them.
+            line = f"{clock(time.time(), precise=True)}  corrupted header: {one_line(damage, 200)}"
+            return (header.generation, None, False, "corrupted", 0), line
+        problem: str | None = None
         settings = rules = 0
-        if generation and problem is None:
+        if generation:
             if self._counted is None or self._counted[0] != generation:
                 try:
                     read = segment.read_head()

@@ -5,14 +5,14 @@ faults.  The pytest fixtures live in :mod:`heksher_shm.testing.pytest_plugin` (l
 automatically; importing this package does not import pytest).
 
 The modules, each importing only those below it: ``_service`` (the facade) -> ``_http`` (sockets)
--> ``_api`` (routes) -> ``_validation`` (422s), ``_race`` and ``_store`` (the data) -> ``_declare``
-(judging declarations) -> ``_records``, ``_errors`` -> ``_types`` (type strings); ``_faults`` (faults
-and request records) is used by the facade and the sockets.
+-> ``_api`` (routes) -> ``_validation`` (422s), ``_race`` and ``_store`` (the data) -> ``_query``
+(query answers) and ``_declare`` (judging declarations) -> ``_records``, ``_errors`` -> ``_types``
+(type strings); ``_faults`` (faults and request records) is used by the facade and the sockets.
 """
 
 # Underscored imports keep the module's namespace equal to __all__ (tests/test_service.py checks it).
+import typing as _typing
 import warnings as _warnings
-from typing import Any as _Any
 
 from heksher_shm.testing._api import HEKSHER_VERSION
 from heksher_shm.testing._errors import ServiceError
@@ -47,15 +47,20 @@ _DEPRECATED = {
     "SettingType": ("ServiceType", ServiceType),
 }
 
+if _typing.TYPE_CHECKING:
+    # Type checkers see each old name spelled out, and no module __getattr__: one would make them accept
+    # any attribute of this module, a misspelled one included (tests/test_typing.py checks both).
+    SettingType = ServiceType
+else:
 
-def __getattr__(name: str) -> _Any:
-    if name in _DEPRECATED:
-        new_name, value = _DEPRECATED[name]
-        _warnings.warn(
-            f"heksher_shm.testing.{name} is deprecated: use heksher_shm.testing.{new_name} (the service's "
-            f"parsed type string; the client's type is heksher_shm.SettingType)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> _typing.Any:
+        if name in _DEPRECATED:
+            new_name, value = _DEPRECATED[name]
+            _warnings.warn(
+                f"heksher_shm.testing.{name} is deprecated: use heksher_shm.testing.{new_name} (the "
+                f"service's parsed type string; the client's type is heksher_shm.SettingType)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,6 @@ here does I/O.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from heksher_shm.testing._types import (
     METADATA_KEY_RE,
     SETTING_NAME_RE,
     VERSION_RE,
+    dump_json,
     parse_setting_type,
 )
 from heksher_shm.testing._validation import MISSING, Fields, Invalid, path_int
@@ -71,14 +71,9 @@ class Response:
     crashed: bool = False  # sent like uvicorn's answer to an unhandled exception: chunked, then closed
 
 
-def _dump(value: Any) -> bytes:
-    # compact and UTF-8, like the orjson the real server uses
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def json_response(status: int, value: Any) -> Response:
     """``value`` as a compact JSON body."""
-    return Response(status, _dump(value), [("content-type", JSON_TYPE)])
+    return Response(status, dump_json(value), [("content-type", JSON_TYPE)])
 
 
 def text_response(status: int, text: str) -> Response:
@@ -252,7 +247,7 @@ class Api:
                     return text_response(400, f"context name repeated in context filter: {feature}")
                 filters[feature] = None if match["values"] is None else match["values"].split(",")
 
-        body = _dump(self.state.query(names, filters, include_metadata=include_metadata))
+        body = self.state.query_json(names, filters, include_metadata=include_metadata)
         etag = request.etag_override or f'"{hashlib.md5(body).hexdigest()}"'
         if_none_match = request.headers.get("if-none-match")
         if if_none_match is not None and (if_none_match.strip() == "*" or etag in if_none_match):

@@ -223,16 +223,24 @@ class FaultTable:
 
 
 class RequestLog:
-    """The requests received, oldest first, with a condition that tests wait on."""
+    """The requests received, oldest first, with a condition that tests wait on.
+
+    Counting is by (method, path, status) key, so :meth:`count` and a waiter woken by each new request
+    cost the number of distinct keys, not the number of requests recorded (a test that sends 100k
+    requests while another thread waits would otherwise pay for all of them on every one).
+    """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._requests: list[RequestRecord] = []
+        self._counts: dict[tuple[str, str, int | None], int] = {}
 
     def append(self, record: RequestRecord) -> None:
         """Record one request and wake the waiters."""
+        key = (record.method, record.path, record.status)
         with self._changed:
             self._requests.append(record)
+            self._counts[key] = self._counts.get(key, 0) + 1
             self._changed.notify_all()
 
     def snapshot(self) -> list[RequestRecord]:
@@ -256,14 +264,16 @@ class RequestLog:
         """Forget every record."""
         with self._changed:
             self._requests.clear()
+            self._counts.clear()
 
     def _count(self, method: str | None, path: str | None, status: int | None) -> int:
-        return sum(1 for record in self._requests if _matches(record, method, path, status))
-
-
-def _matches(record: RequestRecord, method: str | None, path: str | None, status: int | None) -> bool:
-    return (
-        (method is None or record.method == method.upper())
-        and (path is None or record.path == path)
-        and (status is None or record.status == status)
-    )
+        if method is None and path is None and status is None:
+            return len(self._requests)
+        wanted_method = None if method is None else method.upper()
+        return sum(
+            number
+            for (record_method, record_path, record_status), number in self._counts.items()
+            if (wanted_method is None or record_method == wanted_method)
+            and (path is None or record_path == path)
+            and (status is None or record_status == status)
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from heksher_shm.testing._types import SETTING_NAME_RE, VERSION_RE, JSONValue, ServiceType
 
@@ -86,6 +87,17 @@ class StoredSetting:
     metadata: dict[str, JSONValue]
     aliases: list[str]
     version: str
+    # Not compared nor shown: the rules point back at their setting.
+    rules: dict[int, StoredRule] = field(default_factory=dict, compare=False, repr=False)
+    """This setting's rules by id, in id order: a query or a declaration reads only these."""
+    rule_by_conditions: dict[frozenset[tuple[str, str]], StoredRule] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """The same rules by their conditions, which are unique per setting (a duplicate is a 409)."""
+    json_cache: dict[tuple[int, bool, frozenset[Any] | None], bytes] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """This setting's entry in query answers, as JSON (see ``_query.py``)."""
 
     def ordered_features(self, order: Sequence[str]) -> list[str]:
         """The configurable features in context-feature ``order``, as the real server reports them."""
@@ -104,3 +116,8 @@ class StoredRule:
     feature_values: dict[str, str]
     value: JSONValue
     metadata: dict[str, JSONValue]
+
+    @property
+    def conditions_key(self) -> frozenset[tuple[str, str]]:
+        """The conditions as a key of :attr:`StoredSetting.rule_by_conditions`."""
+        return frozenset(self.feature_values.items())
