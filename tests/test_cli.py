@@ -132,9 +132,11 @@ def test_status_and_dump_of_a_healthy_segment(service: HeksherService, workers: 
     name = unique("cli")
     leader = start_pair(service, workers, name)
     service.add_rule(name, {"user": "alice"}, 5)
+    asked = time.monotonic()
     assert workers[1].ask("reload") is True  # published and visible once this returns
 
     code, segments = status_json()
+    since = time.monotonic() - asked
     assert code == 0
     (seg,) = segments
     assert seg["verdict"] == "ok"
@@ -147,7 +149,7 @@ def test_status_and_dump_of_a_healthy_segment(service: HeksherService, workers: 
     assert (seg["settings"], seg["rules"]) == (1, 1)
     assert seg["generation"] >= 1
     assert seg["last_error"] is None
-    assert seg["heartbeat_age"] < 5
+    assert seg["heartbeat_age"] <= since  # it showed progress when it answered the reload
 
     text = cli("status", seg["name"])
     no_traceback(text)
