@@ -72,7 +72,8 @@ class EngineCore:
         self.closed = False
         self.leading = False
         self.term: Term | None = None
-        self.applied_generation: Callable[[], int] = lambda: -1
+        self.applied_generation: Callable[[], int | None] = lambda: None
+        """The generation of the snapshot applied to the client's settings (None: none)."""
         self._marks: tuple[float, int, str | None] | None = None
         self._wishes: list[Wish] = []
         self._service = Trouble(logger, "the Heksher service is failing", service_url=service_url)

@@ -1,0 +1,127 @@
+"""Where a client's snapshots live: :class:`HostLink`.
+
+A client starts alone, with the in-process stand-in for the segment
+(:mod:`heksher_shm._engine.local`); with sharing on, ``set_as_main`` joins
+the host's segment (:mod:`heksher_shm._engine.shared`): its files, this
+process's key among their registrations, and a doorbell of this client's
+own. The other parts of the client read what the link holds now, as it
+changes (joined, moved to a replaced segment file, forked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+
+from heksher_shm._engine.local import LocalTransport
+from heksher_shm._engine.shared import Neighbours, SharedParts, open_shared, wish_key
+from heksher_shm._shm.identity import current_identity
+from heksher_shm._shm.segment import Segment
+from heksher_shm.exceptions import SegmentError
+
+__all__ = ["HostLink"]
+
+logger = logging.getLogger("heksher_shm.client")
+
+_bell_numbers = itertools.count(1)
+"""Numbers this process's doorbells (one per client that joins a segment)."""
+
+
+class HostLink:
+    """A client's link to where snapshots are published: in this process, or the host's shared files.
+
+    Args:
+        shared: whether to join the host's segment at :meth:`join` (else
+            the client stays alone, ``shared=False``).
+        shm_dir: the folder of the shared files (None: the default one).
+        segment_name: the segment's name (None: derived from the service URL
+            and the context features).
+    """
+
+    def __init__(self, *, shared: bool, shm_dir: str | None, segment_name: str | None) -> None:
+        self._shared = shared
+        self._shm_dir = shm_dir
+        self._segment_name = segment_name
+        self.transport: LocalTransport | Segment = LocalTransport()
+        """Where snapshots are read and published."""
+        self.parts: SharedParts | None = None
+        """The host's shared files, once joined."""
+        self.neighbours: Neighbours | None = None
+        """This client's doorbell and its view of the other processes, once joined (None again after
+        a fork that could not listen)."""
+        self.key = f"local-{id(self):x}"
+        """This process's key among the registrations, and in the leader's acknowledgements."""
+
+    @property
+    def joined(self) -> bool:
+        """Whether the client joined its host's segment."""
+        return self.parts is not None
+
+    def join(self, service_url: str, context_features: tuple[str, ...]) -> bool:
+        """Open the host's segment (once, with sharing on); True when this call joined it.
+
+        Raises:
+            heksher_shm.exceptions.SegmentError: a shared file cannot be used safely.
+        """
+        if not self._shared or self.parts is not None:
+            return False
+        parts = open_shared(
+            service_url, context_features, shm_dir=self._shm_dir, segment_name=self._segment_name
+        )
+        self.key = wish_key(current_identity())
+        self.neighbours = Neighbours(parts, self.key, next(_bell_numbers))
+        self.parts = parts
+        self.transport = parts.segment
+        return True
+
+    def segment_replaced(self) -> bool:
+        """Whether the segment file was removed or replaced since it was opened."""
+        return self.parts is not None and self.parts.segment.is_replaced()
+
+    def reopen(self) -> Segment:
+        """The segment file was removed or replaced: move to the file now at its path, and return it.
+
+        The old mapping stays valid for readers still holding it; new
+        snapshots go to, and come from, the new file.
+        """
+        parts = self.parts
+        assert parts is not None
+        logger.warning(
+            "the segment file was removed or replaced; reopening it", extra={"path": str(parts.segment.path)}
+        )
+        segment = Segment.open(parts.segment.path)
+        self.parts = parts = dataclasses.replace(parts, segment=segment)
+        self.transport = segment
+        if self.neighbours is not None:
+            self.neighbours.replace_parts(parts)
+        return segment
+
+    def ensure_bell(self) -> None:
+        """Listen again if this client's doorbell vanished."""
+        if self.neighbours is not None:
+            self.neighbours.ensure_bell()
+
+    def ring_leader(self) -> None:
+        """Ring whoever leads (a request of this process waits in the registry)."""
+        if self.neighbours is not None:
+            self.neighbours.ring_leader()
+
+    def close(self) -> None:
+        """Stop listening (the doorbell goes); the segment stays for the others."""
+        if self.neighbours is not None:
+            self.neighbours.close()
+
+    def after_fork_in_child(self, listen: bool) -> None:
+        """In a forked child: drop the parent's doorbell and leader watch (closed, never removed), take
+        this process's key, and (when *listen*) a doorbell of its own."""
+        if self.neighbours is not None:
+            self.neighbours.forget_inherited()
+            self.neighbours = None
+        if self.parts is not None:
+            self.key = wish_key(current_identity())
+            if listen:
+                try:
+                    self.neighbours = Neighbours(self.parts, self.key, next(_bell_numbers))
+                except SegmentError:
+                    logger.exception("cannot listen for the leader after fork; rules still come on get()")
