@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from heksher_shm._model import protocol as proto
 
-__all__ = ["Blob", "HeadRead", "Host", "Lock", "Transport", "Wish", "WishSource"]
+__all__ = ["Blob", "HeadCopy", "Host", "Lock", "Transport", "Wish", "WishSource"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,9 @@ class Blob(Protocol):
         ...
 
 
-class HeadRead(Protocol):
-    """A verified copy of a snapshot's head (the segment's and the in-process transport's)."""
+class HeadCopy(Protocol):
+    """A verified copy of a snapshot's head, as :meth:`Transport.read_head` returns it (the segment's
+    :class:`~heksher_shm._shm.reading.HeadRead`, which the in-process transport returns too)."""
 
     @property
     def generation(self) -> int: ...
@@ -60,7 +61,7 @@ class Transport(Protocol):
 
     def generation(self) -> int: ...
 
-    def read_head(self) -> HeadRead | None: ...
+    def read_head(self) -> HeadCopy | None: ...
 
     def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None: ...
 

@@ -17,7 +17,6 @@ This module does no I/O.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 
 import msgspec
 
@@ -150,8 +149,3 @@ def decode_blob(data: bytes | memoryview) -> SettingBlob:
     """Decode a setting's blob."""
     return _blob_decoder.decode(data)
 
-
-def blob_indices(head: Head, names: Sequence[str]) -> dict[str, SettingEntry]:
-    """The head's entries for *names* (those it has)."""
-    wanted = set(names)
-    return {entry.name: entry for entry in head.settings if entry.name in wanted}

@@ -16,9 +16,10 @@ unknown).
 A file holds one JSON-encoded :class:`Registration`: the setting
 declarations the process needs, the context values it tracks, and a
 ``reload_seq`` it bumps to ask the leader to query the service now. The
-leader calls :meth:`Registry.changed` often (it costs one ``lstat``) and
-:meth:`Registry.scan` when something changed or now and then to notice dead
-processes.
+leader calls :meth:`Registry.scan` when something changed (every writer
+bumps a counter in the segment after writing, see
+:meth:`~heksher_shm._shm.segment.Segment.bump_registry_seq`) and now and then
+to notice dead processes.
 
 Rules the code below keeps:
 
@@ -45,8 +46,8 @@ Rules the code below keeps:
 * **Cheap repeats.** Decoded files are cached by ``(inode, mtime, size)``.
   File timestamps tick coarsely (a few ms), so two writes within one tick
   can leave equal stamps: the "racy git" problem. Stamps younger than
-  :data:`_RACY_WINDOW_NS` are therefore never trusted, by the cache or by
-  :meth:`Registry.changed`, until they have aged.
+  :data:`_RACY_WINDOW_NS` are therefore never trusted by the cache until
+  they have aged.
 """
 
 from __future__ import annotations
@@ -219,7 +220,6 @@ class Registry:
         # in the middle of one) only ever see a complete mapping.
         self._cache: dict[str, _Cached] = {}
         self._logged: dict[str, tuple[int, int, int, int, int]] = {}
-        self._stamp: tuple[int, int] | None = None
         os.close(self._open_directory())
 
     @property
@@ -304,23 +304,6 @@ class Registry:
 
     # -- the leader's side ----------------------------------------------------
 
-    def changed(self) -> bool:
-        """Return whether the registry may have changed since the last :meth:`scan`.
-
-        One ``lstat`` of the directory: every write renames a file into it and
-        every removal unlinks one, and both update the directory's mtime. A
-        recent mtime is reported as a change until it has aged (see the
-        module docstring), so this errs towards ``True``, never ``False``.
-        """
-        stamp = self._stamp
-        if stamp is None:
-            return True
-        try:
-            st = os.lstat(self._directory)
-        except OSError:
-            return True
-        return (st.st_ino, st.st_mtime_ns) != stamp
-
     def scan(self, *, prune: bool = True) -> ScanResult:
         """Read every registration; delete those of dead processes when ``prune``.
 
@@ -337,8 +320,6 @@ class Registry:
         dir_fd = self._open_directory()
         try:
             now_ns = time.time_ns()
-            st = os.fstat(dir_fd)
-            stamp = None if _is_racy(st.st_mtime_ns, now_ns) else (st.st_ino, st.st_mtime_ns)
             with os.scandir(dir_fd) as it:
                 names = sorted(entry.name for entry in it)
             found = _Scan(dir_fd=dir_fd, now_ns=now_ns, prune=prune)
@@ -349,7 +330,6 @@ class Registry:
         self._cache = found.cache
         present = set(names)
         self._logged = {name: key for name, key in self._logged.items() if name in present}
-        self._stamp = stamp
         registrations = sorted(found.registrations, key=lambda reg: (reg.pid, reg.create_time))
         return ScanResult(
             tuple(registrations), tuple(found.rejected), tuple(found.dead), tuple(sorted(found.bells))
