@@ -148,4 +148,3 @@ def decode_head(data: bytes) -> Head:
 def decode_blob(data: bytes | memoryview) -> SettingBlob:
     """Decode a setting's blob."""
     return _blob_decoder.decode(data)
-

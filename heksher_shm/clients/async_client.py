@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -31,6 +31,8 @@ from heksher_shm.clients._feed import SettingsFeed
 __all__ = ["AsyncHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
+
+A = TypeVar("A", bound="AsyncHeksherClient")
 
 
 class AsyncHeksherClient(BaseHeksherClient["_AsyncRunner"]):
@@ -93,8 +95,8 @@ class AsyncHeksherClient(BaseHeksherClient["_AsyncRunner"]):
         """Held while setting values change; hold it to keep them from changing."""
         return self._runner.modification_lock
 
-    async def __aenter__(self) -> AsyncHeksherClient:
-        """``async with client:`` makes the client main on entry and closes it on exit."""
+    async def __aenter__(self: A) -> A:
+        # ``async with client:`` makes the client main on entry and closes it on exit.
         await self.set_as_main()
         return self
 

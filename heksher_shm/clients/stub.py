@@ -31,6 +31,8 @@ from heksher_shm.setting import Setting, _ContextView, _State
 __all__ = ["AsyncStubHeksherClient", "Rule", "SettingPatcher", "SyncStubHeksherClient"]
 
 T = TypeVar("T")
+S = TypeVar("S", bound="SyncStubHeksherClient")
+A = TypeVar("A", bound="AsyncStubHeksherClient")
 
 _STUB_GENERATION = 0
 """The one generation of stub rules: their states are current for it, and it is all that is ever
@@ -89,18 +91,33 @@ class SettingPatcher(Generic[T]):
             self.setting.configurable_features,
             [(list(rule.match_conditions.items()), rule.value) for rule in rules],
         )
-        self.setting._install_state(self.client, compiled, None, _STUB_GENERATION)
+        self.setting._install_state(self.client._feed, compiled, None, _STUB_GENERATION)
+
+
+class _StubFeed:
+    """What feeds a stub client's settings (``heksher_shm.setting._Feed``): rules set by hand, never stale."""
+
+    published: Sequence[int] = (_STUB_GENERATION,)
+
+    def __init__(self, contexts: Contexts) -> None:
+        self._contexts = contexts
+
+    def context_view(self) -> _ContextView:
+        return self._contexts.view()
+
+    def refresh(self, setting: Setting[Any]) -> None:
+        pass  # never called: stub rules never go stale
 
 
 class _StubClient:
-    """What both stub clients share; also what feeds their settings (``heksher_shm.setting._Feed``)."""
+    """What both stub clients share."""
 
     _is_stub = True
-    published: Sequence[int] = (_STUB_GENERATION,)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._context_features: tuple[str, ...] = ()
         self._contexts = Contexts(tracking=False)
+        self._feed = _StubFeed(self._contexts)
 
     def __getitem__(self, setting: Setting[T]) -> SettingPatcher[T]:
         return SettingPatcher(setting, self)
@@ -138,14 +155,6 @@ class _StubClient:
     def track_contexts(self, **context_values: Any) -> None:
         """Does nothing: stub rules are all used."""
 
-    # -- feeding settings (heksher_shm.setting._Feed) --------------------------------------------------------
-
-    def context_view(self) -> _ContextView:
-        return self._contexts.view()
-
-    def refresh(self, setting: Setting[Any]) -> None:
-        pass  # never called: stub rules never go stale
-
     # -- becoming main (heksher_shm._process.main.MainClient) ------------------------------------------------
 
     def _setting_added(self, setting: LiveSetting) -> None:
@@ -167,8 +176,8 @@ class SyncStubHeksherClient(_StubClient):
         self.close = MagicMock()
         self.ping = MagicMock()
 
-    def __enter__(self) -> SyncStubHeksherClient:
-        """``with client:`` makes the client main on entry and closes it on exit."""
+    def __enter__(self: S) -> S:
+        # ``with client:`` makes the client main on entry and closes it on exit.
         self.set_as_main()
         return self
 
@@ -192,8 +201,8 @@ class AsyncStubHeksherClient(_StubClient):
         self.close = AsyncMock()
         self.ping = AsyncMock()
 
-    async def __aenter__(self) -> AsyncStubHeksherClient:
-        """``async with client:`` makes the client main on entry and closes it on exit."""
+    async def __aenter__(self: A) -> A:
+        # ``async with client:`` makes the client main on entry and closes it on exit.
         await self.set_as_main()
         return self
 

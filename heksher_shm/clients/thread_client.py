@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -33,6 +33,8 @@ from heksher_shm.clients._feed import SettingsFeed
 __all__ = ["ThreadHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
+
+S = TypeVar("S", bound="ThreadHeksherClient")
 
 
 class ThreadHeksherClient(BaseHeksherClient["_ThreadRunner"]):
@@ -91,8 +93,8 @@ class ThreadHeksherClient(BaseHeksherClient["_ThreadRunner"]):
         """Held while setting values change; hold it to keep them from changing."""
         return self._runner.modification_lock
 
-    def __enter__(self) -> ThreadHeksherClient:
-        """``with client:`` makes the client main on entry and closes it on exit."""
+    def __enter__(self: S) -> S:
+        # ``with client:`` makes the client main on entry and closes it on exit.
         self.set_as_main()
         return self
 
