@@ -10,8 +10,8 @@ each; none inherits another, and each is handed the others it works with::
     contexts       Contexts            defaults and tracked contexts          _contexts.py
     link           HostLink            where snapshots live: in process, or   _link.py
                                        the host's segment, registry, doorbell
-    feed           SettingsFeed        snapshots into the settings; the       _feed.py
-                                       applied generation (what Setting sees)
+    feed           SettingsFeed        snapshots into the settings; the       _feed.py,
+                                       applied generation (what Setting sees) _conversion.py
     registration   RegistrationWriter  what this process asks of the leader   _registration.py
     answers        RequestAnswers      what a request came to                 _answers.py
     background     Background          the engine, and what it asks of the    _background.py

@@ -8,9 +8,10 @@ and ``get()`` calls :meth:`SettingsFeed.refresh` when a newer snapshot is out.
 
 Applying a snapshot copies only the blobs that changed; each setting's
 rules are decoded, converted, validated and compiled at its next ``get()``
-(:class:`_PendingRules`). A state carries the generation it is current for:
-a snapshot that leaves a setting's rules as they are moves that number on,
-and ``None`` makes the next ``get()`` refresh the setting.
+(:class:`_PendingRules`, with :mod:`heksher_shm.clients._conversion`). A
+state carries the generation it is current for: a snapshot that leaves a
+setting's rules as they are moves that number on, and ``None`` makes the
+next ``get()`` refresh the setting.
 """
 
 from __future__ import annotations
@@ -24,21 +25,18 @@ from typing import Any, Protocol
 import msgspec
 
 from heksher_shm._engine.ports import Blob, Transport
-from heksher_shm._model.contexts import TRACK_ALL
-from heksher_shm._model.resolve import compile_rules
-from heksher_shm._model.snapshot import Head, SettingBlob, SettingEntry, decode_blob, decode_head
+from heksher_shm._model.snapshot import Head, SettingEntry, decode_blob, decode_head
 from heksher_shm._process import main as _main
 from heksher_shm._process.gc import paused_gc
 from heksher_shm._shm.layout import WORD_GENERATION
 from heksher_shm.clients._contexts import Contexts
+from heksher_shm.clients._conversion import compile_blob, convert_default
 from heksher_shm.exceptions import SegmentError
-from heksher_shm.setting import QueriedRule, Setting, _ContextView, _State
+from heksher_shm.setting import Setting, _ContextView, _State
 
 __all__ = ["Gate", "SettingsFeed", "settings_of"]
 
 logger = logging.getLogger("heksher_shm.client")
-
-_json_decoder = msgspec.json.Decoder()
 
 
 class Gate(Protocol):
@@ -383,7 +381,7 @@ class SettingsFeed:
         if outcome is None or outcome.default is None:
             return
         try:
-            converted = self._convert_default(setting, outcome.default)
+            converted = convert_default(setting, outcome.default)
         except Exception as e:  # raised by a validator or on_coerce: the previous default stays
             self._conversion_failed(setting, e)
             return
@@ -408,81 +406,6 @@ class SettingsFeed:
             self._update_failed(error)
         except Exception:
             logger.exception("update callback raised", extra={"setting_name": setting.name})
-
-    def _convert_default(self, setting: Setting[Any], raw_json: bytes) -> bool:
-        raw = _json_decoder.decode(raw_json)
-        try:
-            converted = setting._convert(raw, None)
-        except TypeError:
-            logger.warning(
-                "setting default value discarded due to conversion error",
-                exc_info=True,
-                extra={"setting_name": setting.name, "new_default": raw},
-            )
-            return False
-        if converted.coercions:
-            logger.warning(
-                "setting default value coerced to local value",
-                extra={"setting_name": setting.name, "new_default": raw, "coercions": converted.coercions},
-            )
-        setting.server_default_value = converted.value
-        return True
-
-    def _install(
-        self,
-        setting: Setting[Any],
-        blob: SettingBlob,
-        service_order: Sequence[str],
-        digest: bytes,
-        generation: int | None,
-    ) -> None:
-        """Convert one setting's raw rules with its own type and validators, filter, compile, swap in."""
-        position = {f: i for i, f in enumerate(service_order)}
-        features = sorted(
-            setting.configurable_features,
-            key=lambda f: (position.get(f, len(position)), setting.configurable_features.index(f)),
-        )
-        feature_set = frozenset(features)
-        tracked = self._contexts.tracked
-        rules: list[tuple[Sequence[tuple[str, str]], Any]] = []
-        rejected: list[tuple[int, str]] = []
-        coerced: list[tuple[int, Sequence[str]]] = []
-        for record in blob.rules:
-            conditions = record.conditions
-            unknown = {f for f, _ in conditions} - feature_set
-            if unknown:
-                rejected.append((record.rule_id, f"rule refers to unrecognized features {sorted(unknown)}"))
-                continue
-            if not all(tracked.get(f) == TRACK_ALL or v in tracked.get(f, ()) for f, v in conditions):
-                continue  # another process tracks these contexts; this one does not
-            # Lists of [feature, value] lists, the service's JSON as heksher 0.2.2 hands it to validators.
-            rule = QueriedRule(record.rule_id, [list(pair) for pair in conditions])
-            try:
-                raw = _json_decoder.decode(record.value)
-            except msgspec.DecodeError as e:
-                rejected.append((record.rule_id, f"rule value rejected: {e!r}"))
-                continue
-            # Only a TypeError rejects one value; anything else a validator or on_coerce raises
-            # fails the whole update of this setting (see _PendingRules), as in heksher 0.2.2.
-            try:
-                converted = setting._convert(raw, rule)
-            except TypeError as e:
-                rejected.append((record.rule_id, f"rule value could not be converted: {e!r}"))
-                continue
-            if converted.coercions:
-                coerced.append((record.rule_id, converted.coercions))
-            rules.append((conditions, converted.value))
-        if rejected:
-            logger.warning(
-                "setting update rejected rules",
-                extra={"setting_name": setting.name, "rejected_rules": rejected},
-            )
-        if coerced:
-            logger.info(
-                "setting update coerced values", extra={"setting_name": setting.name, "coercions": coerced}
-            )
-        self._convert_default(setting, blob.default)
-        setting._install_state(self, compile_rules(features, rules), digest, generation)
 
 
 class _PendingRules:
@@ -525,7 +448,8 @@ class _PendingRules:
                 return
             try:
                 with paused_gc():
-                    feed._install(setting, blob, self.service_order, self.digest, state.generation)
+                    rules = compile_blob(setting, blob, self.service_order, feed._contexts.tracked)
+                    setting._install_state(feed, rules, self.digest, state.generation)
             except Exception as e:  # raised by a validator or on_coerce (a TypeError only rejects a value)
                 failure = e
                 # The previous rules stay, under this blob's digest so that applying this snapshot
