@@ -11,6 +11,7 @@ __all__ = [
     "NoMatchError",
     "SegmentCorruptedError",
     "SegmentError",
+    "SnapshotFencedError",
 ]
 
 
@@ -65,4 +66,23 @@ class SegmentCorruptedError(SegmentError):
     Raised by readers when a check keeps failing while the generation word
     stays the same (so it is not a publish in progress). The next publish by
     the elected writer repairs the segment.
+    """
+
+
+class SnapshotFencedError(SegmentError):
+    """A snapshot belongs to a leader that was replaced (its fencing token is older than the segment's).
+
+    Each leader takes a new *term* (a fencing token that only grows) when it
+    takes the election lock, and every snapshot carries the term that
+    published it. A leader that was stopped (``SIGSTOP``, a frozen VM) and
+    replaced may still try to publish when it resumes:
+
+    * the stale leader's ``publish`` raises this, naming both terms
+      ("... term 5 was replaced by term 6; not publishing"), and publishes
+      nothing; it steps down;
+    * a reader that finds such a snapshot published anyway (the leader's own
+      check and its store are not one atomic step) raises this instead of
+      returning it, naming the generation and both terms. Clients treat it
+      as a damaged snapshot: they keep the rules they have, and the current
+      leader publishes again.
     """

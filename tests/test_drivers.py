@@ -11,6 +11,7 @@ effect, or a driver that handles one differently, fails here first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import select
@@ -25,9 +26,27 @@ from typing import Any, get_args
 import httpx
 import pytest
 
+from heksher_shm._engine import effects as fx
 from heksher_shm._engine.drivers import LoopWaker, WakePipe, drive_async, drive_sync
-from heksher_shm._engine.effects import Apply, Call, Calls, Compute, Effect, Report, Wait
+from heksher_shm._engine.effects import (
+    Apply,
+    Beat,
+    Call,
+    Calls,
+    Compute,
+    Digest,
+    Effect,
+    GiveUpLead,
+    HostEffect,
+    Housekeep,
+    Publish,
+    Report,
+    TakeLead,
+    Wait,
+)
+from heksher_shm._engine.host import Host
 from heksher_shm._engine.policy import BEAT_INTERVAL
+from heksher_shm.exceptions import SegmentError
 
 Script = Callable[["Transcript", "Setup"], Generator[Effect, Any, str]]
 Transcript = list[object]
@@ -42,10 +61,49 @@ class Setup:
         self.url = url
         self.refused_url = refused_url
         self.read_fd, self.write_fd = os.pipe()
+        self.host: ScriptHost
+        """The host of the run in progress."""
 
     def close(self) -> None:
         os.close(self.read_fd)
         os.close(self.write_fd)
+
+
+class ScriptHost:
+    """A host whose operations are written down (a :class:`heksher_shm._engine.host.Host` in part:
+    what the scripts use). Its doorbell is a pipe the scripts can ring."""
+
+    def __init__(self, log: Transcript) -> None:
+        self.log = log
+        self.bell_read, self.bell_write = os.pipe()
+        os.set_blocking(self.bell_read, False)
+        self.beaten = threading.Event()
+        self.beats = 0
+
+    def take_lead(self) -> int:
+        self.log.append(("host", "take_lead"))
+        return 7
+
+    def give_up_lead(self) -> None:
+        self.log.append(("host", "give_up_lead"))
+
+    def beat(self, progress: float, promise: float) -> None:
+        self.beats += 1
+        self.beaten.set()
+
+    def publish(self, head: bytes, blobs: Any, term: int) -> int:
+        raise SegmentError(f"no room for term {term}")
+
+    def bell_fd(self) -> int:
+        return self.bell_read
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.bell_read, 64)
+
+    def close(self) -> None:
+        os.close(self.bell_read)
+        os.close(self.bell_write)
 
 
 def _outcome(result: object) -> object:
@@ -88,17 +146,41 @@ def compute_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]
         yield Compute(lambda: int("not a number"))
     except ValueError as error:
         log.append(_outcome(error))
+    fresh = yield Digest(httpx.Response(200, json={"settings": {}}, headers={"ETag": '"e"'}), 12.5)
+    log.append((fresh.entries, fresh.etag, fresh.queried))  # a query's answer, digested
     return "compute done"
 
 
 def wait_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
-    log.append((yield Wait(0.01)))  # a timeout: nothing readable
-    log.append((yield Wait(0.01, (setup.read_fd,))))
+    log.append((yield Wait(0.01)))  # a timeout: nothing fired
+    log.append((yield Wait(0.01, setup.read_fd)))
     os.write(setup.write_fd, b"x")
-    readable = yield Wait(DEADLINE, (setup.read_fd,))
-    log.append(readable == {setup.read_fd})  # the readable descriptor is sent back
+    log.append((yield Wait(DEADLINE, setup.read_fd)))  # the leader's exit handle fired
     os.read(setup.read_fd, 1)
     return "wait done"
+
+
+def bell_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    """The host's doorbell wakes a wait (which says no exit fired) and is drained by the driver."""
+    host = setup.host
+    os.write(host.bell_write, b"r")
+    log.append((yield Wait(DEADLINE, setup.read_fd)))
+    log.append((yield Wait(0.01)))  # drained: it does not wake the next wait
+    return "bell done"
+
+
+def host_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+    """A host effect calls its one method on the driver's host (a quick one in place, even on a loop);
+    a host error is thrown into the script like any other."""
+    log.append((yield TakeLead()))
+    yield Beat(1.0, 2.0)
+    log.append(setup.host.beats)
+    try:
+        yield Publish(b"head", [b"blob"], 7)
+    except SegmentError as error:
+        log.append(_outcome(error))
+    log.append((yield Housekeep()))
+    return "host done"
 
 
 def apply_report_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
@@ -118,18 +200,12 @@ def failing_hook_script(log: Transcript, setup: Setup) -> Generator[Effect, Any,
 
 
 def beat_script(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
-    """A busy effect with a *beat* is beaten while it runs, and no more once it ended."""
-    beaten = threading.Event()
-    beats: list[None] = []
-
-    def beat() -> None:
-        beaten.set()
-        beats.append(None)
-
-    log.append((yield Compute(lambda: beaten.wait(DEADLINE), beat=beat)))  # returns once beaten
-    seen = len(beats)
+    """A busy effect is beaten (the host's liveness words) while it runs, and no more once it ended."""
+    host = setup.host
+    log.append((yield Compute(lambda: host.beaten.wait(DEADLINE), busy=True)))  # returns once beaten
+    seen = host.beats
     log.append((yield Wait(2.5 * BEAT_INTERVAL)))
-    log.append(len(beats) == seen)
+    log.append(host.beats == seen)
     return "beats done"
 
 
@@ -150,15 +226,21 @@ SCRIPTS: dict[str, tuple[Script, list[object], str]] = {
         ],
         "calls done",
     ),
-    "compute": (compute_script, [42, ("error", "ValueError")], "compute done"),
-    "wait": (wait_script, [set(), set(), True], "wait done"),
+    "compute": (compute_script, [42, ("error", "ValueError"), ([], '"e"', 12.5)], "compute done"),
+    "wait": (wait_script, [False, False, True], "wait done"),
+    "bell": (bell_script, [False, False], "bell done"),
+    "host": (
+        host_script,
+        [("host", "take_lead"), 7, 1, ("error", "SegmentError"), ("housekeep", True), True],
+        "host done",
+    ),
     "apply-report": (
         apply_report_script,
         [("apply", True, True), None, ("report", None), ("report", "RuntimeError")],
         "apply done",
     ),
     "failing-hook": (failing_hook_script, [("error", "LookupError")], "hook error seen"),
-    "beat": (beat_script, [True, set(), True], "beats done"),
+    "beat": (beat_script, [True, False, True], "beats done"),
 }
 
 
@@ -166,8 +248,9 @@ SCRIPTS: dict[str, tuple[Script, list[object], str]] = {
 
 
 class SyncTestHooks:
-    def __init__(self, log: Transcript) -> None:
+    def __init__(self, log: Transcript, host: ScriptHost) -> None:
         self.log = log
+        self.host: Host = host  # type: ignore[assignment]  # what the scripts use of one
         self.client = httpx.Client(timeout=DEADLINE)
         self.pools: dict[int, ThreadPoolExecutor] = {}
         self.waker = WakePipe()
@@ -189,6 +272,10 @@ class SyncTestHooks:
     def report(self, error: BaseException | None) -> None:
         self.log.append(("report", None if error is None else type(error).__name__))
 
+    def housekeep(self) -> bool:
+        self.log.append(("housekeep", True))
+        return True
+
     def close(self) -> None:
         self.client.close()
         for pool in self.pools.values():
@@ -197,8 +284,9 @@ class SyncTestHooks:
 
 
 class AsyncTestHooks:
-    def __init__(self, log: Transcript) -> None:
+    def __init__(self, log: Transcript, host: ScriptHost) -> None:
         self.log = log
+        self.host: Host = host  # type: ignore[assignment]
         self.client = httpx.AsyncClient(timeout=DEADLINE)
         self.waker = LoopWaker(asyncio.get_running_loop())
 
@@ -216,25 +304,37 @@ class AsyncTestHooks:
     def report(self, error: BaseException | None) -> None:
         self.log.append(("report", None if error is None else type(error).__name__))
 
+    def housekeep(self) -> bool:
+        self.log.append(("housekeep", True))
+        return True
+
+
+def _closing() -> list[HostEffect]:
+    return [GiveUpLead()]
+
 
 def run_sync(script: Script, setup: Setup) -> tuple[Transcript, object]:
     log: Transcript = []
-    hooks = SyncTestHooks(log)
+    setup.host = ScriptHost(log)
+    hooks = SyncTestHooks(log, setup.host)
     try:
-        result = drive_sync(script(log, setup), hooks)
+        result = drive_sync(script(log, setup), hooks, _closing)
     finally:
         hooks.close()
+        setup.host.close()
     return log, result
 
 
 def run_async(script: Script, setup: Setup) -> tuple[Transcript, object]:
     async def main() -> tuple[Transcript, object]:
         log: Transcript = []
-        hooks = AsyncTestHooks(log)
+        setup.host = ScriptHost(log)
+        hooks = AsyncTestHooks(log, setup.host)
         try:
-            result = await drive_async(script(log, setup), hooks)
+            result = await drive_async(script(log, setup), hooks, _closing)
         finally:
             await hooks.client.aclose()
+            setup.host.close()
         return log, result
 
     return asyncio.run(main())
@@ -263,18 +363,40 @@ def test_both_drivers_give_the_same_transcript(name: str, setup: Setup) -> None:
 
 
 def test_the_scripts_cover_every_effect() -> None:
-    """Each kind of effect appears in some script (read from the scripts' code, not run)."""
+    """Each kind of effect appears in some script (read from the scripts' code, not run); a host effect
+    stands for all of them (each one is a call of one method, checked below)."""
     import inspect
 
     text = "".join(inspect.getsource(script) for script, _, _ in SCRIPTS.values())
     for kind in get_args(Effect):
-        assert f"{kind.__name__}(" in text, f"no script yields {kind.__name__}"
+        name = "TakeLead" if kind is HostEffect else kind.__name__
+        assert f"{name}(" in text, f"no script yields {name}"
+
+
+def test_each_host_effect_calls_the_host_method_it_names() -> None:
+    """Every host effect is one call of a :class:`Host` method (what makes a simulated host enough)."""
+    import inspect
+
+    methods = {name for name, _ in inspect.getmembers(Host, inspect.isfunction)}
+    for kind in HostEffect.__subclasses__():
+        source = inspect.getsource(kind.perform)
+        called = [m for m in methods if f"host.{m}(" in source]
+        assert len(called) == 1, f"{kind.__name__}.perform calls {called}"
+        assert kind.__name__ in fx.__all__
 
 
 @pytest.mark.parametrize("run", [run_sync, run_async], ids=["sync", "async"])
 def test_an_error_of_the_engine_itself_leaves_the_driver(run: Callable[..., Any], setup: Setup) -> None:
+    """The engine's own error leaves the driver, which performs the closing effects on the way out."""
+    closed: Transcript = []
+
+    def raising(log: Transcript, setup: Setup) -> Generator[Effect, Any, str]:
+        closed[:] = [log]
+        return raising_script(log, setup)
+
     with pytest.raises(KeyError, match="the engine itself failed"):
-        run(raising_script, setup)
+        run(raising, setup)
+    assert closed[0] == [("host", "give_up_lead")]
 
 
 def test_a_cancelled_async_driver_closes_its_script(setup: Setup) -> None:
@@ -289,17 +411,22 @@ def test_a_cancelled_async_driver_closes_its_script(setup: Setup) -> None:
             closed.set()
         return "unreachable"
 
+    log: Transcript = []
+
     async def main() -> None:
-        hooks = AsyncTestHooks([])
-        task = asyncio.get_running_loop().create_task(drive_async(waits_forever([], setup), hooks))
+        setup.host = ScriptHost(log)
+        hooks = AsyncTestHooks(log, setup.host)
+        task = asyncio.get_running_loop().create_task(drive_async(waits_forever([], setup), hooks, _closing))
         await asyncio.sleep(0)  # let it reach its wait
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await hooks.client.aclose()
+        setup.host.close()
 
     asyncio.run(main())
     assert closed.is_set()
+    assert log == [("host", "give_up_lead")]  # the closing effects were performed
 
 
 def _payload(size: int) -> bytes:

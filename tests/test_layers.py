@@ -249,3 +249,52 @@ def test_a_cycle_through_type_checking_is_caught() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+CORE = frozenset(
+    {
+        "answers",
+        "context",
+        "declaring",
+        "effects",
+        "engine",
+        "follower",
+        "health",
+        "host",
+        "leader",
+        "policy",
+        "term",
+        "updating",
+    }
+)
+"""The engine's core (``heksher_shm._engine.<name>``): the coordination logic, a function of its inputs."""
+
+HOST_MODULES = frozenset({"os", "fcntl", "mmap", "socket", "select", "time", "threading", "uuid", "signal"})
+"""What the core must not import: every host operation is an effect a driver performs, the clock a port."""
+
+CORE_MAY_IMPORT = ("heksher_shm._model", "heksher_shm.exceptions", "heksher_shm._engine.")
+"""Within the package, the core imports the pure model, the exceptions, and its own core modules."""
+
+
+@pytest.mark.parametrize("name", sorted(CORE))
+def test_the_core_does_no_io(name: str) -> None:
+    path = PACKAGE / "_engine" / f"{name}.py"
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "heksher_shm._engine":
+            found += [f"heksher_shm._engine.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    host = sorted(m for m in found if m.split(".")[0] in HOST_MODULES)
+    assert not host, f"heksher_shm._engine.{name} imports {host}: make it an effect or a port"
+    ours = [m for m in found if m.startswith("heksher_shm")]
+    outside = [
+        m
+        for m in ours
+        if not m.startswith(CORE_MAY_IMPORT)
+        or (m.startswith("heksher_shm._engine.") and m.rsplit(".", 1)[1] not in CORE)
+    ]
+    assert not outside, f"heksher_shm._engine.{name} imports {outside}, outside the core"

@@ -49,6 +49,18 @@ def wait_until(condition: Callable[[], bool], what: str, deadline: float = STEP_
         time.sleep(0.005)
 
 
+def settle(registry: Registry) -> None:
+    """Scan until changed() says nothing changed (the leader's loop, in short)."""
+
+    def settled() -> bool:
+        if not registry.changed():
+            return True
+        registry.scan()
+        return False
+
+    wait_until(settled, "the registry settles")
+
+
 def test_write_scan_round_trip(registry: Registry) -> None:
     me = current_identity()
     sent = registration_for(
@@ -327,6 +339,30 @@ def test_unsafe_registry_directories_are_refused(tmp_path: Path) -> None:
     assert loose.stat().st_mode & 0o777 == 0o700
 
 
+def test_changed_reports_writes_and_removals(registry: Registry) -> None:
+    me = current_identity()
+    assert registry.changed()  # never scanned
+    registry.scan()
+    settle(registry)
+    assert not registry.changed()
+
+    registry.write(registration_for(me))
+    assert registry.changed()
+    assert registry.changed()  # stays True until a scan
+    registry.scan()
+    # Right after a change the stamp is "racy" (coarse timestamps), so
+    # changed() may stay True for a moment, but it settles once scanned.
+    settle(registry)
+
+    registry.write(registration_for(me, reload_seq=1))
+    assert registry.changed()
+    assert registry.scan().registrations[0].reload_seq == 1
+    settle(registry)
+
+    registry.remove()
+    assert registry.changed()
+
+
 def test_unchanged_files_are_not_read_again(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     me = current_identity()
     registry.write(registration_for(me))
@@ -365,6 +401,7 @@ def test_a_fresh_stamp_is_never_trusted(registry: Registry, monkeypatch: pytest.
     path = registry.path_for(me)
     before = path.stat()
     assert registry.scan().registrations[0].reload_seq == 1
+    assert registry.changed()  # the directory's stamp is fresh too
 
     with open(path, "r+b") as file:
         file.write(path.read_bytes().replace(b'"reload_seq":1', b'"reload_seq":2'))

@@ -1,9 +1,10 @@
-"""The leader's declarations: concurrent, never one setting twice at once, retried when worth it."""
+"""A leader's declarations: concurrent, never one setting twice at once, retried when worth it.
+
+This module does no I/O: it yields effects.
+"""
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
@@ -11,26 +12,30 @@ import msgspec
 
 from heksher_shm._engine import policy
 from heksher_shm._engine.answers import declaration_outcome
-from heksher_shm._engine.core import EngineCore
-from heksher_shm._engine.effects import Call, Calls, Effect, Wait
+from heksher_shm._engine.context import Context
+from heksher_shm._engine.effects import Call, Calls, CountDeclarations, Effect, Wait
 from heksher_shm._engine.health import backoff_delay
-from heksher_shm._engine.ports import Wish
+from heksher_shm._engine.host import Wish
 from heksher_shm._engine.term import Term, transient
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import Outcome
 
-__all__ = ["Declaring"]
+__all__ = ["Declarer"]
 
 
-class Declaring(EngineCore):
-    """Declaring what the live processes need, once per term."""
+class Declarer:
+    """Declares what the live processes need, once per term (see :meth:`declare`)."""
 
-    def _declare(self, term: Term, wishes: Iterable[Wish]) -> Generator[Effect, Any, bool]:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def declare(self, term: Term, wishes: Iterable[Wish]) -> Generator[Effect, Any, bool]:
         """Declare what was not declared yet this term (concurrently); retry transient failures.
 
         Returns whether any declaration succeeded (new settings to query).
         """
-        now = time.monotonic()
+        ctx = self._ctx
+        now = ctx.clock.monotonic()
         pending: dict[str, proto.DeclarationBody] = {}
         for wish in wishes:
             for digest, body in wish.declarations.items():
@@ -42,15 +47,17 @@ class Declaring(EngineCore):
         if not pending:
             return False
         any_ok = False
+        succeeded = 0
         failed: list[Outcome] = []
         for attempt in range(policy.DECLARE_ATTEMPTS):
-            outcomes = yield from self._declare_batch(pending)
+            outcomes = yield from self._batch(pending)
             retry: dict[str, proto.DeclarationBody] = {}
             failed = []
             for digest, outcome in outcomes.items():
                 term.declared[digest] = outcome
                 if outcome.error is None:
                     any_ok = True
+                    succeeded += 1
                 elif transient(outcome):
                     retry[digest] = pending[digest]
                     failed.append(outcome)
@@ -59,24 +66,25 @@ class Declaring(EngineCore):
             if not retry or attempt == policy.DECLARE_ATTEMPTS - 1:
                 break
             pending = retry
-            yield Wait(policy.DECLARE_RETRY_PAUSE * random.uniform(0.5, 1.0))
+            yield Wait(policy.DECLARE_RETRY_PAUSE * ctx.rng.uniform(0.5, 1.0))
+        yield CountDeclarations(succeeded, len(failed))
         if any(transient(o) for o in failed):
             term.declare_failures += 1
-            delay = backoff_delay(term.declare_failures, self.update_interval)
-            term.declare_retry_at = time.monotonic() + delay
+            delay = backoff_delay(term.declare_failures, ctx.update_interval, ctx.rng)
+            term.declare_retry_at = ctx.clock.monotonic() + delay
         else:
             term.declare_failures = 0
         if failed:
             first = failed[0]
-            self._declaring.failed(
+            ctx.declaring.failed(
                 f"{len(failed)} declaration(s) failed, e.g. {first.name}: {first.error}",
                 setting_name=first.name,
             )
         else:
-            self._declaring.resolved()
+            ctx.declaring.resolved()
         return any_ok
 
-    def _declare_batch(
+    def _batch(
         self, bodies: Mapping[str, proto.DeclarationBody]
     ) -> Generator[Effect, Any, dict[str, Outcome]]:
         """One try of each declaration, concurrently, never the same setting name twice at once."""
@@ -100,7 +108,7 @@ class Declaring(EngineCore):
                 )
                 for _, body in batch
             ]
-            results = yield Calls(calls, policy.DECLARE_CONCURRENCY, beat=self._busy_beat)
+            results = yield Calls(calls, policy.DECLARE_CONCURRENCY, busy=True)
             for (digest, body), result in zip(batch, results, strict=True):
-                outcomes[digest] = declaration_outcome(body, result, self._failed)
+                outcomes[digest] = declaration_outcome(body, result, self._ctx.failed)
         return outcomes

@@ -1,7 +1,7 @@
 """The two drivers of the engine's effects, side by side: blocking (thread client) and asyncio.
 
-:class:`~heksher_shm._engine.Engine` yields effects; a driver performs each
-one and sends the result back (or throws the error in). The two drivers
+:class:`~heksher_shm._engine.engine.Engine` yields effects; a driver performs
+each one and sends the result back (or throws the error in). The two drivers
 below are twins on purpose, written next to each other and kept in step by
 ``tests/test_drivers.py``, which runs the same effect scripts through both.
 
@@ -12,46 +12,76 @@ effect         blocking driver                         asyncio driver
                                                        joined in a worker thread
 ``Calls``      a thread pool, *limit* wide             ``asyncio.gather`` under a semaphore
 ``Compute``    run in place                            run in a worker thread (the loop never stalls)
-``Wait``       ``poll()`` on the wake pipe and fds     loop readers on the fds and a wake event
+``Digest``     run in place                            run in a worker thread, offering the GIL often
+host effects   ``effect.perform(host)`` in place       in a worker thread (``quick`` ones in place)
+``Wait``       ``poll()`` on the wake pipe, the        loop readers on the doorbell, the exit handle
+               doorbell and the exit handle            and a wake event
 ``Apply``      under ``modification_lock``             under ``modification_lock``, in a worker thread
 ``Report``     the client's callbacks                  the client's callbacks
+``Housekeep``  the client's chores                     the client's chores, in a worker thread
 =============  ======================================  ==============================================
 
-While a ``Call``, ``Calls`` or ``Compute`` carrying a *beat* runs, the
-driver calls it every :data:`~heksher_shm._engine.BEAT_INTERVAL` seconds
-(from a helper thread, or a task): a leader waiting on a slow service stays
-trusted by its followers.
+While an effect marked ``busy`` runs, the driver stores a new promise of
+progress in the segment every :data:`~heksher_shm._engine.policy.BEAT_INTERVAL`
+seconds (from a helper thread, or a task): a leader waiting on a slow service
+stays trusted by its followers. When a driver stops before the engine ends (a
+task cancelled, an error), it performs the engine's closing effects: the lock
+is let go at once.
 
-Blocking waits happen only in ``poll()``/``select()`` on descriptors, which
-gevent and eventlet patch into cooperative waits, so a monkey-patched worker
-keeps serving its other greenlets while the client sleeps.
+How each sleeps until woken is in :mod:`heksher_shm._engine.sleeping`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
-import sys
+import functools
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from heksher_shm._engine.effects import Apply, Call, Calls, Effect, Report, Wait
-from heksher_shm._engine.policy import BEAT_INTERVAL
-from heksher_shm._process.threads import on_main_os_thread, start_thread
+from heksher_shm._engine.answers import Fresh, digest_query
+from heksher_shm._engine.effects import (
+    Apply,
+    Call,
+    Calls,
+    Compute,
+    Digest,
+    Effect,
+    HostEffect,
+    Housekeep,
+    Report,
+    Wait,
+)
+from heksher_shm._engine.host import Host
+from heksher_shm._engine.policy import BEAT_INTERVAL, BUSY_PROMISE
+from heksher_shm._engine.sleeping import LoopWaker, WakePipe
+from heksher_shm._process.gc import paused_gc
+from heksher_shm._process.threads import start_thread
 
-__all__ = ["AsyncHooks", "LoopWaker", "SyncHooks", "WakePipe", "drive_async", "drive_sync", "in_thread"]
+__all__ = [
+    "AsyncHooks",
+    "LoopWaker",
+    "SyncHooks",
+    "WakePipe",
+    "drive_async",
+    "drive_sync",
+    "in_thread",
+    "run_closing",
+]
 
 T = TypeVar("T")
 
 
 class SyncHooks(Protocol):
     """What the blocking driver needs from its client."""
+
+    @property
+    def host(self) -> Host: ...
 
     def http(self) -> httpx.Client: ...
 
@@ -63,9 +93,14 @@ class SyncHooks(Protocol):
 
     def report(self, error: BaseException | None) -> None: ...
 
+    def housekeep(self) -> bool: ...
+
 
 class AsyncHooks(Protocol):
     """What the asyncio driver needs from its client."""
+
+    @property
+    def host(self) -> Host: ...
 
     def http(self) -> httpx.AsyncClient: ...
 
@@ -75,45 +110,114 @@ class AsyncHooks(Protocol):
 
     def report(self, error: BaseException | None) -> None: ...
 
+    def housekeep(self) -> bool: ...
+
 
 def _request(effect: Call) -> dict[str, Any]:
     return {"params": effect.params, "content": effect.content, "headers": effect.headers}
 
 
+def _busy_beat(host: Host) -> Callable[[], None]:
+    def beat() -> None:
+        now = time.monotonic()
+        host.beat(now, now + BUSY_PROMISE)
+
+    return beat
+
+
+def _wait_fds(host: Host, effect: Wait) -> tuple[int, ...]:
+    bell = host.bell_fd()
+    fds = () if bell is None else (bell,)
+    return fds if effect.leader_exit is None else (*fds, effect.leader_exit)
+
+
+def _digest(effect: Digest) -> Fresh:
+    """A query's answer digested, offering the GIL to other threads (an event loop) every millisecond."""
+    yield_at = time.perf_counter() + 0.001
+
+    def pause() -> None:
+        nonlocal yield_at
+        if time.perf_counter() >= yield_at:
+            time.sleep(0)  # let a waiting thread run
+            yield_at = time.perf_counter() + 0.001
+
+    with paused_gc():
+        return digest_query(effect.response, effect.queried, pause)
+
+
+def _compute(effect: Compute) -> Any:
+    with paused_gc():  # thousands of small objects made in one go: no collection needs to run meanwhile
+        return effect.fn()
+
+
+def run_closing(host: Host, effects: Sequence[HostEffect]) -> None:
+    """Perform an engine's closing effects in place (each one is quick: an unlock, a ring)."""
+    for effect in effects:
+        with contextlib.suppress(Exception):
+            effect.perform(host)
+
+
 # -- blocking ---------------------------------------------------------------------------------------------
 
 
-def drive_sync(steps: Generator[Effect, Any, T], hooks: SyncHooks) -> T:
-    """Run *steps* to completion with blocking I/O (the thread client's driver)."""
+def drive_sync(
+    steps: Generator[Effect, Any, T],
+    hooks: SyncHooks,
+    closing: Callable[[], Sequence[HostEffect]] = list,
+) -> T:
+    """Run *steps* to completion with blocking I/O (the thread client's driver).
+
+    If the run ends early (an error, or the caller stops it), the effects *closing* returns are
+    performed before this returns.
+    """
     to_send: Any = None
     to_throw: BaseException | None = None
     beater = Beater()
+    host = hooks.host
+    finished = False
     try:
         while True:
             try:
                 effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
             except StopIteration as stop:
+                finished = True
                 return stop.value  # type: ignore[no-any-return]
             to_send, to_throw = None, None
             try:
-                if isinstance(effect, Wait):
-                    to_send = hooks.wait(effect.timeout, effect.fds)
-                elif isinstance(effect, Apply):
-                    hooks.apply(effect)
-                elif isinstance(effect, Report):
-                    hooks.report(effect.error)
-                else:
-                    with beater.beating(effect.beat):
-                        if isinstance(effect, Call):
-                            to_send = hooks.http().request(effect.method, effect.path, **_request(effect))
-                        elif isinstance(effect, Calls):
-                            to_send = _calls_sync(hooks, effect)
-                        else:
-                            to_send = effect.fn()
+                to_send = _perform_sync(effect, hooks, host, beater)
             except Exception as e:
                 to_throw = e
     finally:
         beater.close()
+        if not finished:
+            effects = closing()  # before the close, which ends a term
+            steps.close()
+            run_closing(host, effects)
+
+
+def _perform_sync(effect: Effect, hooks: SyncHooks, host: Host, beater: Beater) -> Any:
+    if isinstance(effect, Wait):
+        ready = hooks.wait(effect.timeout, _wait_fds(host, effect))
+        host.drain()
+        return effect.leader_exit is not None and effect.leader_exit in ready
+    if isinstance(effect, Apply):
+        hooks.apply(effect)
+        return None
+    if isinstance(effect, Report):
+        hooks.report(effect.error)
+        return None
+    if isinstance(effect, Housekeep):
+        return hooks.housekeep()
+    with beater.beating(_busy_beat(host) if effect.busy else None):
+        if isinstance(effect, HostEffect):
+            return effect.perform(host)
+        if isinstance(effect, Call):
+            return hooks.http().request(effect.method, effect.path, **_request(effect))
+        if isinstance(effect, Calls):
+            return _calls_sync(hooks, effect)
+        if isinstance(effect, Digest):
+            return _digest(effect)
+        return _compute(effect)
 
 
 def _calls_sync(hooks: SyncHooks, effect: Calls) -> list[httpx.Response | BaseException]:
@@ -183,98 +287,67 @@ class Beater:
             thread.join(5.0)
 
 
-_KERNEL_POLL = getattr(select, "poll", None)
-"""``select.poll`` as this module found it: the kernel's, unless a monkey-patcher ran before the import."""
-
-
-def _poll_here() -> Callable[[], Any] | None:
-    """The ``poll`` to block in from the calling thread (None: eventlet removed it; use ``select``).
-
-    On the main OS thread, whatever ``select.poll`` is now: under gevent or
-    eventlet the caller is a greenlet and must wait in the hub. On any other
-    OS thread, the kernel's: that thread is a real one (a client's thread
-    restarted in a forked gunicorn ``--preload`` worker before the worker
-    patched), and it blocks in the kernel rather than running a gevent hub of
-    its own.
-    """
-    if on_main_os_thread():
-        return getattr(select, "poll", None)
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        return monkey.get_original("select", "poll")  # type: ignore[no-any-return]
-    return _KERNEL_POLL
-
-
-class WakePipe:
-    """How another thread (or a signal handler) wakes a blocking driver's :meth:`wait`."""
-
-    def __init__(self) -> None:
-        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def wake(self) -> None:
-        """Make the current or next :meth:`wait` return (never blocks)."""
-        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake is pending already
-            os.write(self._write, b"\0")
-
-    def wait(self, timeout: float | None, fds: Sequence[int]) -> set[int]:
-        """Block until woken, one of *fds* is readable, or *timeout* seconds passed; the readable *fds*."""
-        wanted = (self._read, *fds)
-        poller = _poll_here()
-        if poller is not None:
-            p = poller()
-            for fd in wanted:
-                p.register(fd, select.POLLIN)
-            events = p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
-            ready = {fd for fd, _ in events}
-        else:  # pragma: no cover - eventlet
-            ready = set(select.select(wanted, [], [], timeout)[0])
-        if self._read in ready:
-            with contextlib.suppress(BlockingIOError, OSError):
-                while os.read(self._read, 512):
-                    pass
-        ready.discard(self._read)
-        return ready
-
-    def close(self) -> None:
-        """Close both ends (also right in a forked child, where they are copies of the parent's)."""
-        for fd in (self._read, self._write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 # -- asyncio ----------------------------------------------------------------------------------------------
 
 
-async def drive_async(steps: Generator[Effect, Any, T], hooks: AsyncHooks) -> T:
-    """Run *steps* to completion on the running loop (the async client's driver)."""
+async def drive_async(
+    steps: Generator[Effect, Any, T],
+    hooks: AsyncHooks,
+    closing: Callable[[], Sequence[HostEffect]] = list,
+) -> T:
+    """Run *steps* to completion on the running loop (the async client's driver).
+
+    If the run ends early (cancelled, or an error), the effects *closing* returns are performed
+    in place before this returns or raises.
+    """
     to_send: Any = None
     to_throw: BaseException | None = None
-    while True:
-        try:
-            effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        to_send, to_throw = None, None
-        try:
-            if isinstance(effect, Wait):
-                to_send = await hooks.wait(effect.timeout, effect.fds)
-            elif isinstance(effect, Apply):
-                await hooks.apply(effect)
-            elif isinstance(effect, Report):
-                hooks.report(effect.error)
-            else:
-                async with abeating(effect.beat):
-                    if isinstance(effect, Call):
-                        to_send = await _send_async(hooks.http(), effect)
-                    elif isinstance(effect, Calls):
-                        to_send = await _calls_async(hooks, effect)
-                    else:
-                        to_send = await in_thread(effect.fn)
-        except asyncio.CancelledError:
+    host = hooks.host
+    finished = False
+    try:
+        while True:
+            try:
+                effect = steps.throw(to_throw) if to_throw is not None else steps.send(to_send)
+            except StopIteration as stop:
+                finished = True
+                return stop.value  # type: ignore[no-any-return]
+            to_send, to_throw = None, None
+            try:
+                to_send = await _perform_async(effect, hooks, host)
+            except Exception as e:
+                to_throw = e
+    finally:
+        if not finished:
+            effects = closing()  # before the close, which ends a term
             steps.close()
-            raise
-        except Exception as e:
-            to_throw = e
+            run_closing(host, effects)
+
+
+async def _perform_async(effect: Effect, hooks: AsyncHooks, host: Host) -> Any:
+    if isinstance(effect, Wait):
+        ready = await hooks.wait(effect.timeout, _wait_fds(host, effect))
+        host.drain()
+        return effect.leader_exit is not None and effect.leader_exit in ready
+    if isinstance(effect, Apply):
+        await hooks.apply(effect)
+        return None
+    if isinstance(effect, Report):
+        hooks.report(effect.error)
+        return None
+    if isinstance(effect, Housekeep):
+        return await in_thread(hooks.housekeep)
+    if isinstance(effect, HostEffect) and effect.quick:
+        return effect.perform(host)
+    async with abeating(_busy_beat(host) if effect.busy else None):
+        if isinstance(effect, HostEffect):
+            return await in_thread(functools.partial(effect.perform, host))
+        if isinstance(effect, Call):
+            return await _send_async(hooks.http(), effect)
+        if isinstance(effect, Calls):
+            return await _calls_async(hooks, effect)
+        if isinstance(effect, Digest):
+            return await in_thread(functools.partial(_digest, effect))
+        return await in_thread(functools.partial(_compute, effect))
 
 
 async def _calls_async(hooks: AsyncHooks, effect: Calls) -> list[httpx.Response | BaseException]:
@@ -355,72 +428,3 @@ async def abeating(beat: Callable[[], object] | None) -> Any:
         # Not awaited: awaiting a cancelled task raises CancelledError, and telling that one from a
         # cancellation of this task itself (aclose()) is not possible before Python 3.11.
         task.cancel()
-
-
-class LoopWaker:
-    """Wakes the asyncio driver's :meth:`wait` from any thread (``get()`` and ``reload()`` may run anywhere).
-
-    Built on one future per wait rather than ``asyncio.wait_for``: before
-    Python 3.12, ``wait_for`` swallows a cancellation that arrives while the
-    awaited thing completes, and a client's ``aclose()`` must always end its
-    task.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._pending = False
-        self._future: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        """Make the current or next :meth:`wait` return; from any thread, never blocks."""
-        if _on_loop_thread(self._loop):
-            self._fire()
-        else:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                self._loop.call_soon_threadsafe(self._fire)
-
-    def _fire(self) -> None:
-        future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
-        else:
-            self._pending = True
-
-    async def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
-        """Until woken, one of *fds* is readable, or *timeout* passed; the readable *fds*."""
-        ready: set[int] = set()
-        if self._pending:
-            self._pending = False
-            return ready
-        loop = self._loop
-        future = self._future = loop.create_future()
-
-        def readable(fd: int) -> None:
-            ready.add(fd)
-            if not future.done():
-                future.set_result(None)
-
-        for fd in fds:
-            loop.add_reader(fd, readable, fd)
-        timer = None if timeout is None else loop.call_later(max(0.0, timeout), _resolve, future)
-        try:
-            await future
-        finally:
-            self._future = None
-            if timer is not None:
-                timer.cancel()
-            for fd in fds:
-                loop.remove_reader(fd)
-        return ready
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False

@@ -24,10 +24,19 @@ from __future__ import annotations
 
 import logging
 import random
-import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FIRST_DELAY", "STEADY_SPREAD", "SUMMARY_INTERVAL", "Trouble", "backoff_delay"]
+__all__ = [
+    "DESYNC_SPREAD",
+    "FIRST_DELAY",
+    "STEADY_SPREAD",
+    "SUMMARY_INTERVAL",
+    "Trouble",
+    "backoff_delay",
+    "error_text",
+    "update_delay",
+]
 
 FIRST_DELAY = 0.5
 """Seconds to wait after the first failure; each further failure doubles it, up to the update interval."""
@@ -39,13 +48,12 @@ SUMMARY_INTERVAL = 60.0
 """Seconds between two summaries of a trouble that lasts."""
 
 
-def backoff_delay(failures: int, cap: float, rng: random.Random | None = None) -> float:
+def backoff_delay(failures: int, cap: float, rng: random.Random) -> float:
     """Seconds to wait after *failures* failures in a row (>= 1); *cap* is the update interval."""
     step = FIRST_DELAY * 2.0 ** min(max(failures, 1) - 1, 30)
-    draw = (rng or random).uniform
     if step < cap:
-        return step / 2 + draw(0.0, step / 2)
-    return cap + draw(0.0, cap * STEADY_SPREAD)
+        return step / 2 + rng.uniform(0.0, step / 2)
+    return cap + rng.uniform(0.0, cap * STEADY_SPREAD)
 
 
 class Trouble:
@@ -54,12 +62,21 @@ class Trouble:
     Args:
         logger: where to log.
         what: a short noun phrase for the messages: ``"the Heksher service is failing"``.
+        now: the monotonic clock that times it.
         level: the level of the lines an operator sees (begins, summaries, ends).
         extra: fields added to every record (the service URL, the segment...).
     """
 
-    def __init__(self, logger: logging.Logger, what: str, level: int = logging.WARNING, **extra: Any) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        now: Callable[[], float],
+        level: int = logging.WARNING,
+        **extra: Any,
+    ) -> None:
         self._logger = logger
+        self._now = now
         self._level = level
         self._what = what
         self._extra = extra
@@ -77,8 +94,8 @@ class Trouble:
 
     def failed(self, error: BaseException | str, **extra: Any) -> None:
         """Record one failure: a warning if the trouble starts, a summary now and then, else DEBUG."""
-        now = time.monotonic()
-        text = error if isinstance(error, str) else describe(error)
+        now = self._now()
+        text = error if isinstance(error, str) else error_text(error)
         self.last = text
         fields = {**self._extra, **extra, "error": text}
         exc_info = error if isinstance(error, BaseException) else None
@@ -109,7 +126,7 @@ class Trouble:
         """The trouble is over (if it was going on): one warning saying how long it lasted."""
         if self._since is None:
             return
-        lasted = time.monotonic() - self._since
+        lasted = self._now() - self._since
         self._logger.log(
             self._level,
             "%s no more: %s after %.1f s and %d failures",
@@ -124,7 +141,22 @@ class Trouble:
         self.last = None
 
 
-def describe(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     """``"TypeName: message"`` (the type alone when the message is empty)."""
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
+
+
+DESYNC_SPREAD = 0.75
+"""After a term's first successful update, and after the first success that ends a run of failures, the
+next update waits the interval times a factor drawn uniformly from ``1 ± DESYNC_SPREAD``; every other
+wait is the interval itself. Hosts that started together (a fleet's deploy) or came back together (the
+end of an outage) all query at once that time; the draw spreads their next queries over 1.5 intervals,
+so they do not stay in lockstep, and on average they query as often as they would without it."""
+
+
+def update_delay(interval: float, rng: random.Random, desync: bool) -> float:
+    """Seconds from a successful update to the next one (see :data:`DESYNC_SPREAD`)."""
+    if not desync:
+        return interval
+    return interval * rng.uniform(1.0 - DESYNC_SPREAD, 1.0 + DESYNC_SPREAD)

@@ -7,8 +7,11 @@ URL and context features (or the same explicit ``segment_name``)::
         <name>.seg                  the memory-mapped snapshot (heksher_shm._shm.segment)
         <name>.lock                 the election lock (heksher_shm._shm.election)
         <name>.takeover             taken while a stuck leader is replaced (one process at a time)
-        <name>.seg.d/               one registration and doorbell per live process
+        <name>.seg.d/               one registration, acknowledgement and doorbell per live process
                                     (heksher_shm._shm.registry, heksher_shm._shm.bell)
+
+:class:`SharedHost` is the engine's host over these files (the
+:class:`heksher_shm._engine.host.Host` its effects stand for).
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from heksher_shm._engine.ports import Wish
+from heksher_shm._engine.host import LeaderSeen, Marks, Wish
 from heksher_shm._model.protocol import DeclarationBody, declaration_digest
 from heksher_shm._model.snapshot import FORMAT as SNAPSHOT_FORMAT
+from heksher_shm._model.snapshot import Ack, decode_ack, encode_ack
 from heksher_shm._shm import files
 from heksher_shm._shm.bell import Bell, ring
 from heksher_shm._shm.election import LeaderLock
@@ -39,14 +43,17 @@ from heksher_shm._shm.identity import (
     token,
 )
 from heksher_shm._shm.layout import FORMAT_VERSION
+from heksher_shm._shm.reading import HeadRead
 from heksher_shm._shm.registration import Registration
 from heksher_shm._shm.registry import Registry, bell_name, registry_directory
 from heksher_shm._shm.segment import Segment, resolve_shm_dir
+from heksher_shm.exceptions import SegmentError
 
 __all__ = [
     "SEGMENT_NAME",
     "Neighbours",
     "RegistrySource",
+    "SharedHost",
     "SharedParts",
     "default_segment_name",
     "open_shared",
@@ -330,3 +337,151 @@ def _watch_process(identity: ProcessIdentity) -> tuple[int | None, bool]:
         return None, True
     os.set_inheritable(fd, False)
     return fd, False
+
+
+class SharedHost:
+    """The engine's host when the processes of a host share a segment (see
+    :class:`heksher_shm._engine.host.Host`: one method per host effect).
+
+    Args:
+        parts: the segment's files, opened.
+        neighbours: this client's doorbell and its view of the other processes.
+        identity: this process.
+    """
+
+    def __init__(self, parts: SharedParts, neighbours: Neighbours, identity: ProcessIdentity) -> None:
+        self._parts = parts
+        self.neighbours = neighbours
+        self.source = RegistrySource(parts.registry, parts.segment)
+        self._identity = identity
+        self._ack_failed = False
+
+    @property
+    def segment(self) -> Segment:
+        """The segment file this host publishes to and reads from."""
+        return self._parts.segment
+
+    def replace_parts(self, parts: SharedParts) -> None:
+        """Use another segment file from now on (the old one was removed or replaced)."""
+        self._parts = parts
+        self.source.replace_segment(parts.segment)
+        self.neighbours.replace_parts(parts)
+
+    # -- the election ---------------------------------------------------------------------------------
+
+    def take_lead(self) -> int | None:
+        lock = self._parts.lock
+        if not lock.try_acquire():
+            return None
+        return self._begin_term()
+
+    def keeps_lead(self) -> bool:
+        return self._parts.lock.verify()
+
+    def give_up_lead(self) -> None:
+        lock = self._parts.lock
+        if lock.held:
+            lock.release()
+
+    def try_takeover(self) -> bool:
+        return self.neighbours.takeover.try_acquire()
+
+    def end_takeover(self) -> None:
+        self.neighbours.takeover.release()
+
+    def seize_lead(self) -> int | None:
+        if not self._parts.lock.seize():
+            return None
+        return self._begin_term()
+
+    def _begin_term(self) -> int:
+        """Under the lock just taken: the next fencing token (a lock this process cannot use is let go)."""
+        try:
+            return self._parts.segment.begin_term()
+        except BaseException:
+            self._parts.lock.release()
+            raise
+
+    def announce(self) -> None:
+        identity = self._identity
+        self._parts.segment.set_leader(
+            identity.pid, identity.create_time, self.neighbours.bell_number, identity.pidns
+        )
+
+    # -- liveness -------------------------------------------------------------------------------------
+
+    def beat(self, progress: float, promise: float) -> None:
+        self._parts.segment.beat(progress, promise)
+
+    def look_at_leader(self) -> LeaderSeen:
+        leader, exit_fd, gone = self.neighbours.watch()
+        progress, promise = self._parts.segment.liveness()
+        return LeaderSeen(leader, exit_fd, gone, progress, promise, self.neighbours.rang_at)
+
+    def ring_answered(self) -> None:
+        self.neighbours.rang_at = 0.0
+
+    def leader_exited(self) -> None:
+        self.neighbours.leader_exited()
+
+    def read_marks(self) -> Marks:
+        return Marks(*self._parts.segment.update_marks())
+
+    # -- the segment ----------------------------------------------------------------------------------
+
+    def publish(self, head: bytes, blobs: Sequence[bytes], term: int) -> int:
+        return self._parts.segment.publish(head, blobs, term)
+
+    def read_head(self) -> HeadRead | None:
+        return self._parts.segment.read_head()
+
+    def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None:
+        return self._parts.segment.read_blobs(generation, indices)
+
+    def record_ok(self, when: float) -> None:
+        self._parts.segment.record_update_ok(when)
+
+    def record_error(self, message: str, when: float) -> None:
+        self._parts.segment.record_error(message, when)
+
+    def count_declarations(self, ok: int, failed: int) -> None:
+        self._parts.segment.count_declarations(ok, failed)
+
+    # -- the other processes --------------------------------------------------------------------------
+
+    def scan_wishes(self, prune: bool) -> list[Wish]:
+        return self.source.wishes(prune)
+
+    def ring_all(self) -> None:
+        self.neighbours.ring(self.source.bells)
+
+    def acknowledge(self, acks: Mapping[str, Ack]) -> None:
+        registry = self._parts.registry
+        for key, ack in acks.items():
+            try:
+                registry.write_ack(key, encode_ack(ack))
+            except SegmentError:
+                # That process waits for its answer until startup_timeout, and says so; its
+                # next request is answered again. Said once here, not per process.
+                if not self._ack_failed:
+                    self._ack_failed = True
+                    logger.exception("cannot write an acknowledgement; the process waits in vain")
+        self.neighbours.ring(bell for bell in self.source.bells if bell.split(".", 1)[0] in acks)
+
+    def read_ack(self) -> Ack | None:
+        """This process's latest acknowledgement (None: none yet, or unreadable)."""
+        data = self._parts.registry.read_ack(self._identity)
+        if not data:
+            return None
+        try:
+            return decode_ack(data)
+        except msgspec.DecodeError:
+            return None
+
+    # -- for the drivers ------------------------------------------------------------------------------
+
+    def bell_fd(self) -> int:
+        return self.neighbours.bell_fd()
+
+    def drain(self) -> None:
+        self.neighbours.drain()

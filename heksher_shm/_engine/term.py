@@ -1,7 +1,7 @@
 """A leader's term: what it declared, queried and published, and what follows from it.
 
 Pure bookkeeping (no I/O, no effects): which settings and contexts to query
-(:func:`query_spec`) and which requests the next snapshot acknowledges
+(:func:`query_spec`) and which requests to acknowledge
 (:func:`acknowledgements`), both derived from the term and the live
 processes' wishes.
 """
@@ -9,54 +9,67 @@ processes' wishes.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from heksher_shm._engine.ports import Transport, Wish
+from heksher_shm._engine.host import Wish
 from heksher_shm._model.contexts import TRACK_ALL, context_filters
 from heksher_shm._model.snapshot import Ack, Outcome, SettingEntry
 
-__all__ = ["LeaderLost", "Term", "acknowledgements", "query_spec", "transient"]
+__all__ = ["LeaderLost", "Spec", "Term", "acknowledgements", "query_spec", "transient"]
+
+Spec = tuple[tuple[str, ...], str]
+"""What one query asks for: the setting names, and the context filters."""
 
 
 class LeaderLost(Exception):
-    """The lock was lost (or the engine closed) during a term."""
+    """The term ended: the lock was lost, or a newer term fenced this one off."""
 
 
 @dataclass
 class Term:
     """A leader's state for one term: what it declared, queried and published."""
 
-    transport: Transport
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    number: int
+    """The fencing token the term began with: every snapshot it publishes carries it."""
     declared: dict[str, Outcome] = field(default_factory=dict)
     declare_failures: int = 0
     declare_retry_at: float = 0.0
     context_features: list[str] | None = None
     etag: str = ""
-    spec: tuple[tuple[str, ...], str] | None = None
+    spec: Spec | None = None
     next_update: float = 0.0
-    """time.monotonic() of the next query (regular, or a retry after a failure)."""
+    """Monotonic time of the next query (regular, or a retry after a failure)."""
     failures: int = 0
     """Failed updates in a row (the backoff step)."""
+    updated_once: bool = False
+    """Whether an update of this term succeeded yet (the first success's next wait is drawn)."""
     error: tuple[str, str] | None = None
     """The standing error (text, id) while updates fail: what a reload() gets during the backoff."""
     next_prune: float = 0.0
     queried_for: dict[str, int] = field(default_factory=dict)
     """Per process, the latest ``query_seq`` a query (or a standing error) has answered."""
     served: dict[str, Ack] = field(default_factory=dict)
+    """The acknowledgements written this term, by process key."""
     entries: list[SettingEntry] = field(default_factory=list)
     blobs: list[bytes] = field(default_factory=list)
     published: bool = False
     queried: float = 0.0
     generation: int = 0
     head: bytes = b""
+    fresh: bool = False
+    """It published at this wake (nothing to verify yet)."""
     verified: float = 0.0
     verify_wanted: bool = False
 
+    def segment_replaced(self) -> None:
+        """The segment file was replaced: the new one holds nothing of this term's; publish at once."""
+        self.published = False
+        self.generation = 0
+        self.next_update = 0.0
 
-def query_spec(term: Term, wishes: Sequence[Wish]) -> tuple[tuple[str, ...], str]:
+
+def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     """What to query: settings whose declaration got an answer, and the union of tracked contexts.
 
     A setting whose declaration failed for want of an answer (the service
@@ -89,29 +102,34 @@ def query_spec(term: Term, wishes: Sequence[Wish]) -> tuple[tuple[str, ...], str
     return tuple(sorted(names)), context_filters(union)
 
 
-def acknowledgements(
-    term: Term, wishes: Sequence[Wish], error: str | None = None, error_id: str = ""
-) -> dict[str, Ack]:
-    """The acknowledgements to publish, for live processes only.
+def acknowledgements(term: Term, wishes: Sequence[Wish]) -> dict[str, Ack]:
+    """The acknowledgements the live processes should have now (changed or not).
 
     A process's request is acknowledged once each of its declarations got
     an answer in this term and, if it asked for a query, a query (or the
-    standing error) answered it.
+    standing error) answered it. A successful acknowledgement names the
+    snapshot (term, generation) that serves the request; one made while
+    updates fail carries the standing error.
     """
-    if error is None and term.error is not None:
-        error, error_id = term.error
-    acks = dict(term.served)
+    error, error_id = term.error if term.error is not None else (None, "")
+    acks: dict[str, Ack] = {}
     for wish in wishes:
-        served = acks.get(wish.key)
+        served = term.served.get(wish.key)
         if served is not None and served.seq >= wish.reload_seq and (not served.error or error):
-            continue  # nothing new to say (the common case: no work per process)
-        if wish.query_seq > term.queried_for.get(wish.key, 0):
-            continue  # a query is still to come for it
-        if not all(digest in term.declared for digest in wish.declarations):
-            continue  # its set_as_main waits for its declarations, not just for any update
-        acks[wish.key] = Ack(wish.reload_seq, error, error_id)
-    live = {w.key for w in wishes}
-    return {k: v for k, v in acks.items() if k in live}
+            acks[wish.key] = served  # nothing new to say (the common case: no work per process)
+            continue
+        if (
+            wish.query_seq > term.queried_for.get(wish.key, 0)
+            or not all(digest in term.declared for digest in wish.declarations)
+            or (error is None and not term.published)
+        ):
+            # A query is still to come for it, or its declarations are (set_as_main waits for
+            # them, not just for any update), or a snapshot of this term that can serve it.
+            if served is not None:
+                acks[wish.key] = served
+            continue
+        acks[wish.key] = Ack(wish.reload_seq, error, error_id, term.number, term.generation)
+    return acks
 
 
 _FILTERABLE = re.compile(r"[a-z]+")

@@ -3,7 +3,7 @@
 A snapshot is one *head* and one *blob* per setting. The head is small: the
 service's context features, one entry per setting (name, blob index, digest
 of the blob), the outcome of every declaration made this term, and the
-acknowledgements of processes' requests. A blob holds one setting's default
+term (fencing token) of the leader that published it. A blob holds one setting's default
 and rules with their values as raw JSON, exactly as the service sent them.
 
 A process decodes the head of each new snapshot, then only the blobs of the
@@ -31,12 +31,14 @@ __all__ = [
     "SettingBlob",
     "SettingEntry",
     "blob_of",
+    "decode_ack",
     "decode_blob",
     "decode_head",
+    "encode_ack",
     "encode_head",
 ]
 
-FORMAT = 2
+FORMAT = 3
 """Version of the head/blob encoding; a reader refuses heads of another version."""
 
 
@@ -89,31 +91,56 @@ class Outcome(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Ack(msgspec.Struct, array_like=True, frozen=True):
-    """The leader's answer to a process's request number ``seq`` (``error`` set when it failed)."""
+    """The leader's answer to a process's request number ``seq`` (``error`` set when it failed).
+
+    Written by the leader where that process alone reads it (not in the
+    snapshot: answering a new process costs one small write, not a republish
+    of every rule). A successful answer names the snapshot that serves the
+    request: the process waits until it has applied that snapshot, or a later
+    one of the same term.
+    """
 
     seq: int
     error: str | None = None
     error_id: str = ""
     """Which exception the leader kept for this error (meaningful in the leader's own process only)."""
+    term: int = 0
+    """The term of the leader that answered."""
+    generation: int = 0
+    """The generation that serves the request (0: none, with an error)."""
+
+
+_ack_encoder = msgspec.msgpack.Encoder()
+_ack_decoder = msgspec.msgpack.Decoder(Ack)
+
+
+def encode_ack(ack: Ack) -> bytes:
+    """Encode an acknowledgement."""
+    return _ack_encoder.encode(ack)
+
+
+def decode_ack(data: bytes) -> Ack:
+    """Decode an acknowledgement; raises :class:`msgspec.DecodeError` for anything else."""
+    return _ack_decoder.decode(data)
 
 
 class Head(msgspec.Struct, frozen=True):
     """The snapshot's table of contents."""
 
     format: int
-    term: str
+    term: int
+    """The fencing token of the leader that published it."""
     published: float
     context_features: list[str]
     settings: list[SettingEntry]
     outcomes: dict[str, Outcome]
-    acks: dict[str, Ack]
     ok: bool
     error: str | None = None
     update_interval: float = 0.0
     queried: float = 0.0
+    """When the service answered the query behind these rules (monotonic seconds, host-wide on Linux)."""
     filters: str | None = None
     """The ``context_filters`` of the query behind these rules (None: unknown)."""
-    """When the service answered the query behind these rules (``time.monotonic()``, host-wide on Linux)."""
 
 
 _head_encoder = msgspec.msgpack.Encoder()

@@ -5,6 +5,7 @@ directory (``<segment path>.d/``)::
 
     <segment>.d/                         0700, owned by this user
         <token>.reg                      one Registration per live process, 0600
+        <token>.ack                      the leader's answer to its latest request (an Ack), 0600
         <token>.<n>.bell                 a client's doorbell socket (heksher_shm._shm.bell)
         .<token>.<hex>.tmp               a write in progress (named after the writer)
 
@@ -16,10 +17,8 @@ unknown).
 A file holds one JSON-encoded :class:`Registration`: the setting
 declarations the process needs, the context values it tracks, and a
 ``reload_seq`` it bumps to ask the leader to query the service now. The
-leader calls :meth:`Registry.scan` when something changed (every writer
-bumps a counter in the segment after writing, see
-:meth:`~heksher_shm._shm.segment.Segment.bump_registry_seq`) and now and then
-to notice dead processes.
+leader calls :meth:`Registry.scan` when something changed (the segment's
+registry counter says so) or now and then to notice dead processes.
 
 Rules the code below keeps:
 
@@ -46,8 +45,8 @@ Rules the code below keeps:
 * **Cheap repeats.** Decoded files are cached by ``(inode, mtime, size)``.
   File timestamps tick coarsely (a few ms), so two writes within one tick
   can leave equal stamps: the "racy git" problem. Stamps younger than
-  :data:`_RACY_WINDOW_NS` are therefore never trusted by the cache until
-  they have aged.
+  :data:`_RACY_WINDOW_NS` are therefore never trusted, by the cache or by
+  :meth:`Registry.changed`, until they have aged.
 """
 
 from __future__ import annotations
@@ -109,6 +108,9 @@ _RACY_WINDOW_COARSE_NS = 2_100_000_000
 _ENTRY_RE = re.compile(rf"({TOKEN_PATTERN})\.reg")
 _TEMP_RE = re.compile(rf"\.({TOKEN_PATTERN})\.[0-9a-f]{{1,32}}\.tmp")
 _BELL_RE = re.compile(rf"({TOKEN_PATTERN})\.[1-9][0-9]{{0,8}}\.bell")
+_ACK_RE = re.compile(rf"({TOKEN_PATTERN})\.ack")
+MAX_ACK_BYTES = 4096
+"""Largest acknowledgement file read (an Ack is a few dozen bytes, its error text at most a few KiB)."""
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -220,6 +222,7 @@ class Registry:
         # in the middle of one) only ever see a complete mapping.
         self._cache: dict[str, _Cached] = {}
         self._logged: dict[str, tuple[int, int, int, int, int]] = {}
+        self._stamp: tuple[int, int] | None = None
         os.close(self._open_directory())
 
     @property
@@ -252,18 +255,59 @@ class Registry:
         data = encode_registration(msgspec.structs.replace(registration, updated=time.time()))
         if len(data) > self._max_bytes:
             raise ValueError(f"registration is {len(data)} bytes, over the limit of {self._max_bytes}")
-        # The temporary name carries the writer's identity, so that if the
-        # writer dies before the rename, a scan knows the file is abandoned.
+        self._replace(_entry_name(registration.identity), data, "registration file")
+        return data
+
+    def holds(self, identity: ProcessIdentity, data: bytes) -> bool:
+        """Whether the registry file of ``identity`` holds exactly ``data`` (never follows a symlink)."""
+        return self._read(self.path_for(identity), len(data) + 1) == data
+
+    def remove(self, identity: ProcessIdentity | None = None) -> None:
+        """Delete the registry file of ``identity`` (default: this process), and its acknowledgement."""
+        owner = self._identity() if identity is None else identity
+        dir_fd = self._open_directory()
+        try:
+            for name in (_entry_name(owner), f"{token(owner)}.ack"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def write_ack(self, key: str, data: bytes) -> None:
+        """The leader's side: replace the acknowledgement of the process whose token is *key*
+        (raises :class:`SegmentError`, naming the file, if it cannot be written)."""
+        self._replace(f"{key}.ack", data, "acknowledgement file")
+
+    def read_ack(self, identity: ProcessIdentity) -> bytes | None:
+        """The acknowledgement the leader wrote for ``identity`` (None: none, or unreadable)."""
+        return self._read(self._directory / f"{token(identity)}.ack", MAX_ACK_BYTES)
+
+    def _read(self, path: Path, limit: int) -> bytes | None:
+        """A regular file's first *limit* bytes (never follows a symlink); None if it cannot be read."""
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return _read_at_most(fd, limit)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _replace(self, final: str, data: bytes, what: str) -> None:
+        """Write *data* atomically as *final*: a reader sees the old content or the new, never a mix."""
+        # Named after the writer: if it dies before the rename, a scan knows the file is abandoned.
         temp = f".{token(self._identity())}.{secrets.token_hex(8)}.tmp"
-        final = _entry_name(registration.identity)
         dir_fd = self._open_directory()
         try:
             fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
             try:
                 with open(fd, "wb", closefd=True) as file:
                     file.write(data)
-                # No fsync: registrations describe running processes, and
-                # nothing they say survives a crash of the machine anyway.
+                # No fsync: these describe running processes; none of it outlives the machine anyway.
                 os.replace(temp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -271,38 +315,26 @@ class Registry:
                 raise
         except OSError as exc:
             raise SegmentError(
-                f"registration file {self._directory / final}: cannot write it: {exc.strerror or exc}"
+                f"{what} {self._directory / final}: cannot write it: {exc.strerror or exc}"
             ) from exc
-        finally:
-            os.close(dir_fd)
-        return data
-
-    def holds(self, identity: ProcessIdentity, data: bytes) -> bool:
-        """Whether the registry file of ``identity`` holds exactly ``data`` (never follows a symlink)."""
-        try:
-            fd = os.open(self.path_for(identity), _READ_FLAGS)
-        except OSError:
-            return False
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            return _read_at_most(fd, len(data) + 1) == data
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-
-    def remove(self, identity: ProcessIdentity | None = None) -> None:
-        """Delete the registry file of ``identity`` (default: this process), if present."""
-        name = _entry_name(self._identity() if identity is None else identity)
-        dir_fd = self._open_directory()
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
 
     # -- the leader's side ----------------------------------------------------
+
+    def changed(self) -> bool:
+        """Whether the registry may have changed since the last :meth:`scan` (one ``lstat``; a diagnostic:
+        the leader follows the segment's registry counter instead). Every write renames a file in and
+        every removal unlinks one, both touching the directory's mtime; a recent mtime counts as a
+        change until it has aged (racy git), so this errs towards ``True``."""
+        stamp = self._stamp
+        if stamp is None:
+            return True
+        try:
+            st = os.lstat(self._directory)
+        except OSError:
+            return True
+        return (st.st_ino, st.st_mtime_ns) != stamp
 
     def scan(self, *, prune: bool = True) -> ScanResult:
         """Read every registration; delete those of dead processes when ``prune``.
@@ -320,6 +352,8 @@ class Registry:
         dir_fd = self._open_directory()
         try:
             now_ns = time.time_ns()
+            st = os.fstat(dir_fd)
+            stamp = None if _is_racy(st.st_mtime_ns, now_ns) else (st.st_ino, st.st_mtime_ns)
             with os.scandir(dir_fd) as it:
                 names = sorted(entry.name for entry in it)
             found = _Scan(dir_fd=dir_fd, now_ns=now_ns, prune=prune)
@@ -330,6 +364,7 @@ class Registry:
         self._cache = found.cache
         present = set(names)
         self._logged = {name: key for name, key in self._logged.items() if name in present}
+        self._stamp = stamp
         registrations = sorted(found.registrations, key=lambda reg: (reg.pid, reg.create_time))
         return ScanResult(
             tuple(registrations), tuple(found.rejected), tuple(found.dead), tuple(sorted(found.bells))
@@ -339,9 +374,9 @@ class Registry:
 
     def _scan_one(self, found: _Scan, name: str) -> None:
         dir_fd = found.dir_fd
-        helper = _TEMP_RE.fullmatch(name) or _BELL_RE.fullmatch(name)
+        helper = _TEMP_RE.fullmatch(name) or _BELL_RE.fullmatch(name) or _ACK_RE.fullmatch(name)
         if helper is not None:
-            # A write in progress or a doorbell: nothing to read, but gone with its process.
+            # A write in progress, a doorbell or an answer: nothing to read, but gone with its process.
             if not self._judged_alive(_identity_from(helper)):
                 found.dead.append(name)
                 if found.prune:

@@ -2,11 +2,11 @@
 
 The leader answers a process's requests with an acknowledgement (an
 :class:`~heksher_shm._model.snapshot.Ack`: the latest request number it
-served, and the error if that failed). Every read of acknowledgements is
-here, behind :meth:`RequestAnswers.latest_ack` and
-:meth:`RequestAnswers.progress`: today they come in the snapshot's head, and
-a request counts as answered once the snapshot that acknowledges it was
-applied to this process's settings.
+served, the snapshot that serves it, and the error if that failed), written
+where only this process reads it (the host's ``read_ack``). Every read of
+acknowledgements is here, behind :meth:`RequestAnswers.latest_ack`; a
+request counts as answered once an apply of this process saw both the
+acknowledgement and the snapshot it names.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import msgspec
-
+from heksher_shm._engine.context import ErrorBook
 from heksher_shm._model.contexts import covers
-from heksher_shm._model.snapshot import Ack, Head, decode_head
+from heksher_shm._model.snapshot import Ack
 from heksher_shm.clients._contexts import Contexts
 from heksher_shm.clients._feed import SettingsFeed
 from heksher_shm.clients._link import HostLink
-from heksher_shm.exceptions import LeaderUpdateError, SegmentError
+from heksher_shm.exceptions import LeaderUpdateError
 
 __all__ = ["RequestAnswers"]
 
@@ -45,7 +44,7 @@ class RequestAnswers:
         feed: SettingsFeed,
         contexts: Contexts,
         link: HostLink,
-        errors: dict[str, BaseException],
+        errors: ErrorBook,
         startup_timeout: float,
     ) -> None:
         self._feed = feed
@@ -54,40 +53,48 @@ class RequestAnswers:
         self._errors = errors
         self._startup_timeout = startup_timeout
         self._ack: Ack | None = None
+        """The leader's latest answer, as of the last apply."""
 
     # -- reading acknowledgements -----------------------------------------------------------------------
 
-    def note(self, head: Head) -> None:
-        """The feed applied (or skipped as older) the snapshot with *head*: take this process's
-        acknowledgement from it (acknowledgements only move forward)."""
-        ack = head.acks.get(self._link.key)
+    def latest_ack(self) -> Ack | None:
+        """The leader's latest answer to this process (written where only this process reads it)."""
+        return self._link.host.read_ack()
+
+    def take(self) -> None:
+        """From an apply (under the feed's lock, after the snapshot): take the leader's latest answer
+        (answers only move forward)."""
+        ack = self.latest_ack()
         if ack is not None and (self._ack is None or ack.seq >= self._ack.seq):
             self._ack = ack
 
-    def latest_ack(self) -> Ack | None:
-        """The latest acknowledgement of this process's requests in an applied snapshot, if any."""
-        return self._ack
-
     def acked(self, seq: int) -> bool:
-        """Whether request *seq* was answered (in a snapshot this process applied)."""
-        ack = self.latest_ack()
-        return ack is not None and ack.seq >= seq
+        """Whether request *seq* is answered: with an error, or by a snapshot this process applied.
+
+        A successful answer names the snapshot (term, generation) that serves
+        the request; it counts once this process applied that snapshot or a
+        later one of the same term. An answer from an earlier term does not
+        count (its leader was replaced: the new one answers again).
+        """
+        ack = self._ack
+        if ack is None or ack.seq < seq:
+            return False
+        if ack.error is not None:
+            return True
+        head, applied = self._feed.head, self._feed.applied
+        return (
+            head is not None and head.term == ack.term and applied is not None and applied >= ack.generation
+        )
 
     def progress(self, seq: int) -> float:
         """What counts as progress towards request *seq* (waits time out on lack of it): the leader's
-        progress, until a published snapshot answers the request. From then on only this process's
-        own apply is awaited, and it cannot come while the caller holds ``modification_lock``: that
-        wait then times out after ``startup_timeout``, whatever the leader does meanwhile."""
-        transport = self._link.transport
-        try:
-            read = transport.read_head()
-            head = decode_head(read.head) if read is not None else None
-        except (SegmentError, ValueError, msgspec.DecodeError):
-            head = None
-        ack = head.acks.get(self._link.key) if head is not None else None
+        progress, until it answered the request. From then on only this process's own apply is
+        awaited, and it cannot come while the caller holds ``modification_lock``: that wait then times
+        out after ``startup_timeout``, whatever the leader does meanwhile."""
+        ack = self.latest_ack()
         if ack is not None and ack.seq >= seq:
             return -1.0
-        return transport.liveness()[0]
+        return self._link.transport.liveness()[0]
 
     # -- what an answer means ---------------------------------------------------------------------------
 
@@ -118,7 +125,7 @@ class RequestAnswers:
                 if outcome is not None and outcome.error is not None:
                     problems.append(f"declaring {name} failed: {outcome.error}")
                     original = original or self._errors.get(outcome.error_id)
-        ack = self.latest_ack()
+        ack = self._ack
         if ack is not None and ack.error is not None and ack.seq >= seq:
             problems.append(f"the update failed: {ack.error}")
             original = original or self._errors.get(ack.error_id)

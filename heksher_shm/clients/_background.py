@@ -4,24 +4,24 @@ Everything the clients take from the engine is built or wired here, besides
 the driver's hooks, which each client's runner gives
 (:mod:`heksher_shm.clients.thread_client`, :mod:`heksher_shm.clients.async_client`):
 
-* the engine itself, over what the client's link holds: the in-process
-  transport, lock and wish, or the host's segment, election lock, registry
-  and doorbells; rebuilt when the client joins its host or is forked;
-* what the engine asks of the client between effects: the generation its
-  settings reflect (it applies a newer one), and housekeeping at each wake
-  (the registration written or restored, the doorbell, a replaced segment
-  file).
+* the engine itself, over its context (the client's configuration, the
+  system clock, the book of errors it reported); rebuilt when the client
+  joins its host or is forked. The host it works on is the link's
+  (:attr:`heksher_shm.clients._link.HostLink.host`), handed to the driver;
+* the client's answer to the engine's ``Housekeep`` effect at each wake: the
+  registration written or restored, the doorbell, a replaced segment file.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import random
+import time
 
+from heksher_shm._engine.context import Context, ErrorBook
 from heksher_shm._engine.engine import Engine
-from heksher_shm._engine.local import LocalLock
-from heksher_shm._engine.shared import RegistrySource
-from heksher_shm._shm.identity import current_identity
+from heksher_shm._engine.local import LocalHost
+from heksher_shm._engine.shared import SharedHost
 from heksher_shm.clients._feed import SettingsFeed
 from heksher_shm.clients._link import HostLink
 from heksher_shm.clients._registration import RegistrationWriter
@@ -31,16 +31,27 @@ __all__ = ["Background"]
 logger = logging.getLogger("heksher_shm.client")
 
 
+class _SystemClock:
+    """The engine's clock in a real process."""
+
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+
+
+_SYSTEM_CLOCK = _SystemClock()
+
+
 class Background:
     """A client's engine, and what it asks of the client besides its driver's hooks.
 
     Args:
-        link: where the engine publishes and watches.
-        feed: the settings whose applied generation the engine compares.
+        link: where the engine's host is.
+        feed: the settings a replaced segment file is reinstalled for.
         registration: this process's wishes, and their upkeep.
         errors: where the engine keeps the exceptions it reported, by id.
         service_url: the service the engine queries (for its log).
         update_interval: seconds between two regular queries.
+        context_features: the client's context features.
     """
 
     def __init__(
@@ -48,7 +59,7 @@ class Background:
         link: HostLink,
         feed: SettingsFeed,
         registration: RegistrationWriter,
-        errors: dict[str, BaseException],
+        errors: ErrorBook,
         *,
         service_url: str,
         update_interval: float,
@@ -63,8 +74,13 @@ class Background:
         self.engine = self._build(context_features)
         """The engine the client's runner drives."""
 
+    @property
+    def host(self) -> LocalHost | SharedHost:
+        """The host the engine's effects are performed on (the link's, as it is now)."""
+        return self._link.host
+
     def rebuild(self, context_features: tuple[str, ...]) -> Engine:
-        """A new engine over what the link holds now (it joined its host's segment, or this is a forked
+        """A new engine for what the link holds now (it joined its host's segment, or this is a forked
         child); the runner drives the new one from its next start."""
         closed = self.engine.closed
         self.engine = self._build(context_features)
@@ -72,55 +88,30 @@ class Background:
         return self.engine
 
     def _build(self, context_features: tuple[str, ...]) -> Engine:
-        link = self._link
-        parts, neighbours = link.parts, link.neighbours
-        if parts is None or neighbours is None:
-            engine = Engine(
-                transport=link.transport,
-                lock=LocalLock(),
-                source=self._registration.local_source,
-                update_interval=self._update_interval,
-                context_features=context_features,
-                identity=(os.getpid(), 0.0, 0),
-                errors=self._errors,
-                housekeeping=self._registration.flush,
-                service_url=self._service_url,
-            )
-        else:
-            identity = current_identity()
-            engine = Engine(
-                transport=parts.segment,
-                lock=parts.lock,
-                source=RegistrySource(parts.registry, parts.segment),
-                update_interval=self._update_interval,
-                context_features=context_features,
-                identity=(identity.pid, identity.create_time, identity.pidns),
-                errors=self._errors,
-                key=link.key,
-                host=neighbours,
-                bell=neighbours.bell_number,
-                housekeeping=self.housekeep,
-                service_url=self._service_url,
-            )
-        feed = self._feed
-        engine.applied_generation = lambda: feed.applied
-        return engine
+        ctx = Context(
+            update_interval=self._update_interval,
+            context_features=context_features,
+            shared=self._link.joined,
+            clock=_SYSTEM_CLOCK,
+            rng=random.Random(),
+            errors=self._errors,
+            service_url=self._service_url,
+        )
+        return Engine(ctx)
 
-    def housekeep(self) -> None:
-        """At each wake of a joined client's engine: write the registration if settings were added,
-        move to a replaced segment file, and put back a vanished doorbell or registration."""
+    def housekeep(self) -> bool:
+        """The client's chores at each wake of its engine (the ``Housekeep`` effect): write the
+        registration if settings were added, move to a replaced segment file, and put back a vanished
+        doorbell or registration. Returns whether the segment file was replaced (and reopened)."""
         registration = self._registration
         registration.flush()
         if not registration.defended:
-            return
-        if self._link.segment_replaced():
+            return False
+        replaced = self._link.segment_replaced()
+        if replaced:
             # Between the engine's steps: the old mapping stays valid for whoever still reads it.
-            segment = self._link.reopen()
-            self.engine.replace_transport(segment)
-            source = self.engine.source
-            if isinstance(source, RegistrySource):
-                source.replace_segment(segment)
-            self._feed.move_to(segment)
+            self._feed.move_to(self._link.reopen())
             self._feed.reinstall_all()  # states watch the new file's generation word
         self._link.ensure_bell()
         registration.ensure_registered()
+        return replaced

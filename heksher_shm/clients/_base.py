@@ -34,9 +34,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
+from heksher_shm._engine.context import ErrorBook
 from heksher_shm._engine.engine import Engine
+from heksher_shm._engine.host import Wish
 from heksher_shm._engine.shared import SharedParts
-from heksher_shm._model.snapshot import Head
 from heksher_shm._process import fork as _fork
 from heksher_shm._process import main as _main
 from heksher_shm._process.main import LiveSetting
@@ -116,12 +117,14 @@ class BaseHeksherClient(Generic[R]):
         self._http_client_args = dict(http_client_args or {})
         self._startup_timeout = float(startup_timeout)
         self._closed = False
-        self._errors: dict[str, BaseException] = {}
+        self._errors = ErrorBook(os.getpid())
         """The exceptions this process's engine reported while leading, by id (see RequestAnswers)."""
 
         self._runner: R = runner(service_url, self._http_client_args)
         self._contexts = Contexts()
+        self._registration: RegistrationWriter
         self._link = HostLink(
+            self._wish,
             shared=bool(shared),
             shm_dir=None if shm_dir is None else os.fspath(shm_dir),
             segment_name=segment_name,
@@ -134,7 +137,7 @@ class BaseHeksherClient(Generic[R]):
             is_main=lambda: _main.current() is self,
             damaged=self._segment_damaged,
             update_failed=self._update_failed,
-            head_applied=self._head_applied,
+            applied=self._take_answer,
         )
         self._answers = RequestAnswers(
             self._feed, self._contexts, self._link, self._errors, self._startup_timeout
@@ -289,9 +292,13 @@ class BaseHeksherClient(Generic[R]):
         except Exception:
             logger.exception("update callback raised")
 
-    def _head_applied(self, head: Head) -> None:
-        """The feed applied (or skipped) a snapshot: the answers to this process's requests may be in it."""
-        self._answers.note(head)
+    def _wish(self) -> Wish:
+        """What this process asks for now (read by the in-process host, alone)."""
+        return self._registration.wish()
+
+    def _take_answer(self) -> None:
+        """The feed applied a snapshot: take the leader's latest answer to this process's requests."""
+        self._answers.take()
 
     def _update_failed(self, error: Exception) -> None:
         """A validator or ``on_coerce`` failed on new values (the feed logs it, and callback errors)."""
@@ -320,6 +327,8 @@ class BaseHeksherClient(Generic[R]):
         self._runner.after_fork_in_child()
         self._link.after_fork_in_child(listen=not self._closed)
         self._background.rebuild(self._context_features)
+        if self._link.passive:
+            return  # get() applies what the leader publishes; nothing runs in the background
         if self._registration.main and not self._closed:
             self._registration.changed()
             self._runner.resume_in_child()

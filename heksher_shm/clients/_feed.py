@@ -24,19 +24,42 @@ from typing import Any, Protocol
 
 import msgspec
 
-from heksher_shm._engine.ports import Blob, Transport
+from heksher_shm._engine.host import HeadCopy
 from heksher_shm._model.snapshot import Head, SettingEntry, decode_blob, decode_head
 from heksher_shm._process import main as _main
 from heksher_shm._process.gc import paused_gc
 from heksher_shm._shm.layout import WORD_GENERATION
 from heksher_shm.clients._contexts import Contexts
 from heksher_shm.clients._conversion import compile_blob, convert_default
-from heksher_shm.exceptions import SegmentError
+from heksher_shm.exceptions import SegmentError, SnapshotFencedError
 from heksher_shm.setting import Setting, _ContextView, _State
 
-__all__ = ["Gate", "SettingsFeed", "settings_of"]
+__all__ = ["Blob", "Gate", "SettingsFeed", "Snapshots", "settings_of"]
 
 logger = logging.getLogger("heksher_shm.client")
+
+
+class Blob(Protocol):
+    """A blob taken from a snapshot to be decoded later (``copy_blobs``)."""
+
+    def verified(self) -> bytes | memoryview:
+        """Its bytes, checked; raises :class:`~heksher_shm.exceptions.SegmentCorruptedError` if damaged."""
+        ...
+
+
+class Snapshots(Protocol):
+    """Where a feed reads snapshots: the shared segment, or the in-process host."""
+
+    @property
+    def words(self) -> Any:
+        """The header as 8-byte words; item ``WORD_GENERATION`` is the published generation."""
+        ...
+
+    def generation(self) -> int: ...
+
+    def read_head(self) -> HeadCopy | None: ...
+
+    def copy_blobs(self, generation: int, indices: Sequence[int]) -> Sequence[Blob] | None: ...
 
 
 class Gate(Protocol):
@@ -72,27 +95,27 @@ class SettingsFeed:
             tells :mod:`heksher_shm._process.main` which settings are declared).
         damaged: a snapshot failed its checks (whoever leads should check the segment).
         update_failed: a validator or ``on_coerce`` raised; for ``on_update_error``.
-        head_applied: a snapshot's head was applied (or skipped as older):
-            whoever reads the leader's answers looks at it.
+        applied: a full apply ended (under the feed's lock, after the
+            snapshot): whoever reads the leader's answers takes the latest.
     """
 
     def __init__(
         self,
         contexts: Contexts,
-        transport: Transport,
+        transport: Snapshots,
         gate: Gate,
         *,
         is_main: Callable[[], bool],
         damaged: Callable[[], None],
         update_failed: Callable[[Exception], None],
-        head_applied: Callable[[Head], None],
+        applied: Callable[[], None],
     ) -> None:
         self._contexts = contexts
         self._gate = gate
         self._is_main = is_main
         self._damaged = damaged
         self._update_failed = update_failed
-        self._head_applied = head_applied
+        self._applied = applied
         self.settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
         self.applied: int | None = None
         """The generation of the snapshot applied to every setting (None: none yet, or every setting is
@@ -136,7 +159,7 @@ class SettingsFeed:
 
     # -- what the client does with it ------------------------------------------------------------------------
 
-    def move_to(self, transport: Transport) -> None:
+    def move_to(self, transport: Snapshots) -> None:
         """Read snapshots from *transport* from now on (the client joined its host's segment, or the
         segment file was replaced). Settings' states watch the old one until they are rebuilt."""
         with self.lock:
@@ -171,6 +194,9 @@ class SettingsFeed:
             try:
                 with paused_gc():
                     self._apply_from(self._transport)
+                # After the snapshot: a request counts as answered once an apply saw both (so a
+                # reload() made while holding modification_lock waits, as documented).
+                self._applied()
             finally:
                 self.lock.release()
         if notify:
@@ -261,6 +287,8 @@ class SettingsFeed:
         if entry is None or head.queried < self._queried or state.feed is not self:
             self.apply_latest(blocking=False)
             return
+        # Never back: a full apply refuses rules older than what any setting of this process has.
+        self._queried = head.queried
         if state.digest == entry.digest and not self._reapply:
             setting._mark_current(generation)
             return
@@ -272,7 +300,7 @@ class SettingsFeed:
         if blobs is not None:  # else published again meanwhile: the next get() tries
             self._defer_install(setting, blobs[0], entry.digest, head.context_features, generation)
 
-    def _apply_from(self, transport: Transport) -> None:
+    def _apply_from(self, transport: Snapshots) -> None:
         for _ in range(100):
             generation = transport.generation()
             if generation == self.applied:
@@ -282,6 +310,13 @@ class SettingsFeed:
                 if read is None or read.generation == self.applied:
                     return
                 head = decode_head(read.head)
+            except SnapshotFencedError as e:
+                # A leader that was replaced published late: never read it (the leader in charge
+                # republishes once rung). Settled on, so that get() does not retry it on every call.
+                logger.warning("ignoring a snapshot of a replaced leader; keeping the previous rules: %s", e)
+                self._settle(generation)
+                self._damaged()
+                return
             except (SegmentError, ValueError, msgspec.DecodeError):
                 # Keep serving what we have; settle on this generation so that
                 # get() does not retry it on every call. The leader repairs
@@ -297,7 +332,6 @@ class SettingsFeed:
                     "skipping a snapshot older than the applied one", extra={"generation": read.generation}
                 )
                 self._settle(read.generation)
-                self._head_applied(head)
                 return
             entries = {entry.name: entry for entry in head.settings}
             settings = self._served()
@@ -342,7 +376,6 @@ class SettingsFeed:
             self._queried = head.queried
             self._release_declared(head)
             self.applied = read.generation
-            self._head_applied(head)
             return
         logger.warning("the snapshot kept changing while being read; keeping the previous one")
 
@@ -463,7 +496,7 @@ class _PendingRules:
             feed._conversion_failed(setting, failure)
 
 
-def _generation_word(transport: Transport) -> memoryview:
+def _generation_word(transport: Snapshots) -> memoryview:
     """A live one-word view of *transport*'s published generation (item ``WORD_GENERATION`` of the
     header words the shared segment and the in-process stand-in both keep), for ``get()`` to read."""
     return memoryview(transport.words)[WORD_GENERATION : WORD_GENERATION + 1]

@@ -1,10 +1,10 @@
 """Where a client's snapshots live: :class:`HostLink`.
 
-A client starts alone, with the in-process stand-in for the segment
-(:mod:`heksher_shm._engine.local`); with sharing on, ``set_as_main`` joins
-the host's segment (:mod:`heksher_shm._engine.shared`): its files, this
-process's key among their registrations, and a doorbell of this client's
-own. The other parts of the client read what the link holds now, as it
+A client starts alone, on the in-process host (:mod:`heksher_shm._engine.local`);
+with sharing on, ``set_as_main`` joins the host's segment
+(:mod:`heksher_shm._engine.shared`): its files, this process's key among
+their registrations, a doorbell of this client's own, and the engine's host
+over them. The other parts of the client read what the link holds now, as it
 changes (joined, moved to a replaced segment file, forked).
 """
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from collections.abc import Callable
 
-from heksher_shm._engine.local import LocalTransport
-from heksher_shm._engine.shared import Neighbours, SharedParts, open_shared, wish_key
+from heksher_shm._engine.host import Wish
+from heksher_shm._engine.local import LocalHost
+from heksher_shm._engine.shared import Neighbours, SharedHost, SharedParts, open_shared, wish_key
 from heksher_shm._shm.identity import current_identity
 from heksher_shm._shm.segment import Segment
 from heksher_shm.exceptions import SegmentError
@@ -32,6 +34,7 @@ class HostLink:
     """A client's link to where snapshots are published: in this process, or the host's shared files.
 
     Args:
+        wish: this process's wish as it is now (what the in-process host reads).
         shared: whether to join the host's segment at :meth:`join` (else
             the client stays alone, ``shared=False``).
         shm_dir: the folder of the shared files (None: the default one).
@@ -39,12 +42,18 @@ class HostLink:
             and the context features).
     """
 
-    def __init__(self, *, shared: bool, shm_dir: str | None, segment_name: str | None) -> None:
+    def __init__(
+        self, wish: Callable[[], Wish], *, shared: bool, shm_dir: str | None, segment_name: str | None
+    ) -> None:
         self._shared = shared
         self._shm_dir = shm_dir
         self._segment_name = segment_name
-        self.transport: LocalTransport | Segment = LocalTransport()
-        """Where snapshots are read and published."""
+        self.local_host = LocalHost(wish)
+        """The host of a client alone in its process: snapshots, answers and the lock kept in memory."""
+        self.host: LocalHost | SharedHost = self.local_host
+        """The engine's host: the in-process one, or the shared one once joined (and listening)."""
+        self.transport: LocalHost | Segment = self.local_host
+        """Where snapshots are read."""
         self.parts: SharedParts | None = None
         """The host's shared files, once joined."""
         self.neighbours: Neighbours | None = None
@@ -69,9 +78,11 @@ class HostLink:
         parts = open_shared(
             service_url, context_features, shm_dir=self._shm_dir, segment_name=self._segment_name
         )
-        self.key = wish_key(current_identity())
+        identity = current_identity()
+        self.key = wish_key(identity)
         self.neighbours = Neighbours(parts, self.key, next(_bell_numbers))
         self.parts = parts
+        self.host = SharedHost(parts, self.neighbours, identity)
         self.transport = parts.segment
         return True
 
@@ -93,8 +104,8 @@ class HostLink:
         segment = Segment.open(parts.segment.path)
         self.parts = parts = dataclasses.replace(parts, segment=segment)
         self.transport = segment
-        if self.neighbours is not None:
-            self.neighbours.replace_parts(parts)
+        if isinstance(self.host, SharedHost):
+            self.host.replace_parts(parts)
         return segment
 
     def ensure_bell(self) -> None:
@@ -112,16 +123,25 @@ class HostLink:
         if self.neighbours is not None:
             self.neighbours.close()
 
+    @property
+    def passive(self) -> bool:
+        """Joined, but not listening (a forked child that could not bind a doorbell): ``get()`` applies
+        what the leader publishes; nothing runs in the background."""
+        return self.parts is not None and self.neighbours is None
+
     def after_fork_in_child(self, listen: bool) -> None:
         """In a forked child: drop the parent's doorbell and leader watch (closed, never removed), take
-        this process's key, and (when *listen*) a doorbell of its own."""
+        this process's key, and (when *listen*) a doorbell and a host of its own."""
         if self.neighbours is not None:
             self.neighbours.forget_inherited()
             self.neighbours = None
+        self.host = self.local_host
         if self.parts is not None:
-            self.key = wish_key(current_identity())
+            identity = current_identity()
+            self.key = wish_key(identity)
             if listen:
                 try:
                     self.neighbours = Neighbours(self.parts, self.key, next(_bell_numbers))
+                    self.host = SharedHost(self.parts, self.neighbours, identity)
                 except SegmentError:
                     logger.exception("cannot listen for the leader after fork; rules still come on get()")

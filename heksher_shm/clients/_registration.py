@@ -4,7 +4,7 @@ The process's registration (:mod:`heksher_shm._shm.registration`) carries its
 declarations, the context values it tracks, and its request numbers; the
 main client writes it, bumps the segment's registry counter, and rings the
 leader. Alone (``shared=False``) the same wish is read in process
-(:class:`~heksher_shm._engine.local.LocalSource`).
+(:class:`~heksher_shm._engine.local.LocalHost`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Literal
 
-from heksher_shm._engine.local import LocalSource
-from heksher_shm._engine.ports import Wish
+from heksher_shm._engine.host import Wish
 from heksher_shm._model.protocol import DeclarationBody
 from heksher_shm._shm.identity import current_identity
 from heksher_shm._shm.registration import Registration
@@ -96,8 +95,6 @@ class RegistrationWriter:
         # Held while the registration is computed and written, from set_as_main/reload/track_contexts
         # and from the background loop's housekeeping: the last write carries the latest wish.
         self._lock = threading.Lock()
-        self.local_source = LocalSource(self.wish)
-        """The wishes the engine reads while alone (``shared=False``): this process's own."""
 
     def wish(self) -> Wish:
         """What this process asks for now, as the engine reads it (alone in the process)."""
@@ -127,7 +124,7 @@ class RegistrationWriter:
         parts = self._link.parts
         if parts is None:
             self._dirty = False
-            self.local_source.touch()
+            self._link.local_host.touch()
         elif not self.closed:
             with self._lock:
                 self._dirty = False

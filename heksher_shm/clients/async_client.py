@@ -23,6 +23,8 @@ import httpx
 
 from heksher_shm._engine.drivers import LoopWaker, drive_async, in_thread
 from heksher_shm._engine.effects import Apply
+from heksher_shm._engine.local import LocalHost
+from heksher_shm._engine.shared import SharedHost
 from heksher_shm._model import protocol as proto
 from heksher_shm.clients._background import Background
 from heksher_shm.clients._base import BaseHeksherClient
@@ -277,7 +279,8 @@ class _AsyncRunner:
     async def _run(self) -> None:
         assert self._background is not None
         try:
-            await drive_async(self._background.engine.run(), self)
+            engine = self._background.engine
+            await drive_async(engine.run(), self, engine.closing_effects)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -295,6 +298,16 @@ class _AsyncRunner:
             await self._http_client.aclose()
 
     # -- the asyncio driver's hooks (heksher_shm._engine.drivers.AsyncHooks) ---------------------------------
+
+    @property
+    def host(self) -> LocalHost | SharedHost:
+        """The host the engine's effects are performed on."""
+        assert self._background is not None
+        return self._background.host
+
+    def housekeep(self) -> bool:
+        assert self._background is not None
+        return self._background.housekeep()
 
     def http(self) -> httpx.AsyncClient:
         """The client's one HTTP client, made on first use: a follower may never need one, and

@@ -22,6 +22,8 @@ import httpx
 from heksher_shm._engine.drivers import WakePipe, drive_sync
 from heksher_shm._engine.effects import Apply
 from heksher_shm._engine.health import Trouble
+from heksher_shm._engine.local import LocalHost
+from heksher_shm._engine.shared import SharedHost
 from heksher_shm._model import protocol as proto
 from heksher_shm._process.servers import forking_uwsgi_master
 from heksher_shm._process.threads import block_signals, start_thread
@@ -238,7 +240,9 @@ class _ThreadRunner:
         self.thread: threading.Thread | None = None
         # One error line when requests start failing, not one (with a traceback) per call.
         self.failing = {
-            what: Trouble(logger, f"{what} failed", logging.ERROR, service_url=self._service_url)
+            what: Trouble(
+                logger, f"{what} failed", time.monotonic, logging.ERROR, service_url=self._service_url
+            )
             for what in ("set_as_main", "reload")
         }
 
@@ -284,7 +288,8 @@ class _ThreadRunner:
     def _run(self) -> None:
         assert self._background is not None
         try:
-            drive_sync(self._background.engine.run(), self)
+            engine = self._background.engine
+            drive_sync(engine.run(), self, engine.closing_effects)
         except Exception:
             logger.exception("the heksher background thread stopped on an error")
         finally:
@@ -298,13 +303,13 @@ class _ThreadRunner:
         the others, when the run ends."""
         assert self._background is not None
         hooks = _UntilAcked(self, seq, answers, startup_timeout)
-        steps = self._background.engine.run()
+        engine = self._background.engine
         try:
-            drive_sync(steps, hooks)
+            # Stopped by _Pause: the driver then lets go of the lock and rings the others.
+            drive_sync(engine.run(), hooks, engine.closing_effects)
         except _Pause:
             pass
         finally:
-            steps.close()
             pool, self._pool = self._pool, None
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -326,6 +331,16 @@ class _ThreadRunner:
         self.notify_applied()
 
     # -- the blocking driver's hooks (heksher_shm._engine.drivers.SyncHooks) ---------------------------------
+
+    @property
+    def host(self) -> LocalHost | SharedHost:
+        """The host the engine's effects are performed on."""
+        assert self._background is not None
+        return self._background.host
+
+    def housekeep(self) -> bool:
+        assert self._background is not None
+        return self._background.housekeep()
 
     def http(self) -> httpx.Client:
         """The client's one HTTP client, made on first use: a follower may never need one, and
@@ -385,6 +400,13 @@ class _UntilAcked:
         self._progress = answers.progress(seq)
         self._deadline = time.monotonic() + startup_timeout
         self.timed_out = False
+
+    @property
+    def host(self) -> LocalHost | SharedHost:
+        return self._runner.host
+
+    def housekeep(self) -> bool:
+        return self._runner.housekeep()
 
     def http(self) -> httpx.Client:
         return self._runner.http()

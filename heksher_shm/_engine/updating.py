@@ -1,0 +1,292 @@
+"""A leader's updates: query, publish, acknowledge, back off, and check its own work.
+
+This module does no I/O: it yields effects.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import httpx
+
+from heksher_shm._engine import policy
+from heksher_shm._engine.answers import Fresh, ServiceLostSettings
+from heksher_shm._engine.context import Context
+from heksher_shm._engine.declaring import Declarer
+from heksher_shm._engine.effects import (
+    Acknowledge,
+    Call,
+    Compute,
+    Digest,
+    Effect,
+    KeepsLead,
+    Publish,
+    ReadBlobs,
+    ReadHead,
+    RecordError,
+    RecordOk,
+)
+from heksher_shm._engine.health import backoff_delay, error_text, update_delay
+from heksher_shm._engine.host import Wish
+from heksher_shm._engine.term import LeaderLost, Spec, Term, acknowledgements, query_spec
+from heksher_shm._model import protocol as proto
+from heksher_shm._model.snapshot import FORMAT, Head, encode_head
+from heksher_shm.exceptions import SnapshotFencedError
+
+__all__ = ["Updater", "keep_lead"]
+
+logger = logging.getLogger("heksher_shm.engine")
+
+
+def keep_lead() -> Generator[Effect, Any, None]:
+    """Step down (raise :class:`LeaderLost`) if the lock file was removed or replaced: someone else may
+    lock the new one, or already did, having judged this leader stuck."""
+    if not (yield KeepsLead()):
+        logger.warning("the election lock file was removed or replaced; stepping down")
+        raise LeaderLost
+
+
+class Updater:
+    """What a leader does with the service's answers and the segment."""
+
+    def __init__(self, ctx: Context, declarer: Declarer) -> None:
+        self._ctx = ctx
+        self._declarer = declarer
+
+    def cycle(
+        self, term: Term, wishes: list[Wish]
+    ) -> Generator[Effect, Any, tuple[bool, BaseException | None]]:
+        """Declare what is new, then query when due or asked; returns (updated, error).
+
+        During a backoff (updates failing), a process that asks for a query gets
+        the standing error at once instead of a query: an outage costs the
+        service one query per backoff step, however often processes reload.
+        """
+        # A declaration the service answered is a sign it is back (during a backoff); whether it
+        # brought a setting to query is for the spec to say (an ``uptodate`` one usually does not).
+        answered = yield from self._declarer.declare(term, wishes)
+        spec = query_spec(term, wishes)
+        now = self._ctx.clock.monotonic()
+        asking = [w for w in wishes if w.query_seq > term.queried_for.get(w.key, 0)]
+        due = now >= term.next_update
+        if not (asking or due or spec != term.spec):
+            if not term.published:
+                standing = term.error[0] if term.error is not None else None
+                failed = yield from self._publish(term, None, standing)  # the term's first snapshot
+                if failed is not None:
+                    yield from self._settle(term, failed)
+            yield from self.acknowledge(term, wishes)
+            return False, None
+        if term.failures and not due and not answered:
+            for wish in asking:
+                term.queried_for[wish.key] = wish.query_seq  # answered: with the standing error
+            yield from self.acknowledge(term, wishes)
+            return False, None
+        for wish in wishes:
+            term.queried_for[wish.key] = wish.query_seq  # requests seen now are answered by this query
+        error = yield from self.update(term, wishes, spec)
+        return True, error
+
+    def update(
+        self, term: Term, wishes: Sequence[Wish], spec: Spec
+    ) -> Generator[Effect, Any, BaseException | None]:
+        """Query, publish and acknowledge; returns the error, if any. The update timer restarts here.
+
+        A 404 means the service lost a setting this host still uses (its data
+        was reset, or someone deleted the setting): declare everything again,
+        then query once more. Failures back off (see :mod:`heksher_shm._engine.health`).
+        What the query brought is committed to the term only once published:
+        a publish that fails (a full disk) leaves the term describing what
+        readers have, and the next update fetches again.
+        """
+        if spec != term.spec:
+            term.etag = ""
+        error: BaseException | None = None
+        fresh: Fresh | None = None
+        for attempt in range(2):
+            try:
+                fresh = yield from self._query(term, spec)
+            except ServiceLostSettings as lost:
+                if attempt == 0:
+                    logger.warning(
+                        "the service does not know a setting this host uses; declaring everything again",
+                        extra={"response_content": lost.response.content[:200]},
+                    )
+                    term.declared = {d: o for d, o in term.declared.items() if o.error is not None}
+                    term.etag = ""
+                    yield from self._declarer.declare(term, wishes)
+                    spec = query_spec(term, wishes)
+                    continue
+                try:
+                    lost.response.raise_for_status()
+                except httpx.HTTPStatusError as e:
+                    error = e
+            except Exception as e:  # transport, protocol, and anything unexpected: reported, never fatal
+                error = e
+            break
+        if error is None:
+            term.spec = spec
+            self._ctx.service.resolved()
+        else:
+            extra: dict[str, Any] = {"settings": len(spec[0])}
+            if isinstance(error, httpx.HTTPStatusError):
+                extra["response_content"] = error.response.content[:200]
+            self._ctx.service.failed(error, **extra)
+            fresh = None
+        failed = yield from self._publish(term, fresh, None if error is None else error_text(error))
+        if error is None and failed is not None:
+            error = failed  # the service answered, but readers do not have it: the update failed all the same
+        yield from self._settle(term, error)
+        yield from self.acknowledge(term, wishes)
+        return error
+
+    def acknowledge(self, term: Term, wishes: Sequence[Wish]) -> Generator[Effect, Any, None]:
+        """Answer the requests that this term's work answered and that were not answered yet."""
+        acks = acknowledgements(term, wishes)
+        changed = {key: ack for key, ack in acks.items() if term.served.get(key) != ack}
+        term.served = acks
+        if changed:
+            yield Acknowledge(changed)
+
+    def _settle(self, term: Term, error: BaseException | None) -> Generator[Effect, Any, None]:
+        """The end of an update: the next one is due an interval from now, or after a backoff step."""
+        ctx = self._ctx
+        now = ctx.clock.monotonic()
+        if error is None:
+            # The first success of a term, or the first after failures: hosts that got here together
+            # (a fleet's start, the end of an outage) must not stay in lockstep.
+            desync = not term.updated_once or term.failures > 0
+            term.failures = 0
+            term.error = None
+            term.updated_once = True
+            term.next_update = now + update_delay(ctx.update_interval, ctx.rng, desync)
+            yield RecordOk(ctx.clock.wall())
+        else:
+            term.failures += 1
+            term.next_update = now + backoff_delay(term.failures, ctx.update_interval, ctx.rng)
+            text = error_text(error)
+            term.error = (text, ctx.errors.remember(error))
+            yield RecordError(text, ctx.clock.wall())
+
+    def _publish(
+        self, term: Term, fresh: Fresh | None, error: str | None
+    ) -> Generator[Effect, Any, BaseException | None]:
+        """Publish what changed (or the term's first snapshot); returns why publishing failed, if it did.
+
+        *error* describes the failure of the update behind it (the head says whether its rules come
+        from a successful query).
+        """
+        entries, blobs, queried = term.entries, term.blobs, term.queried
+        changed = False
+        if fresh is not None:
+            queried = fresh.queried
+            if fresh.entries is not None and fresh.entries != term.entries:
+                entries, blobs, changed = fresh.entries, fresh.blobs, True
+        if not (changed or not term.published):
+            if fresh is not None:
+                term.etag, term.queried = fresh.etag, queried
+            return None
+        yield from keep_lead()  # a leader that was replaced while it was stopped must not write
+        ctx = self._ctx
+        head = Head(
+            format=FORMAT,
+            term=term.number,
+            published=ctx.clock.wall(),
+            context_features=term.context_features or ctx.context_features,
+            settings=entries,
+            outcomes=dict(term.declared),
+            ok=error is None,
+            error=error,
+            update_interval=ctx.update_interval,
+            queried=queried,
+            filters=term.spec[1] if term.spec is not None else None,
+        )
+        encoded: bytes = yield Compute(functools.partial(encode_head, head), busy=True)
+        failed = yield from self._write(term, encoded, blobs)
+        if failed is None:
+            term.entries, term.blobs, term.queried = entries, blobs, queried
+            term.published = True
+            if fresh is not None:
+                term.etag = fresh.etag
+        else:
+            term.etag = ""  # what the service answered is not what readers have: fetch again
+        return failed
+
+    def _write(
+        self, term: Term, head: bytes, blobs: list[bytes]
+    ) -> Generator[Effect, Any, BaseException | None]:
+        """Publish into the segment; on failure (a full disk...) the previous snapshot stays."""
+        try:
+            term.generation = yield Publish(head, blobs, term.number, busy=True)
+        except SnapshotFencedError as e:
+            logger.warning("a newer leader took over while this one could not run; stepping down: %s", e)
+            raise LeaderLost from e
+        except Exception as e:
+            self._ctx.publishing.failed(e)
+            return e
+        self._ctx.publishing.resolved()
+        term.head = head
+        term.fresh = True
+        return None
+
+    def verify(self, term: Term) -> Generator[Effect, Any, None]:
+        """Republish if what readers would find is not what this leader published (damaged, overwritten,
+        or fenced off: a replaced leader's late snapshot).
+
+        Called at every wake; checks at most once per :data:`VERIFY_INTERVAL`
+        (reading back a big snapshot costs), and a check wanted sooner is made
+        when that time comes (the leader wakes for it).
+        """
+        if not term.generation or term.fresh:
+            # Nothing of this term's to check, or it just published: what it wrote is what is there.
+            term.fresh = False
+            term.verify_wanted = False
+            term.verified = self._ctx.clock.monotonic()
+            return
+        term.verify_wanted = True
+        now = self._ctx.clock.monotonic()
+        if now - term.verified < policy.VERIFY_INTERVAL:
+            return
+        term.verify_wanted = False
+        term.verified = now
+        if (yield from self._intact(term)):
+            return
+        logger.warning("the shared segment was damaged or overwritten; publishing again")
+        yield from keep_lead()
+        yield from self._write(term, term.head, term.blobs)
+
+    def _intact(self, term: Term) -> Generator[Effect, Any, bool]:
+        try:
+            read = yield ReadHead(busy=True)
+            if read is None or read.generation != term.generation or read.head != term.head:
+                return False
+            blobs = yield ReadBlobs(read.generation, range(len(term.blobs)), busy=True)
+        except Exception:
+            return False
+        return bool(blobs == term.blobs)
+
+    def _query(self, term: Term, spec: Spec) -> Generator[Effect, Any, Fresh | None]:
+        """Ask the service; None when there is nothing to ask. Commits nothing to the term."""
+        names, filters = spec
+        if not names:
+            return None
+        response = yield Call(
+            "GET",
+            proto.QUERY,
+            params=proto.query_params(names, filters),
+            headers={"If-None-Match": term.etag} if term.etag else None,
+            busy=True,
+        )
+        clock = self._ctx.clock
+        if response.status_code == 304:
+            logger.debug("heksher reload not necessary")
+            return Fresh(None, [], term.etag, clock.monotonic())
+        if response.status_code == 404:
+            raise ServiceLostSettings(response)
+        response.raise_for_status()
+        fresh: Fresh = yield Digest(response, clock.monotonic(), busy=True)
+        logger.info("heksher reload done", extra={"settings": len(fresh.entries or ())})
+        return fresh
