@@ -53,7 +53,7 @@ def body(params: dict[str, Any]) -> None:
     setting = settings[params["setting"]]
     setting.get(**CONTEXT)
     emit("ready", role=role("ours", client))
-    transport = client._transport  # the segment; generation() is one aligned load
+    transport = client._link.transport  # the segment; generation() is one aligned load
     for command in commands():
         expected = command["expected"]
         generation = transport.generation()

@@ -6,9 +6,17 @@ has been declared and weakly after that (see :mod:`heksher_shm._process.main`): 
 declared setting that is garbage collected is no longer updated.
 
 ``get()`` is the hot path. Each update compiles a setting's rules once
-(:mod:`heksher_shm._model.resolve`) into an immutable :class:`_State`; ``get()``
-checks one generation word, then answers repeated contexts from a small
-per-state cache keyed by the call's keyword arguments.
+(:mod:`heksher_shm._model.resolve`) into a :class:`_State`; ``get()`` checks
+one generation word, then answers repeated contexts from a small per-state
+cache keyed by the call's keyword arguments.
+
+A setting is fed its rules by one *feed* (the main client's
+:class:`~heksher_shm.clients._feed.SettingsFeed`, or a stub client), and the
+two meet through one narrow interface, :class:`_Feed`: a state is built
+with the feed's context view and watches the feed's published generation
+word; when that word moves past the state's generation, ``get()`` asks the
+feed to refresh the setting. The feed, in turn, changes a setting only
+through the methods under "what a feed does to a setting" below.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import msgspec
 from heksher_shm._model.lookup import compile_miss
 from heksher_shm._model.protocol import DeclarationBody, declaration_digest
 from heksher_shm._model.resolve import CompiledRules
+from heksher_shm._process import main as _main
 from heksher_shm.setting_types import Conversion, SettingType, setting_type
 
 __all__ = ["QueriedRule", "Setting"]
@@ -40,7 +49,9 @@ FEATURE_NAME = re.compile(r"[a-zA-Z_0-9]+")
 VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 
 _MISSING: Any = object()
-_NEVER = (0, 0, 0)  # the words of a setting no client feeds: never stale
+_UNFED = 0
+"""The generation of a setting no feed serves: its states watch a constant word of that value."""
+_NEVER_PUBLISHED: Sequence[int] = (_UNFED,)
 
 _CACHE_LIMIT = 4096
 """Distinct contexts remembered per setting between updates; the cache is cleared when full."""
@@ -86,57 +97,72 @@ class _ContextView:
     warn: Callable[[str, str], None]
 
 
-class _Client(Protocol):
-    """What a setting needs from the client that feeds it."""
+class _Feed(Protocol):
+    """What feeds a setting its rules: the one interface from a :class:`Setting` to what serves it.
 
-    def _context_view(self) -> _ContextView: ...
+    A state is built with :meth:`context_view` and watches :attr:`published`;
+    ``get()`` calls :meth:`refresh` when the published generation is not the
+    state's own.
+    """
 
-    def _watch(self) -> tuple[Any, list[int]]: ...
+    @property
+    def published(self) -> Sequence[int]:
+        """A live one-item view: item 0 is the generation last published where this feed's rules come
+        from (read by every ``get()``: one aligned load, no call)."""
+        ...
 
-    def _refresh(self, setting: Setting[Any]) -> None: ...
+    def context_view(self) -> _ContextView:
+        """The defaults and tracked values a new state resolves contexts with."""
+        ...
+
+    def refresh(self, setting: Setting[Any]) -> None:
+        """A snapshot newer than *setting*'s state was published: bring the setting up to date now if
+        that takes no waiting (else its current rules answer until the feed applies it)."""
+        ...
 
 
 class _State:
-    """Everything ``get()`` reads, replaced whole on every change (never mutated but for the cache).
+    """Everything ``get()`` reads, replaced whole when the rules change.
 
     ``miss`` answers a context the cache does not know: a closure compiled
     with everything it needs in local variables, because a new context on
-    every call is a case worth making fast too.
+    every call is a case worth making fast too. Besides the cache, only
+    ``generation`` changes in place: the feed moves it on when a snapshot
+    leaves these rules as they are (or sets it to ``None`` to have the next
+    ``get()`` refresh the setting).
     """
 
     __slots__ = (
-        "applied",
         "cache",
-        "client",
         "contextvars",
         "digest",
+        "feed",
+        "generation",
         "miss",
         "pending",
+        "published",
         "rules",
-        "words",
     )
 
     def __init__(
         self,
         setting: Setting[Any],
-        client: _Client | None,
+        feed: _Feed | None,
         rules: CompiledRules | None,
         server_default: Any,
         digest: bytes | None = None,
-        applied: list[int] | None = None,
+        generation: int | None = None,
     ) -> None:
-        self.client = client
+        self.feed = feed
         self.rules = rules
         self.digest = digest
         """The digest of the snapshot blob the rules came from (None: not from a snapshot, or to be
-        rebuilt from the next one): the client skips a setting whose blob it already holds."""
-        # get() is stale when words[2] (the published generation) differs from applied[0]: the
-        # client's box, shared by its settings, or one of this state's own (see Setting._defer)
-        watched: tuple[Any, list[int]] = client._watch() if client is not None else (_NEVER, [0])
-        self.words, self.applied = watched
-        if applied is not None:
-            self.applied = applied
-        view = client._context_view() if client is not None else None
+        rebuilt from the next one): the feed skips a setting whose blob it already holds."""
+        # get() is stale when published[0] (the feed's published generation) is not the generation
+        # this state is current for; None is current for none (the next get() refreshes).
+        self.published = feed.published if feed is not None else _NEVER_PUBLISHED
+        self.generation: int | None = generation if feed is not None else _UNFED
+        view = feed.context_view() if feed is not None else None
         features = frozenset(setting.configurable_features)
         variables = {f: v for f, v in view.variables if f in features} if view is not None else {}
         self.contextvars = tuple(variables.values())
@@ -154,35 +180,22 @@ class _State:
         self.pending: Callable[[], None] | None = None
         """Set on a state whose rules arrived but are not compiled yet (see ``Setting._defer``)."""
 
-    def pending_copy(
+    def derived(
         self,
-        miss: Callable[[dict[str, str]], Any],
-        pending: Callable[[], None],
-        digest: bytes,
-        applied: list[int],
-    ) -> _State:
-        """This state, with an empty cache, no rules, and the rest given: built without asking the
-        client anything or compiling a lookup, as a snapshot may defer a thousand."""
-        return self._derived(applied, digest, None, {}, miss, pending)
-
-    def reboxed(self, applied: list[int], digest: bytes | None) -> _State:
-        """This state (its rules, lookup and cache) compared with another applied box."""
-        return self._derived(applied, digest, self.rules, self.cache, self.miss, self.pending)
-
-    def _derived(
-        self,
-        applied: list[int],
+        generation: int | None,
         digest: bytes | None,
         rules: CompiledRules | None,
         cache: dict[Any, Any],
         miss: Callable[[dict[str, str]], Any],
         pending: Callable[[], None] | None,
     ) -> _State:
-        """A state of the same client and defaults, watching the words of the client's segment now
-        (it may have moved to a new file since this one was made)."""
+        """A state of the same feed and defaults, built without asking the feed anything or compiling a
+        lookup (a snapshot may defer a thousand). It watches the feed's published word as it is now
+        (the feed may have moved to a new segment file since this one was made)."""
         state = _State.__new__(_State)
-        state.client, state.applied, state.contextvars = self.client, applied, self.contextvars
-        state.words = self.client._watch()[0] if self.client is not None else self.words
+        state.feed, state.contextvars = self.feed, self.contextvars
+        state.published = self.feed.published if self.feed is not None else self.published
+        state.generation = generation
         state.digest, state.rules, state.cache = digest, rules, cache
         state.miss, state.pending = miss, pending
         return state
@@ -278,14 +291,12 @@ class Setting(Generic[T]):
             self._declaration_json = msgspec.Raw(msgspec.json.encode(self._declaration))
         except (TypeError, msgspec.EncodeError) as e:
             raise TypeError(f"default value of {name} cannot be sent to the service: {e}") from None
-        from heksher_shm._process import main as _main
-
         _main.register(self)
 
     def __repr__(self) -> str:
         return f"<Setting {self.name} {self.type.heksher_string()} v{self.version_str}>"
 
-    # -- public API -------------------------------------------------------------------------------------
+    # -- public API ------------------------------------------------------------------------------------------
 
     def add_validator(self, validator: Validator[T]) -> Validator[T]:
         """Add ``validator(value, rule_or_None, setting) -> value``, run on every server value.
@@ -314,11 +325,11 @@ class Setting(Generic[T]):
                 default (once rules for the setting were received).
         """
         state = self._state
-        # The one shared-memory read of the no-change path: has a new snapshot been published?
-        if state.words[2] != state.applied[0]:
-            client = state.client
-            if client is not None:
-                client._refresh(self)
+        # The one shared-memory read of the no-change path: has a newer snapshot been published?
+        if state.published[0] != state.generation:
+            feed = state.feed
+            if feed is not None:
+                feed.refresh(self)
                 state = self._state
         key: Any = tuple(contexts.items())
         if state.contextvars:
@@ -332,14 +343,16 @@ class Setting(Generic[T]):
             cache[key] = value
         return value  # type: ignore[no-any-return]
 
-    # -- internals --------------------------------------------------------------------------------------
+    # -- what a feed does to a setting (see _Feed) -----------------------------------------------------------
+    # A feed calls these with its own lock held: it is the only writer of the state of the settings it
+    # serves (a stub client sets states whole, through _set_state).
 
     def _explain(self, contexts: Mapping[str, str]) -> tuple[T, tuple[tuple[str, str], ...] | None, object]:
         """What ``get(**contexts)`` answers, the conditions of the rule it answers from (``None``: no
         rule matched, the default answers), and the state both come from. Raises as ``get()`` does.
 
         The answer holds while ``self._state`` is that state and no newer snapshot waits for it
-        (``state.words[2] == state.applied[0]``, the check ``get()`` makes). For
+        (``state.published[0] == state.generation``, the check ``get()`` makes). For
         :mod:`heksher_shm.openfeature`, which names the matching rule and keeps answers by that test:
         keep this method and that test through refactors of the state. Not for the hot path.
         """
@@ -352,7 +365,7 @@ class Setting(Generic[T]):
         rules = state.rules
         if rules is None:
             return value, None, state
-        view = state.client._context_view() if state.client is not None else None
+        view = state.feed.context_view() if state.feed is not None else None
         namespace = dict(contexts)
         for feature in rules.features:
             if feature in namespace or view is None:
@@ -376,10 +389,18 @@ class Setting(Generic[T]):
             value = validator(value, rule, self)
         return Conversion(value, converted.coercions)
 
-    def _set_state(self, state: _State) -> None:
-        self._state = state
+    def _install_state(
+        self,
+        feed: _Feed | None,
+        rules: CompiledRules | None,
+        digest: bytes | None = None,
+        generation: int | None = None,
+    ) -> None:
+        """Compile and swap in what ``get()`` reads, for *feed*'s defaults and these rules, current for
+        snapshot *generation* (None: for none, the next ``get()`` refreshes the setting)."""
+        self._state = _State(self, feed, rules, self.server_default_value, digest, generation)
 
-    def _defer(self, client: _Client, load: Callable[[], None], digest: bytes, applied: list[int]) -> None:
+    def _defer(self, feed: _Feed, load: Callable[[], None], digest: bytes, generation: int) -> None:
         """Swap in a state whose first ``get()`` runs *load*, which must install the real state.
 
         A process that uses one setting of a thousand pays for that one: new
@@ -388,12 +409,22 @@ class Setting(Generic[T]):
         without ``pending`` in place: the new rules, or the previous ones.
         """
         current = self._state
-        if current.client is client:
-            self._state = current.pending_copy(self._load_then_miss, load, digest, applied)
+        if current.feed is feed:
+            self._state = current.derived(generation, digest, None, {}, self._load_then_miss, load)
         else:
-            state = _State(self, client, None, self.server_default_value, digest, applied)
+            state = _State(self, feed, None, self.server_default_value, digest, generation)
             state.miss, state.pending = self._load_then_miss, load
             self._state = state
+
+    def _restore(self, state: _State, digest: bytes | None, generation: int | None) -> None:
+        """Go back to *state*'s rules (new ones proved unusable), as built from *digest* (None: to be
+        rebuilt from the next snapshot) and current for *generation*."""
+        self._state = state.derived(generation, digest, state.rules, state.cache, state.miss, state.pending)
+
+    def _mark_current(self, generation: int | None) -> None:
+        """The state in place stays right for snapshot *generation* (None: for none, so that the next
+        ``get()`` refreshes the setting)."""
+        self._state.generation = generation
 
     def _load_then_miss(self, contexts: dict[str, str]) -> Any:
         """The lookup of a deferred state: install the rules it waits for, then look up."""
@@ -402,15 +433,9 @@ class Setting(Generic[T]):
             pending()
         return self._state.miss(contexts)
 
-    def _install_state(
-        self,
-        client: _Client | None,
-        rules: CompiledRules | None,
-        digest: bytes | None = None,
-        applied: list[int] | None = None,
-    ) -> None:
-        """Compile and swap in what ``get()`` reads, for *client*'s defaults and these rules."""
-        self._state = _State(self, client, rules, self.server_default_value, digest, applied)
+    def _set_state(self, state: _State) -> None:
+        """Swap in *state* whole (a stub client restoring the rules it saved)."""
+        self._state = state
 
     def _declaration_body(self) -> DeclarationBody:
         return self._declaration

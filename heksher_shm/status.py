@@ -30,7 +30,7 @@ from pathlib import Path
 
 from heksher_shm._engine.policy import UNRESPONSIVE_AFTER
 from heksher_shm._model.snapshot import Head, decode_head
-from heksher_shm._shm.identity import ProcessIdentity, describe
+from heksher_shm._shm.identity import ProcessIdentity, describe_process
 from heksher_shm._shm.registry import Registry, registry_directory
 from heksher_shm._shm.segment import HeaderStatus, Segment, resolve_shm_dir
 from heksher_shm.exceptions import SegmentError
@@ -180,7 +180,7 @@ def list_segments(shm_dir: str | os.PathLike[str] | None = None) -> list[Path]:
 
 
 def _process(identity: ProcessIdentity, kind: str | None = None) -> ProcessInfo:
-    described = describe(identity)
+    described = describe_process(identity)
     return ProcessInfo(
         identity.pid,
         identity.create_time,

@@ -87,7 +87,7 @@ def _stop_at(client: Any, point: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
     if point == "publish":
-        host = client._host
+        host = client._link.host
         real = host.publish
 
         def publish(*args: Any) -> int:

@@ -28,7 +28,7 @@ from heksher_shm._shm.election import LeaderLock
 from heksher_shm._shm.identity import (
     ProcessIdentity,
     current_identity,
-    describe,
+    describe_process,
     identity_of,
     is_alive,
     set_identity_provider,
@@ -119,7 +119,7 @@ def test_identity_carries_the_pid_namespace() -> None:
     theirs = ProcessIdentity(me.pid, me.create_time + 1.0, me.pidns + 1)
     assert not identity.in_this_pid_namespace(theirs)
     assert is_alive(theirs)
-    assert identity.describe(theirs) == {
+    assert identity.describe_process(theirs) == {
         "pid": me.pid,
         "alive": True,
         "cmdline": None,
@@ -182,7 +182,7 @@ def test_zombie_and_reaped_children_are_dead(monkeypatch: pytest.MonkeyPatch, fa
         os.waitpid(pid, 0)
         reaped = True
         assert not is_alive(child)
-        assert describe(child) == {
+        assert describe_process(child) == {
             "pid": pid,
             "alive": False,
             "cmdline": None,
@@ -196,7 +196,7 @@ def test_zombie_and_reaped_children_are_dead(monkeypatch: pytest.MonkeyPatch, fa
 
 
 def test_describe_reports_command_line_and_uptime() -> None:
-    info = describe(current_identity())
+    info = describe_process(current_identity())
     assert info["pid"] == os.getpid()
     assert info["alive"] is True
     assert info["cmdline"] is not None
@@ -204,7 +204,7 @@ def test_describe_reports_command_line_and_uptime() -> None:
     assert info["uptime"] is not None
     assert 0 <= info["uptime"] < 24 * 3600
     assert info["started"] is not None
-    assert describe(ProcessIdentity(os.getpid(), 0.001))["alive"] is False
+    assert describe_process(ProcessIdentity(os.getpid(), 0.001))["alive"] is False
 
 
 def test_identity_provider_can_be_overridden() -> None:

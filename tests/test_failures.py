@@ -129,7 +129,7 @@ class Recording(heksher.ThreadHeksherClient):
     failure: str | None = None
 
     def _report_wait(self, seq: int, what: str, timed_out: bool) -> None:
-        error = None if timed_out else self._ack_error(seq, starting=False)
+        error = None if timed_out else self._answers.error(seq, starting=False)
         self.failure = "timed out" if timed_out else (None if error is None else repr(error))
         super()._report_wait(seq, what, timed_out)
 

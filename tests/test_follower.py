@@ -93,7 +93,9 @@ async def test_modification_lock_holds_back_a_follower(
         service.set_rule_value(rule, 2)
         leader.ask("reload")  # the leader published the new value...
         status = driver.client.shared_status()
-        assert status.generation > driver.client._applied_generation
+        applied = driver.client._feed.applied
+        assert applied is not None
+        assert status.generation > applied
         for _ in range(50):
             assert setting.get(user="alice") == 1  # ...but this process does not apply it while locked
             await asyncio.sleep(0)
@@ -103,8 +105,9 @@ async def test_modification_lock_holds_back_a_follower(
 
 
 async def test_get_applies_its_own_setting_first(service: HeksherService, leader: Worker) -> None:
-    """The get() that finds a new snapshot applies it to its own setting only; the others follow
-    with their own get() or the next full apply, after which all share the client's applied box.
+    """The get() that finds a new snapshot applies it to its own setting only (its state is then current
+    for the new generation); the others follow with their own get() or the next full apply, after
+    which every state is current for the generation the process applied.
 
     An async client, so that its background task cannot start applying anything while this test
     does not await: every step below runs between two awaits, once the task is idle (its applies run
@@ -120,27 +123,28 @@ async def test_get_applies_its_own_setting_first(service: HeksherService, leader
         await client.reload()
         await until(lambda: not client.modification_lock.locked(), what="the background task idle")
         assert (first.get(user="alice"), other.get(user="alice")) == (1, 1)
-        box = client._applied_box
-        assert first._state.applied is box
-        assert other._state.applied is box
-        applied = client._applied_generation
+        applied = client._feed.applied
+        assert applied is not None
+        assert first._state.generation == other._state.generation == applied
 
         for rule in rules:
             service.set_rule_value(rule, 2)
         leader.ask("reload")  # published; this loop is not awaited, so nothing applies it yet
-        assert client._transport.generation() > applied
+        published = client._link.transport.generation()
+        assert published > applied
         assert first.get(user="alice") == 2
-        assert first._state.applied is not box  # its own box, at the new generation
-        assert client._applied_generation == applied  # the process as a whole: not yet
+        assert first._state.generation == published  # current for the new snapshot, on its own
+        assert client._feed.applied == applied  # the process as a whole: not yet
         assert other._state.digest is not None
-        assert other._state.applied is box
+        assert other._state.generation == applied  # stale: its next get() applies it
         assert other.get(user="alice") == 2
-        assert other._state.applied is not box
+        assert other._state.generation == published
 
-        await client.reload()  # a full apply: everything back on the client's box
-        assert first._state.applied is box
-        assert other._state.applied is box
-        assert client._applied_generation > applied
+        await client.reload()  # a full apply: every state current for what the process applied
+        latest = client._feed.applied
+        assert latest is not None
+        assert latest >= published
+        assert first._state.generation == other._state.generation == latest
         assert (first.get(user="alice"), other.get(user="alice")) == (2, 2)
     finally:
         await client.aclose()
@@ -198,10 +202,10 @@ def test_registration_writers_leave_the_latest_wish(
 
         def housekeeping() -> None:  # what the housekeeping does when it finds no registration
             housekeeper_ident.append(threading.get_ident())
-            client._wish_changed()
+            client._registration.changed()
 
         def request() -> None:
-            client._request_reload()
+            client._registration.request()
             requested.set()
 
         housekeeper = threading.Thread(target=housekeeping)
@@ -212,7 +216,7 @@ def test_registration_writers_leave_the_latest_wish(
         for t in (housekeeper, requester):
             t.join(10)
         (ours,) = [r for r in registry.scan(prune=False).registrations if r.pid == os.getpid()]
-        assert ours.reload_seq == client._reload_seq
+        assert ours.reload_seq == client._registration.reload_seq
     finally:
         client.close()
 

@@ -215,6 +215,8 @@ def test_parent_hook_releases_only_what_the_before_hook_took(monkeypatch: pytest
 
 
 def test_the_reset_order_is_the_documented_one() -> None:
+    import heksher_shm.clients  # noqa: F401  (registers its reset, as importing heksher_shm does)
+
     assert _fork.CHILD_RESETS == (
         "heksher_shm._process.gc",
         "heksher_shm._process.main",
@@ -222,6 +224,27 @@ def test_the_reset_order_is_the_documented_one() -> None:
         "heksher_shm._shm.writing",
         "heksher_shm._shm.identity",
         "heksher_shm._shm.bell",
-        "heksher_shm.openfeature.events",
-        "heksher_shm.clients._base",
     )
+    registered = _fork.child_resets()[len(_fork.CHILD_RESETS) :]
+    assert registered[0] == "heksher_shm.clients._base"  # imported by the package itself
+    # and the OpenFeature provider's, after it, once that is imported
+    assert registered[1:] in ([], ["heksher_shm.openfeature.events"])
+
+
+def test_upper_layers_register_their_reset_and_it_runs_after_the_lower_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The layers above _process register their reset (fork.py never names them): it runs in the
+    child after every reset of CHILD_RESETS, in the order registered; registering again replaces."""
+    calls: list[str] = []
+    monkeypatch.setattr(_fork, "_registered", list(_fork._registered))
+    monkeypatch.setattr(_main, "_reset_after_fork", lambda: calls.append("main"))
+    _fork.register_child_reset("tests.upper", lambda: calls.append("upper, replaced"))
+    _fork.register_child_reset("tests.upper", lambda: calls.append("upper"))
+    _fork.register_child_reset("tests.upmost", lambda: calls.append("upmost"))
+    assert _fork.child_resets()[-2:] == ["tests.upper", "tests.upmost"]
+
+    def child() -> str:
+        return " ".join(call for call in calls if call in {"main", "upper", "upper, replaced", "upmost"})
+
+    assert _fork_child(child) == ("main upper upmost", 0)

@@ -1,13 +1,23 @@
 """The package's layers, as docs/architecture.rst draws them: imports only point down.
 
-Read from the source (no import runs): every ``import heksher_shm...`` of a
-module must name its own layer or one below it. Imports under
-``if TYPE_CHECKING:`` are annotations only and are not counted.
+Read from the source (no import runs):
+
+* every ``import heksher_shm...`` of a module names its own layer or one
+  below it (imports under ``if TYPE_CHECKING:`` are annotations only, and
+  are not counted here);
+* no string names a module of a higher layer either (``sys.modules[...]``,
+  ``importlib.import_module(...)`` and lists of module names reach up as
+  surely as an import does);
+* no modules import each other, in a cycle of any length, counting every
+  import: at the top, inside functions, and under ``if TYPE_CHECKING:``;
+* no module is over :data:`MAX_LINES` lines.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,10 +70,19 @@ def module_name(path: Path) -> str:
 
 def runtime_imports(tree: ast.Module) -> list[tuple[int, str]]:
     """(line, module) of each heksher_shm import outside ``if TYPE_CHECKING:`` blocks."""
+    return _imports(tree, type_checking=False)
+
+
+def all_imports(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, module) of each heksher_shm import, ``if TYPE_CHECKING:`` blocks included."""
+    return _imports(tree, type_checking=True)
+
+
+def _imports(tree: ast.Module, type_checking: bool) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not type_checking and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             for child in node.orelse:
                 visit(child)
             return
@@ -71,7 +90,10 @@ def runtime_imports(tree: ast.Module) -> list[tuple[int, str]]:
             if node.module == "heksher_shm":
                 found.extend((node.lineno, f"heksher_shm.{alias.name}") for alias in node.names)
             elif node.module.startswith("heksher_shm."):
-                found.append((node.lineno, node.module))
+                # "from heksher_shm._process import main" imports the module heksher_shm._process.main
+                for alias in node.names:
+                    submodule = existing_module(f"{node.module}.{alias.name}")
+                    found.append((node.lineno, submodule or node.module))
         elif isinstance(node, ast.Import):
             found.extend((node.lineno, a.name) for a in node.names if a.name.startswith("heksher_shm"))
         for child in ast.iter_child_nodes(node):
@@ -110,6 +132,125 @@ def test_every_part_has_a_layer() -> None:
 def test_modules_stay_small(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{module_name(path)} has {lines} lines: split it along a seam"
+
+
+MODULE_REFERENCE = re.compile(r"heksher_shm(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+"""A string that starts like a dotted module name of the package."""
+
+
+def existing_module(dotted: str) -> str | None:
+    """The longest prefix of *dotted* that names a module or package of heksher_shm (below the top),
+    or None (a logger's name, say: ``heksher_shm.client``)."""
+    parts = dotted.split(".")
+    while len(parts) > 1:
+        path = PACKAGE.parent.joinpath(*parts)
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return ".".join(parts)
+        parts.pop()
+    return None
+
+
+def docstrings(tree: ast.Module) -> set[int]:
+    """The ids of the docstring nodes of a module (prose, which may name any module)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                found.add(id(body[0].value))
+    return found
+
+
+def string_references(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """(line, module) of each string (not a docstring) that starts with a module name of the package."""
+    prose = docstrings(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            match = MODULE_REFERENCE.match(node.value)
+            module = existing_module(match.group()) if match else None
+            if module is not None:
+                yield node.lineno, module
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[module_name(p) for p in SOURCES])
+def test_strings_name_no_higher_layer(path: Path) -> None:
+    source = module_name(path)
+    own = part_of(source) if source != "heksher_shm" else "__init__"
+    upward = []
+    for line, target in string_references(ast.parse(path.read_text())):
+        target_part = part_of(target)
+        ok = target_part in STANDALONE if own in STANDALONE else rank(target_part) <= rank(own)
+        if not ok:
+            upward.append(f"line {line}: {target!r}")
+    assert not upward, f"{source} names a module of a higher layer in a string: {upward}"
+
+
+def test_a_string_reference_upwards_is_caught() -> None:
+    tree = ast.parse(
+        '"""Docs may name heksher_shm.clients._base."""\nRESETS = ("heksher_shm.clients._base",)\n'
+    )
+    assert list(string_references(tree)) == [(2, "heksher_shm.clients._base")]
+    assert rank(part_of("heksher_shm.clients._base")) > rank("_process")
+    logger = ast.parse('import logging\nlogger = logging.getLogger("heksher_shm.client")\n')
+    assert list(string_references(logger)) == []  # a logger's name, not a module
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (every import, TYPE_CHECKING ones included)."""
+    modules = {module_name(p) for p in SOURCES}
+    graph: dict[str, set[str]] = {}
+    for path in SOURCES:
+        targets = set()
+        for _, target in all_imports(ast.parse(path.read_text())):
+            resolved = existing_module(target) or target
+            if resolved in modules:
+                targets.add(resolved)
+        graph[module_name(path)] = targets - {module_name(path)}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of *graph* (its modules in order, the first repeated at the end), or None."""
+    done: set[str] = set()
+    for start in sorted(graph):
+        if start in done:
+            continue
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack = [(start, iter(sorted(graph[start])))]
+        path.append(start)
+        on_path.add(start)
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                path.pop()
+                on_path.discard(node)
+                done.add(node)
+            elif child in on_path:
+                return [*path[path.index(child) :], child]
+            elif child not in done:
+                stack.append((child, iter(sorted(graph.get(child, ())))))
+                path.append(child)
+                on_path.add(child)
+    return None
+
+
+def test_no_import_cycles() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "modules import each other: " + " -> ".join(cycle or [])
+
+
+def test_a_cycle_through_type_checking_is_caught() -> None:
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from heksher_shm.setting import Setting\n"
+    )
+    assert all_imports(tree) == [(3, "heksher_shm.setting")]
+    assert runtime_imports(tree) == []
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 CORE = frozenset(

@@ -3,10 +3,15 @@
 After ``fork()`` the child runs only the thread that forked, with a copy of
 the parent's memory as it was at that instant: a lock another thread held
 stays held forever, a flag that said "a thread is inside" stays set (design,
-"Known traps"). Every module with such process-wide state exposes a
-``_reset_after_fork()`` function, and this module, the only caller of
-:func:`os.register_at_fork` in the package, calls them in the order of
-:data:`CHILD_RESETS`:
+"Known traps"). Every module with such process-wide state has a reset, and
+this module, the only caller of :func:`os.register_at_fork` in the package,
+runs them in a fixed order: first the lower layers' (those of
+:data:`CHILD_RESETS`), then the upper layers' (those registered with
+:func:`register_child_reset`).
+
+The lower layers (``_process`` and ``_shm``: this layer and the one below)
+are named in :data:`CHILD_RESETS`, each module's ``_reset_after_fork()``
+called in this order:
 
 1. ``heksher_shm._process.gc``: the pause counter and its lock; the cyclic GC is
    enabled again if a pause of ours had disabled it. First, so that nothing
@@ -19,23 +24,32 @@ stays held forever, a flag that said "a thread is inside" stays set (design,
    child has a new PID and start time, and may be in a new PID namespace).
 6. ``heksher_shm._shm.bell``: the socket this process rings others' doorbells
    with (the child makes its own).
-7. ``heksher_shm.openfeature.events`` (when the OpenFeature provider is
+
+The upper layers are not named here (this module would then point up the
+layers): each registers its reset with :func:`register_child_reset` when it
+is imported, and the resets registered run after all of the above, in the
+order they were registered. A module imports what it relies on before it
+registers, so what it relies on has registered first. Today two modules
+register:
+
+7. ``heksher_shm.clients._base``: every live client rebuilds its engine,
+   locks and driver, and rejoins as a follower (it uses all of the above: it
+   takes ``_main``'s lock, opens leader locks, reads the identity).
+8. ``heksher_shm.openfeature.events`` (when the OpenFeature provider is
    imported): the SDK's thread pool for event handlers, whose threads the
    child does not have.
-8. ``heksher_shm.clients._base``: every live client rebuilds its engine,
-   locks and driver, and rejoins as a follower. Last, because it uses all of
-   the above (it takes ``_main``'s lock, opens leader locks, reads the identity).
 
-**Adding a fork-sensitive piece** is a one-line change here: give its module
-a ``_reset_after_fork()`` (no arguments; it runs in the child's only thread,
-must not wait for anything another thread could hold, and must tolerate
-being the first code to touch its state), and add the module's name to
-:data:`CHILD_RESETS` before every module that relies on it. A module that
-must also hold something across the ``fork()`` call itself (as the election
-gate is held, so that no descriptor is half-recorded at that instant) adds
-``_before_fork()`` and ``_after_fork_in_parent()`` and its name to
-:data:`PARENT_GUARDS`. Modules not imported yet are skipped: they have no
-state to reset.
+**Adding a fork-sensitive piece** is a one-line change. Its reset takes no
+arguments, runs in the child's only thread, must not wait for anything
+another thread could hold, and must tolerate being the first code to touch
+its state. In a lower layer, give the module a ``_reset_after_fork()`` and
+add its name to :data:`CHILD_RESETS` before every module that relies on it
+(modules not imported yet are skipped: they have no state to reset). In an
+upper layer, call :func:`register_child_reset` at the module's import. A
+module that must also hold something across the ``fork()`` call itself (as
+the election gate is held, so that no descriptor is half-recorded at that
+instant) adds ``_before_fork()`` and ``_after_fork_in_parent()`` and its name
+to :data:`PARENT_GUARDS`.
 
 uwsgi forks its workers from C, and runs Python's fork hooks only with
 ``--py-call-uwsgi-fork-hooks``; :func:`after_fork_in_child` is the same
@@ -49,10 +63,11 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import Final
 
-__all__ = ["CHILD_RESETS", "PARENT_GUARDS", "after_fork_in_child"]
+__all__ = ["CHILD_RESETS", "PARENT_GUARDS", "after_fork_in_child", "child_resets", "register_child_reset"]
 
 logger = logging.getLogger("heksher_shm.fork")
 
@@ -63,10 +78,12 @@ CHILD_RESETS: Final[tuple[str, ...]] = (
     "heksher_shm._shm.writing",
     "heksher_shm._shm.identity",
     "heksher_shm._shm.bell",
-    "heksher_shm.openfeature.events",
-    "heksher_shm.clients._base",
 )
-"""Modules whose ``_reset_after_fork()`` runs in a forked child, in this order (see the module docstring)."""
+"""Lower-layer modules whose ``_reset_after_fork()`` runs first in a forked child, in this order (see the
+module docstring)."""
+
+_registered: list[tuple[str, Callable[[], None]]] = []
+"""The upper layers' resets, by the name of the module that registered each, in registration order."""
 
 PARENT_GUARDS: Final[tuple[str, ...]] = ("heksher_shm._shm.election",)
 """Modules whose ``_before_fork()`` runs before ``fork()``, and ``_after_fork_in_parent()`` after it in the
@@ -77,6 +94,27 @@ _reset_pid = os.getpid()
 
 _held = threading.local()
 """Per forking thread: (pid, modules whose ``_before_fork()`` ran), for the matching parent hook."""
+
+
+def register_child_reset(module: str, reset: Callable[[], None]) -> None:
+    """Run *reset* in every forked child, after the resets of :data:`CHILD_RESETS` and of the modules
+    that registered before (see the module docstring).
+
+    For the layers above this one, which this module must not name. Call it
+    once, at the import of *module* (the name the log gives if the reset
+    fails); registering the same module again replaces its reset in place.
+    """
+    for index, (name, _) in enumerate(_registered):
+        if name == module:
+            _registered[index] = (module, reset)
+            return
+    _registered.append((module, reset))
+
+
+def child_resets() -> list[str]:
+    """The modules whose resets run in a forked child, in their order: :data:`CHILD_RESETS` then the
+    registered ones."""
+    return [*CHILD_RESETS, *(name for name, _ in _registered)]
 
 
 def after_fork_in_child() -> None:
@@ -95,12 +133,15 @@ def _reset_in_child() -> None:
     global _reset_pid
     # Recorded first: a reset that forks (none does) or fails half-way must not run twice.
     _reset_pid = os.getpid()
+    resets: list[tuple[str, Callable[[], None]]] = []
     for name in CHILD_RESETS:
         module = sys.modules.get(name)
-        if module is None:
-            continue
+        if module is not None:
+            resets.append((name, module._reset_after_fork))
+    resets.extend(_registered)
+    for name, reset in resets:
         try:
-            module._reset_after_fork()
+            reset()
         except Exception:
             # One broken piece must not leave the others (locks!) as the parent's threads left them.
             logger.exception("heksher_shm could not reset its state after fork", extra={"module": name})

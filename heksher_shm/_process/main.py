@@ -11,6 +11,11 @@ keeps is garbage collected and no longer updated. This module is the only
 owner of those strong references: the main client calls :func:`declared`
 for the settings whose declaration the leader has settled (the outcome is in
 a snapshot the client applied), and clients keep settings weakly.
+
+This module sits below :mod:`heksher_shm.setting` and never imports it: what
+it needs of a setting and of a client is spelled out as protocols
+(:class:`LiveSetting`, :class:`MainClient`), and the clients, which know
+settings, narrow what it hands back.
 """
 
 from __future__ import annotations
@@ -19,14 +24,29 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from heksher_shm.setting import Setting
-
-__all__ = ["current", "declared", "live_settings", "register", "reset", "set_main", "undeclared"]
+__all__ = [
+    "LiveSetting",
+    "MainClient",
+    "current",
+    "declared",
+    "live_settings",
+    "register",
+    "reset",
+    "set_main",
+    "undeclared",
+]
 
 logger = logging.getLogger("heksher_shm.main")
+
+
+class LiveSetting(Protocol):
+    """What this module needs from a setting (a :class:`heksher_shm.Setting`): its place in creation
+    order. Settings are kept by identity."""
+
+    @property
+    def _order(self) -> int: ...
 
 
 class MainClient(Protocol):
@@ -35,19 +55,19 @@ class MainClient(Protocol):
     _context_features: tuple[str, ...]
     _is_stub: bool
 
-    def _setting_added(self, setting: Setting[Any]) -> None: ...
+    def _setting_added(self, setting: LiveSetting) -> None: ...
 
     def _replaced_as_main(self) -> None: ...
 
 
 _lock = threading.RLock()
-_settings: weakref.WeakSet[Setting[Any]] = weakref.WeakSet()
-_undeclared: set[Setting[Any]] = set()
+_settings: weakref.WeakSet[LiveSetting] = weakref.WeakSet()
+_undeclared: set[LiveSetting] = set()
 """The strong references: settings whose declaration is not settled yet."""
 _main: MainClient | None = None
 
 
-def register(setting: Setting[Any]) -> None:
+def register(setting: LiveSetting) -> None:
     """Hold *setting* (strongly until :func:`declared`) and hand it to the main client, if there is one."""
     with _lock:
         _settings.add(setting)
@@ -57,13 +77,13 @@ def register(setting: Setting[Any]) -> None:
         main._setting_added(setting)
 
 
-def undeclared() -> list[Setting[Any]]:
+def undeclared() -> list[LiveSetting]:
     """The settings still held strongly, waiting for their declaration to be settled."""
     with _lock:
         return list(_undeclared)
 
 
-def declared(settings: Iterable[Setting[Any]]) -> None:
+def declared(settings: Iterable[LiveSetting]) -> None:
     """Stop holding *settings* strongly: their declarations are settled (succeeded, or failed for good).
 
     The main client calls this after applying a snapshot whose head holds
@@ -75,7 +95,7 @@ def declared(settings: Iterable[Setting[Any]]) -> None:
         _undeclared.difference_update(settings)
 
 
-def live_settings() -> list[Setting[Any]]:
+def live_settings() -> list[LiveSetting]:
     """Every live setting of the process, in creation order."""
     with _lock:
         settings = list(_settings)
@@ -87,7 +107,7 @@ def current() -> MainClient | None:
     return _main
 
 
-def set_main(client: MainClient) -> list[Setting[Any]]:
+def set_main(client: MainClient) -> list[LiveSetting]:
     """Make *client* the main client; returns the live settings it now serves.
 
     Raises:
@@ -110,14 +130,6 @@ def set_main(client: MainClient) -> list[Setting[Any]]:
             previous._replaced_as_main()
         _main = client
         return live_settings()
-
-
-def clear_main(client: MainClient) -> None:
-    """Forget *client* as the main client (used when it closes before becoming main for good)."""
-    global _main
-    with _lock:
-        if _main is client:
-            _main = None
 
 
 def reset() -> None:

@@ -58,7 +58,7 @@ __all__ = [
     "ProcessDescription",
     "ProcessIdentity",
     "current_identity",
-    "describe",
+    "describe_process",
     "identity_of",
     "in_this_pid_namespace",
     "is_alive",
@@ -99,7 +99,7 @@ IdentityProvider = Callable[[], ProcessIdentity]
 
 
 class ProcessDescription(TypedDict):
-    """What :func:`describe` reports about a process, for status displays.
+    """What :func:`describe_process` reports about a process, for status displays.
 
     ``cmdline``, ``uptime`` and ``started`` are ``None`` when the process is
     gone, was replaced by another one with the same PID, or cannot be
@@ -316,7 +316,7 @@ def is_alive(identity: ProcessIdentity) -> bool:
     return math.isclose(started, identity.create_time, rel_tol=0.0, abs_tol=_CREATE_TIME_TOLERANCE)
 
 
-def describe(identity: ProcessIdentity) -> ProcessDescription:
+def describe_process(identity: ProcessIdentity) -> ProcessDescription:
     """Describe a process for status output: command line, uptime in seconds, start time (epoch).
 
     Fields that cannot be read are ``None``; a process that is gone (or whose

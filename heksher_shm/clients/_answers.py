@@ -1,5 +1,12 @@
-"""What a request (``set_as_main``, ``reload``) comes to: acknowledged, failed, timed out, or
-already served by the current snapshot.
+"""What a request (``set_as_main``, ``reload``) came to: :class:`RequestAnswers`.
+
+The leader answers a process's requests with an acknowledgement (an
+:class:`~heksher_shm._model.snapshot.Ack`: the latest request number it
+served, the snapshot that serves it, and the error if that failed), written
+where only this process reads it (the host's ``read_ack``). Every read of
+acknowledgements is here, behind :meth:`RequestAnswers.latest_ack`; a
+request counts as answered once an apply of this process saw both the
+acknowledgement and the snapshot it names.
 """
 
 from __future__ import annotations
@@ -7,30 +14,61 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from heksher_shm._engine.context import ErrorBook
 from heksher_shm._model.contexts import covers
 from heksher_shm._model.snapshot import Ack
-from heksher_shm.clients._core import ClientCore
+from heksher_shm.clients._contexts import Contexts
+from heksher_shm.clients._feed import SettingsFeed
+from heksher_shm.clients._link import HostLink
 from heksher_shm.exceptions import LeaderUpdateError
 
-__all__ = ["Answering"]
+__all__ = ["RequestAnswers"]
 
 logger = logging.getLogger("heksher_shm.client")
 
 
-class Answering(ClientCore):
-    """Reads the leader's answers to this process's requests."""
+class RequestAnswers:
+    """Reads the leader's answers to this process's requests, and what they mean for the caller.
 
-    def _latest_ack(self) -> Ack | None:
+    Args:
+        feed: the applied snapshot (its head holds the declarations' outcomes).
+        contexts: the tracked values a snapshot must cover to serve this process.
+        link: where the leader's answers are published.
+        errors: the exceptions this process's engine met while leading, by
+            id (the leader's own process raises the very exception).
+        startup_timeout: seconds a request waits without progress.
+    """
+
+    def __init__(
+        self,
+        feed: SettingsFeed,
+        contexts: Contexts,
+        link: HostLink,
+        errors: ErrorBook,
+        startup_timeout: float,
+    ) -> None:
+        self._feed = feed
+        self._contexts = contexts
+        self._link = link
+        self._errors = errors
+        self._startup_timeout = startup_timeout
+        self._ack: Ack | None = None
+        """The leader's latest answer, as of the last apply."""
+
+    # -- reading acknowledgements -----------------------------------------------------------------------
+
+    def latest_ack(self) -> Ack | None:
         """The leader's latest answer to this process (written where only this process reads it)."""
-        return self._host.read_ack()
+        return self._link.host.read_ack()
 
-    def _take_ack(self) -> None:
-        """From an apply (under ``modification_lock``): take the leader's latest answer."""
-        ack = self._latest_ack()
+    def take(self) -> None:
+        """From an apply (under the feed's lock, after the snapshot): take the leader's latest answer
+        (answers only move forward)."""
+        ack = self.latest_ack()
         if ack is not None and (self._ack is None or ack.seq >= self._ack.seq):
             self._ack = ack
 
-    def _acked(self, seq: int) -> bool:
+    def acked(self, seq: int) -> bool:
         """Whether request *seq* is answered: with an error, or by a snapshot this process applied.
 
         A successful answer names the snapshot (term, generation) that serves
@@ -43,41 +81,45 @@ class Answering(ClientCore):
             return False
         if ack.error is not None:
             return True
-        head = self._head
-        return head is not None and head.term == ack.term and self._applied_generation >= ack.generation
+        head, applied = self._feed.head, self._feed.applied
+        return (
+            head is not None and head.term == ack.term and applied is not None and applied >= ack.generation
+        )
 
-    def _progress(self, seq: int) -> float:
+    def progress(self, seq: int) -> float:
         """What counts as progress towards request *seq* (waits time out on lack of it): the leader's
-        progress, until a published snapshot answers the request. From then on only this process's
-        own apply is awaited, and it cannot come while the caller holds ``modification_lock``: that
-        wait then times out after ``startup_timeout``, whatever the leader does meanwhile."""
-        ack = self._latest_ack()
+        progress, until it answered the request. From then on only this process's own apply is
+        awaited, and it cannot come while the caller holds ``modification_lock``: that wait then times
+        out after ``startup_timeout``, whatever the leader does meanwhile."""
+        ack = self.latest_ack()
         if ack is not None and ack.seq >= seq:
             return -1.0
-        return self._transport.liveness()[0]
+        return self._link.transport.liveness()[0]
 
-    def _timed_out(self, what: str) -> str:
+    # -- what an answer means ---------------------------------------------------------------------------
+
+    def timed_out(self, what: str) -> str:
+        """The message of a request *what* that saw no progress for ``startup_timeout``."""
         return (
             f"{what}: no progress towards an update for {self._startup_timeout:g} s "
             "(startup_timeout); the leader neither answered nor worked on the request"
         )
 
-    def _ack_error(self, seq: int, starting: bool) -> BaseException | None:
+    def error(self, seq: int, starting: bool) -> BaseException | None:
         """The error to raise for request *seq*, or None when it went well.
 
         When *starting* (``set_as_main``) and the service cannot be reached but
         a snapshot from an earlier leader covers this process's settings, that
         snapshot serves: a warning is logged instead.
         """
-        head = self._head
+        head = self._feed.head
         problems: list[str] = []
         original: BaseException | None = None
         # Settings released once their declaration failed for good (nobody kept them): reported once, here.
-        with self._apply_lock:
-            released, self._released_failures = self._released_failures, {}
+        released = self._feed.take_released_failures()
         if head is not None:
             names = dict(released)
-            names.update({s._digest: s.name for s in list(self._settings)})
+            names.update({s._digest: s.name for s in list(self._feed.settings)})
             for digest, name in names.items():
                 outcome = head.outcomes.get(digest)
                 if outcome is not None and outcome.error is not None:
@@ -101,7 +143,7 @@ class Answering(ClientCore):
         # processes only have its description.
         return original if original is not None else LeaderUpdateError("; ".join(problems))
 
-    def _already_served(self) -> bool:
+    def already_served(self) -> bool:
         """Whether the applied snapshot already answers this process, so set_as_main need not wait.
 
         True when, in this leader's term, every declaration of this process was
@@ -109,25 +151,23 @@ class Answering(ClientCore):
         it succeeded and admitted every value this process tracks. (Its
         registration is written anyway, so the leader keeps serving it.)
         """
-        head = self._head
-        if head is None or self._parts is None or not head.ok or head.filters is None:
+        head = self._feed.head
+        if head is None or not self._link.joined or not head.ok or head.filters is None:
             return False
         names = {entry.name for entry in head.settings}
-        for setting in list(self._settings):
+        for setting in list(self._feed.settings):
             outcome = head.outcomes.get(setting._digest)
             if outcome is None or outcome.error is not None or setting.name not in names:
                 return False
-        return covers(
-            head.filters, {f: v if isinstance(v, str) else sorted(v) for f, v in self._tracked.items()}
-        )
+        return covers(head.filters, self._contexts.tracked_lists())
 
     def _covered_by_snapshot(self, released: Iterable[str] = ()) -> bool:
         """Whether a published snapshot (from an earlier leader) covers all this process's settings
         (and the *released* names: settings nobody kept, whose declaration failed)."""
-        head = self._head
-        if head is None or self._parts is None:
+        head = self._feed.head
+        if head is None or not self._link.joined:
             return False
         names = {entry.name for entry in head.settings}
         return all(name in names for name in released) and all(
-            setting.name in names for setting in list(self._settings)
+            setting.name in names for setting in list(self._feed.settings)
         )

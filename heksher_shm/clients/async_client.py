@@ -1,4 +1,10 @@
-"""The asynchronous client: its background work runs in one asyncio task."""
+"""The asynchronous client: its background work runs in one asyncio task.
+
+:class:`AsyncHeksherClient` is the parts every client holds (see
+:mod:`heksher_shm.clients._base`) and an :class:`_AsyncRunner`: the task that
+drives the engine on the event loop, and the asyncio driver's hooks
+(:class:`heksher_shm._engine.drivers.AsyncHooks`).
+"""
 
 from __future__ import annotations
 
@@ -6,26 +12,32 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import threading
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
 
 import httpx
 
 from heksher_shm._engine.drivers import LoopWaker, drive_async, in_thread
 from heksher_shm._engine.effects import Apply
+from heksher_shm._engine.local import LocalHost
+from heksher_shm._engine.shared import SharedHost
 from heksher_shm._model import protocol as proto
+from heksher_shm.clients._background import Background
 from heksher_shm.clients._base import BaseHeksherClient
-from heksher_shm.clients._context import AsyncMainContext
-from heksher_shm.setting import Setting
+from heksher_shm.clients._feed import SettingsFeed
 
 __all__ = ["AsyncHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
 
+A = TypeVar("A", bound="AsyncHeksherClient")
 
-class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
+
+class AsyncHeksherClient(BaseHeksherClient["_AsyncRunner"]):
     """An asynchronous client for Heksher. Declares and updates settings in a background asyncio task.
 
     ``set_as_main()`` and ``reload()`` raise when a declaration or the update
@@ -58,19 +70,48 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
     _kind = "async"
     _http_class = httpx.AsyncClient
 
-    def _init_driver(self) -> None:
-        # Also run in a forked child: the parent's loop, task and HTTP client
-        # (with its sockets) belong to the parent and are abandoned, never closed.
-        self.modification_lock = asyncio.Lock()
-        """Held while setting values change; hold it to keep them from changing."""
-        self._http_client: httpx.AsyncClient | None = None
-        self._waker: LoopWaker | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._waiters = _Waiters()
-        self._needs_restart = False
+    def __init__(
+        self,
+        service_url: str,
+        update_interval: float,
+        context_features: Sequence[str],
+        *,
+        http_client_args: Mapping[str, Any] | None = None,
+        shared: bool = True,
+        shm_dir: str | os.PathLike[str] | None = None,
+        segment_name: str | None = None,
+        startup_timeout: float = 30.0,
+        snapshot_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(
+            service_url,
+            update_interval,
+            context_features,
+            http_client_args=http_client_args,
+            shared=shared,
+            shm_dir=shm_dir,
+            segment_name=segment_name,
+            startup_timeout=startup_timeout,
+            snapshot_file=snapshot_file,
+            runner=_AsyncRunner,
+        )
 
-    # -- documented API ----------------------------------------------------------------------------------
+    # -- documented API --------------------------------------------------------------------------------------
+
+    @property
+    def modification_lock(self) -> asyncio.Lock:
+        """Held while setting values change; hold it to keep them from changing."""
+        return self._runner.modification_lock
+
+    async def __aenter__(self: A) -> A:
+        # ``async with client:`` makes the client main on entry and closes it on exit.
+        await self.set_as_main()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
     async def set_as_main(self) -> None:
         """Make this the main client: declare all settings, then wait for an initial update.
@@ -80,9 +121,9 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             TimeoutError: nothing progressed towards the update for ``startup_timeout`` seconds.
         """
         self._become_main()
-        self._ensure_task()
+        self._runner.start()
         async with self.modification_lock:
-            await in_thread(self._apply_latest)
+            await in_thread(self._feed.apply_latest)
         seq = await in_thread(self._register_as_main)  # file work: off the loop
         if seq is None:
             return  # a leader already serves everything this process needs
@@ -98,25 +139,17 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         Raises:
             httpx.HTTPError: the update failed.
         """
-        self._ensure_task()
-        await self._wait_for(await in_thread(self._request_reload), starting=False)
+        self._runner.start()
+        await self._wait_for(await in_thread(self._registration.request), starting=False)
 
     async def aclose(self) -> None:
         """Cancel the background task and close the HTTP client."""
         if self._closed:
             return
-        self._closed = True
-        self._engine.closed = True
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            if task.get_loop() is asyncio.get_running_loop():
-                # wait(), not `await task`: a cancellation of aclose() itself must not be swallowed.
-                await asyncio.wait({task})
-        if self._http_client is not None:
-            await self._http_client.aclose()
+        self._mark_closed()
+        await self._runner.stop()
         self._leave_shared()
-        self._waiters.notify()
+        self._runner.notify_applied()
 
     async def close(self) -> None:
         """Deprecated alias of :meth:`aclose` (since 0.2.0)."""
@@ -129,19 +162,114 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         Raises:
             httpx.HTTPError: the ping failed.
         """
-        (await self._http.get(proto.HEALTH)).raise_for_status()
+        (await self._runner.http().get(proto.HEALTH)).raise_for_status()
 
     async def get_settings(self) -> dict[str, proto.SettingData]:
         """All settings declared on the service (not only this client's), by name."""
-        response = await self._http.get(proto.SETTINGS, params={"include_additional_data": "true"})
+        response = await self._runner.http().get(proto.SETTINGS, params={"include_additional_data": "true"})
         response.raise_for_status()
         data = proto.decode(proto.SETTINGS, response.status_code, response.content, proto.SettingsResponse)
         return {s.name: s for s in data.settings}
 
-    # -- the driver --------------------------------------------------------------------------------------
+    # -- waiting for the leader ------------------------------------------------------------------------------
 
-    def _ensure_task(self) -> None:
-        """Run the background task on the current loop (again, in a forked child)."""
+    async def _wait_for(self, seq: int, starting: bool) -> None:
+        """Wait until request *seq* is answered; raise after ``startup_timeout`` without progress."""
+        answers = self._answers
+        progress = answers.progress(seq)
+        waiters = self._runner.waiters
+        while not await waiters.wait(lambda: answers.acked(seq) or self._closed, self._startup_timeout):
+            now_progress = answers.progress(seq)
+            if now_progress == progress:
+                raise TimeoutError(answers.timed_out("set_as_main" if starting else "reload"))
+            progress = now_progress
+        if self._closed:
+            return
+        error = answers.error(seq, starting)
+        if error is not None:
+            raise error
+
+    # -- what tests look at ----------------------------------------------------------------------------------
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        return self._runner.http()
+
+
+class _AsyncRunner:
+    """How the async client runs its engine: a task on the event loop drives it, woken from any thread.
+    Holds ``modification_lock``, the HTTP client and the waiters of ``set_as_main``/``reload``, and is
+    the asyncio driver's hooks (:class:`heksher_shm._engine.drivers.AsyncHooks`): every point where the
+    engine touches the async client is a method here or in :mod:`heksher_shm.clients._background`.
+    """
+
+    def __init__(self, service_url: str, http_client_args: dict[str, Any]) -> None:
+        self._service_url = service_url
+        self._http_client_args = http_client_args
+        self._background: Background | None = None
+        self._feed: SettingsFeed | None = None
+        self._report: Callable[[BaseException | None], None] = _unbound
+        self._make()
+
+    def _make(self) -> None:
+        # Also run in a forked child: the parent's loop, task and HTTP client
+        # (with its sockets) belong to the parent and are abandoned, never closed.
+        self.modification_lock = asyncio.Lock()
+        """Held while setting values change; hold it to keep them from changing."""
+        self._http_client: httpx.AsyncClient | None = None
+        self._waker: LoopWaker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.waiters = _Waiters()
+        """Notified whenever a snapshot was applied (or the client closed): waiters look at the answers."""
+        self._needs_restart = False
+
+    def bind(
+        self, background: Background, feed: SettingsFeed, report: Callable[[BaseException | None], None]
+    ) -> None:
+        self._background, self._feed, self._report = background, feed, report
+
+    # -- what the shared parts ask of it (heksher_shm.clients._base.Runner) ----------------------------------
+
+    def wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
+
+    def try_enter(self) -> bool:
+        if self._needs_restart and self._background is not None and not self._background.engine.closed:
+            # A forked child's first get() inside a running loop restarts the task there; without a
+            # running loop, the segment is served passively for now.
+            with contextlib.suppress(RuntimeError):
+                self.start()
+        # get() runs synchronously: between two awaits nothing else on this
+        # loop can take the lock, so "not locked" is as good as acquiring it.
+        return not self.modification_lock.locked()
+
+    def leave(self) -> None:
+        pass
+
+    def notify_applied(self) -> None:
+        self.waiters.notify()
+
+    def after_fork_in_child(self) -> None:
+        self._make()
+
+    def resume_in_child(self) -> None:
+        """The task restarts at the first ``get()``, ``reload()`` or ``set_as_main()`` inside a running
+        loop: every setting is made stale, so that its next ``get()`` comes here (:meth:`try_enter`)."""
+        assert self._feed is not None
+        self._needs_restart = True
+        self._feed.make_stale()
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the background task on the current loop (again, in a forked child, or on a new loop).
+
+        Raises:
+            RuntimeError: no event loop runs in this thread.
+        """
         loop = asyncio.get_running_loop()
         if self._task is not None and self._loop is loop and not self._needs_restart:
             return
@@ -154,8 +282,40 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
         self._waker = LoopWaker(loop)
         self._task = loop.create_task(self._run(), name="heksher-shm")
 
+    async def _run(self) -> None:
+        assert self._background is not None
+        try:
+            engine = self._background.engine
+            await drive_async(engine.run(), self, engine.closing_effects)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("the heksher background task stopped on an error")
+
+    async def stop(self) -> None:
+        """Cancel the task (and wait for it, on its own loop), and close the HTTP client."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                # wait(), not `await task`: a cancellation of aclose() itself must not be swallowed.
+                await asyncio.wait({task})
+        if self._http_client is not None:
+            await self._http_client.aclose()
+
+    # -- the asyncio driver's hooks (heksher_shm._engine.drivers.AsyncHooks) ---------------------------------
+
     @property
-    def _http(self) -> httpx.AsyncClient:
+    def host(self) -> LocalHost | SharedHost:
+        """The host the engine's effects are performed on."""
+        assert self._background is not None
+        return self._background.host
+
+    def housekeep(self) -> bool:
+        assert self._background is not None
+        return self._background.housekeep()
+
+    def http(self) -> httpx.AsyncClient:
         """The client's one HTTP client, made on first use: a follower may never need one, and
         making one costs tens of milliseconds (TLS setup)."""
         client = self._http_client
@@ -165,74 +325,27 @@ class AsyncHeksherClient(AsyncMainContext, BaseHeksherClient):
             )
         return client
 
-    async def _run(self) -> None:
-        engine = self._engine
-        try:
-            await drive_async(engine.run(), _Hooks(self), engine.closing_effects)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("the heksher background task stopped on an error")
-
-    def _wake(self) -> None:
+    async def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
         waker = self._waker
-        if waker is not None:
-            waker.wake()
+        assert waker is not None
+        return await waker.wait(timeout, fds)
 
-    async def _apply(self, effect: Apply) -> None:
+    async def apply(self, effect: Apply) -> None:
         """Apply under ``modification_lock``, in a worker thread: a big snapshot never stalls the loop."""
+        assert self._feed is not None
         if effect.blocking or not self.modification_lock.locked():
             async with self.modification_lock:
-                await in_thread(functools.partial(self._apply_latest, notify=False))
+                await in_thread(functools.partial(self._feed.apply_latest, notify=False))
         if effect.report:
-            self._report(effect.error)
-        self._notify_applied()
+            self.report(effect.error)
+        self.notify_applied()
 
-    def _report(self, error: BaseException | None) -> None:
-        try:
-            if error is None:
-                self.on_update_ok()
-            elif isinstance(error, Exception):
-                self.on_update_error(error)
-        except Exception:
-            logger.exception("update callback raised")
-        self._run_update_listeners(error)
+    def report(self, error: BaseException | None) -> None:
+        self._report(error)
 
-    def _try_modification_lock(self) -> bool:
-        # get() runs synchronously: between two awaits nothing else on this
-        # loop can take the lock, so "not locked" is as good as acquiring it.
-        return not self.modification_lock.locked()
 
-    def _release_modification_lock(self) -> None:
-        pass
-
-    def _notify_applied(self) -> None:
-        self._waiters.notify()
-
-    def _refresh(self, setting: Setting[Any]) -> None:
-        if self._needs_restart and not self._closed:
-            # Without a running loop here, serve the segment passively for now.
-            with contextlib.suppress(RuntimeError):
-                self._ensure_task()
-        super()._refresh(setting)
-
-    def _restart_after_fork(self) -> None:
-        self._needs_restart = True
-        self._applied_generation = -2  # makes the next get() look stale, and try to restart
-
-    async def _wait_for(self, seq: int, starting: bool) -> None:
-        """Wait until request *seq* is answered; raise after ``startup_timeout`` without progress."""
-        progress = self._progress(seq)
-        while not await self._waiters.wait(lambda: self._acked(seq) or self._closed, self._startup_timeout):
-            now_progress = self._progress(seq)
-            if now_progress == progress:
-                raise TimeoutError(self._timed_out("set_as_main" if starting else "reload"))
-            progress = now_progress
-        if self._closed:
-            return
-        error = self._ack_error(seq, starting)
-        if error is not None:
-            raise error
+def _unbound(error: BaseException | None) -> None:
+    raise AssertionError("the runner reports before it was bound to its client")
 
 
 class _Waiters:
@@ -278,28 +391,3 @@ class _Waiters:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-class _Hooks:
-    """What the asyncio driver uses of a client (:class:`heksher_shm._engine.drivers.AsyncHooks`)."""
-
-    def __init__(self, client: AsyncHeksherClient) -> None:
-        self._client = client
-        self.host = client._host
-
-    def housekeep(self) -> bool:
-        return self._client._housekeep()
-
-    def http(self) -> httpx.AsyncClient:
-        return self._client._http
-
-    async def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
-        waker = self._client._waker
-        assert waker is not None
-        return await waker.wait(timeout, fds)
-
-    async def apply(self, effect: Apply) -> None:
-        await self._client._apply(effect)
-
-    def report(self, error: BaseException | None) -> None:
-        self._client._report(error)

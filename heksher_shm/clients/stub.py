@@ -14,21 +14,29 @@ and ``unittest.mock.patch.object`` restore the previous rules afterwards.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Generic, TypeVar
 from unittest.mock import AsyncMock, MagicMock
 
 from heksher_shm._model.resolve import compile_rules
 from heksher_shm._process import main as _main
-from heksher_shm.clients._context import AsyncMainContext, SyncMainContext
-from heksher_shm.clients._defaults import ContextDefaults
+from heksher_shm._process.main import LiveSetting
+from heksher_shm.clients._contexts import Contexts
 from heksher_shm.setting import Setting, _ContextView, _State
 
 __all__ = ["AsyncStubHeksherClient", "Rule", "SettingPatcher", "SyncStubHeksherClient"]
 
 T = TypeVar("T")
+S = TypeVar("S", bound="SyncStubHeksherClient")
+A = TypeVar("A", bound="AsyncStubHeksherClient")
+
+_STUB_GENERATION = 0
+"""The one generation of stub rules: their states are current for it, and it is all that is ever
+published, so stub rules never go stale."""
 
 
 @dataclass
@@ -83,17 +91,33 @@ class SettingPatcher(Generic[T]):
             self.setting.configurable_features,
             [(list(rule.match_conditions.items()), rule.value) for rule in rules],
         )
-        self.setting._install_state(self.client, compiled)
+        self.setting._install_state(self.client._feed, compiled, None, _STUB_GENERATION)
 
 
-class _StubClient(ContextDefaults):
+class _StubFeed:
+    """What feeds a stub client's settings (``heksher_shm.setting._Feed``): rules set by hand, never stale."""
+
+    published: Sequence[int] = (_STUB_GENERATION,)
+
+    def __init__(self, contexts: Contexts) -> None:
+        self._contexts = contexts
+
+    def context_view(self) -> _ContextView:
+        return self._contexts.view()
+
+    def refresh(self, setting: Setting[Any]) -> None:
+        pass  # never called: stub rules never go stale
+
+
+class _StubClient:
     """What both stub clients share."""
 
     _is_stub = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
         self._context_features: tuple[str, ...] = ()
+        self._contexts = Contexts(tracking=False)
+        self._feed = _StubFeed(self._contexts)
 
     def __getitem__(self, setting: Setting[T]) -> SettingPatcher[T]:
         return SettingPatcher(setting, self)
@@ -119,19 +143,21 @@ class _StubClient(ContextDefaults):
 
         return restore()
 
+    def set_defaults(self, **kwargs: str | ContextVar[str]) -> None:
+        """Set default context feature values: a string, or a :class:`~contextvars.ContextVar` read per call.
+
+        Raises:
+            ValueError: a feature already has a default.
+            TypeError: a value is neither a string nor a context variable.
+        """
+        self._contexts.add_defaults(kwargs, self._context_features)
+
     def track_contexts(self, **context_values: Any) -> None:
         """Does nothing: stub rules are all used."""
 
-    def _context_view(self) -> _ContextView:
-        return _ContextView(self._const_defaults, tuple(self._var_defaults.items()), None, _no_warning)
+    # -- becoming main (heksher_shm._process.main.MainClient) ------------------------------------------------
 
-    def _watch(self) -> tuple[Any, list[int]]:
-        return (0, 0, 0), [0]  # stub rules never go stale
-
-    def _refresh(self, setting: Setting[Any]) -> None:
-        pass
-
-    def _setting_added(self, setting: Setting[Any]) -> None:
+    def _setting_added(self, setting: LiveSetting) -> None:
         _main.declared([setting])  # nothing to declare: held weakly at once, as heksher 0.2.2's stubs do
 
     def _become_main(self) -> None:
@@ -141,7 +167,7 @@ class _StubClient(ContextDefaults):
         pass
 
 
-class SyncStubHeksherClient(SyncMainContext, _StubClient):
+class SyncStubHeksherClient(_StubClient):
     """A stand-in for :class:`~heksher_shm.ThreadHeksherClient` in tests; takes and ignores any arguments."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -150,12 +176,22 @@ class SyncStubHeksherClient(SyncMainContext, _StubClient):
         self.close = MagicMock()
         self.ping = MagicMock()
 
+    def __enter__(self: S) -> S:
+        # ``with client:`` makes the client main on entry and closes it on exit.
+        self.set_as_main()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
     def set_as_main(self) -> None:
         """Become the main client."""
         self._become_main()
 
 
-class AsyncStubHeksherClient(AsyncMainContext, _StubClient):
+class AsyncStubHeksherClient(_StubClient):
     """A stand-in for :class:`~heksher_shm.AsyncHeksherClient` in tests; takes and ignores any arguments."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -165,10 +201,16 @@ class AsyncStubHeksherClient(AsyncMainContext, _StubClient):
         self.close = AsyncMock()
         self.ping = AsyncMock()
 
+    async def __aenter__(self: A) -> A:
+        # ``async with client:`` makes the client main on entry and closes it on exit.
+        await self.set_as_main()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
     async def set_as_main(self) -> None:
         """Become the main client."""
         self._become_main()
-
-
-def _no_warning(feature: str, value: str) -> None:
-    """Stubs track everything: nothing to warn about."""

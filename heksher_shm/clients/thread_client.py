@@ -1,29 +1,45 @@
-"""The synchronous client: its background work runs in one daemon thread."""
+"""The synchronous client: its background work runs in one daemon thread.
+
+:class:`ThreadHeksherClient` is the parts every client holds (see
+:mod:`heksher_shm.clients._base`) and a :class:`_ThreadRunner`: the thread
+that drives the engine with blocking calls, and the blocking driver's hooks
+(:class:`heksher_shm._engine.drivers.SyncHooks`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, TypeVar
 
 import httpx
 
 from heksher_shm._engine.drivers import WakePipe, drive_sync
 from heksher_shm._engine.effects import Apply
 from heksher_shm._engine.health import Trouble
+from heksher_shm._engine.local import LocalHost
+from heksher_shm._engine.shared import SharedHost
 from heksher_shm._model import protocol as proto
 from heksher_shm._process.servers import forking_uwsgi_master
 from heksher_shm._process.threads import block_signals, start_thread
+from heksher_shm.clients._answers import RequestAnswers
+from heksher_shm.clients._background import Background
 from heksher_shm.clients._base import BaseHeksherClient
-from heksher_shm.clients._context import SyncMainContext
+from heksher_shm.clients._feed import SettingsFeed
 
 __all__ = ["ThreadHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
 
+S = TypeVar("S", bound="ThreadHeksherClient")
 
-class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
+
+class ThreadHeksherClient(BaseHeksherClient["_ThreadRunner"]):
     """A synchronous client for Heksher. Declares and updates settings in a background thread.
 
     Errors in the background are logged, never raised: ``set_as_main()`` and
@@ -52,28 +68,48 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
     _kind = "thread"
     _http_class = httpx.Client
 
-    def _init_driver(self) -> None:
-        # Also run in a forked child: nothing of the parent's threads is kept,
-        # and the parent's HTTP client (with its sockets) is abandoned, never closed.
-        self.modification_lock = threading.Lock()
+    def __init__(
+        self,
+        service_url: str,
+        update_interval: float,
+        context_features: Sequence[str],
+        *,
+        http_client_args: Mapping[str, Any] | None = None,
+        shared: bool = True,
+        shm_dir: str | os.PathLike[str] | None = None,
+        segment_name: str | None = None,
+        startup_timeout: float = 30.0,
+        snapshot_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(
+            service_url,
+            update_interval,
+            context_features,
+            http_client_args=http_client_args,
+            shared=shared,
+            shm_dir=shm_dir,
+            segment_name=segment_name,
+            startup_timeout=startup_timeout,
+            snapshot_file=snapshot_file,
+            runner=_ThreadRunner,
+        )
+
+    # -- documented API --------------------------------------------------------------------------------------
+
+    @property
+    def modification_lock(self) -> threading.Lock:
         """Held while setting values change; hold it to keep them from changing."""
-        self._http_client: httpx.Client | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._wake_pipe = WakePipe()
-        self._applied_cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        # One error line when requests start failing, not one (with a traceback) per call.
-        self._failing = {
-            what: Trouble(
-                logger, f"{what} failed", time.monotonic, logging.ERROR, service_url=self._service_url
-            )
-            for what in ("set_as_main", "reload")
-        }
+        return self._runner.modification_lock
 
-    def _close_driver_in_child(self) -> None:
-        self._wake_pipe.close()
+    def __enter__(self: S) -> S:
+        # ``with client:`` makes the client main on entry and closes it on exit.
+        self.set_as_main()
+        return self
 
-    # -- documented API ----------------------------------------------------------------------------------
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     def set_as_main(self) -> None:
         """Make this the main client: declare all settings, then wait for an initial update."""
@@ -81,34 +117,24 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         if forking_uwsgi_master():
             self._start_in_uwsgi_master()
             return
-        if self._thread is None:
-            self._thread = start_thread(self._run, "heksher-shm")
-        self._apply(Apply(blocking=True))
+        self._runner.start()
+        self._runner.apply(Apply(blocking=True))
         seq = self._register_as_main()
         if seq is not None:
             self._wait_for(seq, "set_as_main")
 
     def reload(self) -> None:
         """Update all rules now, and wait until done; also resets the update timer."""
-        self._wait_for(self._request_reload(), "reload")
+        self._wait_for(self._registration.request(), "reload")
 
     def close(self) -> None:
         """Stop the background thread and close the HTTP client."""
         if self._closed:
             return
-        self._closed = True
-        self._engine.closed = True
-        self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        if self._http_client is not None:
-            self._http_client.close()
+        self._mark_closed()
+        self._runner.stop()
         self._leave_shared()
-        self._wake_pipe.close()
-        with self._applied_cond:
-            self._applied_cond.notify_all()
+        self._runner.close()
 
     def ping(self) -> None:
         """Check the health of the Heksher service.
@@ -116,81 +142,47 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         Raises:
             httpx.HTTPError: the ping failed.
         """
-        self._http.get(proto.HEALTH).raise_for_status()
+        self._runner.http().get(proto.HEALTH).raise_for_status()
 
     def get_settings(self) -> dict[str, proto.SettingData]:
         """All settings declared on the service (not only this client's), by name."""
-        response = self._http.get(proto.SETTINGS, params={"include_additional_data": "true"})
+        response = self._runner.http().get(proto.SETTINGS, params={"include_additional_data": "true"})
         response.raise_for_status()
         data = proto.decode(proto.SETTINGS, response.status_code, response.content, proto.SettingsResponse)
         return {s.name: s for s in data.settings}
 
-    # -- the driver ----------------------------------------------------------------------------------------
+    # -- waiting for the leader ------------------------------------------------------------------------------
 
-    @property
-    def _http(self) -> httpx.Client:
-        """The client's one HTTP client, made on first use: a follower may never need one, and
-        making one costs tens of milliseconds (TLS setup)."""
-        client = self._http_client
-        if client is None:
-            client = self._http_client = httpx.Client(base_url=self._service_url, **self._http_client_args)
-        return client
+    def _wait_for(self, seq: int, what: str) -> None:
+        """Wait until request *seq* is answered; give up after ``startup_timeout`` without progress."""
+        answers = self._answers
+        progress = answers.progress(seq)
+        deadline = time.monotonic() + self._startup_timeout
+        with self._runner.applied:
+            while not (answers.acked(seq) or self._closed):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    now_progress = answers.progress(seq)
+                    if now_progress == progress:
+                        break
+                    progress, deadline = now_progress, time.monotonic() + self._startup_timeout
+                    continue
+                self._runner.applied.wait(remaining)
+        self._report_wait(seq, what, timed_out=not answers.acked(seq))
 
-    def _declare_pool(self, limit: int) -> ThreadPoolExecutor:
-        """The threads that send concurrent declarations (made on first use, kept while leading)."""
-        pool = self._pool
-        if pool is None:
-            pool = self._pool = ThreadPoolExecutor(
-                limit, thread_name_prefix="heksher-shm-declare", initializer=block_signals
-            )
-        return pool
-
-    def _run(self) -> None:
-        engine = self._engine
-        try:
-            drive_sync(engine.run(), _Hooks(self), engine.closing_effects)
-        except Exception:
-            logger.exception("the heksher background thread stopped on an error")
-        finally:
-            pool, self._pool = self._pool, None
-            if pool is not None:
-                pool.shutdown(wait=False)
-
-    def _wake(self) -> None:
-        self._wake_pipe.wake()
-
-    def _apply(self, effect: Apply) -> None:
-        if self.modification_lock.acquire(blocking=effect.blocking):
-            try:
-                self._apply_latest(notify=False)
-            finally:
-                self.modification_lock.release()
-        if effect.report:
-            self._report(effect.error)
-        self._notify_applied()
-
-    def _report(self, error: BaseException | None) -> None:
-        try:
-            if error is None:
-                self.on_update_ok()
-            elif isinstance(error, Exception):
-                self.on_update_error(error)
-        except Exception:
-            logger.exception("update callback raised")
-        self._run_update_listeners(error)
-
-    def _restart_after_fork(self) -> None:
-        self._thread = start_thread(self._run, "heksher-shm")
-
-    def _try_modification_lock(self) -> bool:
-        return self.modification_lock.acquire(blocking=False)
-
-    def _release_modification_lock(self) -> None:
-        self.modification_lock.release()
-
-    def _notify_applied(self) -> None:
-        with self._applied_cond:
-            self._applied_cond.notify_all()
+    def _report_wait(self, seq: int, what: str, timed_out: bool) -> None:
+        """Log how request *seq* ended (the thread client never raises from the background)."""
+        if self._closed:
+            return
+        trouble = self._runner.failing[what]
+        if timed_out:
+            trouble.failed(self._answers.timed_out(what), timeout=self._startup_timeout)
+            return
+        error = self._answers.error(seq, starting=what == "set_as_main")
+        if error is None:
+            trouble.resolved()
+        else:
+            trouble.failed(error)
 
     def _start_in_uwsgi_master(self) -> None:
         """``set_as_main`` in a uwsgi master that forks the workers from here (no ``--lazy-apps``).
@@ -202,111 +194,248 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         serves no requests, and each worker resumes its copy of this client
         from uwsgi's post-fork hook (see :mod:`heksher_shm._process.servers`).
         """
-        if self._thread is not None:
+        if self._runner.thread is not None:
             raise RuntimeError(
                 "this client's background thread already runs in a uwsgi master that will fork the "
                 "workers from it: a worker forked while that thread holds the GIL hangs. Make the client "
                 "main before uwsgi forks (at import), or start uwsgi with --lazy-apps."
             )
-        self._apply(Apply(blocking=True))
+        self._runner.apply(Apply(blocking=True))
         seq = self._register_as_main()
         if seq is not None:
-            hooks = _UntilAcked(self, seq)
-            engine = self._engine
-            try:
-                # Stopped by _Pause: the driver then lets go of the lock and rings the others.
-                drive_sync(engine.run(), hooks, engine.closing_effects)
-            except _Pause:
-                pass
-            finally:
-                pool, self._pool = self._pool, None
-                if pool is not None:
-                    pool.shutdown(wait=True)
-            self._report_wait(seq, "set_as_main", timed_out=hooks.timed_out)
+            timed_out = self._runner.run_here_until(seq, self._answers, self._startup_timeout)
+            self._report_wait(seq, "set_as_main", timed_out=timed_out)
         self._leave_shared()
 
-    def _wait_for(self, seq: int, what: str) -> None:
-        """Wait until request *seq* is answered; give up after ``startup_timeout`` without progress."""
-        progress = self._progress(seq)
-        deadline = time.monotonic() + self._startup_timeout
-        with self._applied_cond:
-            while not (self._acked(seq) or self._closed):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    now_progress = self._progress(seq)
-                    if now_progress == progress:
-                        break
-                    progress, deadline = now_progress, time.monotonic() + self._startup_timeout
-                    continue
-                self._applied_cond.wait(remaining)
-        self._report_wait(seq, what, timed_out=not self._acked(seq))
+    # -- what tests look at ----------------------------------------------------------------------------------
 
-    def _report_wait(self, seq: int, what: str, timed_out: bool) -> None:
-        """Log how request *seq* ended (the thread client never raises from the background)."""
-        if self._closed:
-            return
-        trouble = self._failing[what]
-        if timed_out:
-            trouble.failed(self._timed_out(what), timeout=self._startup_timeout)
-            return
-        error = self._ack_error(seq, starting=what == "set_as_main")
-        if error is None:
-            trouble.resolved()
-        else:
-            trouble.failed(error)
+    @property
+    def _http(self) -> httpx.Client:
+        return self._runner.http()
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        return self._runner.thread
 
 
-class _Hooks:
-    """What the blocking driver uses of a client (:class:`heksher_shm._engine.drivers.SyncHooks`)."""
+class _ThreadRunner:
+    """How the thread client runs its engine: a daemon thread drives it with blocking calls, woken
+    through a pipe. Holds ``modification_lock``, the HTTP client and the declaration pool, and is the
+    blocking driver's hooks (:class:`heksher_shm._engine.drivers.SyncHooks`): every point where the
+    engine touches the thread client is a method here or in :mod:`heksher_shm.clients._background`.
+    """
 
-    def __init__(self, client: ThreadHeksherClient) -> None:
-        self._client = client
-        self.host = client._host
+    def __init__(self, service_url: str, http_client_args: dict[str, Any]) -> None:
+        self._service_url = service_url
+        self._http_client_args = http_client_args
+        self._background: Background | None = None
+        self._feed: SettingsFeed | None = None
+        self._report: Callable[[BaseException | None], None] = _unbound
+        self._make()
+
+    def _make(self) -> None:
+        # Also run in a forked child: nothing of the parent's threads is kept,
+        # and the parent's HTTP client (with its sockets) is abandoned, never closed.
+        self.modification_lock = threading.Lock()
+        """Held while setting values change; hold it to keep them from changing."""
+        self._http_client: httpx.Client | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._wake_pipe = WakePipe()
+        self.applied = threading.Condition()
+        """Notified whenever a snapshot was applied (or the client closed): waiters look at the answers."""
+        self.thread: threading.Thread | None = None
+        # One error line when requests start failing, not one (with a traceback) per call.
+        self.failing = {
+            what: Trouble(
+                logger, f"{what} failed", time.monotonic, logging.ERROR, service_url=self._service_url
+            )
+            for what in ("set_as_main", "reload")
+        }
+
+    def bind(
+        self, background: Background, feed: SettingsFeed, report: Callable[[BaseException | None], None]
+    ) -> None:
+        self._background, self._feed, self._report = background, feed, report
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client closed (its engine is closed first)."""
+        return self._background is not None and self._background.engine.closed
+
+    # -- what the shared parts ask of it (heksher_shm.clients._base.Runner) ----------------------------------
+
+    def wake(self) -> None:
+        self._wake_pipe.wake()
+
+    def try_enter(self) -> bool:
+        return self.modification_lock.acquire(blocking=False)
+
+    def leave(self) -> None:
+        self.modification_lock.release()
+
+    def notify_applied(self) -> None:
+        with self.applied:
+            self.applied.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        self._wake_pipe.close()
+        self._make()
+
+    def resume_in_child(self) -> None:
+        self.start()
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the engine in the background thread (once)."""
+        if self.thread is None:
+            self.thread = start_thread(self._run, "heksher-shm")
+
+    def _run(self) -> None:
+        assert self._background is not None
+        try:
+            engine = self._background.engine
+            drive_sync(engine.run(), self, engine.closing_effects)
+        except Exception:
+            logger.exception("the heksher background thread stopped on an error")
+        finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False)
+
+    def run_here_until(self, seq: int, answers: RequestAnswers, startup_timeout: float) -> bool:
+        """Run the engine in the calling thread until request *seq* is answered, or ``startup_timeout``
+        passed without progress (then returns True: timed out). The engine lets go of the lock, and rings
+        the others, when the run ends."""
+        assert self._background is not None
+        hooks = _UntilAcked(self, seq, answers, startup_timeout)
+        engine = self._background.engine
+        try:
+            # Stopped by _Pause: the driver then lets go of the lock and rings the others.
+            drive_sync(engine.run(), hooks, engine.closing_effects)
+        except _Pause:
+            pass
+        finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=True)
+        return hooks.timed_out
+
+    def stop(self) -> None:
+        """Wake the thread (the engine is closed: it ends), wait for it, and close the HTTP client."""
+        self.wake()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._http_client is not None:
+            self._http_client.close()
+
+    def close(self) -> None:
+        """The last step of closing: no more wakes, and no more waiting."""
+        self._wake_pipe.close()
+        self.notify_applied()
+
+    # -- the blocking driver's hooks (heksher_shm._engine.drivers.SyncHooks) ---------------------------------
+
+    @property
+    def host(self) -> LocalHost | SharedHost:
+        """The host the engine's effects are performed on."""
+        assert self._background is not None
+        return self._background.host
 
     def housekeep(self) -> bool:
-        return self._client._housekeep()
+        assert self._background is not None
+        return self._background.housekeep()
 
     def http(self) -> httpx.Client:
-        return self._client._http
+        """The client's one HTTP client, made on first use: a follower may never need one, and
+        making one costs tens of milliseconds (TLS setup)."""
+        client = self._http_client
+        if client is None:
+            client = self._http_client = httpx.Client(base_url=self._service_url, **self._http_client_args)
+        return client
 
     def pool(self, limit: int) -> ThreadPoolExecutor:
-        return self._client._declare_pool(limit)
+        """The threads that send concurrent declarations (made on first use, kept while leading)."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(
+                limit, thread_name_prefix="heksher-shm-declare", initializer=block_signals
+            )
+        return pool
 
     def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
-        return self._client._wake_pipe.wait(timeout, fds)
+        return self._wake_pipe.wait(timeout, fds)
 
     def apply(self, effect: Apply) -> None:
-        self._client._apply(effect)
+        assert self._feed is not None
+        if self.modification_lock.acquire(blocking=effect.blocking):
+            try:
+                self._feed.apply_latest(notify=False)
+            finally:
+                self.modification_lock.release()
+        if effect.report:
+            self.report(effect.error)
+        self.notify_applied()
 
     def report(self, error: BaseException | None) -> None:
-        self._client._report(error)
+        self._report(error)
+
+
+def _unbound(error: BaseException | None) -> None:
+    raise AssertionError("the runner reports before it was bound to its client")
 
 
 class _Pause(BaseException):
     """Ends a run of the engine in the calling thread (not an error: nothing may catch it on the way)."""
 
 
-class _UntilAcked(_Hooks):
-    """The driver's hooks for a run in the calling thread that ends once request *seq* is answered,
-    or after ``startup_timeout`` without progress (``timed_out`` then says so)."""
+class _UntilAcked:
+    """The blocking driver's hooks for a run in the calling thread that ends once request *seq* is
+    answered or the client closes, or after ``startup_timeout`` without progress (``timed_out`` then
+    says so). The rest is the runner's."""
 
-    def __init__(self, client: ThreadHeksherClient, seq: int) -> None:
-        super().__init__(client)
+    def __init__(
+        self, runner: _ThreadRunner, seq: int, answers: RequestAnswers, startup_timeout: float
+    ) -> None:
+        self._runner = runner
         self._seq = seq
-        self._progress = client._progress(seq)
-        self._deadline = time.monotonic() + client._startup_timeout
+        self._answers = answers
+        self._startup_timeout = startup_timeout
+        self._progress = answers.progress(seq)
+        self._deadline = time.monotonic() + startup_timeout
         self.timed_out = False
 
+    @property
+    def host(self) -> LocalHost | SharedHost:
+        return self._runner.host
+
+    def housekeep(self) -> bool:
+        return self._runner.housekeep()
+
+    def http(self) -> httpx.Client:
+        return self._runner.http()
+
+    def pool(self, limit: int) -> ThreadPoolExecutor:
+        return self._runner.pool(limit)
+
+    def apply(self, effect: Apply) -> None:
+        self._runner.apply(effect)
+
+    def report(self, error: BaseException | None) -> None:
+        self._runner.report(error)
+
     def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
-        client = self._client
-        if client._acked(self._seq) or client._closed:
+        answers = self._answers
+        if answers.acked(self._seq) or self._runner.closed:
             raise _Pause
         now = time.monotonic()
-        progress = client._progress(self._seq)
+        progress = answers.progress(self._seq)
         if progress != self._progress:
-            self._progress, self._deadline = progress, now + client._startup_timeout
+            self._progress, self._deadline = progress, now + self._startup_timeout
         if now >= self._deadline:
             self.timed_out = True
             raise _Pause
         left = self._deadline - now
-        return client._wake_pipe.wait(left if timeout is None else min(timeout, left), fds)
+        return self._runner.wait(left if timeout is None else min(timeout, left), fds)

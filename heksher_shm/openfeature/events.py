@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from openfeature.event import ProviderEventDetails
 from openfeature.exception import ErrorCode
 
+from heksher_shm._process import fork as _fork
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.openfeature.flags import SnapshotView, read_view
 from heksher_shm.status import stale_after
@@ -143,7 +144,7 @@ def _stale_at(source: Any, view: SnapshotView | None, client: Any) -> float:
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (called by :mod:`heksher_shm._process.fork`): a new pool for the SDK's handlers.
+    """In a forked child (registered with :mod:`heksher_shm._process.fork`): a new pool for the SDK's handlers.
 
     The OpenFeature SDK (0.10) runs event handlers in a thread pool made when it is imported. A
     forked child has none of its threads, but the pool still counts the idle one it had, makes no
@@ -152,3 +153,6 @@ def _reset_after_fork() -> None:
     support = sys.modules.get("openfeature._event_support")
     if isinstance(getattr(support, "_event_executor", None), ThreadPoolExecutor):
         support._event_executor = ThreadPoolExecutor(thread_name_prefix="openfeature-event-handler")  # type: ignore[union-attr]
+
+
+_fork.register_child_reset(__name__, _reset_after_fork)

@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 from openfeature.evaluation_context import EvaluationContext
@@ -194,7 +194,7 @@ class HeksherProvider(AbstractProvider):
             if setting is not None:
                 # A setting's state is replaced whenever its answers may change, a new main client too.
                 state = setting._state
-                fresh = state is flag.state and state.words[2] == state.applied[0]
+                fresh = state is flag.state and state.published[0] == state.generation
             else:
                 client = self.client
                 if client is None:
@@ -260,7 +260,7 @@ class HeksherProvider(AbstractProvider):
                     ):  # the setting changed meanwhile: keep answers for its new state
                         flag = self._flags[key] = own_flag(flag.setting, client)
                         flag.state = state
-                    if state.words[2] != state.applied[0]:
+                    if state.published[0] != state.generation:
                         return found  # a newer snapshot waits already: nothing to keep
                 else:
                     found = resolve_foreign(flag, features, self.targeting_key)
@@ -275,8 +275,7 @@ class HeksherProvider(AbstractProvider):
         flag = self._flags.get(key)
         source = self._source(client)
         if flag is not None and flag.setting is not None:
-            owner = flag.setting._state.client
-            if owner is client or owner is None:
+            if flag.setting._state.feed is None or client._feeds(flag.setting):
                 return flag
         elif (
             flag is not None
@@ -348,9 +347,9 @@ def _own_setting(client: Any, name: str) -> Setting[Any] | None:
     """The setting called *name* that *client* feeds in this process (the newest, if several); one
     no client feeds (a stub client's setting without stub rules) answers its default."""
     found = None
-    for setting in _main.live_settings():
-        owner = setting._state.client
-        if setting.name == name and (owner is client or owner is None):
+    for live in _main.live_settings():
+        setting = cast("Setting[Any]", live)
+        if setting.name == name and (setting._state.feed is None or client._feeds(setting)):
             found = setting
     return found
 
