@@ -72,9 +72,7 @@ def _check_seconds(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
-def kept_file(
-    snapshot_file: object, service_url: str, context_features: tuple[str, ...]
-) -> KeptFile | None:
+def kept_file(snapshot_file: object, service_url: str, context_features: tuple[str, ...]) -> KeptFile | None:
     """The client's last-known-good file: ``snapshot_file``, else ``HEKSHER_SHM_SNAPSHOT_FILE``, else none.
 
     Raises:

@@ -43,6 +43,7 @@ from heksher_shm._process import fork as _fork
 from heksher_shm._process import main as _main
 from heksher_shm._process.main import LiveSetting
 from heksher_shm._process.servers import check_background_threads
+from heksher_shm._shm.segment import Segment
 from heksher_shm.clients._answers import RequestAnswers
 from heksher_shm.clients._arguments import check_arguments, check_http_client_args, kept_file
 from heksher_shm.clients._background import Background
@@ -50,7 +51,6 @@ from heksher_shm.clients._contexts import Contexts
 from heksher_shm.clients._feed import Gate, SettingsFeed, settings_of
 from heksher_shm.clients._link import HostLink
 from heksher_shm.clients._registration import RegistrationWriter
-from heksher_shm._shm.segment import Segment
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.setting import Setting, _ContextView
 from heksher_shm.status import SegmentStatus, segment_status

@@ -144,7 +144,7 @@ def _stale_at(source: Any, view: SnapshotView | None, client: Any) -> float:
 
 
 def _reset_after_fork() -> None:
-    """In a forked child (registered with :mod:`heksher_shm._process.fork`): a new pool for the SDK's handlers.
+    """In a forked child (registered with :mod:`heksher_shm._process.fork`): a pool for the SDK's handlers.
 
     The OpenFeature SDK (0.10) runs event handlers in a thread pool made when it is imported. A
     forked child has none of its threads, but the pool still counts the idle one it had, makes no
