@@ -41,6 +41,7 @@ __all__ = [
     "STALE_INTERVALS",
     "ProcessInfo",
     "SegmentStatus",
+    "header_damage",
     "list_segments",
     "segment_status",
     "stale_after",
