@@ -448,6 +448,12 @@ def test_bad_http_client_args_are_refused_at_once(cls: type[Any], recwarn: pytes
         cls("http://x", 1, ["user"], http_client_args={"base_url": "http://y"})
     with pytest.raises(TypeError, match="must be a mapping"):
         cls("http://x", 1, ["user"], http_client_args=[("timeout", 3)])
+    # httpx itself takes any timeout and fails only at the first request: refused here, naming it
+    with pytest.raises(TypeError, match=r"timeout .* its connect timeout is '5'"):
+        cls("http://x", 1, ["user"], http_client_args={"timeout": "5"})
+    with pytest.raises(TypeError, match=r"its connect timeout is -1"):
+        cls("http://x", 1, ["user"], http_client_args={"timeout": httpx.Timeout(3, connect=-1)})
+    cls("http://x", 1, ["user"], http_client_args={"timeout": None})  # no timeout at all: allowed
     cls("http://x", 1, ["user"], http_client_args={"timeout": 3, "headers": {"Authorization": "Bearer t"}})
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
 

@@ -62,9 +62,23 @@ def check_http_client_args(
         raise ValueError("http_client_args must not hold base_url: service_url is the base URL")
     trial = {**args, "transport": args.get("transport", _NoTransport())}
     try:
-        http_class(base_url=service_url, **trial)  # not closed: closing would close a transport of theirs
+        # Not closed: closing would close a transport of theirs.
+        client = http_class(base_url=service_url, **trial)
     except (TypeError, ValueError) as error:
         raise type(error)(f"http_client_args are refused by {http_class.__qualname__}: {error}") from error
+    _check_timeout(client.timeout)
+
+
+def _check_timeout(timeout: httpx.Timeout) -> None:
+    """httpx takes any value as a timeout and fails only when a request uses it: refuse it now."""
+    for phase in ("connect", "read", "write", "pool"):
+        value = getattr(timeout, phase)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and value >= 0):
+            raise TypeError(
+                f"http_client_args timeout must be None, a number of seconds or an httpx.Timeout of them; "
+                f"its {phase} timeout is {value!r}"
+            )
 
 
 def _check_seconds(name: str, value: object) -> None:
