@@ -338,3 +338,45 @@ def test_closing_mid_term_lets_go_of_the_lock() -> None:
         pass
     assert names(rest)[-2:] == ["GiveUpLead", "RingAll"]
     assert eng.closing_effects() == []
+
+
+def test_a_new_term_over_fresh_rules_queries_when_the_old_leader_would_have() -> None:
+    """A takeover (or a new main client in one process) costs the service no query: rules queried
+    less than an interval ago are inherited with their ETag, and the first query comes on schedule."""
+    from heksher_shm._model.snapshot import FORMAT, Head, encode_head
+
+    clock = FakeClock()
+    queried = clock.now - 2.0  # the old leader queried 2 s ago, at a 10 s interval
+    head = Head(
+        format=FORMAT,
+        term=1,
+        published=clock.wall(),
+        context_features=["user"],
+        settings=[SettingEntry("size", 0, b"d", 0)],
+        outcomes={},
+        ok=True,
+        queried=queried,
+        filters="user:(alice)",
+        etag='"7"',
+    )
+    answer = calm(term=2)
+
+    def inherit(effect: Any) -> Any:
+        if isinstance(effect, fx.ReadHead):
+            return Published(5, encode_head(head), 1, 1)
+        if isinstance(effect, fx.ReadBlobs):
+            return [b"blob"]
+        return answer(effect)
+
+    run = Run(engine(clock), clock)
+    wait = run.until(lambda e: isinstance(e, fx.Wait), inherit)
+    assert not [e for e in run.log if isinstance(e, fx.Call) and e.path == proto.QUERY]
+    assert [type(e).__name__ for e in run.log if isinstance(e, fx.Publish | fx.Acknowledge)] == [
+        "Publish",  # the term's first snapshot (its answers must name one of its own)
+        "Acknowledge",
+    ]
+    assert wait.timeout == pytest.approx(queried + INTERVAL - clock.now)
+    clock.now += wait.timeout
+    run.until(lambda e: isinstance(e, fx.Wait), inherit)
+    (query,) = [e for e in run.log if isinstance(e, fx.Call) and e.path == proto.QUERY]
+    assert query.headers == {"If-None-Match": '"7"'}  # unchanged rules will cost a 304

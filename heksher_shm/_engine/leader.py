@@ -153,20 +153,30 @@ class Leader:
         self._adopt(head, blobs, 0.0, restored.where)
 
     def _adopt(self, head: Head, blobs: list[bytes], queried: float, restored: str | None) -> None:
-        """Take *head*'s settings with their *blobs* (in the head's order) as this term's rules."""
+        """Take *head*'s settings with their *blobs* (in the head's order) as this term's rules.
+
+        Rules the previous leader queried successfully less than an interval ago are as fresh as its
+        schedule would have kept them: this term queries when that leader would have, with its ETag
+        (a takeover, or a new main client in a process, costs the service nothing extra).
+        """
         term = self.term
         term.queried, term.as_of, term.restored = queried, head.as_of, restored
         term.entries = [SettingEntry(e.name, i, e.digest, e.rule_count) for i, e in enumerate(head.settings)]
         term.blobs = blobs
         if head.context_features:
             term.context_features = head.context_features
+        if head.ok and restored is None and queried and head.filters is not None:
+            term.etag = head.etag
+            term.spec = (tuple(sorted(entry.name for entry in head.settings)), head.filters)
+            term.next_update = queried + self._ctx.update_interval
 
     def _refresh_inherited(self) -> Generator[Effect, Any, None]:
         """A new term's first update, before its declarations: the settings the previous leader
-        served (and live processes still want) existed, so they can be queried at once."""
+        served (and live processes still want) existed, so they can be queried at once (unless the
+        previous leader queried them less than an interval ago)."""
         term = self.term
-        if not term.entries:
-            return
+        if not term.entries or term.next_update > self._ctx.clock.monotonic():
+            return  # nothing inherited, or as fresh as a query now would make it
         wanted = {body.name for wish in self._wishes for body in wish.declarations.values()}
         names = tuple(sorted(wanted & {entry.name for entry in term.entries}))
         if not names:

@@ -210,6 +210,7 @@ class Updater:
             filters=term.spec[1] if term.spec is not None else None,
             as_of=as_of,
             restored=restored,
+            etag=fresh.etag if fresh is not None else term.etag,
         )
         encoded: bytes = yield Compute(functools.partial(encode_head, head), busy=True)
         failed = yield from self._write(term, encoded, blobs)

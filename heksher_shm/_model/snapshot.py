@@ -153,6 +153,8 @@ class Head(msgspec.Struct, frozen=True):
     restored: str | None = None
     """Where these rules were restored from when the service could not be reached (the last-known-good
     file), or None: they came from the service in this segment's lifetime."""
+    etag: str = ""
+    """The ETag of the query behind these rules (a new leader asks with it: unchanged rules cost a 304)."""
 
 
 _head_encoder = msgspec.msgpack.Encoder()
