@@ -34,6 +34,7 @@ __all__ = [
     "Family",
     "Reading",
     "families",
+    "folder_family",
     "read_folder",
     "text_format",
 ]
@@ -88,6 +89,18 @@ def read_segment(path: Path) -> Reading:
         return Reading(name, segment_status(path))
     except (SegmentError, OSError) as e:
         return Reading(name, None, str(e))
+
+
+def folder_family(folder: str | os.PathLike[str], problem: str | None) -> Family:
+    """``heksher_shm_folder_usable{folder}``: 1 when the shared folder can be used, 0 when it is refused
+    (another user's, loosened...): then this user's processes serve without sharing, each polling the
+    service for itself, and the log and ``heksher-shm status`` say why."""
+    return Family(
+        PREFIX + "folder_usable",
+        "gauge",
+        "1 when the shared folder can be used; 0: it is refused and processes serve without sharing.",
+        (({"folder": os.fspath(folder)}, 0.0 if problem is not None else 1.0),),
+    )
 
 
 def families(readings: Sequence[Reading]) -> list[Family]:

@@ -33,7 +33,7 @@ except ImportError as _error:  # pragma: no cover - depends on what is installed
         "(or prometheus-client); heksher-shm status --prometheus prints the same figures without it"
     ) from _error
 
-from heksher_shm._exposition import families, read_folder
+from heksher_shm._exposition import families, folder_family, read_folder
 from heksher_shm._shm.folder import shm_dir_path
 from heksher_shm.exceptions import SegmentError
 
@@ -50,7 +50,8 @@ class HeksherCollector(Collector):
             default per-user folder), fixed when the collector is made. A
             folder that does not exist (yet) has no segments; a folder that
             cannot be used (another user's, a symbolic link...) is logged at
-            each scrape and yields no samples: a scrape never fails for it.
+            each scrape and yields only ``heksher_shm_folder_usable 0`` (its
+            processes serve without sharing): a scrape never fails for it.
 
     Register it once per process (``prometheus_client.REGISTRY.register(HeksherCollector())``);
     with several processes scraped, every one reports the same host-wide figures.
@@ -62,12 +63,13 @@ class HeksherCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, read now (what ``prometheus_client`` calls at each scrape)."""
+        problem: str | None = None
         try:
             readings = read_folder(self.shm_dir)
         except SegmentError as e:  # the folder: the message names it and why
             logger.warning("heksher_shm metrics: %s", e)
-            return
-        for family in families(readings):
+            readings, problem = [], str(e)
+        for family in [folder_family(self.shm_dir, problem), *families(readings)]:
             metric: GaugeMetricFamily | CounterMetricFamily
             labels = sorted(family.samples[0][0]) if family.samples else []
             if family.type == "counter":

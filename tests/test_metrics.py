@@ -160,27 +160,35 @@ def _leftover(folder: Path) -> str:
     return str(path)
 
 
+def _usable(folder: Path, value: float) -> dict[str, Any]:
+    return {"heksher_shm_folder_usable": ("gauge", {(("folder", str(folder)),): value})}
+
+
 def test_a_folder_without_segments(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     registry.register(HeksherCollector(tmp_path / "missing"))
-    assert _parse(generate_latest(registry).decode()) == {}
+    assert _parse(generate_latest(registry).decode()) == _usable(tmp_path / "missing", 1.0)
     registry = CollectorRegistry()
     registry.register(HeksherCollector(tmp_path))
-    assert _parse(generate_latest(registry).decode()) == {}
+    assert _parse(generate_latest(registry).decode()) == _usable(tmp_path, 1.0)
     printed = _cli("status", "--prometheus", "--dir", str(tmp_path / "missing"))
     assert printed.returncode == 3
     assert printed.stdout == ""
 
 
 def test_a_folder_that_cannot_be_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A scrape never fails for the folder: it logs and has no samples."""
+    """A scrape never fails for the folder: it logs, and says it is refused (its processes serve
+    without sharing); so does status --prometheus."""
     folder = tmp_path / "open"
     folder.mkdir(mode=0o777)
     folder.chmod(0o777)
     registry = CollectorRegistry()
     registry.register(HeksherCollector(folder))
-    assert _parse(generate_latest(registry).decode()) == {}
+    assert _parse(generate_latest(registry).decode()) == _usable(folder, 0.0)
     assert "writable by group or others" in caplog.text
+    printed = _cli("status", "--prometheus", "--dir", str(folder))
+    assert printed.returncode == 0
+    assert _parse(printed.stdout) == _usable(folder, 0.0)
 
 
 def test_text_format_escapes_and_numbers() -> None:

@@ -21,6 +21,7 @@ import msgspec
 
 from heksher_shm._engine.shared import SEGMENT_NAME
 from heksher_shm._model.snapshot import Head, SettingBlob, decode_blob, decode_head
+from heksher_shm._shm.folder import default_shm_dirs
 from heksher_shm._shm.segment import ENV_SHM_DIR, Segment, resolve_shm_dir, shm_dir_path
 from heksher_shm.exceptions import SegmentError
 from heksher_shm.status import list_segments
@@ -87,6 +88,11 @@ def segment_directory(given: str | None) -> Path:
     """
     candidate, explicit = shm_dir_path(given or None)
     source = "--dir" if given else ENV_SHM_DIR if explicit else "the default"
+    if not explicit:
+        # The default is in $XDG_RUNTIME_DIR where there is a private one, else under /dev/shm: a
+        # process started without the variable (a service manager's) uses the second. Look where
+        # there is something.
+        candidate = next((path for path in default_shm_dirs() if os.path.lexists(path)), candidate)
     if not os.path.lexists(candidate):
         raise CliError(
             f"segment directory {candidate} ({source}) does not exist: no heksher_shm client has run "
@@ -95,9 +101,14 @@ def segment_directory(given: str | None) -> Path:
         )
     try:
         # Checks ownership, type and mode; the directory exists, so nothing is created.
-        return resolve_shm_dir(given or None)
+        return resolve_shm_dir(candidate)
     except SegmentError as e:
-        raise CliError(str(e), EXIT_UNREADABLE) from None
+        raise CliError(
+            f"{e}; the clients of this user cannot share it: each process serves without sharing, "
+            "polling the service itself (see 'cannot share the host's rule cache' in the troubleshooting "
+            "page for the fix)",
+            EXIT_UNREADABLE,
+        ) from None
 
 
 def select_segments(directory: Path, name: str | None) -> list[Path]:

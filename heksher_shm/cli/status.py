@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from heksher_shm._exposition import families, read_segment, text_format
+from heksher_shm._exposition import families, folder_family, read_segment, text_format
 from heksher_shm._model.snapshot import decode_head
 from heksher_shm._shm.identity import ProcessIdentity, is_alive
-from heksher_shm._shm.segment import Segment
+from heksher_shm._shm.segment import Segment, shm_dir_path
 from heksher_shm.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -246,13 +246,21 @@ def run_status(
     ``prometheus``, print the metrics in the text exposition format instead and
     exit 0 once they are printed: the segments' health is in the figures.
     """
-    directory = segment_directory(dir_arg)
     if prometheus:
+        try:
+            directory = segment_directory(dir_arg)
+        except CliError as refused:
+            if refused.code != EXIT_UNREADABLE:
+                raise
+            # The folder is refused: the figure that says so is the one to print.
+            sys.stdout.write(text_format([folder_family(shm_dir_path(dir_arg)[0], str(refused))]))
+            return EXIT_OK
         readings = [read_segment(path) for path in select_segments(directory, name)]
         if ignore_idle:
             readings = [r for r in readings if r.status is None or not r.status.idle]
-        sys.stdout.write(text_format(families(readings)))
+        sys.stdout.write(text_format([folder_family(directory, None), *families(readings)]))
         return EXIT_OK
+    directory = segment_directory(dir_arg)
     strict = strict or name is not None
     checked = [check_segment(path, strict=strict) for path in select_segments(directory, name)]
     if ignore_idle:

@@ -336,6 +336,11 @@ class BaseHeksherClient(Generic[R]):
         """Bumped when the defaults change: answers made with older defaults are stale."""
         return self._contexts.version
 
+    def _sharing_problem(self) -> str | None:
+        """Why this client serves without sharing although sharing is on (its host's folder or files
+        could not be used), or None."""
+        return self._link.unshared
+
     def _feeds(self, setting: Setting[Any]) -> bool:
         """Whether *setting*'s rules come from this client."""
         return setting._state.feed is self._feed

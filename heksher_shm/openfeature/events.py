@@ -40,7 +40,8 @@ logger = logging.getLogger("heksher_shm.openfeature")
 
 
 class Events:
-    """The provider's status (``ready``, ``error``, ``stale``) and the listener that moves it."""
+    """The provider's status (``ready``, ``error``, ``stale``, ``unshared``) and the listener that moves
+    it."""
 
     def __init__(self, provider: HeksherProvider) -> None:
         self._provider = provider
@@ -83,7 +84,18 @@ class Events:
                     ProviderEventDetails(flags_changed=sorted(changed))
                 )
             stale = time.monotonic() >= provider._stale_at
-            if error is None and not stale:
+            problem = self.client._sharing_problem() if hasattr(self.client, "_sharing_problem") else None
+            if error is None and not stale and problem is not None:
+                # Values are served, but by a process that polls the service on its own: say so (an
+                # operator reads the status; the evaluations go on as usual).
+                if self.state != "unshared":
+                    self.state = "unshared"
+                    provider.emit_provider_error(
+                        ProviderEventDetails(
+                            message=f"serving without sharing: {problem}", error_code=ErrorCode.GENERAL
+                        )
+                    )
+            elif error is None and not stale:
                 if self.state != "ready":
                     self.state = "ready"
                     provider.emit_provider_ready(ProviderEventDetails(message="the rules are up to date"))
