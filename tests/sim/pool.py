@@ -1,0 +1,62 @@
+"""Many schedules at once, over every core: what CI and the stress step run."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tests.sim.run import Result, run_schedule
+
+__all__ = ["Summary", "run_many"]
+
+_CHUNK = 50
+"""Schedules one worker runs per task (a task costs a pickled list; a schedule a few milliseconds)."""
+
+
+@dataclass
+class Summary:
+    """What many schedules came to."""
+
+    runs: int = 0
+    failures: list[Result] = field(default_factory=list)
+
+    def by_violation(self) -> dict[str, int]:
+        return dict(Counter(r.violation for r in self.failures if r.violation))
+
+
+def _run_chunk(job: tuple[Sequence[int], str, bool]) -> tuple[int, list[Result]]:
+    seeds, profile, fencing = job
+    failures = []
+    for seed in seeds:
+        result = run_schedule(seed, profile, fencing)
+        if not result.ok:
+            failures.append(result)
+    return len(seeds), failures
+
+
+def run_many(
+    seeds: Iterable[int], profile: str = "ci", fencing: bool = True, jobs: int | None = None
+) -> Summary:
+    """Run every schedule of *seeds* on *jobs* processes (default: every core); the failures, by seed."""
+    seeds = list(seeds)
+    chunks = [(seeds[i : i + _CHUNK], profile, fencing) for i in range(0, len(seeds), _CHUNK)]
+    jobs = jobs or os.cpu_count() or 1
+    summary = Summary()
+    if jobs == 1 or len(chunks) == 1:
+        results = map(_run_chunk, chunks)
+        for runs, failures in results:
+            summary.runs += runs
+            summary.failures += failures
+    else:
+        # fork: the workers start at once, with the simulation already imported.
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            for runs, failures in pool.imap_unordered(_run_chunk, chunks):
+                summary.runs += runs
+                summary.failures += failures
+            pool.close()
+            pool.join()
+    summary.failures.sort(key=lambda r: r.seed)
+    return summary
