@@ -38,63 +38,76 @@ TITLE = "Publish time and segment size, 1,000 settings"
 TARGET = "publish <= 300 ms at 100k; segment <= 2x the query response's JSON size"
 
 
-class _NoWishes:
-    bells: tuple[str, ...] = ()
+def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, int]:
+    """A function running the engine's update step on a response, publishing into *segment* under the
+    term (fencing token) it returns with.
 
-    def wishes(self, prune: bool = False) -> list[Any]:
-        return []
+    The step is the engine's own (:class:`heksher_shm._engine.updating.Updater`), driven here in place:
+    its CPU work (Digest, Compute) and its writes to the segment are performed as the blocking driver
+    performs them, and nothing else is asked of it (the bench stands in for the host).
+    """
+    import random
+    import time as _time
 
-    def changed(self) -> bool:
-        return False
-
-
-def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, Any]:
-    """An engine that publishes into *segment*, and a function running one update on a response."""
     import httpx
 
-    from heksher_shm._engine.effects import Call, Compute
-    from heksher_shm._engine.engine import Engine
-    from heksher_shm._engine.local import LocalLock
-    from heksher_shm._engine.term import Term as _Term
+    from heksher_shm._engine import effects as fx
+    from heksher_shm._engine.answers import digest_query
+    from heksher_shm._engine.context import Context, ErrorBook
+    from heksher_shm._engine.declaring import Declarer
+    from heksher_shm._engine.term import Term
+    from heksher_shm._engine.updating import Updater
     from heksher_shm._model.contexts import context_filters
 
-    engine = Engine(
-        transport=segment,
-        lock=LocalLock(),
-        source=_NoWishes(),
+    class Clock:
+        monotonic = staticmethod(_time.monotonic)
+        wall = staticmethod(_time.time)
+
+    ctx = Context(
         update_interval=60.0,
         context_features=list(CONTEXT_FEATURES),
-        identity=(os.getpid(), 0.0, 0),
-        errors={},
+        shared=True,
+        clock=Clock(),
+        rng=random.Random(0),
+        errors=ErrorBook(os.getpid()),
     )
+    updater = Updater(ctx, Declarer(ctx))
     filters = context_filters({f: v if v == "*" else set(v) for f, v in BIG_TRACK.items()})
     spec = (tuple(sorted(name for name, *_ in specs)), filters)
+    term = segment.begin_term()
 
-    def new_term() -> Any:
-        try:
-            return _Term(transport=segment)  # type: ignore[call-arg]
-        except TypeError:  # older engines kept the transport on the engine only
-            return _Term()  # type: ignore[call-arg]
+    def perform(effect: Any) -> Any:
+        if isinstance(effect, fx.Digest):
+            return digest_query(effect.response, effect.queried)
+        if isinstance(effect, fx.Compute):
+            return effect.fn()
+        if isinstance(effect, fx.KeepsLead):
+            return True
+        if isinstance(effect, fx.Publish):
+            return segment.publish(effect.head, effect.blobs, effect.term)
+        if isinstance(effect, fx.RecordOk):
+            return segment.record_update_ok(effect.when)
+        if isinstance(effect, (fx.Acknowledge, fx.RecordError)):
+            return None
+        raise RuntimeError(f"the update step asked for more than one request: {effect!r}")
 
-    def update(response: httpx.Response | None) -> tuple[Call, Any]:
-        steps = engine._update(new_term(), [], spec)
+    def update(response: httpx.Response | None) -> tuple[fx.Call, Any]:
+        steps = updater.update(Term(term), [], spec)
         call = steps.send(None)
         if response is None:
             steps.close()
             return call, None
         value: Any = response
-        while True:  # the engine's CPU work comes as Compute effects: run them here, in place
+        while True:
             try:
                 effect = steps.send(value)
             except StopIteration as stop:
                 if stop.value is not None:
                     raise RuntimeError(f"the update failed: {stop.value!r}") from stop.value
                 return call, None
-            if not isinstance(effect, Compute):
-                raise RuntimeError(f"the update step asked for more than one request: {effect!r}")
-            value = effect.fn()
+            value = perform(effect)
 
-    return update, engine
+    return update, term
 
 
 def _peer_apply(content: bytes, specs: list[Any]) -> float:
@@ -125,7 +138,7 @@ def body(params: dict[str, Any]) -> None:
     setting_decoder = msgspec.json.Decoder(proto.QuerySetting)
     specs = specs_from(params["settings"])
     segment = Segment.open(os.path.join(params["shm_dir"], "publish.seg"))
-    update, _ = _engine_update(segment, specs)
+    update, term = _engine_update(segment, specs)
     call, _ = update(None)
     with httpx.Client(base_url=params["url"], timeout=120) as http:
         response = http.request(call.method, call.path, params=call.params)
@@ -150,17 +163,16 @@ def body(params: dict[str, Any]) -> None:
         head = encode_head(
             Head(
                 format=FORMAT,
-                term="x" * 32,
+                term=1,
                 published=time.time(),
                 context_features=list(CONTEXT_FEATURES),
                 settings=[],
                 outcomes={},
-                acks={},
                 ok=True,
             )
         )
         t3 = time.perf_counter()
-        segment.publish(head, [b for b, _, _ in built])
+        segment.publish(head, [b for b, _, _ in built], term)
         t4 = time.perf_counter()
         # Nothing of the parts may stay alive into the next engine run: a bigger heap makes
         # the collector's passes during decoding slower, which is not the engine's doing.

@@ -143,6 +143,8 @@ def test_the_core_does_no_io(name: str) -> None:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "heksher_shm._engine":
+            found += [f"heksher_shm._engine.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append(node.module)
     host = sorted(m for m in found if m.split(".")[0] in HOST_MODULES)

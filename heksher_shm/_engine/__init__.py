@@ -19,6 +19,7 @@ The core (no I/O: it yields effects, reads a clock it is handed; checked by
 Around it (I/O)::
 
     drivers.py      the two drivers of the effects: blocking and asyncio, side by side
+    sleeping.py       how each sleeps until woken (a wake pipe and poll(); a waker on the loop)
     shared.py       the shared host: the segment, the lock, the registry, doorbells, the leader watch
     local.py        the in-process host (shared=False)
 """

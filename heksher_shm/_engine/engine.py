@@ -96,7 +96,8 @@ class Engine:
 
     def closing_effects(self) -> list[HostEffect]:
         """What the driver performs when it stops the engine between two effects (a client closed, a
-        task cancelled): let go of the lock (whoever is first takes over) and of the takeover lock."""
+        task cancelled): let go of the lock (whoever is first takes over) and of the takeover lock.
+        Ask before closing the generator (closing it ends the term)."""
         effects: list[HostEffect] = []
         if self.follower.taking_over:
             effects.append(EndTakeover())
@@ -118,9 +119,12 @@ class Engine:
 
     def _lead(self, number: int) -> Generator[Effect, Any, None]:
         self.leader = Leader(self.ctx, number, lambda: self.closed)
-        with contextlib.suppress(LeaderLost):
-            yield from self.leader.run()
-        self.leader = None
-        self.follower.marks = None  # its own term's results are not news to report
+        try:
+            with contextlib.suppress(LeaderLost):
+                yield from self.leader.run()
+        finally:
+            # Also when the driver stops the engine mid-term (it took closing_effects() first).
+            self.leader = None
+            self.follower.marks = None  # its own term's results are not news to report
         yield GiveUpLead()
         yield RingAll()  # the lock is free: whoever is first takes over

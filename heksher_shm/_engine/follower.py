@@ -100,6 +100,9 @@ class Follower:
         except Exception as e:  # a lock file that cannot be made...: keep following, say why
             logger.warning("could not replace the stuck leader: %s", error_text(e))
             term = None
+        except GeneratorExit:
+            self.taking_over = False  # the driver released it (it took closing_effects() first)
+            raise
         yield EndTakeover()
         self.taking_over = False
         return term

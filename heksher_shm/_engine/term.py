@@ -57,6 +57,8 @@ class Term:
     queried: float = 0.0
     generation: int = 0
     head: bytes = b""
+    fresh: bool = False
+    """It published at this wake (nothing to verify yet)."""
     verified: float = 0.0
     verify_wanted: bool = False
 

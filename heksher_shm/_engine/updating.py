@@ -229,6 +229,7 @@ class Updater:
             return e
         self._ctx.publishing.resolved()
         term.head = head
+        term.fresh = True
         return None
 
     def verify(self, term: Term) -> Generator[Effect, Any, None]:
@@ -239,8 +240,11 @@ class Updater:
         (reading back a big snapshot costs), and a check wanted sooner is made
         when that time comes (the leader wakes for it).
         """
-        if not term.generation:
-            term.verify_wanted = False  # nothing of this term's to check
+        if not term.generation or term.fresh:
+            # Nothing of this term's to check, or it just published: what it wrote is what is there.
+            term.fresh = False
+            term.verify_wanted = False
+            term.verified = self._ctx.clock.monotonic()
             return
         term.verify_wanted = True
         now = self._ctx.clock.monotonic()

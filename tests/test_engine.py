@@ -1,0 +1,331 @@
+"""The engine's core, driven by hand: scripted answers, a fake clock, and the effects it yields.
+
+No sockets, no files, no threads: each test feeds the engine what a host and
+a service would answer and compares the effects it yields (the transcript).
+The deterministic simulation (``tests/sim``) does this for many processes
+at once; these tests pin single behaviours in a few lines each.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Generator
+from typing import Any
+
+import httpx
+import pytest
+
+from heksher_shm._engine import effects as fx
+from heksher_shm._engine import policy
+from heksher_shm._engine.answers import Fresh
+from heksher_shm._engine.context import Context, ErrorBook
+from heksher_shm._engine.engine import Engine
+from heksher_shm._engine.health import DESYNC_SPREAD
+from heksher_shm._engine.host import LeaderSeen, Marks, Wish
+from heksher_shm._engine.local import Published
+from heksher_shm._model import protocol as proto
+from heksher_shm._model.snapshot import Ack, SettingEntry
+from heksher_shm.exceptions import SnapshotFencedError
+
+INTERVAL = 10.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1.7e9 + self.now
+
+
+def wish(key: str = "p1", seq: int = 1) -> Wish:
+    body = proto.DeclarationBody(
+        name="size", configurable_features=["user"], type="int", default_value=1, metadata={}, version="1.0"
+    )
+    return Wish(key, {proto.declaration_digest(body): body}, {"user": ["alice"]}, seq)
+
+
+def response(status: int, body: object = None, **headers: str) -> httpx.Response:
+    return httpx.Response(status, json=body, headers=headers, request=httpx.Request("GET", "http://h/"))
+
+
+class Run:
+    """Steps an engine, answering each effect with *answer* (the default answers a calm world)."""
+
+    def __init__(self, engine: Engine, clock: FakeClock) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.steps = engine.run()
+        self.log: list[Any] = []
+        self._pending: Any = None
+        self._throw: BaseException | None = None
+
+    def until(self, stop: Callable[[Any], bool], answer: Callable[[Any], Any], limit: int = 200) -> Any:
+        """Run until an effect satisfies *stop* (returned, not yet answered)."""
+        for _ in range(limit):
+            if self._throw is not None:
+                effect = self.steps.throw(self._throw)
+            else:
+                effect = self.steps.send(self._pending)
+            self._pending, self._throw = None, None
+            self.log.append(effect)
+            if stop(effect):
+                return effect
+            try:
+                self._pending = answer(effect)
+            except Exception as e:
+                self._throw = e
+        raise AssertionError(f"no stop in {limit} effects: {[type(e).__name__ for e in self.log[-20:]]}")
+
+    def answer(self, value: Any = None, error: BaseException | None = None) -> None:
+        self._pending, self._throw = value, error
+
+
+def calm(term: int = 1, wishes: list[Wish] | None = None, publish: Callable[[Any], int] | None = None) -> Any:
+    """A host and service where everything works: the answer to each effect (the lock is this
+    process's once)."""
+    state: dict[str, Any] = {"generation": 0, "terms": 0, "published": None}
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.TakeLead):
+            state["terms"] += 1
+            return term if state["terms"] == 1 else None
+        if isinstance(effect, fx.KeepsLead):
+            return True
+        if isinstance(effect, fx.ScanWishes):
+            return wishes if wishes is not None else [wish()]
+        if isinstance(effect, fx.ReadHead):
+            return state["published"] and state["published"][0]
+        if isinstance(effect, fx.ReadBlobs):
+            return list(state["published"][1])
+        if isinstance(effect, fx.Call):
+            if effect.path == proto.CONTEXT_FEATURES:
+                return response(200, {"context_features": ["user"]})
+            return response(200, {"settings": {}}, ETag='"1"')
+        if isinstance(effect, fx.Calls):
+            return [response(201, {"outcome": "created"}) for _ in effect.calls]
+        if isinstance(effect, fx.Digest):
+            return Fresh([SettingEntry("size", 0, b"d", 0)], [b"blob"], '"1"', effect.queried)
+        if isinstance(effect, fx.Compute):
+            return effect.fn()
+        if isinstance(effect, fx.Publish):
+            if publish is not None:
+                return publish(effect)
+            state["generation"] += 1
+            state["published"] = (Published(state["generation"], effect.head, 1, effect.term), effect.blobs)
+            return state["generation"]
+        if isinstance(effect, fx.Housekeep):
+            return False
+        if isinstance(effect, fx.ReadMarks):
+            return Marks(0.0, 0, None)
+        return None
+
+    return answer
+
+
+def engine(clock: FakeClock, seed: int = 1, shared: bool = True) -> Engine:
+    return Engine(
+        Context(
+            update_interval=INTERVAL,
+            context_features=["user"],
+            shared=shared,
+            clock=clock,
+            rng=random.Random(seed),
+            errors=ErrorBook(1),
+        )
+    )
+
+
+def names(effects: list[Any]) -> list[str]:
+    return [type(e).__name__ for e in effects]
+
+
+def test_a_first_term_declares_queries_publishes_and_answers() -> None:
+    clock = FakeClock()
+    run = Run(engine(clock), clock)
+    wait = run.until(lambda e: isinstance(e, fx.Wait), calm())
+    assert names(run.log) == [
+        "TakeLead",
+        "Announce",
+        "Beat",  # progress promised before any slow work
+        "ScanWishes",
+        "RingAll",  # followers watch the new leader from now on
+        "ReadHead",  # nothing to inherit
+        "Call",  # the service's context features
+        "KeepsLead",
+        "ScanWishes",
+        "Calls",  # the declaration
+        "CountDeclarations",
+        "Call",  # the query
+        "Digest",
+        "KeepsLead",  # checked right before writing
+        "Compute",
+        "Publish",
+        "RecordOk",
+        "Acknowledge",
+        "Apply",
+        "RingAll",
+        "Housekeep",
+        "Beat",
+        "Wait",
+    ]
+    publish = next(e for e in run.log if isinstance(e, fx.Publish))
+    assert publish.term == 1 and publish.busy  # the fencing token of the term, beaten while it runs
+    ack = next(e for e in run.log if isinstance(e, fx.Acknowledge))
+    assert ack.acks == {"p1": Ack(1, None, "", 1, 1)}  # request 1 of p1: served by term 1, generation 1
+    # the first success of a term draws its next wait: hosts that started together spread out
+    assert INTERVAL * (1 - DESYNC_SPREAD) <= wait.timeout <= INTERVAL * (1 + DESYNC_SPREAD)
+    assert run.engine.leading
+
+
+def test_a_replaced_leader_steps_down_when_its_publish_is_fenced() -> None:
+    """The issue-15 hole, at the engine's level: a leader that was replaced while stopped finds its
+    publish refused (a newer term began); it steps down and follows, and never applies its rules."""
+    clock = FakeClock()
+
+    def fenced(effect: Any) -> int:
+        raise SnapshotFencedError("segment: term 1 was replaced by term 2; not publishing")
+
+    run = Run(engine(clock), clock)
+    run.until(lambda e: isinstance(e, fx.LookAtLeader), calm(publish=fenced))
+    after = names(run.log[run.log.index(next(e for e in run.log if isinstance(e, fx.Publish))) :])
+    assert after[:4] == ["Publish", "GiveUpLead", "RingAll", "TakeLead"]
+    assert "Apply" not in after[:3]
+    assert not run.engine.leading
+
+
+def test_a_follower_replaces_a_leader_that_broke_its_promise() -> None:
+    clock = FakeClock()
+    run = Run(engine(clock), clock)
+    seen = LeaderSeen((42, 1.0), 99, False, clock.now - 30, clock.now - 20, 0.0)
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.TakeLead):
+            return None  # the stuck leader holds the lock
+        if isinstance(effect, fx.LookAtLeader):
+            return seen
+        if isinstance(effect, fx.TryTakeover):
+            return True
+        if isinstance(effect, fx.SeizeLead):
+            return 5
+        return calm()(effect)
+
+    run.until(lambda e: isinstance(e, fx.Announce), answer)
+    assert names(run.log) == [
+        "TakeLead",
+        "Apply",
+        "ReadMarks",
+        "Housekeep",
+        "LookAtLeader",  # promised 20 s ago: over UNRESPONSIVE_AFTER
+        "TryTakeover",  # one process at a time
+        "LookAtLeader",  # judged again under the takeover lock
+        "SeizeLead",
+        "Beat",
+        "RingAnswered",
+        "EndTakeover",
+        "Announce",  # term 5 begins
+    ]
+    assert run.engine.leader is not None and run.engine.leader.term.number == 5
+
+
+def test_a_follower_trusts_a_busy_leader_and_sleeps_until_its_promise() -> None:
+    clock = FakeClock()
+    run = Run(engine(clock), clock)
+    seen = LeaderSeen((42, 1.0), 99, False, clock.now, clock.now + 7.0, 0.0)
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.TakeLead):
+            return None
+        if isinstance(effect, fx.LookAtLeader):
+            return seen
+        return calm()(effect)
+
+    wait = run.until(lambda e: isinstance(e, fx.Wait), answer)
+    assert "TryTakeover" not in names(run.log)
+    assert wait.leader_exit == 99  # and the leader's exit wakes it at once
+    assert wait.timeout == pytest.approx(7.0 + policy.UNRESPONSIVE_AFTER + 0.01)
+
+
+def test_failing_queries_back_off_and_a_reload_gets_the_standing_error() -> None:
+    clock = FakeClock()
+    run = Run(engine(clock), clock)
+    failing = calm()
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.Call) and effect.path == proto.QUERY:
+            return response(503, {"detail": "down"})
+        return failing(effect)
+
+    asked: list[float] = []
+
+    def timed(effect: Any) -> Any:
+        if isinstance(effect, fx.Call) and effect.path == proto.QUERY:
+            asked.append(clock.now)
+        return answer(effect)
+
+    wait = run.until(lambda e: isinstance(e, fx.Wait), timed)
+    while clock.now < 1000.0 + 8 * INTERVAL:
+        clock.now += wait.timeout
+        wait = run.until(lambda e: isinstance(e, fx.Wait), timed)
+    steps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
+    # equal jitter: half a step, plus up to the other half; doubling from 0.5 s up to the interval
+    assert 0.25 <= steps[0] <= 0.5 and 0.5 <= steps[1] <= 1.0 and 1.0 <= steps[2] <= 2.0
+    assert all(INTERVAL <= step <= INTERVAL * 1.25 for step in steps[5:])  # then one per interval at most
+    errors = [e for e in run.log if isinstance(e, fx.RecordError)]
+    assert len(errors) == len(asked) and "503" in errors[0].message
+
+    # a reload() during the backoff gets the standing error at once, without a query
+    clock.now += wait.timeout / 2  # its ring wakes the leader half-way to its next query
+    mark, count = len(run.log), len(asked)
+    reloading = Wish("p1", wish().declarations, {"user": ["alice"]}, 2, query_seq=2)
+    run.answer(False)
+    run.until(
+        lambda e: isinstance(e, fx.Wait), lambda e: [reloading] if isinstance(e, fx.ScanWishes) else timed(e)
+    )
+    (ack,) = [e for e in run.log[mark:] if isinstance(e, fx.Acknowledge)]
+    assert ack.acks["p1"].seq == 2 and "503" in (ack.acks["p1"].error or "")
+    assert len(asked) == count
+
+
+def test_a_new_registration_is_answered_without_a_republish() -> None:
+    """Acknowledging a process that needs nothing new is one small write, not a snapshot (O(1))."""
+    clock = FakeClock()
+    run = Run(engine(clock), clock)
+    wishes = [wish("p1")]
+    answer = calm(wishes=wishes)
+    first = run.until(lambda e: isinstance(e, fx.Wait), answer)
+    published = sum(isinstance(e, fx.Publish) for e in run.log)
+    wishes.append(wish("p2"))  # a newcomer with the same declaration
+    clock.now += 0.1  # woken by its ring, long before the next update
+    assert first.timeout > 1
+    mark = len(run.log)
+    run.until(lambda e: isinstance(e, fx.Wait), answer)
+    new = run.log[mark:]
+    assert sum(isinstance(e, fx.Publish) for e in new) == 0
+    assert sum(isinstance(e, fx.Calls) for e in new) == 0  # declared already this term
+    (ack,) = [e for e in new if isinstance(e, fx.Acknowledge)]
+    assert list(ack.acks) == ["p2"]
+    assert sum(isinstance(e, fx.Publish) for e in run.log) == published
+
+
+def test_closing_mid_term_lets_go_of_the_lock() -> None:
+    clock = FakeClock()
+    eng = engine(clock)
+    run = Run(eng, clock)
+    run.until(lambda e: isinstance(e, fx.Wait), calm())
+    assert names(eng.closing_effects()) == ["GiveUpLead", "RingAll"]
+    eng.closed = True
+    rest: list[Any] = []
+    steps: Generator[Any, Any, None] = run.steps
+    try:
+        effect = steps.send(False)
+        while True:
+            rest.append(effect)
+            effect = steps.send(calm()(effect))
+    except StopIteration:
+        pass
+    assert names(rest)[-2:] == ["GiveUpLead", "RingAll"]
+    assert eng.closing_effects() == []
