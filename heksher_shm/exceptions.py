@@ -70,11 +70,19 @@ class SegmentCorruptedError(SegmentError):
 
 
 class SnapshotFencedError(SegmentError):
-    """A snapshot was published, or was about to be, by a leader that another process replaced.
+    """A snapshot belongs to a leader that was replaced (its fencing token is older than the segment's).
 
-    Every term of leadership takes a new fencing token in the segment, and
-    every snapshot carries the token of its term. A leader that was stopped
-    long enough to be replaced may still try to publish when it resumes:
-    its writer refuses, and if the publish slipped through anyway, every
-    reader refuses the snapshot (this error) and keeps the rules it has.
+    Each leader takes a new *term* (a fencing token that only grows) when it
+    takes the election lock, and every snapshot carries the term that
+    published it. A leader that was stopped (``SIGSTOP``, a frozen VM) and
+    replaced may still try to publish when it resumes:
+
+    * the stale leader's ``publish`` raises this, naming both terms
+      ("... term 5 was replaced by term 6; not publishing"), and publishes
+      nothing; it steps down;
+    * a reader that finds such a snapshot published anyway (the leader's own
+      check and its store are not one atomic step) raises this instead of
+      returning it, naming the generation and both terms. Clients treat it
+      as a damaged snapshot: they keep the rules they have, and the current
+      leader publishes again.
     """

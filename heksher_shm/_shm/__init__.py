@@ -3,9 +3,11 @@
 Modules, each one job, imports pointing down the list::
 
     segment.py      Segment: one memory-mapped file, its lock-free readers and its one writer
-    writing.py        publishing (double-buffered) and the status block's writes
-    reading.py        verified snapshot reads and the status seqlock
-    mapped.py         opening, mapping, growing and closing the file
+    writing.py        publishing (double-buffered), terms (fencing tokens), the status writes
+    reading.py        verified snapshot reads (fenced) and the status seqlock
+    records.py          what readers hand out: verified heads, blob copies, header views
+    mapped.py         mapping, growing and closing the file, over a backing
+    backing.py        every host operation a segment needs (the real file, or a simulation's)
     layout.py       the segment's byte layout (pure)
     registry.py     the registry folder: one registration per process, scanned by the leader
     registration.py   the registration record and its checks

@@ -32,7 +32,23 @@ Header (offsets in bytes)::
        236     4  leader_bell     u32    the number of the leader's doorbell (see _shm/bell.py)
        240     8  leader_pidns    u64    the leader's PID namespace (0: unknown)
        248  1024  error_text             UTF-8, truncated on a character boundary
-      1272  2824  reserved               zero, up to HEADER_SIZE
+      1272     8  reserved               zero (keeps the words below 8-byte aligned)
+      1280     8  term            u64    --- leader words: single aligned stores, no seqlock ---
+                                         the fencing token: the term that may publish
+      1288     8  adopted         u64    the generation current when the term began (readable
+                                         although an older term published it; 0: none)
+      1296     8  leader_changes  u64    incremented each time a term begins
+      1304     8  updates_ok      u64    successful updates (with last_update_ok)
+      1312     8  declarations_ok u64    declarations the service accepted
+      1320     8  declaration_failures u64  declarations that failed
+      1328  2768  reserved               zero, up to HEADER_SIZE
+
+**Fencing.** A leader takes a term (``term + 1``) right after it takes the
+election lock, and every descriptor records the term that published it. A
+snapshot whose descriptor carries a lower term than the header's ``term``
+word was published by a replaced leader, unless it is the ``adopted`` one
+(the snapshot that was current, and readable, when the term began: what the
+new leader inherits). Readers refuse the others (see ``reading.py``).
 
 Slot descriptor (64 bytes, at ``64 + 64 * index``)::
 
@@ -42,8 +58,9 @@ Slot descriptor (64 bytes, at ``64 + 64 * index``)::
         +8     8  offset          u64    absolute file offset of the slot region
        +16     8  capacity        u64    bytes reserved for the region
        +24     8  length          u64    bytes used: table + head + blobs
-       +32     8  blob_count      u64
-       +40     8  head_length     u64
+       +32     4  blob_count      u32
+       +36     4  head_length     u32
+       +40     8  term            u64    the term of the leader that published it
        +48     8  published_at    f64
        +56     4  crc             u32    crc32 of bytes +0..+56, then table, then head
        +60     4  reserved
@@ -81,29 +98,40 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "MAGIC",
+    "OFF_ADOPTED",
+    "OFF_DECLARATIONS_OK",
+    "OFF_DECLARATION_FAILURES",
     "OFF_ERROR_COUNT",
     "OFF_GENERATION",
     "OFF_GENERATION_FLOOR",
+    "OFF_LEADER_CHANGES",
     "OFF_PROGRESS",
     "OFF_PROMISE",
     "OFF_REGISTRY_SEQ",
     "OFF_STATUS",
     "OFF_STATUS_SEQ",
+    "OFF_TERM",
+    "OFF_UPDATES_OK",
     "PAGE",
     "SLOT_COUNT",
     "STATUS_SIZE",
     "TABLE_ENTRY_SIZE",
+    "WORD_ADOPTED",
+    "WORD_DECLARATIONS_OK",
+    "WORD_DECLARATION_FAILURES",
     "WORD_ERROR_COUNT",
     "WORD_GENERATION",
+    "WORD_LEADER_CHANGES",
     "WORD_PROGRESS",
     "WORD_PROMISE",
     "WORD_REGISTRY_SEQ",
     "WORD_STATUS_SEQ",
+    "WORD_TERM",
+    "WORD_UPDATES_OK",
     "HeaderPrefix",
     "SlotDescriptor",
     "StatusBlock",
     "align_up",
-    "descriptor_offset",
     "encode_error_text",
     "format_header",
     "pack_descriptor",
@@ -117,7 +145,7 @@ __all__ = [
 MAGIC = b"HKSHMSEG"
 """First 8 bytes of every formatted segment."""
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped on any incompatible layout change; readers refuse other versions."""
 
 HEADER_SIZE = 4096
@@ -147,6 +175,13 @@ OFF_ERROR_COUNT = 224
 ERROR_TEXT_MAX = 1024
 STATUS_SIZE = 56 + ERROR_TEXT_MAX
 """Bytes of the status block, fixed part plus error text."""
+# The leader words: each written whole by the leader alone, read whole by anyone.
+OFF_TERM = 1280
+OFF_ADOPTED = 1288
+OFF_LEADER_CHANGES = 1296
+OFF_UPDATES_OK = 1304
+OFF_DECLARATIONS_OK = 1312
+OFF_DECLARATION_FAILURES = 1320
 
 # Indices into the header viewed as an array of 8-byte words.
 WORD_GENERATION = OFF_GENERATION // 8
@@ -155,6 +190,12 @@ WORD_PROMISE = OFF_PROMISE // 8
 WORD_REGISTRY_SEQ = OFF_REGISTRY_SEQ // 8
 WORD_STATUS_SEQ = OFF_STATUS_SEQ // 8
 WORD_ERROR_COUNT = OFF_ERROR_COUNT // 8
+WORD_TERM = OFF_TERM // 8
+WORD_ADOPTED = OFF_ADOPTED // 8
+WORD_LEADER_CHANGES = OFF_LEADER_CHANGES // 8
+WORD_UPDATES_OK = OFF_UPDATES_OK // 8
+WORD_DECLARATIONS_OK = OFF_DECLARATIONS_OK // 8
+WORD_DECLARATION_FAILURES = OFF_DECLARATION_FAILURES // 8
 
 BLOB_END_SIZE = 8
 BLOB_CRC_SIZE = 4
@@ -166,7 +207,8 @@ DESCRIPTOR_CRC_SPAN = 56
 
 # magic, version, header_size, generation, progress, status seq, floor, promise, registry seq
 _PREFIX = struct.Struct("<8sIIQdQQdQ")
-_DESCRIPTOR = struct.Struct("<QQQQQQdI4x")
+_DESCRIPTOR = struct.Struct("<QQQQIIQdI4x")
+_LEADER_WORDS = struct.Struct("<QQ")  # term and adopted, as a fresh header holds them
 _STATUS_FIXED = struct.Struct("<QdddQIIQ")
 
 assert _PREFIX.size == 64
@@ -174,6 +216,10 @@ assert _DESCRIPTOR.size == DESCRIPTOR_SIZE
 assert _STATUS_FIXED.size == 56
 assert OFF_STATUS + STATUS_SIZE <= HEADER_SIZE
 assert OFF_DESCRIPTORS + SLOT_COUNT * DESCRIPTOR_SIZE == OFF_STATUS
+assert _DESCRIPTOR.size - 8 == DESCRIPTOR_CRC_SPAN  # the crc and the reserved word are not covered
+assert OFF_STATUS + STATUS_SIZE <= OFF_TERM
+assert OFF_TERM % 8 == 0
+assert OFF_DECLARATION_FAILURES + 8 <= HEADER_SIZE
 
 DESCRIPTOR_OFFSETS = tuple(OFF_DESCRIPTORS + i * DESCRIPTOR_SIZE for i in range(SLOT_COUNT))
 """Header offset of each slot descriptor."""
@@ -202,6 +248,7 @@ class SlotDescriptor(NamedTuple):
     length: int
     blob_count: int
     head_length: int
+    term: int
     published_at: float
     crc: int
 
@@ -217,11 +264,6 @@ class StatusBlock(NamedTuple):
     error_text: bytes
     leader_bell: int = 0
     leader_pidns: int = 0
-
-
-def descriptor_offset(index: int) -> int:
-    """Header offset of slot descriptor ``index``."""
-    return DESCRIPTOR_OFFSETS[index]
 
 
 def unpack_prefix(header: bytes) -> HeaderPrefix:
@@ -264,10 +306,14 @@ def pack_status(status: StatusBlock) -> bytes:
     return fixed + text.ljust(ERROR_TEXT_MAX, b"\0")
 
 
-def format_header(generation_floor: int) -> bytes:
-    """A freshly formatted header: no snapshot, no leader, the given generation floor."""
+def format_header(generation_floor: int, term: int = 0) -> bytes:
+    """A freshly formatted header: no snapshot, no leader, the given generation floor and term
+    (nothing adopted, every counter zero)."""
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, 0.0, 0, generation_floor, 0.0, 0)
-    return prefix.ljust(HEADER_SIZE, b"\0")
+    header = bytearray(HEADER_SIZE)
+    header[: len(prefix)] = prefix
+    _LEADER_WORDS.pack_into(header, OFF_TERM, term, 0)
+    return bytes(header)
 
 
 def encode_error_text(message: str) -> bytes:

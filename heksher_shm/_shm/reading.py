@@ -13,6 +13,13 @@ at any instant blocks nobody.
   while being written). Readers retry a bounded number of times and then
   report the block as unavailable, so a writer killed mid-update cannot make
   them spin.
+* **Fencing.** After the verified copy (and the second look at the generation
+  word) a reader reads the header's ``term`` and ``adopted`` words; a
+  snapshot whose descriptor carries an older term, and that is not the one
+  the current term adopted, was published by a replaced leader: it raises
+  :class:`~heksher_shm.exceptions.SnapshotFencedError`. The writer checks
+  the term too, but its check and its store are two steps; this check is
+  the guarantee (see ``docs/shared-cache.rst``).
 * **Hostile input.** Every offset and length read from the file is checked
   against the mapping before use. Garbage yields
   :class:`~heksher_shm.exceptions.SegmentCorruptedError` or "no snapshot",
@@ -21,18 +28,14 @@ at any instant blocks nobody.
 
 from __future__ import annotations
 
-import mmap
 import operator
-import os
-import pathlib
 import struct
-import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 from heksher_shm._shm import layout
+from heksher_shm._shm.backing import SharedMemory
 from heksher_shm._shm.layout import (
     DESCRIPTOR_CRC_SPAN,
     DESCRIPTOR_OFFSETS,
@@ -43,17 +46,24 @@ from heksher_shm._shm.layout import (
     SLOT_COUNT,
     STATUS_SIZE,
     TABLE_ENTRY_SIZE,
+    WORD_ADOPTED,
+    WORD_DECLARATION_FAILURES,
+    WORD_DECLARATIONS_OK,
     WORD_ERROR_COUNT,
     WORD_GENERATION,
+    WORD_LEADER_CHANGES,
     WORD_PROGRESS,
     WORD_PROMISE,
     WORD_REGISTRY_SEQ,
     WORD_STATUS_SEQ,
+    WORD_TERM,
+    WORD_UPDATES_OK,
     SlotDescriptor,
     StatusBlock,
 )
 from heksher_shm._shm.mapped import MappedFile
-from heksher_shm.exceptions import SegmentCorruptedError, SegmentError
+from heksher_shm._shm.records import BlobCopy, HeaderStatus, HeadRead, SlotInfo
+from heksher_shm.exceptions import SegmentCorruptedError, SegmentError, SnapshotFencedError
 
 __all__ = ["BlobCopy", "HeadRead", "HeaderStatus", "SegmentReader", "SlotInfo", "prefix_problem"]
 
@@ -76,89 +86,12 @@ STATUS_ATTEMPTS = 200
 assert WORD_GENERATION == 2  # generation() inlines the index
 
 
-class HeadRead(NamedTuple):
-    """A verified copy of a snapshot's head."""
-
-    generation: int
-    """The generation the head belongs to; pass it to :meth:`Segment.read_blobs`."""
-    head: bytes
-    """The head bytes exactly as given to :meth:`Segment.publish`."""
-    blob_count: int
-    """How many blobs the snapshot holds."""
-
-
-class BlobCopy(NamedTuple):
-    """A blob copied out of a snapshot (see :meth:`Segment.copy_blobs`), not yet checked."""
-
-    data: memoryview
-    crc: int
-    """The checksum the snapshot's table gives for it."""
-    number: int
-    """Its index in the snapshot."""
-    where: str
-    """The segment file and generation it came from, for the error message."""
-
-    def verified(self) -> memoryview:
-        """The blob's bytes; raises :class:`SegmentCorruptedError` if they fail their checksum."""
-        if zlib.crc32(self.data) != self.crc:
-            raise SegmentCorruptedError(f"{self.where}: checksum mismatch in blob {self.number}")
-        return self.data
-
-
 _Read = TypeVar("_Read", bytes, BlobCopy)
 
 
 _ONE_COPY_SLACK = 64 * 1024
 """copy_blobs copies the span its blobs cover at once unless that holds more than twice their size
 plus this many bytes of other blobs."""
-
-
-@dataclass(frozen=True)
-class SlotInfo:
-    """What a slot descriptor says (for observability; not verified against the data)."""
-
-    index: int
-    generation: int
-    offset: int
-    capacity: int
-    length: int
-    blob_count: int
-    published_at: float | None
-
-
-@dataclass(frozen=True)
-class HeaderStatus:
-    """A consistent view of a segment's header, for status displays and staleness checks.
-
-    Time fields are epoch seconds, ``None`` meaning "never", except ``progress``
-    and ``promise``, which are ``time.monotonic()`` seconds. Leader and error
-    fields are ``None`` (and ``status_available`` is false) when the status
-    block could not be read consistently, which happens when a writer died in
-    the middle of updating it; the next writer update repairs it.
-    """
-
-    path: pathlib.Path
-    file_size: int
-    formatted: bool
-    header_problem: str | None
-    """Why the header is unusable (``None`` when it is fine)."""
-    format_version: int | None
-    generation: int
-    current_slot: int | None
-    slots: tuple[SlotInfo, ...]
-    progress: float | None
-    """When the leader last showed progress (monotonic seconds)."""
-    promise: float | None
-    """When the leader promised to show progress again at the latest (monotonic seconds)."""
-    registry_seq: int
-    status_available: bool
-    leader_pid: int | None
-    leader_create_time: float | None
-    leader_pidns: int
-    last_update_ok: float | None
-    last_error: str | None
-    last_error_time: float | None
-    error_count: int
 
 
 def _time_or_none(value: float) -> float | None:
@@ -235,9 +168,10 @@ class SegmentReader(MappedFile):
 
         Retries while the writer publishes (at most :data:`READ_ATTEMPTS` times).
         Raises :class:`SegmentCorruptedError` when the header, the descriptor or
-        the checksum keeps failing with the generation unchanged, and
-        :class:`SegmentError` if the writer republishes faster than this
-        process can copy.
+        the checksum keeps failing with the generation unchanged,
+        :class:`SnapshotFencedError` (at once: the generation is stable) when
+        a replaced leader published the snapshot, and :class:`SegmentError`
+        if the writer republishes faster than this process can copy.
         """
         self._check_open()
         stable_failures = 0
@@ -248,6 +182,7 @@ class SegmentReader(MappedFile):
                 return None
             result = self._try_read_head(generation)
             if isinstance(result, HeadRead):
+                self._check_fence(result)
                 return result
             problem = result
             if self._words[WORD_GENERATION] == generation:
@@ -256,13 +191,29 @@ class SegmentReader(MappedFile):
                     raise SegmentCorruptedError(
                         f"segment file {self.path}: {problem} (generation {generation})"
                     )
-                os.sched_yield()
+                self._backing.pause()
         raise SegmentError(
             f"segment file {self.path}: no consistent snapshot after {READ_ATTEMPTS} attempts"
             f" (last problem: {problem}); the writer republishes faster than this process reads"
         )
 
-    def _select_slot(self, generation: int) -> tuple[mmap.mmap, bytes, int, SlotDescriptor] | str:
+    def _check_fence(self, read: HeadRead) -> None:
+        """Raise :class:`SnapshotFencedError` if a replaced leader published *read* (verified, and its
+        generation seen again after the copy)."""
+        # Loaded after the verified copy and the second look at the generation word (x86-64 keeps
+        # loads in order). A new leader stores adopted, then term, so a reader that sees the new
+        # term sees what it adopted. A reader that still finds the older term word saw the stale
+        # publish land before the new term was stored, so it counts as published before the
+        # replacement (the new leader's loads after its barrier see it too).
+        words = self._words
+        term = words[WORD_TERM]
+        if read.term < term and read.generation != words[WORD_ADOPTED]:
+            raise SnapshotFencedError(
+                f"segment file {self.path}: generation {read.generation} was published by term {read.term},"
+                f" which term {term} replaced; refusing it"
+            )
+
+    def _select_slot(self, generation: int) -> tuple[SharedMemory, bytes, int, SlotDescriptor] | str:
         """Find and bounds-check the slot of ``generation``; a problem string if that fails."""
         mapping = self._mm
         header = mapping[:OFF_STATUS]  # one copy: every field below comes from the same bytes
@@ -280,9 +231,9 @@ class SegmentReader(MappedFile):
             return problem
         end = desc.offset + desc.length
         try:
-            size = os.fstat(self._fd).st_size
-        except OSError as exc:  # pragma: no cover - the descriptor is ours and open
-            return f"cannot stat the segment file: {exc.strerror}"
+            size = self._backing.size()
+        except SegmentError as exc:  # pragma: no cover - the descriptor is ours and open
+            return str(exc)
         if end > size:
             # Someone truncated the file: touching a mapped page past its end
             # would raise SIGBUS, so check against the file, not the mapping.
@@ -313,7 +264,7 @@ class SegmentReader(MappedFile):
             return f"checksum mismatch in slot {index}"
         if self._words[WORD_GENERATION] != generation:
             return "the generation changed during the read"
-        return HeadRead(generation, head, desc.blob_count)
+        return HeadRead(generation, head, desc.blob_count, desc.term)
 
     def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None:
         """Verified copies of the blobs at ``indices`` of snapshot ``generation``.
@@ -354,12 +305,12 @@ class SegmentReader(MappedFile):
             if self._words[WORD_GENERATION] != generation:
                 return None
             problem = result
-            os.sched_yield()
+            self._backing.pause()
         raise SegmentCorruptedError(f"segment file {self.path}: {problem} (generation {generation})")
 
     def _blob_spans(
         self, generation: int, indices: Sequence[int]
-    ) -> tuple[mmap.mmap, int, list[tuple[int, int, int, int]]] | str | None:
+    ) -> tuple[SharedMemory, int, list[tuple[int, int, int, int]]] | str | None:
         """The mapping, the start of the blob area, and (index, begin, end, crc) of each blob asked for."""
         selected = self._select_slot(generation)
         if isinstance(selected, str):
@@ -429,10 +380,7 @@ class SegmentReader(MappedFile):
         ``header_problem``.
         """
         self._check_open()
-        try:
-            file_size = os.fstat(self._fd).st_size
-        except OSError as exc:  # pragma: no cover - the descriptor is ours and open
-            raise SegmentError(f"segment file {self.path}: cannot stat: {exc.strerror}") from exc
+        file_size = self._backing.size()
         words = self._words
         mapping = self._mm
         # The descriptors change only with the generation word: retry until both ends agree.
@@ -446,7 +394,14 @@ class SegmentReader(MappedFile):
         descs = [layout.unpack_descriptor(header, i) for i in range(SLOT_COUNT)]
         slots = tuple(
             SlotInfo(
-                i, d.generation, d.offset, d.capacity, d.length, d.blob_count, _time_or_none(d.published_at)
+                i,
+                d.generation,
+                d.offset,
+                d.capacity,
+                d.length,
+                d.blob_count,
+                _time_or_none(d.published_at),
+                d.term,
             )
             for i, d in enumerate(descs)
         )
@@ -472,6 +427,13 @@ class SegmentReader(MappedFile):
             last_error=block.error_text.decode("utf-8", "replace") if block and block.error_count else None,
             last_error_time=_time_or_none(block.last_error_time) if block else None,
             error_count=block.error_count if block else 0,
+            # Single aligned words the leader alone writes: each read whole, no seqlock.
+            term=words[WORD_TERM],
+            adopted=words[WORD_ADOPTED],
+            leader_changes=words[WORD_LEADER_CHANGES],
+            updates_ok=words[WORD_UPDATES_OK],
+            declarations_ok=words[WORD_DECLARATIONS_OK],
+            declaration_failures=words[WORD_DECLARATION_FAILURES],
         )
 
     def _read_status_block(self) -> StatusBlock | None:
@@ -488,7 +450,7 @@ class SegmentReader(MappedFile):
             # must give up rather than spin (invariant 2). Past the first spins, yield the CPU
             # so a live writer that was descheduled can finish (~10 ms in all at most).
             if attempt >= 16:
-                time.sleep(50e-6)
+                self._backing.nap(50e-6)
         return None
 
     def leader(self) -> tuple[int, float, int, int] | None:

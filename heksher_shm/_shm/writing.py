@@ -8,22 +8,34 @@ publishes it with one aligned 8-byte store of the generation word. A writer
 killed at any point leaves the previous generation current and intact; a
 corrupted or foreign header is reformatted in place by the next ``publish``,
 with a generation floor that keeps generations from repeating.
+
+**Fencing.** The election-lock holder calls :meth:`SegmentWriter.begin_term`
+right after it takes the lock: the header's ``term`` word grows by one, and
+every publish carries the publisher's term. ``publish`` refuses (raising
+:class:`~heksher_shm.exceptions.SnapshotFencedError`) when the header names a
+newer term, once before writing anything and once more right before the
+descriptor claims the new generation. That check and the store after it are
+two steps, so a leader stopped between them can still publish when it
+resumes; readers refuse such a snapshot (see ``reading.py``), which is the
+guarantee.
+
+Every host operation (sizes, reserving space, mapping, the clock, yields,
+the barrier) is the backing's (:mod:`~heksher_shm._shm.backing`): nothing
+here touches the operating system directly.
 """
 
 from __future__ import annotations
 
 import array
-import mmap
-import os
 import pathlib
 import threading
-import time
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 
 from heksher_shm._shm import layout
+from heksher_shm._shm.backing import Backing
 from heksher_shm._shm.layout import (
     DESCRIPTOR_CRC_SPAN,
     DESCRIPTOR_OFFSETS,
@@ -35,21 +47,29 @@ from heksher_shm._shm.layout import (
     SLOT_COUNT,
     STATUS_SIZE,
     TABLE_ENTRY_SIZE,
+    WORD_ADOPTED,
+    WORD_DECLARATION_FAILURES,
+    WORD_DECLARATIONS_OK,
     WORD_ERROR_COUNT,
     WORD_GENERATION,
+    WORD_LEADER_CHANGES,
     WORD_PROGRESS,
     WORD_PROMISE,
     WORD_REGISTRY_SEQ,
     WORD_STATUS_SEQ,
+    WORD_TERM,
+    WORD_UPDATES_OK,
     SlotDescriptor,
     StatusBlock,
 )
-from heksher_shm._shm.mapped import reserve
 from heksher_shm._shm.reading import SegmentReader, prefix_problem
+from heksher_shm.exceptions import SegmentError, SnapshotFencedError
 
 __all__ = ["SegmentWriter"]
 
-_GENERATION_LIMIT = 1 << 63  # generations at or above this are treated as garbage
+_GENERATION_LIMIT = 1 << 63  # generations (and terms) at or above this are treated as garbage
+
+_U32_MAX = (1 << 32) - 1  # blob_count and head_length are u32 in the descriptor
 
 
 _WORD_MASK = (1 << 64) - 1
@@ -108,10 +128,11 @@ def _reset_after_fork() -> None:
 class SegmentWriter(SegmentReader):
     """The reading side plus the writes; only the elected leader calls the writing methods."""
 
-    def __init__(self, path: pathlib.Path, fd: int, mapping: mmap.mmap) -> None:
-        """Wrap an open, checked descriptor and its mapping; use :meth:`open` instead."""
-        super().__init__(path, fd, mapping)
+    def __init__(self, path: pathlib.Path, backing: Backing) -> None:
+        """Map the file behind *backing*; use :meth:`open` (or :meth:`over`) instead."""
+        super().__init__(path, backing)
         self._write_lock = threading.Lock()
+        self._term = 0  # the last term this writer began or published under (for a reformat)
         _live_segments.add(self)
 
     def close(self) -> None:
@@ -119,18 +140,86 @@ class SegmentWriter(SegmentReader):
         _live_segments.discard(self)
         super().close()
 
-    def publish(self, head: bytes, blobs: Sequence[bytes], term: int = 0) -> int:  # noqa: PLR0915
-        """Publish a new snapshot (``head`` and ``blobs``) and return its generation.
+    def begin_term(self) -> int:
+        """Take the next term (the fencing token) and return it. Election-lock holder only.
+
+        Called right after the lock is taken (or seized from a stuck leader):
+        from then on ``publish`` refuses any older term, and readers refuse
+        what an older term publishes, except the snapshot current (and
+        readable) now, which the new term *adopts*: what it inherits stays
+        readable until it publishes its own. Formats the header first when it
+        is missing or corrupted. Counts the change in ``leader_changes``.
+        """
+        self._check_open()
+        with self._write_lock:
+            words = self._words
+            header = self._mm[:OFF_STATUS]
+            old = words[WORD_TERM]
+            descs = [layout.unpack_descriptor(header, i) for i in range(SLOT_COUNT)]
+            # Above every term this file or this writer has seen, so a stale leader's is always older.
+            seen = [t for t in (old, self._term, *(d.term for d in descs)) if t < _GENERATION_LIMIT]
+            term = max(seen, default=0) + 1
+            usable = prefix_problem(header) is None
+            if old >= _GENERATION_LIMIT or (not usable and self._used_before()):
+                # The term word is garbage, or the header was lost with it: microseconds since the epoch
+                # exceed any count of earlier terms (as the generation floor does for generations).
+                term = max(term, int(self._backing.wall() * 1_000_000) + 1)
+            if usable:
+                words[WORD_ADOPTED] = self._adoptable(layout.unpack_prefix(header).generation, descs, old)
+                words[WORD_TERM] = term  # after adopted: a reader that sees this term sees what it adopted
+            else:
+                self._format(term)
+            words[WORD_LEADER_CHANGES] = (words[WORD_LEADER_CHANGES] + 1) & _WORD_MASK
+            self._term = term
+            # The store must be visible to every process before this one reads the segment again:
+            # a stale publisher's check then sees it, or this leader sees that publish.
+            self._backing.barrier()
+            return term
+
+    def _adoptable(self, generation: int, descs: list[SlotDescriptor], term: int) -> int:
+        """The generation a new term adopts: the current one if readers may read it now, else 0."""
+        if not generation or term >= _GENERATION_LIMIT:
+            return 0  # nothing published, or a garbage term word: nothing can be judged readable
+        for desc in descs:
+            if desc.generation == generation:
+                # Readable under the term now ending: published by it (or later), or adopted by it.
+                if desc.term >= term or generation == self._words[WORD_ADOPTED]:
+                    return generation
+                return 0  # a replaced leader published it: it stays refused
+        return 0
+
+    def _check_term(self, term: int) -> None:
+        """Refuse to publish under *term* when the header names a newer one (best effort: see module)."""
+        current = self._words[WORD_TERM]
+        if current > term:
+            raise SnapshotFencedError(
+                f"segment file {self.path}: term {term} was replaced by term {current}; not publishing"
+            )
+
+    def publish(self, head: bytes, blobs: Sequence[bytes], term: int = 0) -> int:  # noqa: PLR0915 (the crash-point hooks)
+        """Publish a new snapshot (``head`` and ``blobs``) under *term* and return its generation.
 
         Writer only. Fills the slot that is not current, then makes it current
         with one aligned store of the generation word. Formats the header first
-        when it is missing or corrupted, and grows the file (never shrinks it)
-        when the slot is too small, reserving the space before using it: a full
-        disk raises :class:`SegmentError` here rather than SIGBUS anywhere. On
-        any error the previously published snapshot stays intact and readable.
+        when it is missing or corrupted (its term word is then *term*: the
+        publisher formats under its own authority), and grows the file (never
+        shrinks it) when the slot is too small, reserving the space before
+        using it: a full disk raises :class:`SegmentError` here rather than
+        SIGBUS anywhere. On any error the previously published snapshot stays
+        intact and readable.
+
+        *term* is the fencing token :meth:`begin_term` gave the leader (0, the
+        default, is a publisher outside any election: tools and tests). Raises
+        :class:`SnapshotFencedError`, publishing nothing, when the header names
+        a newer term.
         """
         self._check_open()
         count = len(blobs)
+        if count > _U32_MAX or len(head) > _U32_MAX:
+            raise SegmentError(
+                f"segment file {self.path}: cannot publish {count} blobs and a head of {len(head)} bytes"
+                f" (at most {_U32_MAX} of each)"
+            )
         # Built by C loops (map/accumulate/array) so 100k blobs cost milliseconds, not a
         # Python-level loop per entry.
         ends = array.array("Q", accumulate(map(len, blobs)))
@@ -139,14 +228,19 @@ class SegmentWriter(SegmentReader):
         table_length = count * TABLE_ENTRY_SIZE
         needed = table_length + len(head) + blob_bytes
         with self._write_lock:
-            self._ensure_formatted()
+            if prefix_problem(self._mm[:16]) is None:
+                # Before anything is written. A damaged header's term word is not trusted (it may
+                # be garbage): the publisher formats the header anew under its own term.
+                self._check_term(term)
+            self._term = max(self._term, term)
+            self._ensure_formatted(term)
             mapping = self._refresh_mapping()
             header = mapping[:OFF_STATUS]
             prefix = layout.unpack_prefix(header)
             descs = [layout.unpack_descriptor(header, i) for i in range(SLOT_COUNT)]
             if prefix.generation >= _GENERATION_LIMIT or prefix.generation_floor >= _GENERATION_LIMIT:
                 # No sane successor generation exists: start over with a fresh floor.
-                self._format()
+                self._format(term)
                 header = mapping[:OFF_STATUS]
                 prefix = layout.unpack_prefix(header)
                 descs = [layout.unpack_descriptor(header, i) for i in range(SLOT_COUNT)]
@@ -157,7 +251,7 @@ class SegmentWriter(SegmentReader):
             # cannot fail later with SIGBUS, and readers only map what the file really holds.
             # A fresh region is reserved whole; a reused one at least where we write (a hostile
             # process might have punched holes).
-            reserve(self.path, self._fd, offset, capacity if fresh else max(needed, 1))
+            self._backing.reserve(offset, capacity if fresh else max(needed, 1))
             mapping = self._refresh_mapping()
             if _crash_point is not None:
                 _crash_point("reserved")
@@ -190,7 +284,9 @@ class SegmentWriter(SegmentReader):
             if _crash_point is not None:
                 _crash_point("blobs")
             # 3. The descriptor body, still invisible: its generation word is 0.
-            desc = SlotDescriptor(generation, offset, capacity, needed, count, len(head), time.time(), 0)
+            desc = SlotDescriptor(
+                generation, offset, capacity, needed, count, len(head), term, self._backing.wall(), 0
+            )
             raw_desc = layout.pack_descriptor(desc)
             crc = zlib.crc32(raw_desc[:DESCRIPTOR_CRC_SPAN])
             crc = zlib.crc32(ends, crc)
@@ -201,7 +297,10 @@ class SegmentWriter(SegmentReader):
             mapping[start + 8 : start + DESCRIPTOR_SIZE] = raw_desc[8:]
             if _crash_point is not None:
                 _crash_point("descriptor")
-            # 4. The slot claims the new generation (one aligned word) ...
+            # 4. Once more, as late as possible: a leader stopped while it wrote may have been
+            #    replaced meanwhile. (Stopped after this check, it still publishes: readers refuse it.)
+            self._check_term(term)
+            # ... the slot claims the new generation (one aligned word) ...
             words[descriptor_word] = generation
             if _crash_point is not None:
                 _crash_point("claimed")
@@ -258,13 +357,24 @@ class SegmentWriter(SegmentReader):
         # Space already in the file past the current slot is free: take it as slack.
         return offset, max(capacity, file_size - offset), True
 
-    def _ensure_formatted(self) -> None:
-        """Format the header in place when it is not a valid header of this version."""
-        if prefix_problem(self._mm[:16]) is not None:
-            self._format()
+    def _ensure_formatted(self, term: int | None = None) -> None:
+        """Format the header in place when it is not a valid header of this version.
 
-    def _format(self) -> None:
-        """Write a fresh header: no snapshot, no leader, and a generation floor that
+        The fresh header's term is *term* (a publisher's own), or else the term
+        word if it is sane, or else this writer's last term.
+        """
+        if prefix_problem(self._mm[:16]) is not None:
+            if term is None:
+                old = self._words[WORD_TERM]
+                term = max(old if old < _GENERATION_LIMIT else 0, self._term)
+            self._format(term)
+
+    def _used_before(self) -> bool:
+        """Whether something was in the file before (maybe a garbage generation a reader saw)."""
+        return self._backing.size() > HEADER_SIZE or self._mm[:HEADER_SIZE] != bytes(HEADER_SIZE)
+
+    def _format(self, term: int) -> None:
+        """Write a fresh header: no snapshot, no leader, the given term, and a generation floor that
         keeps generations from repeating (a reader may still hold an old one)."""
         words = self._words
         old = [
@@ -273,22 +383,21 @@ class SegmentWriter(SegmentReader):
             if w < _GENERATION_LIMIT
         ]
         floor = max(old, default=0)
-        size = os.fstat(self._fd).st_size
-        if size > HEADER_SIZE or self._mm[:HEADER_SIZE] != bytes(HEADER_SIZE):
+        if self._used_before():
             # Something was here before, maybe with a garbage generation word a reader saw.
             # Microseconds since the epoch exceed any count of earlier publishes.
-            floor = max(floor, time.time_ns() // 1000)
+            floor = max(floor, int(self._backing.wall() * 1_000_000))
         words[WORD_GENERATION] = 0  # first: readers see "nothing published" from here on
         if _crash_point is not None:
             _crash_point("format-cleared")
-        fresh = layout.format_header(floor)
+        fresh = layout.format_header(floor, term)
         self._mm[8:HEADER_SIZE] = fresh[8:]
         if _crash_point is not None:
             _crash_point("format-body")
         self._mm[:8] = fresh[:8]  # the magic last: a header with our magic is complete
 
-    def _update_status(self, change: Callable[[StatusBlock], StatusBlock]) -> None:
-        """Rewrite the status block under its seqlock (writer only)."""
+    def _update_status(self, change: Callable[[StatusBlock], StatusBlock], count: int | None = None) -> None:
+        """Rewrite the status block under its seqlock (writer only); then add one to the word *count*."""
         self._check_open()
         with self._write_lock:
             self._ensure_formatted()
@@ -307,6 +416,8 @@ class SegmentWriter(SegmentReader):
             # error_count on its own aligned store, so error_count() never sees it half written.
             words[WORD_ERROR_COUNT] = block.error_count
             words[WORD_STATUS_SEQ] = (begin + 1) & _WORD_MASK
+            if count is not None:
+                words[count] = (words[count] + 1) & _WORD_MASK
 
     def set_leader(self, pid: int, create_time: float, bell: int = 0, pidns: int = 0) -> None:
         """Record the leader: (pid, create_time, pidns) survives pid reuse and names its PID
@@ -332,8 +443,21 @@ class SegmentWriter(SegmentReader):
         floats[WORD_PROGRESS] = progress
 
     def record_update_ok(self, when: float) -> None:
-        """Record the time of the last successful update from the service. Writer only."""
-        self._update_status(lambda block: block._replace(last_update_ok=when))
+        """Record the time of the last successful update from the service, and count it. Writer only."""
+        self._update_status(lambda block: block._replace(last_update_ok=when), count=WORD_UPDATES_OK)
+
+    def count_declarations(self, ok: int, failed: int) -> None:
+        """Add to the counts of declarations the service accepted (*ok*) and that failed. Writer only.
+
+        Each count is one aligned word that only the leader writes, so a reader
+        reads it whole without a lock.
+        """
+        self._check_open()
+        with self._write_lock:
+            self._ensure_formatted()
+            words = self._words
+            words[WORD_DECLARATIONS_OK] = (words[WORD_DECLARATIONS_OK] + ok) & _WORD_MASK
+            words[WORD_DECLARATION_FAILURES] = (words[WORD_DECLARATION_FAILURES] + failed) & _WORD_MASK
 
     def record_error(self, message: str, when: float) -> None:
         """Record an error (text cut to 1 KiB of UTF-8) and increase the error count. Writer only."""
@@ -343,14 +467,6 @@ class SegmentWriter(SegmentReader):
                 error_text=text, last_error_time=when, error_count=(block.error_count + 1) & _WORD_MASK
             )
         )
-
-    def begin_term(self) -> int:  # STUB until the fencing branch lands
-        """Stub."""
-        self._stub_term = getattr(self, "_stub_term", 0) + 1
-        return self._stub_term
-
-    def count_declarations(self, ok: int, failed: int) -> None:  # STUB
-        """Stub."""
 
     def bump_registry_seq(self) -> None:
         """Say "a registration changed" to the leader: any process may call it, after writing its file.
