@@ -1,12 +1,15 @@
 """The segment file of the simulated host: the real segment code over memory every process shares.
 
-The bytes live in one ``memfd`` (anonymous memory with a file descriptor):
-each simulated process maps it with its own ``mmap`` and runs the real
-:class:`~heksher_shm._shm.segment.Segment` code over its mapping, so the
+The bytes live in one ``memfd`` (anonymous memory with a file descriptor).
+Each simulated process opens the segment with
+:meth:`Segment.over <heksher_shm._shm.segment.Segment.over>` and its own
+:class:`SimBacking`, whose mappings are ``mmap`` objects of that memory: the
 layout, the checksums, the double-buffered writes and the fencing token are
-the ones the library ships. Only the file's host operations are simulated:
-its size, reservations, the wall clock it stamps, and byte flips, which the
-scheduler injects with :meth:`SegmentFile.flip`.
+the code the library ships. What the backing simulates is the file's host:
+its size and reservations (a full disk is a fault the scheduler injects), the
+wall clock it stamps, the processor it would give away while waiting for a
+writer (nothing else runs during one simulated step), and byte flips
+(:meth:`SegmentFile.flip`).
 
 Memory ordering is not simulated: the simulation runs one step at a time, so
 every store is seen by every later load (see ``docs/testing.rst``).
@@ -14,6 +17,7 @@ every store is seen by every later load (see ``docs/testing.rst``).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import pathlib
@@ -21,9 +25,10 @@ import random
 
 from heksher_shm._shm.layout import HEADER_SIZE
 from heksher_shm._shm.segment import Segment
+from heksher_shm.exceptions import SegmentError
 from tests.sim.world import World
 
-__all__ = ["SegmentFile"]
+__all__ = ["SegmentFile", "SimBacking"]
 
 PATH = pathlib.Path("/sim/heksher-sim.seg")
 
@@ -34,35 +39,82 @@ class SegmentFile:
     def __init__(self, world: World) -> None:
         self._world = world
         self.fd = os.memfd_create("heksher-sim-segment", os.MFD_CLOEXEC)
+        self.size = 0
+        self.full = False
+        """A full disk: no reservation may grow the file."""
         self.opened: list[Segment] = []
 
     def open(self) -> Segment:
-        """A process opens the segment: its own mapping of the shared bytes."""
-        size = os.fstat(self.fd).st_size
-        if size < HEADER_SIZE:
-            os.posix_fallocate(self.fd, 0, HEADER_SIZE)
-            size = HEADER_SIZE
-        segment = Segment(PATH, os.dup(self.fd), mmap.mmap(self.fd, size))
+        """A process opens the segment: its own backing and mappings over the shared bytes."""
+        segment = Segment.over(SimBacking(self), PATH)
         self.opened.append(segment)
         return segment
 
-    def size(self) -> int:
-        """The file's size."""
-        return os.fstat(self.fd).st_size
+    def reserve(self, offset: int, length: int) -> None:
+        """Make the bytes exist (the file only grows)."""
+        end = offset + length
+        if end <= self.size:
+            return
+        if self.full:
+            raise SegmentError(f"segment file {PATH}: cannot reserve {length} bytes at offset {offset}: disk full")
+        os.posix_fallocate(self.fd, 0, end)
+        self.size = end
 
     def flip(self, rng: random.Random) -> int:
-        """Flip one bit: in the header half the time, else anywhere in the slots; the offset."""
-        size = self.size()
-        offset = (
-            rng.randrange(HEADER_SIZE) if rng.random() < 0.5 or size <= HEADER_SIZE else rng.randrange(size)
-        )
-        byte = os.pread(self.fd, 1, offset)[0]
-        os.pwrite(self.fd, bytes([byte ^ (1 << rng.randrange(8))]), offset)
+        """Flip one bit: in the header half the time, else anywhere in the file; the offset."""
+        size = self.size
+        if size <= HEADER_SIZE or rng.random() < 0.5:
+            offset = rng.randrange(min(size, HEADER_SIZE) or 1)
+        else:
+            offset = rng.randrange(size)
+        byte = os.pread(self.fd, 1, offset)[:1] or b"\0"
+        os.pwrite(self.fd, bytes([byte[0] ^ (1 << rng.randrange(8))]), offset)
         return offset
 
     def close(self) -> None:
-        """Close every process's mapping and the file."""
+        """Close every process's segment and the file."""
         for segment in self.opened:
             segment.close()
         self.opened.clear()
         os.close(self.fd)
+
+
+class SimBacking:
+    """One simulated process's :class:`~heksher_shm._shm.backing.Backing` of the segment file."""
+
+    def __init__(self, file: SegmentFile) -> None:
+        self._file = file
+        self._clock = file._world.clock
+        self._mappings: list[mmap.mmap] = []
+
+    def size(self) -> int:
+        return self._file.size
+
+    def reserve(self, offset: int, length: int) -> None:
+        self._file.reserve(offset, length)
+
+    def map(self, size: int) -> mmap.mmap:
+        mapping = mmap.mmap(self._file.fd, size)
+        self._mappings.append(mapping)
+        return mapping
+
+    def replaced(self) -> bool:
+        return False
+
+    def pause(self) -> None:
+        """Nothing else runs inside one simulated step: a writer is never half way through here."""
+
+    def nap(self, seconds: float) -> None:
+        """As :meth:`pause`."""
+
+    def wall(self) -> float:
+        return self._clock.wall()
+
+    def barrier(self) -> None:
+        """One step at a time: every store is seen by every later load already."""
+
+    def close(self) -> None:
+        for mapping in self._mappings:
+            with contextlib.suppress(BufferError):
+                mapping.close()
+        self._mappings.clear()
