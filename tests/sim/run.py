@@ -74,6 +74,8 @@ class Config:
     idle_time: float
     settings: tuple[str, ...]
     startup_timeout: float
+    longest: float
+    """The longest a stop, a stall, an outage or a slow spell lasts (seconds)."""
     # Faults, as rates per second during the fault phase, or probabilities per occasion.
     kill_rate: float
     stop_rate: float
@@ -102,7 +104,10 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
     rng = random.Random(f"heksher-sim-config-{profile}-{seed}")
     interval = rng.choice((1.0, 1.0, 2.0, 3.0))
     long = profile == "long"
-    fault_intervals = rng.uniform(15, 60) if long else rng.uniform(4, 14)
+    fault_intervals = rng.uniform(15, 60) if long else rng.uniform(3, 9)
+    # Every long schedule ends with a quiet stretch; one short one in three does (it costs as much
+    # as the faults before it).
+    idle = 10 if long else (5 if rng.random() < 1 / 3 else 0)
 
     def maybe(rate: float, chance: float = 0.5) -> float:
         return rate * rng.uniform(0.3, 1.7) if rng.random() < chance else 0.0
@@ -110,12 +115,13 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
     return Config(
         profile=profile,
         fencing=fencing,
-        processes=rng.randint(2, 5),
+        processes=rng.randint(2, 6 if long else 4),
         update_interval=interval,
-        fault_time=fault_intervals * interval,
-        idle_time=(10 if long else 6) * interval,
+        fault_time=max(5.0, fault_intervals * interval),
+        idle_time=idle * interval,
         settings=tuple(f"s{i}" for i in range(rng.randint(1, 5))),
         startup_timeout=rng.choice((10.0, 30.0)),
+        longest=20.0 if long else 10.0,
         kill_rate=maybe(0.03),
         stop_rate=maybe(0.05),
         issue_stop=maybe(0.25, 0.6),
@@ -268,6 +274,8 @@ class Sim:
             world.run_until(min(quiet + bound, world.now + config.update_interval / 4))
         checks.pending_requests(quiet + bound)
         checks.converged()
+        if not config.idle_time:
+            return
         world.note(0, "converged; idle from here")
         self.wakes_at_idle = {proc.pid: proc.wakes for proc in self.live()}
         idle_from = world.now
@@ -370,7 +378,7 @@ class Sim:
         world = self.world
         previous, proc.previous = proc.previous, effect
         if proc.engine.leading or type(effect) not in _ROUTINE:
-            world.note(proc.pid, "%s", _describe(effect))
+            world.note(proc.pid, _describe, effect)
         if self.faults_over:
             return 0.0
         rng, config = self.fault_rng, self.config
@@ -380,7 +388,7 @@ class Sim:
             # Issue 15's point: the lock checked, the snapshot not yet published.
             self._count("issue stops")
             least = policy.UNRESPONSIVE_AFTER + policy.BUSY_PROMISE + 0.5
-            return self._stop_length(rng.uniform(least, 15.0))
+            return self._stop_length(rng.uniform(least, max(least + 1.0, config.longest)))
         roll = rng.random()
         if roll < config.boundary_kill:
             self._kill(proc)
@@ -395,7 +403,7 @@ class Sim:
         cost = _COSTS.get(type(effect), 1e-3) * (0.1 + rng.random())
         if not self.faults_over and self.config.stall and rng.random() < self.config.stall:
             self._count("stalls")
-            stall = rng.uniform(1.0, 8.0)
+            stall = rng.uniform(1.0, min(8.0, self.config.longest))
             self.world.note(proc.pid, "stalls %.2f s in %s", stall, type(effect).__name__)
             self.faults_end = max(self.faults_end, self.world.now + stall)
             cost += stall
@@ -415,7 +423,8 @@ class Sim:
             raise Killed
         if roll < config.crash_publish + config.stop_publish and not self._nested:
             self._count("stops inside publish")
-            seconds = self._stop_length(rng.uniform(policy.UNRESPONSIVE_AFTER + policy.BUSY_PROMISE, 12.0))
+            least = policy.UNRESPONSIVE_AFTER + policy.BUSY_PROMISE
+            seconds = self._stop_length(rng.uniform(least, max(least + 1.0, config.longest)))
             self.world.note(proc.pid, "stops inside publish at %s", step)
             proc.stop(seconds)
             self._nested = True
@@ -478,7 +487,7 @@ class Sim:
 
     def _some_stop(self) -> float:
         rng = self.fault_rng
-        return rng.uniform(0.05, 3.0) if rng.random() < 0.7 else rng.uniform(5.5, 15.0)
+        return rng.uniform(0.05, 3.0) if rng.random() < 0.7 else rng.uniform(5.5, self.config.longest)
 
     def _stop_length(self, seconds: float) -> float:
         self._count("stops")
@@ -507,7 +516,7 @@ class Sim:
     def _outage(self) -> None:
         rng, service, world = self.fault_rng, self.service, self.world
         self._count("outages")
-        seconds = rng.uniform(1.0, 20.0)
+        seconds = rng.uniform(1.0, self.config.longest)
         service.down_until = max(service.down_until, world.now + seconds)
         service.down_mode = rng.choice(("refused", "hang", "503"))
         self.faults_end = max(self.faults_end, service.down_until + 5.0)
@@ -516,7 +525,7 @@ class Sim:
     def _slow(self) -> None:
         rng, service, world = self.fault_rng, self.service, self.world
         self._count("slow spells")
-        seconds = rng.uniform(1.0, 15.0)
+        seconds = rng.uniform(1.0, self.config.longest * 0.75)
         service.slow_until = max(service.slow_until, world.now + seconds)
         service.slow_factor = rng.uniform(20.0, 800.0)
         self.faults_end = max(self.faults_end, service.slow_until + 5.0)

@@ -56,7 +56,7 @@ class SegmentFile:
         if end <= self.size:
             return
         if self.full:
-            raise SegmentError(f"segment file {PATH}: cannot reserve {length} bytes at offset {offset}: disk full")
+            raise SegmentError(f"segment file {PATH}: cannot reserve {length} bytes at {offset}: disk full")
         os.posix_fallocate(self.fd, 0, end)
         self.size = end
 

@@ -33,8 +33,7 @@ import httpx
 
 from heksher_shm._engine.effects import Call
 from heksher_shm._model import protocol as proto
-from heksher_shm.testing._api import Api, Request, Response
-from heksher_shm.testing._errors import ServiceError
+from heksher_shm.testing._api import Api, Request
 from heksher_shm.testing._records import Declaration
 from heksher_shm.testing._store import HeksherState
 from tests.sim.world import World
@@ -71,6 +70,10 @@ class Exchange:
     answered: float = 0.0
     status: int = 0  # 0: no answer (an error)
     name: str = ""  # the setting declared
+
+
+_REQUESTS: dict[tuple[str, str], httpx.Request] = {}
+"""The request each response is attached to, by method and path."""
 
 
 def rules_of(setting: dict[str, Any], tracked: dict[str, list[str]]) -> Rules:
@@ -120,8 +123,9 @@ class SimService:
             for _ in range(rng.randrange(3)):
                 self._new_condition(name)
         self.exchanges: list[Exchange] = []
-        self._requests: dict[tuple[str, str], httpx.Request] = {}
-        self._answers: dict[object, Response] = {}
+        self._known: set[str] = set()
+        """The settings the service has (created by a declaration, and not lost since)."""
+        self._answers: dict[object, httpx.Response] = {}
         self.changes = 0
         """Bumped by every change to the data (what the cache of answers is keyed by)."""
         self.down_until = 0.0
@@ -163,6 +167,7 @@ class SimService:
         """The service's data is lost (a database restored from nothing): every setting and rule."""
         self.state = HeksherState(FEATURES)
         self._api.state = self.state
+        self._known.clear()
         self.changes += 1
 
     def current(self, name: str, tracked: dict[str, list[str]]) -> Rules | None:
@@ -173,11 +178,7 @@ class SimService:
         return rules_of(setting, tracked)
 
     def _exists(self, name: str) -> bool:
-        try:
-            self.state.setting_details(name)
-        except ServiceError:
-            return False
-        return True
+        return name in self._known
 
     def _new_condition(self, name: str) -> None:
         rng = self._rng
@@ -211,13 +212,11 @@ class SimService:
         if kind == "declare" and call.content:
             exchange.name = json.loads(call.content)["name"]
         self.exchanges.append(exchange)
-        request = self._requests.get((call.method, call.path))
+        request = _REQUESTS.get((call.method, call.path))
         if request is None:
             # One per endpoint: building a request parses its URL, which costs more than the whole
             # simulated exchange; what the engine reads of it (its method and URL) is the same.
-            request = self._requests[call.method, call.path] = httpx.Request(
-                call.method, BASE_URL + call.path
-            )
+            request = _REQUESTS[call.method, call.path] = httpx.Request(call.method, BASE_URL + call.path)
         slow = self.slow_factor if world.now < self.slow_until else 1.0
         out, back = (rng.uniform(0.0005, 0.005) * slow for _ in range(2))
         work = rng.uniform(0.001, 0.02 if kind == "declare" else 0.03) * slow
@@ -267,29 +266,26 @@ class SimService:
         looked_new = exchange.kind == "declare" and not self._exists(exchange.name)
         self._world.after(work, lambda: self._handle(call, request, exchange, looked_new, answered))
 
-    def _answer(self, call: Call, looked_new: bool) -> Response:
+    def _answer(self, call: Call, request: httpx.Request, looked_new: bool) -> httpx.Response:
         """The API's answer; a read (a query) is answered from a cache while nothing changed."""
         headers = {k.lower(): v for k, v in (call.headers or {}).items()}
         key = None
         if call.method == "GET":
-            key = (
-                call.path,
-                tuple(sorted((call.params or {}).items())),
-                headers.get("if-none-match"),
-                self.changes,
-            )
+            params = tuple(sorted((call.params or {}).items()))
+            key = (call.path, params, headers.get("if-none-match"), self.changes)
             cached = self._answers.get(key)
             if cached is not None:
-                return cached
+                return cached  # the engine only reads a response: one object serves every reader
         self._gate.looked_new = looked_new
         answer = self._api.handle(
             Request(call.method, call.path, dict(call.params or {}), headers, call.content or b"")
         )
+        response = httpx.Response(answer.status, headers=answer.headers, content=answer.body, request=request)
         if key is not None:
             if len(self._answers) > 256:
                 self._answers.clear()
-            self._answers[key] = answer
-        return answer
+            self._answers[key] = response
+        return response
 
     def _handle(
         self,
@@ -305,13 +301,11 @@ class SimService:
         elif rng.random() < self.error_rate / 2:
             response = httpx.Response(rng.choice((500, 502, 503)), text="oops", request=request)
         else:
-            answer = self._answer(call, looked_new)
-            response = httpx.Response(
-                answer.status, headers=answer.headers, content=answer.body, request=request
-            )
+            response = self._answer(call, request, looked_new)
             if exchange.kind == "declare":
                 self.changes += 1
-                if answer.status == 200 and b'"created"' in answer.body:
+                if response.status_code == 200 and b'"created"' in response.content:
+                    self._known.add(exchange.name)
                     self._restore(exchange.name)
         if answered is not None:
             answered(response)

@@ -86,7 +86,8 @@ class World:
     def at(self, when: float, action: Callable[[], Any]) -> None:
         """Run *action* at monotonic time *when* (now, if *when* is past)."""
         self._seq += 1
-        heapq.heappush(self._queue, (max(when, self.now), self._seq, action))
+        when = max(when, self.now)
+        heapq.heappush(self._queue, (when, self._seq, action))
 
     def after(self, delay: float, action: Callable[[], Any]) -> None:
         """Run *action* *delay* seconds from now."""
@@ -106,8 +107,8 @@ class World:
         self.note(0, "monotonic clock jumps %.1f s", seconds)
         self.now += seconds
 
-    def note(self, pid: int, text: str, *args: Any) -> None:
-        """Add a line to the trace (formatted only if printed)."""
+    def note(self, pid: int, text: str | Callable[..., str], *args: Any) -> None:
+        """Add a line to the trace (formatted only if printed: *text* may be a function of *args*)."""
         self.trace.append((self.now, pid, text, args))
 
     def trace_lines(self) -> list[str]:
@@ -115,7 +116,8 @@ class World:
         lines = []
         for when, pid, text, args in self.trace:
             who = f"pid {pid:>3}" if pid else "world  "
-            lines.append(f"{when - BOOT:10.4f} {who}  {text % args if args else text}")
+            line = text(*args) if callable(text) else text % args if args else text
+            lines.append(f"{when - BOOT:10.4f} {who}  {line}")
         return lines
 
 
