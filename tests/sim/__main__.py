@@ -40,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     summary = run_many(range(int(first), int(end)), args.profile, fencing, jobs=args.jobs or None)
     elapsed = time.perf_counter() - started
-    for failure in summary.failures[:20]:
+    for failure in (summary.unknown or summary.failures)[:20]:
         print(failure.report(), end="\n\n")
     print(
         f"{summary.runs} schedules ({args.profile}, fencing {'on' if fencing else 'off'}) "
         f"in {elapsed:.1f} s: "
         f"{len(summary.failures)} failed; {summary.by_violation()}"
     )
-    return 1 if summary.failures else 0
+    return 1 if summary.unknown else 0
 
 
 if __name__ == "__main__":

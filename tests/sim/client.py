@@ -71,6 +71,8 @@ class SimClient:
         self.applied_generation = -1
         self.queried = 0.0
         self.head: Head | None = None
+        self.head_generation = 0
+        """The generation of :attr:`head` (``applied_generation`` also moves past refused snapshots)."""
         self.rules: dict[str, Rules] = {}
         self.blob_digests: dict[str, bytes | None] = {}
         self.reapply_all = False
@@ -136,6 +138,7 @@ class SimClient:
                     self.blob_digests[name] = entry.digest
             self.reapply_all = False
             self.head = head
+            self.head_generation = read.generation
             self.queried = head.queried
             self.applied_generation = read.generation
             self._on_applied(read.generation, head, changed)

@@ -22,9 +22,15 @@ class Summary:
 
     runs: int = 0
     failures: list[Result] = field(default_factory=list)
+    """Every schedule that broke an invariant, known issues included."""
+
+    @property
+    def unknown(self) -> list[Result]:
+        """The failures that are not instances of a known open issue."""
+        return [r for r in self.failures if not r.known]
 
     def by_violation(self) -> dict[str, int]:
-        return dict(Counter(r.violation for r in self.failures if r.violation))
+        return dict(Counter(f"{r.violation} [{r.known}]" if r.known else r.violation for r in self.failures))
 
 
 def _run_chunk(job: tuple[Sequence[int], str, bool]) -> tuple[int, list[Result]]:

@@ -152,6 +152,8 @@ class Result:
     fencing: bool
     violation: str | None = None
     detail: str = ""
+    known: str | None = None
+    """The open issue (:data:`tests.sim.invariants.KNOWN`) the violation is an instance of."""
     trace: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -165,7 +167,7 @@ class Result:
             return f"seed {self.seed}: ok"
         lines = [
             f"FAILED seed {self.seed} ({self.profile}, fencing {'on' if self.fencing else 'off'}): "
-            f"{self.violation}: {self.detail}",
+            f"{self.violation}: {self.detail}" + (f" [known issue: {self.known}]" if self.known else ""),
             f"replay: {replay_command(self.seed, self.profile, self.fencing)}",
             "last events (seconds since the start):",
             *("  " + line for line in self.trace),
@@ -188,7 +190,7 @@ def run_schedule(seed: int, profile: str = "ci", fencing: bool = True, trace: in
         try:
             sim.run()
         except Violation as v:
-            result.violation, result.detail = v.name, v.detail
+            result.violation, result.detail, result.known = v.name, v.detail, v.known
         except Exception as e:
             result.violation = "crash"
             result.detail = "".join(traceback.format_exception_only(type(e), e)).strip()
@@ -276,6 +278,8 @@ class Sim:
         checks.converged()
         if not config.idle_time:
             return
+        # Converged, the leader may still finish work the faults left it (a new term's declarations).
+        world.run_until(world.now + config.update_interval)
         world.note(0, "converged; idle from here")
         self.wakes_at_idle = {proc.pid: proc.wakes for proc in self.live()}
         idle_from = world.now
@@ -337,7 +341,9 @@ class Sim:
         return self.epoch
 
     def published(self, host: SimHost, generation: int) -> None:
-        """A process published *generation*."""
+        """A process published *generation* (judged when readers could first see it)."""
+        if generation in self.generations:
+            return  # seen at its last crash point already, before a stop there
         stale = host.epoch < self.epoch
         self.generations[generation] = Published(host.epoch, host.pid, stale)
         if stale:
@@ -405,14 +411,18 @@ class Sim:
             self._count("stalls")
             stall = rng.uniform(1.0, min(8.0, self.config.longest))
             self.world.note(proc.pid, "stalls %.2f s in %s", stall, type(effect).__name__)
-            self.faults_end = max(self.faults_end, self.world.now + stall)
             cost += stall
+            self.faults_end = max(self.faults_end, self.world.now + cost)
         return cost
 
     def crash_point(self, step: str) -> None:
         """The segment writer passes *step* of a publish (a crash point): maybe kill or stop it there."""
         proc = self.publisher
-        if proc is None or self.faults_over:
+        if proc is None:
+            return
+        if step == "published":  # the generation word is stored: readers may see it from now on
+            self.published(proc.host, proc.host.segment.generation())
+        if self.faults_over:
             return
         rng, config = self.fault_rng, self.config
         roll = rng.random() * 10

@@ -41,12 +41,17 @@ EPOCH = 1_700_000_000.0
 
 
 class Violation(Exception):
-    """An invariant does not hold: its name (and design.md's number), and what was seen."""
+    """An invariant does not hold: its name (and design.md's number), and what was seen.
 
-    def __init__(self, name: str, detail: str) -> None:
+    *known* names the open issue it is an instance of, when the check recognised one (see
+    :data:`tests.sim.invariants.KNOWN`): the failure is reported, and counted apart.
+    """
+
+    def __init__(self, name: str, detail: str, known: str | None = None) -> None:
         super().__init__(f"{name}: {detail}")
         self.name = name
         self.detail = detail
+        self.known = known
 
 
 class Killed(BaseException):
