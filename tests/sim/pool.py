@@ -22,6 +22,8 @@ class Summary:
 
     runs: int = 0
     failures: list[Result] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    """For each skipped invariant, in how many schedules it did not hold."""
     """Every schedule that broke an invariant, known issues included."""
 
     @property
@@ -33,35 +35,46 @@ class Summary:
         return dict(Counter(f"{r.violation} [{r.known}]" if r.known else r.violation for r in self.failures))
 
 
-def _run_chunk(job: tuple[Sequence[int], str, bool]) -> tuple[int, list[Result]]:
-    seeds, profile, fencing = job
+def _run_chunk(
+    job: tuple[Sequence[int], str, bool, frozenset[str]],
+) -> tuple[int, list[Result], Counter[str]]:
+    seeds, profile, fencing, skip = job
     failures = []
+    skipped: Counter[str] = Counter()
     for seed in seeds:
-        result = run_schedule(seed, profile, fencing)
+        result = run_schedule(seed, profile, fencing, skip=skip)
         if not result.ok:
             failures.append(result)
-    return len(seeds), failures
+        for name in result.stats:
+            if name.startswith("skipped "):
+                skipped[name[len("skipped ") :]] += 1  # schedules in which it happened
+    return len(seeds), failures, skipped
 
 
 def run_many(
-    seeds: Iterable[int], profile: str = "ci", fencing: bool = True, jobs: int | None = None
+    seeds: Iterable[int],
+    profile: str = "ci",
+    fencing: bool = True,
+    jobs: int | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> Summary:
     """Run every schedule of *seeds* on *jobs* processes (default: every core); the failures, by seed."""
     seeds = list(seeds)
-    chunks = [(seeds[i : i + _CHUNK], profile, fencing) for i in range(0, len(seeds), _CHUNK)]
+    chunks = [(seeds[i : i + _CHUNK], profile, fencing, skip) for i in range(0, len(seeds), _CHUNK)]
     jobs = jobs or os.cpu_count() or 1
     summary = Summary()
     if jobs == 1 or len(chunks) == 1:
-        results = map(_run_chunk, chunks)
-        for runs, failures in results:
+        for runs, failures, skipped in map(_run_chunk, chunks):
             summary.runs += runs
             summary.failures += failures
+            summary.skipped += skipped
     else:
         # fork: the workers start at once, with the simulation already imported.
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            for runs, failures in pool.imap_unordered(_run_chunk, chunks):
+            for runs, failures, skipped in pool.imap_unordered(_run_chunk, chunks):
                 summary.runs += runs
                 summary.failures += failures
+                summary.skipped += skipped
             pool.close()
             pool.join()
     summary.failures.sort(key=lambda r: r.seed)
