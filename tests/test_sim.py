@@ -78,7 +78,14 @@ def test_long_schedules() -> None:
 
 # -- the seeds that found bugs, kept as regression tests -----------------------------------------------------
 
-REGRESSIONS: dict[int, str] = {}
+REGRESSIONS = {
+    # The outcome of a declaration that failed for good was never published when the query spec did not
+    # change (a new setting whose declaration is refused): the acknowledgement named a snapshot without
+    # it, and set_as_main() returned without its error.
+    0: "set-as-main-covers (7)",
+    10: "set-as-main-covers (7)",
+    23: "set-as-main-covers (7)",
+}
 
 
 @pytest.mark.parametrize("seed", sorted(REGRESSIONS))

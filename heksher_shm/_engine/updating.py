@@ -73,9 +73,11 @@ class Updater:
         asking = [w for w in wishes if w.query_seq > term.queried_for.get(w.key, 0)]
         due = now >= term.next_update
         if not (asking or due or spec != term.spec):
-            if not term.published:
+            if not term.published or term.declared != term.published_outcomes:
+                # The term's first snapshot, or new outcomes: a process reads its declarations'
+                # outcomes in the snapshot its acknowledgement names, so they must be in one.
                 standing = term.error[0] if term.error is not None else None
-                failed = yield from self._publish(term, None, standing)  # the term's first snapshot
+                failed = yield from self._publish(term, None, standing)
                 if failed is not None:
                     yield from self._settle(term, failed)
             yield from self.acknowledge(term, wishes)
@@ -185,7 +187,7 @@ class Updater:
             queried = fresh.queried
             if fresh.entries is not None and fresh.entries != term.entries:
                 entries, blobs, changed = fresh.entries, fresh.blobs, True
-        if not (changed or not term.published):
+        if not (changed or not term.published or term.declared != term.published_outcomes):
             if fresh is not None:
                 term.etag, term.queried = fresh.etag, queried
             return None
@@ -209,6 +211,7 @@ class Updater:
         if failed is None:
             term.entries, term.blobs, term.queried = entries, blobs, queried
             term.published = True
+            term.published_outcomes = head.outcomes
             if fresh is not None:
                 term.etag = fresh.etag
         else:
