@@ -85,6 +85,11 @@ REGRESSIONS = {
     0: "set-as-main-covers (7)",
     10: "set-as-main-covers (7)",
     23: "set-as-main-covers (7)",
+    # A leader whose segment checks had drifted away from its updates woke for each of them, twice per
+    # update interval, while nothing happened.
+    7: "quiet-when-idle (11)",
+    49: "quiet-when-idle (11)",
+    201: "quiet-when-idle (11)",
 }
 
 

@@ -240,8 +240,9 @@ class Updater:
         or fenced off: a replaced leader's late snapshot).
 
         Called at every wake; checks at most once per :data:`VERIFY_INTERVAL`
-        (reading back a big snapshot costs), and a check wanted sooner is made
-        when that time comes (the leader wakes for it).
+        (reading back a big snapshot costs). A check wanted sooner is made at
+        the next wake, and the leader wakes for it when that time comes only
+        if it would otherwise sleep more than two intervals.
         """
         if not term.generation or term.fresh:
             # Nothing of this term's to check, or it just published: what it wrote is what is there.
