@@ -130,10 +130,10 @@ def test_with_fencing_no_replaced_leader_is_ever_accepted() -> None:
 
 def test_a_seed_replays_exactly() -> None:
     """The same seed gives the same run, in another process and with other string hashes too."""
-    here = run_schedule(HOLE, fencing=False, trace=100_000)
+    here = run_schedule(HOLE, fencing=False, trace=100_000, keep_trace=True)
     code = (
         "from tests.sim import run_schedule; "
-        f"r = run_schedule({HOLE}, fencing=False, trace=100_000); print(repr((r.violation, r.trace)))"
+        f"r = run_schedule({HOLE}, fencing=False, trace=100_000, keep_trace=True); print(repr((r.violation, r.trace)))"
     )
     there = subprocess.run(
         [sys.executable, "-c", code],

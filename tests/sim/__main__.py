@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     fencing = not args.no_fencing
     skip = frozenset(args.skip)
     if args.seed is not None:
-        result = run_schedule(args.seed, args.profile, fencing, trace=args.trace, skip=skip)
+        result = run_schedule(args.seed, args.profile, fencing, trace=args.trace, skip=skip, keep_trace=True)
         if result.ok:
             print(f"seed {args.seed}: ok {result.stats}")
             print("\n".join(result.trace))

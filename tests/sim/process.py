@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SimProcess"]
 
+_DRIVER_EFFECTS = frozenset({Wait, Apply, Report, Housekeep, Call, Calls, Digest, Compute})
+"""The effects the driver performs itself; the others are host effects (``effect.perform(host)``)."""
+
 
 class SimProcess:
     """One process of the simulated host: its engine, its driver, its client (see the module docstring)."""
@@ -222,12 +225,17 @@ class SimProcess:
         if getattr(effect, "busy", False):
             self._beat_while(effect)
         kind = type(effect)
-        if kind is Wait:
+        if kind not in _DRIVER_EFFECTS:  # a host effect: the most common kind
+            try:
+                result = effect.perform(self.host)  # type: ignore[attr-defined]
+            except Killed:
+                return  # killed inside publish, at one of its crash points
+            except Exception as e:
+                self._done(effect, cost, error=e)
+                return
+            self._done(effect, cost, result)
+        elif kind is Wait:
             self._wait(effect)  # type: ignore[arg-type]
-        elif kind is Call:
-            self._call(effect, lambda answer: self._answered(effect, answer))  # type: ignore[arg-type]
-        elif kind is Calls:
-            self._calls(effect)  # type: ignore[arg-type]
         elif kind is Apply:
             self.client.apply_effect(effect)  # type: ignore[arg-type]
             self._done(effect, cost)
@@ -236,7 +244,11 @@ class SimProcess:
             self._done(effect, cost)
         elif kind is Housekeep:
             self._done(effect, cost, self.client.housekeep())
-        elif kind is Digest or kind is Compute:
+        elif kind is Call:
+            self._call(effect, lambda answer: self._answered(effect, answer))  # type: ignore[arg-type]
+        elif kind is Calls:
+            self._calls(effect)  # type: ignore[arg-type]
+        else:
             try:
                 result = (
                     digest_query(effect.response, effect.queried)  # type: ignore[attr-defined]
@@ -247,15 +259,6 @@ class SimProcess:
                 self._done(effect, cost, error=e)
             else:
                 self._done(effect, cost, result)
-        else:
-            try:
-                result = effect.perform(self.host)
-            except Killed:
-                return  # killed inside publish, at one of its crash points
-            except Exception as e:
-                self._done(effect, cost, error=e)
-                return
-            self._done(effect, cost, result)
 
     def _answered(self, effect: object, answer: httpx.Response | Exception) -> None:
         if isinstance(answer, Exception):

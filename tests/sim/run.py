@@ -53,10 +53,13 @@ from tests.sim.host import Published, Registry, SimHost
 from tests.sim.invariants import Checks, convergence_bound
 from tests.sim.process import SimProcess
 from tests.sim.segment import SegmentFile
-from tests.sim.service import Exchange, SimService, version_of
+from tests.sim.service import CLIENT_TIMEOUT, Exchange, SimService, version_of
 from tests.sim.world import BOOT, Killed, Violation, World
 
 __all__ = ["PROFILES", "Config", "Result", "Sim", "config_for", "replay_command", "run_schedule"]
+
+RUN_OUT = 3.0
+"""Seconds after the fault phase by which every fault started in it has ended (a longer one is cut)."""
 
 PROFILES = ("ci", "long")
 """``ci``: short schedules (many of them fit in a CI step); ``long``: longer ones, for the stress step."""
@@ -104,10 +107,10 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
     rng = random.Random(f"heksher-sim-config-{profile}-{seed}")
     interval = rng.choice((1.0, 1.0, 2.0, 3.0))
     long = profile == "long"
-    fault_intervals = rng.uniform(15, 60) if long else rng.uniform(3, 9)
-    # Every long schedule ends with a quiet stretch; one short one in three does (it costs as much
+    fault_intervals = rng.uniform(15, 60) if long else rng.uniform(2, 8)
+    # Every long schedule ends with a quiet stretch; one short one in four does (it costs as much
     # as the faults before it).
-    idle = 10 if long else (5 if rng.random() < 1 / 3 else 0)
+    idle = 10 if long else (5 if rng.random() < 1 / 4 else 0)
 
     def maybe(rate: float, chance: float = 0.5) -> float:
         return rate * rng.uniform(0.3, 1.7) if rng.random() < chance else 0.0
@@ -181,11 +184,17 @@ def replay_command(seed: int, profile: str, fencing: bool) -> str:
 
 
 def run_schedule(
-    seed: int, profile: str = "ci", fencing: bool = True, trace: int = 60, skip: frozenset[str] = frozenset()
+    seed: int,
+    profile: str = "ci",
+    fencing: bool = True,
+    trace: int = 60,
+    skip: frozenset[str] = frozenset(),
+    keep_trace: bool = False,
 ) -> Result:
     """Run schedule *seed*; never raises for what the run finds (see :class:`Result`).
 
     *skip*: invariants (name prefixes) to count rather than fail on, to see what follows them.
+    The trace is formatted for a failure, or with *keep_trace*.
     """
     config = config_for(seed, profile, fencing)
     result = Result(seed, profile, fencing)
@@ -201,7 +210,8 @@ def run_schedule(
             result.detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             sim.world.note(0, "%s", traceback.format_exc(limit=-6))
         finally:
-            result.trace = sim.world.trace_lines()
+            if not result.ok or keep_trace:
+                result.trace = sim.world.trace_lines()
             result.stats = sim.stats()
             sim.close()
     return result
@@ -403,6 +413,8 @@ class Sim:
             self._count("issue stops")
             least = policy.UNRESPONSIVE_AFTER + policy.BUSY_PROMISE + 0.5
             return self._stop_length(rng.uniform(least, max(least + 1.0, config.longest)))
+        if not (config.boundary_kill or config.boundary_stop):
+            return 0.0
         roll = rng.random()
         if roll < config.boundary_kill:
             self._kill(proc)
@@ -417,7 +429,7 @@ class Sim:
         cost = _COSTS.get(type(effect), 1e-3) * (0.1 + rng.random())
         if not self.faults_over and self.config.stall and rng.random() < self.config.stall:
             self._count("stalls")
-            stall = rng.uniform(1.0, min(8.0, self.config.longest))
+            stall = self._cut(rng.uniform(1.0, min(8.0, self.config.longest)))
             self.world.note(proc.pid, "stalls %.2f s in %s", stall, type(effect).__name__)
             cost += stall
             self.faults_end = max(self.faults_end, self.world.now + cost)
@@ -507,7 +519,12 @@ class Sim:
         rng = self.fault_rng
         return rng.uniform(0.05, 3.0) if rng.random() < 0.7 else rng.uniform(5.5, self.config.longest)
 
+    def _cut(self, seconds: float) -> float:
+        """*seconds*, cut so that a fault ends at most :data:`RUN_OUT` seconds after the fault phase."""
+        return max(0.05, min(seconds, BOOT + self.config.fault_time + RUN_OUT - self.world.now))
+
     def _stop_length(self, seconds: float) -> float:
+        seconds = self._cut(seconds)
         self._count("stops")
         self.faults_end = max(self.faults_end, self.world.now + seconds)
         return seconds
@@ -534,19 +551,19 @@ class Sim:
     def _outage(self) -> None:
         rng, service, world = self.fault_rng, self.service, self.world
         self._count("outages")
-        seconds = rng.uniform(1.0, self.config.longest)
+        seconds = self._cut(rng.uniform(1.0, self.config.longest))
         service.down_until = max(service.down_until, world.now + seconds)
         service.down_mode = rng.choice(("refused", "hang", "503"))
-        self.faults_end = max(self.faults_end, service.down_until + 5.0)
+        self.faults_end = max(self.faults_end, service.down_until + CLIENT_TIMEOUT)
         world.note(0, "service down (%s) for %.1f s", service.down_mode, seconds)
 
     def _slow(self) -> None:
         rng, service, world = self.fault_rng, self.service, self.world
         self._count("slow spells")
-        seconds = rng.uniform(1.0, self.config.longest * 0.75)
+        seconds = self._cut(rng.uniform(1.0, self.config.longest * 0.75))
         service.slow_until = max(service.slow_until, world.now + seconds)
         service.slow_factor = rng.uniform(20.0, 800.0)
-        self.faults_end = max(self.faults_end, service.slow_until + 5.0)
+        self.faults_end = max(self.faults_end, service.slow_until + CLIENT_TIMEOUT)
         world.note(0, "service slow (x%.0f) for %.1f s", service.slow_factor, seconds)
 
     def _reset(self) -> None:

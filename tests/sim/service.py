@@ -267,24 +267,32 @@ class SimService:
         self._world.after(work, lambda: self._handle(call, request, exchange, looked_new, answered))
 
     def _answer(self, call: Call, request: httpx.Request, looked_new: bool) -> httpx.Response:
-        """The API's answer; a read (a query) is answered from a cache while nothing changed."""
+        """The API's answer, from a cache while the data did not change (a declaration that changes
+        nothing, ``uptodate`` say, is answered alike every time)."""
         headers = {k.lower(): v for k, v in (call.headers or {}).items()}
-        key = None
-        if call.method == "GET":
-            params = tuple(sorted((call.params or {}).items()))
-            key = (call.path, params, headers.get("if-none-match"), self.changes)
-            cached = self._answers.get(key)
-            if cached is not None:
-                return cached  # the engine only reads a response: one object serves every reader
+        params = tuple(sorted((call.params or {}).items()))
+        key = (
+            call.method,
+            call.path,
+            params,
+            headers.get("if-none-match"),
+            call.content,
+            looked_new,
+            self.changes,
+        )
+        cached = self._answers.get(key)
+        if cached is not None:
+            return cached  # the engine only reads a response: one object serves every reader
         self._gate.looked_new = looked_new
         answer = self._api.handle(
             Request(call.method, call.path, dict(call.params or {}), headers, call.content or b"")
         )
         response = httpx.Response(answer.status, headers=answer.headers, content=answer.body, request=request)
-        if key is not None:
-            if len(self._answers) > 256:
-                self._answers.clear()
-            self._answers[key] = response
+        if call.method == "POST" and answer.status == 200 and b'"uptodate"' not in answer.body:
+            self.changes += 1  # created, upgraded (or outdated, which changes nothing: one more miss)
+        elif len(self._answers) > 256:
+            self._answers.clear()
+        self._answers[key] = response
         return response
 
     def _handle(
@@ -302,10 +310,9 @@ class SimService:
             response = httpx.Response(rng.choice((500, 502, 503)), text="oops", request=request)
         else:
             response = self._answer(call, request, looked_new)
-            if exchange.kind == "declare":
-                self.changes += 1
-                if response.status_code == 200 and b'"created"' in response.content:
-                    self._known.add(exchange.name)
-                    self._restore(exchange.name)
+            created = response.status_code == 200 and b'"created"' in response.content
+            if exchange.kind == "declare" and created:
+                self._known.add(exchange.name)
+                self._restore(exchange.name)
         if answered is not None:
             answered(response)

@@ -48,6 +48,7 @@ class Violation(Exception):
     """
 
     def __init__(self, name: str, detail: str, known: str | None = None) -> None:
+        detail = " ".join(detail.split())  # one line (an error's text may hold several)
         super().__init__(f"{name}: {detail}")
         self.name = name
         self.detail = detail
@@ -95,8 +96,9 @@ class World:
         heapq.heappush(self._queue, (when, self._seq, action))
 
     def after(self, delay: float, action: Callable[[], Any]) -> None:
-        """Run *action* *delay* seconds from now."""
-        self.at(self.now + delay, action)
+        """Run *action* *delay* seconds from now (at once if *delay* is 0)."""
+        self._seq += 1
+        heapq.heappush(self._queue, (self.now + delay, self._seq, action))
 
     def run_until(self, end: float) -> None:
         """Run every event due until *end*; the clock then reads *end*."""
