@@ -133,7 +133,8 @@ def test_a_seed_replays_exactly() -> None:
     here = run_schedule(HOLE, fencing=False, trace=100_000, keep_trace=True)
     code = (
         "from tests.sim import run_schedule; "
-        f"r = run_schedule({HOLE}, fencing=False, trace=100_000, keep_trace=True); print(repr((r.violation, r.trace)))"
+        f"r = run_schedule({HOLE}, fencing=False, trace=100_000, keep_trace=True); "
+        "print(repr((r.violation, r.trace)))"
     )
     there = subprocess.run(
         [sys.executable, "-c", code],

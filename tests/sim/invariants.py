@@ -85,6 +85,13 @@ INVARIANTS = (
 )
 
 KNOWN = {
+    "anonymous-leader": (
+        "A leader announces itself (its identity and doorbell in the segment's status block) once, when "
+        "its term begins. When a damaged header is formatted again (a flipped bit in its first 16 "
+        "bytes), the status block is cleared and the leader stays anonymous for the rest of its term: "
+        "followers cannot watch its exit, so they wake every update interval as well as when rung. "
+        "Found by schedule 16 (long)."
+    ),
     "frozen-after-failed-declaration": (
         "A setting whose declaration by this process failed for good (a 4xx) is queried only while "
         "another live process declared it successfully: once the last such process exits, this "
@@ -396,9 +403,12 @@ class Checks:
         for proc in sim.live():
             woke = proc.wakes - sim.wakes_at_idle.get(proc.pid, 0)
             if woke > bound:
+                anonymous = proc.host.segment.leader() is None and any(p.engine.leading for p in sim.live())
                 self._violate(
                     "quiet-when-idle (11)",
-                    f"pid {proc.pid} woke {woke} times in {seconds:.0f} s of quiet (at most {bound:.0f})",
+                    f"pid {proc.pid} woke {woke} times in {seconds:.0f} s of quiet (at most {bound:.0f})"
+                    + ("; the segment names no leader" if anonymous else ""),
+                    "anonymous-leader" if anonymous else None,
                 )
 
 

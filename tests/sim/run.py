@@ -96,6 +96,7 @@ class Config:
     slow_rate: float
     error_rate: float
     reset_rate: float
+    full_rate: float
     change_rate: float
     reload_rate: float
     get_rate: float
@@ -107,7 +108,7 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
     rng = random.Random(f"heksher-sim-config-{profile}-{seed}")
     interval = rng.choice((1.0, 1.0, 2.0, 3.0))
     long = profile == "long"
-    fault_intervals = rng.uniform(15, 60) if long else rng.uniform(2, 8)
+    fault_intervals = rng.uniform(15, 60) if long else rng.uniform(1.5, 5)
     # Every long schedule ends with a quiet stretch; one short one in four does (it costs as much
     # as the faults before it).
     idle = 10 if long else (5 if rng.random() < 1 / 4 else 0)
@@ -120,7 +121,7 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
         fencing=fencing,
         processes=rng.randint(2, 6 if long else 4),
         update_interval=interval,
-        fault_time=max(5.0, fault_intervals * interval),
+        fault_time=max(4.0, fault_intervals * interval),
         idle_time=idle * interval,
         settings=tuple(f"s{i}" for i in range(rng.randint(1, 5))),
         startup_timeout=rng.choice((10.0, 30.0)),
@@ -139,6 +140,7 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
         slow_rate=maybe(0.02, 0.3),
         error_rate=maybe(0.1, 0.3),
         reset_rate=maybe(0.005, 0.15),
+        full_rate=maybe(0.02, 0.15),
         change_rate=rng.uniform(0.2, 2.0) / interval,
         reload_rate=maybe(0.05, 0.7),
         get_rate=rng.uniform(0.5, 3.0) / interval,
@@ -285,7 +287,7 @@ class Sim:
         bound = convergence_bound(config.update_interval)
         self._quiet_reloads = self.fault_rng.randrange(3)
         for _ in range(self._quiet_reloads):  # requests made once all is well must return in time
-            world.at(quiet + self.fault_rng.uniform(0, bound / 3), self._quiet_reload)
+            world.at(quiet + self.fault_rng.uniform(0, config.update_interval), self._quiet_reload)
         # Checked now and then until everything settled (the bound is what it may take at most).
         while world.now < quiet + bound and not (
             self._quiet_reloads == 0 and checks.requests_done() and checks.converged(strict=False)
@@ -476,6 +478,7 @@ class Sim:
         self._every(config.outage_rate, self._outage)
         self._every(config.slow_rate, self._slow)
         self._every(config.reset_rate, self._reset)
+        self._every(config.full_rate, self._full)
         self._every(config.change_rate, self._change)
         self._every(config.reload_rate, self._reload)
         self._every(config.get_rate, self._get, until_idle=True)
@@ -571,7 +574,25 @@ class Sim:
         self.service.reset()
         self.world.note(0, "the service lost all its data")
 
+    def _full(self) -> None:
+        file, world = self.segment_file, self.world
+        if file.full:
+            return
+        self._count("disk full")
+        seconds = self._cut(self.fault_rng.uniform(0.5, self.config.longest))
+        file.full = True
+        self.faults_end = max(self.faults_end, world.now + seconds)
+        world.note(0, "disk full for %.1f s", seconds)
+
+        def freed() -> None:
+            file.full = False
+            world.note(0, "disk space again")
+
+        world.after(seconds, freed)
+
     def _change(self) -> None:
+        if self.world.now > BOOT + self.config.fault_time - self.config.update_interval:
+            return  # the last interval of faults changes no rule: convergence is then about the faults
         name = self.service.change_rule()
         if name is not None:
             self.world.note(0, "rule of %s changed: version %d", name, self.service.stamp)

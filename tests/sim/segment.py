@@ -43,6 +43,7 @@ class SegmentFile:
         self.full = False
         """A full disk: no reservation may grow the file."""
         self.opened: list[Segment] = []
+        self.reserve(0, HEADER_SIZE)  # the first process to come made the file (a disk fills up later)
 
     def open(self) -> Segment:
         """A process opens the segment: its own backing and mappings over the shared bytes."""

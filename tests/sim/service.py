@@ -126,6 +126,7 @@ class SimService:
         self._known: set[str] = set()
         """The settings the service has (created by a declaration, and not lost since)."""
         self._answers: dict[object, httpx.Response] = {}
+        self._current: dict[tuple[str, int], dict[str, Any]] = {}
         self.changes = 0
         """Bumped by every change to the data (what the cache of answers is keyed by)."""
         self.down_until = 0.0
@@ -174,7 +175,12 @@ class SimService:
         """The rules of *name* a process tracking *tracked* should have now (None: no such setting)."""
         if not self._exists(name):
             return None
-        setting = self.state.query([name], None, include_metadata=False)["settings"][name]
+        key = (name, self.changes)
+        setting = self._current.get(key)
+        if setting is None:
+            setting = self._current[key] = self.state.query([name], None, include_metadata=False)["settings"][
+                name
+            ]
         return rules_of(setting, tracked)
 
     def _exists(self, name: str) -> bool:
