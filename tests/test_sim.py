@@ -83,13 +83,13 @@ REGRESSIONS = {
     # change (a new setting whose declaration is refused): the acknowledgement named a snapshot without
     # it, and set_as_main() returned without its error.
     0: "set-as-main-covers (7)",
-    10: "set-as-main-covers (7)",
+    31: "set-as-main-covers (7)",
     23: "set-as-main-covers (7)",
     # A leader whose segment checks had drifted away from its updates woke for each of them, twice per
     # update interval, while nothing happened.
     7: "quiet-when-idle (11)",
     49: "quiet-when-idle (11)",
-    201: "quiet-when-idle (11)",
+    77: "quiet-when-idle (11)",
 }
 
 
@@ -102,9 +102,15 @@ def test_regression(seed: int) -> None:
 
 # -- fencing ------------------------------------------------------------------------------------------------
 
-HOLE = 0
-"""The first CI schedule in which, without fencing, a replaced leader's late snapshot is accepted (issue
-15's hole): ``python -m tests.sim --seed 0 --no-fencing``."""
+HOLE = 1
+"""A CI schedule in which, without fencing, a leader stopped between its lock check and its publish is
+replaced, resumes, publishes, and its own process accepts that snapshot (issue 15's hole):
+``python -m tests.sim --seed 1 --no-fencing``."""
+
+BACKWARDS = 11
+"""A CI schedule in which, without fencing *and* without the clients' refusal of a snapshot queried
+before the one they applied, a follower reads a setting's rules older than those it had:
+``python -m tests.sim --seed 11 --no-fencing --no-queried-rule --skip one-term --skip replaced``."""
 
 
 def test_without_fencing_the_simulation_finds_the_hole() -> None:
@@ -112,7 +118,23 @@ def test_without_fencing_the_simulation_finds_the_hole() -> None:
     publishes, and processes accept it, its own included. With fencing, the same schedule holds."""
     hole = run_schedule(HOLE, fencing=False)
     assert hole.violation == "replaced-leader-accepted (13)", hole.report()
+    assert hole.detail.startswith("pid 100 accepted")  # its own process
+    assert "published by pid 100" in hole.detail
     assert run_schedule(HOLE).ok
+
+
+def test_what_keeps_reads_monotonic() -> None:
+    """Without fencing, what a replaced leader publishes late is older than what the new leader published,
+    and the clients' rule (refuse rules queried before those applied) is all that keeps processes from
+    going back; without both, they do. Fencing alone keeps them from it too."""
+    both_off = run_schedule(
+        BACKWARDS, fencing=False, queried_rule=False, skip=frozenset({"replaced", "one-term"})
+    )
+    assert both_off.violation == "monotonic-reads (13)", both_off.report()
+    assert run_schedule(BACKWARDS, queried_rule=False).ok
+    assert run_schedule(BACKWARDS, fencing=False, skip=frozenset({"replaced", "one-term"})).violation != (
+        "monotonic-reads (13)"
+    )
 
 
 def test_with_fencing_no_replaced_leader_is_ever_accepted() -> None:

@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--seeds", help="run the schedules FIRST:END (END excluded)")
     parser.add_argument("--profile", choices=PROFILES, default="ci", help="schedule length (default: ci)")
     parser.add_argument("--no-fencing", action="store_true", help="run the protocol as it was before fencing")
+    parser.add_argument(
+        "--no-queried-rule",
+        action="store_true",
+        help="clients accept snapshots queried before the one they applied (to see what that rule protects)",
+    )
     parser.add_argument("--jobs", type=int, default=0, help="processes for --seeds (default: every core)")
     parser.add_argument("--trace", type=int, default=60, help="events of the trace to keep (default: 60)")
     parser.add_argument(
@@ -37,7 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     fencing = not args.no_fencing
     skip = frozenset(args.skip)
     if args.seed is not None:
-        result = run_schedule(args.seed, args.profile, fencing, trace=args.trace, skip=skip, keep_trace=True)
+        result = run_schedule(
+            args.seed,
+            args.profile,
+            fencing,
+            trace=args.trace,
+            skip=skip,
+            keep_trace=True,
+            queried_rule=not args.no_queried_rule,
+        )
         if result.ok:
             print(f"seed {args.seed}: ok {result.stats}")
             print("\n".join(result.trace))
@@ -46,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     first, _, end = args.seeds.partition(":")
     started = time.perf_counter()
-    summary = run_many(range(int(first), int(end)), args.profile, fencing, jobs=args.jobs or None, skip=skip)
+    summary = run_many(
+        range(int(first), int(end)),
+        args.profile,
+        fencing,
+        jobs=args.jobs or None,
+        skip=skip,
+        queried_rule=not args.no_queried_rule,
+    )
     elapsed = time.perf_counter() - started
     for failure in (summary.unknown or summary.failures)[:20]:
         print(failure.report(), end="\n\n")

@@ -107,7 +107,7 @@ class SimClient:
                 self.applied_generation = generation
                 self.segment_damaged()
                 return
-            if head.queried < self.queried:
+            if head.queried < self.queried and self._proc.sim.config.queried_rule:
                 # Older than what this process applied: never go backwards.
                 self.applied_generation = read.generation
                 return

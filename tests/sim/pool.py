@@ -36,13 +36,13 @@ class Summary:
 
 
 def _run_chunk(
-    job: tuple[Sequence[int], str, bool, frozenset[str]],
+    job: tuple[Sequence[int], str, bool, frozenset[str], bool],
 ) -> tuple[int, list[Result], Counter[str]]:
-    seeds, profile, fencing, skip = job
+    seeds, profile, fencing, skip, queried_rule = job
     failures = []
     skipped: Counter[str] = Counter()
     for seed in seeds:
-        result = run_schedule(seed, profile, fencing, skip=skip)
+        result = run_schedule(seed, profile, fencing, skip=skip, queried_rule=queried_rule)
         if not result.ok:
             failures.append(result)
         for name in result.stats:
@@ -57,10 +57,13 @@ def run_many(
     fencing: bool = True,
     jobs: int | None = None,
     skip: frozenset[str] = frozenset(),
+    queried_rule: bool = True,
 ) -> Summary:
     """Run every schedule of *seeds* on *jobs* processes (default: every core); the failures, by seed."""
     seeds = list(seeds)
-    chunks = [(seeds[i : i + _CHUNK], profile, fencing, skip) for i in range(0, len(seeds), _CHUNK)]
+    chunks = [
+        (seeds[i : i + _CHUNK], profile, fencing, skip, queried_rule) for i in range(0, len(seeds), _CHUNK)
+    ]
     jobs = jobs or os.cpu_count() or 1
     summary = Summary()
     if jobs == 1 or len(chunks) == 1:

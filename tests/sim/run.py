@@ -71,6 +71,9 @@ class Config:
 
     profile: str
     fencing: bool
+    queried_rule: bool
+    """Whether clients refuse a snapshot queried before the one they applied (``Applying._apply_from``);
+    off only to see what it protects (``--no-queried-rule``)."""
     processes: int
     update_interval: float
     fault_time: float
@@ -103,7 +106,7 @@ class Config:
     churn_rate: float
 
 
-def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
+def config_for(seed: int, profile: str = "ci", fencing: bool = True, queried_rule: bool = True) -> Config:
     """The configuration of schedule *seed* (the same on every machine and run)."""
     rng = random.Random(f"heksher-sim-config-{profile}-{seed}")
     interval = rng.choice((1.0, 1.0, 2.0, 3.0))
@@ -119,6 +122,7 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True) -> Config:
     return Config(
         profile=profile,
         fencing=fencing,
+        queried_rule=queried_rule,
         processes=rng.randint(2, 6 if long else 4),
         update_interval=interval,
         fault_time=max(4.0, fault_intervals * interval),
@@ -155,6 +159,8 @@ class Result:
     seed: int
     profile: str
     fencing: bool
+    queried_rule: bool = True
+    skip: frozenset[str] = frozenset()
     violation: str | None = None
     detail: str = ""
     known: str | None = None
@@ -173,16 +179,23 @@ class Result:
         lines = [
             f"FAILED seed {self.seed} ({self.profile}, fencing {'on' if self.fencing else 'off'}): "
             f"{self.violation}: {self.detail}" + (f" [known issue: {self.known}]" if self.known else ""),
-            f"replay: {replay_command(self.seed, self.profile, self.fencing)}",
+            f"replay: {replay_command(self.seed, self.profile, self.fencing, self.queried_rule, self.skip)}",
             "last events (seconds since the start):",
             *("  " + line for line in self.trace),
         ]
         return "\n".join(lines)
 
 
-def replay_command(seed: int, profile: str, fencing: bool) -> str:
+def replay_command(
+    seed: int, profile: str, fencing: bool, queried_rule: bool = True, skip: frozenset[str] = frozenset()
+) -> str:
     """The one-line command that replays schedule *seed* exactly."""
-    return f"python -m tests.sim --seed {seed} --profile {profile}" + ("" if fencing else " --no-fencing")
+    return (
+        f"python -m tests.sim --seed {seed} --profile {profile}"
+        + ("" if fencing else " --no-fencing")
+        + ("" if queried_rule else " --no-queried-rule")
+        + "".join(f" --skip {name}" for name in sorted(skip))
+    )
 
 
 def run_schedule(
@@ -192,14 +205,15 @@ def run_schedule(
     trace: int = 60,
     skip: frozenset[str] = frozenset(),
     keep_trace: bool = False,
+    queried_rule: bool = True,
 ) -> Result:
     """Run schedule *seed*; never raises for what the run finds (see :class:`Result`).
 
     *skip*: invariants (name prefixes) to count rather than fail on, to see what follows them.
     The trace is formatted for a failure, or with *keep_trace*.
     """
-    config = config_for(seed, profile, fencing)
-    result = Result(seed, profile, fencing)
+    config = config_for(seed, profile, fencing, queried_rule)
+    result = Result(seed, profile, fencing, queried_rule, skip)
     with _quiet_logs(), _crash_points() as hook:
         sim = Sim(seed, config, trace, skip)
         hook.append(sim.crash_point)
