@@ -39,9 +39,15 @@ def _count(variable: str, default: int) -> int:
     return int(value) if value else default
 
 
+CI_SCHEDULES = _count("HEKSHER_SIM_SCHEDULES", 10_000)
+STRESS_SCHEDULES = _count("HEKSHER_SIM_STRESS", 1_000_000)
+LONG_SCHEDULES = _count("HEKSHER_SIM_LONG", 10_000)
+
+
+@pytest.mark.timeout(120 + CI_SCHEDULES // 20)  # no timed assert: generous even on a loaded machine
 def test_schedules() -> None:
     """The CI run: every invariant holds in every schedule (instances of known issues are counted)."""
-    count = _count("HEKSHER_SIM_SCHEDULES", 10_000)
+    count = CI_SCHEDULES
     started = time.perf_counter()
     summary = run_many(range(count))
     seconds = time.perf_counter() - started
@@ -52,9 +58,10 @@ def test_schedules() -> None:
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(600 + STRESS_SCHEDULES // 20)
 def test_stress() -> None:
     """A million schedules (by default), from ``HEKSHER_SIM_FIRST_SEED`` on."""
-    count = _count("HEKSHER_SIM_STRESS", 1_000_000)
+    count = STRESS_SCHEDULES
     first = _count("HEKSHER_SIM_FIRST_SEED", 1_000_000)
     started = time.perf_counter()
     summary = run_many(range(first, first + count))
@@ -65,9 +72,10 @@ def test_stress() -> None:
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(600 + LONG_SCHEDULES // 5)
 def test_long_schedules() -> None:
     """Longer schedules (more processes, longer faults); ``HEKSHER_SIM_LONG`` of them (10,000)."""
-    count = _count("HEKSHER_SIM_LONG", 10_000)
+    count = LONG_SCHEDULES
     started = time.perf_counter()
     summary = run_many(range(count), "long")
     seconds = time.perf_counter() - started

@@ -222,9 +222,9 @@ class SimProcess:
         if not self.alive:
             return
         cost = self.sim.cost(self, effect)
-        if getattr(effect, "busy", False):
-            self._beat_while(effect)
         kind = type(effect)
+        if getattr(effect, "busy", False) and (cost >= BEAT_INTERVAL or kind is Call or kind is Calls):
+            self._beat_while(effect)  # (an effect that ends before the first beat needs none)
         if kind not in _DRIVER_EFFECTS:  # a host effect: the most common kind
             try:
                 result = effect.perform(self.host)  # type: ignore[attr-defined]

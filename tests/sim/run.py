@@ -112,9 +112,9 @@ def config_for(seed: int, profile: str = "ci", fencing: bool = True, queried_rul
     interval = rng.choice((1.0, 1.0, 2.0, 3.0))
     long = profile == "long"
     fault_intervals = rng.uniform(15, 60) if long else rng.uniform(1.5, 5)
-    # Every long schedule ends with a quiet stretch; one short one in four does (it costs as much
+    # Every long schedule ends with a quiet stretch; one short one in six does (it costs as much
     # as the faults before it).
-    idle = 10 if long else (5 if rng.random() < 1 / 4 else 0)
+    idle = 10 if long else (5 if rng.random() < 1 / 6 else 0)
 
     def maybe(rate: float, chance: float = 0.5) -> float:
         return rate * rng.uniform(0.3, 1.7) if rng.random() < chance else 0.0
