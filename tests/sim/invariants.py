@@ -96,19 +96,19 @@ KNOWN = {
         "A setting whose declaration by this process failed for good (a 4xx) is queried only while "
         "another live process declared it successfully: once the last such process exits, this "
         "process keeps the rules it had, and they never change again (heksher 0.2.2 queries every "
-        "setting it holds). Found by schedules 134, 269, 1209 and 1439."
+        "setting it holds). Found by schedules 3089 and 4035, among others."
     ),
     "refused-snapshot-counts-as-applied": (
         "A client that refuses a snapshot (a replaced leader's, or a damaged one) marks its generation "
         "as applied (so that get() does not retry it), and Answering._acked compares the answer's "
         "generation with that mark: an answer naming the refused generation counts as served, and "
-        "set_as_main() returns without the snapshot that covers its settings. Found by schedule 480."
+        "set_as_main() returns without the snapshot that covers its settings. Found by schedule 5105."
     ),
     "stale-leader-ack": (
         "A replaced leader that resumes writes its (older term's) acknowledgements over the ones the "
         "leader in charge wrote, and the leader in charge never writes them again (its term already "
-        "served them): the process's set_as_main() or reload() times out. Found by schedules 2270 "
-        "and 2533."
+        "served them): the process's set_as_main() or reload() times out. Found by schedules 336 "
+        "and 2296, among others."
     ),
 }
 """Open issues the checks recognise: an instance is reported and counted apart, not failed on. Each
