@@ -195,7 +195,7 @@ class SimProcess:
             self._exit()
             return
         self.effect = effect
-        stop = self.sim.at_boundary(self, effect)
+        stop = self.sim.faults.at_boundary(self, effect)
         if not self.alive:
             return  # killed at this boundary
         if stop:
@@ -221,7 +221,7 @@ class SimProcess:
     def _perform(self, effect: object) -> None:
         if not self.alive:
             return
-        cost = self.sim.cost(self, effect)
+        cost = self.sim.faults.cost(self, effect)
         kind = type(effect)
         if getattr(effect, "busy", False) and (cost >= BEAT_INTERVAL or kind is Call or kind is Calls):
             self._beat_while(effect)  # (an effect that ends before the first beat needs none)

@@ -30,126 +30,19 @@ from typing import Any
 
 import httpx
 
-from heksher_shm._engine import policy
-from heksher_shm._engine.effects import (
-    Apply,
-    Call,
-    Compute,
-    Digest,
-    Housekeep,
-    KeepsLead,
-    LookAtLeader,
-    Publish,
-    ReadBlobs,
-    ReadHead,
-    ReadMarks,
-    ScanWishes,
-    TakeLead,
-    Wait,
-)
+from heksher_shm._engine.effects import Call
 from heksher_shm._model.protocol import DeclarationBody
 from heksher_shm._shm import writing
+from tests.sim.config import PROFILES, Config, config_for
+from tests.sim.faults import Faults
 from tests.sim.host import Published, Registry, SimHost
 from tests.sim.invariants import Checks, convergence_bound
 from tests.sim.process import SimProcess
 from tests.sim.segment import SegmentFile
-from tests.sim.service import CLIENT_TIMEOUT, Exchange, SimService, version_of
-from tests.sim.world import BOOT, Killed, Violation, World
+from tests.sim.service import Exchange, SimService, version_of
+from tests.sim.world import BOOT, Violation, World
 
 __all__ = ["PROFILES", "Config", "Result", "Sim", "config_for", "replay_command", "run_schedule"]
-
-RUN_OUT = 3.0
-"""Seconds after the fault phase by which every fault started in it has ended (a longer one is cut)."""
-
-PROFILES = ("ci", "long")
-"""``ci``: short schedules (many of them fit in a CI step); ``long``: longer ones, for the stress step."""
-
-
-@dataclass(frozen=True)
-class Config:
-    """What one schedule is made of (drawn from its seed and profile by :func:`config_for`)."""
-
-    profile: str
-    fencing: bool
-    queried_rule: bool
-    """Whether clients refuse a snapshot queried before the one they applied (``Applying._apply_from``);
-    off only to see what it protects (``--no-queried-rule``)."""
-    processes: int
-    update_interval: float
-    fault_time: float
-    idle_time: float
-    settings: tuple[str, ...]
-    startup_timeout: float
-    longest: float
-    """The longest a stop, a stall, an outage or a slow spell lasts (seconds)."""
-    # Faults, as rates per second during the fault phase, or probabilities per occasion.
-    kill_rate: float
-    stop_rate: float
-    issue_stop: float
-    """Probability that a leader stops, for longer than the takeover delay, between its lock check and
-    its publish (the narrow point of issue 15)."""
-    boundary_stop: float
-    boundary_kill: float
-    stall: float
-    crash_publish: float
-    stop_publish: float
-    flip_rate: float
-    jump_rate: float
-    outage_rate: float
-    slow_rate: float
-    error_rate: float
-    reset_rate: float
-    full_rate: float
-    change_rate: float
-    reload_rate: float
-    get_rate: float
-    churn_rate: float
-
-
-def config_for(seed: int, profile: str = "ci", fencing: bool = True, queried_rule: bool = True) -> Config:
-    """The configuration of schedule *seed* (the same on every machine and run)."""
-    rng = random.Random(f"heksher-sim-config-{profile}-{seed}")
-    interval = rng.choice((1.0, 1.0, 2.0, 3.0))
-    long = profile == "long"
-    fault_intervals = rng.uniform(15, 60) if long else rng.uniform(1.5, 5)
-    # Every long schedule ends with a quiet stretch; one short one in six does (it costs as much
-    # as the faults before it).
-    idle = 10 if long else (5 if rng.random() < 1 / 6 else 0)
-
-    def maybe(rate: float, chance: float = 0.5) -> float:
-        return rate * rng.uniform(0.3, 1.7) if rng.random() < chance else 0.0
-
-    return Config(
-        profile=profile,
-        fencing=fencing,
-        queried_rule=queried_rule,
-        processes=rng.randint(2, 6 if long else 4),
-        update_interval=interval,
-        fault_time=max(4.0, fault_intervals * interval),
-        idle_time=idle * interval,
-        settings=tuple(f"s{i}" for i in range(rng.randint(1, 5))),
-        startup_timeout=rng.choice((10.0, 30.0)),
-        longest=20.0 if long else 10.0,
-        kill_rate=maybe(0.03),
-        stop_rate=maybe(0.05),
-        issue_stop=maybe(0.25, 0.6),
-        boundary_stop=maybe(0.002),
-        boundary_kill=maybe(0.001),
-        stall=maybe(0.003),
-        crash_publish=maybe(0.05, 0.3),
-        stop_publish=maybe(0.05, 0.3),
-        flip_rate=maybe(0.05, 0.3),
-        jump_rate=maybe(0.02, 0.3),
-        outage_rate=maybe(0.03, 0.4),
-        slow_rate=maybe(0.02, 0.3),
-        error_rate=maybe(0.1, 0.3),
-        reset_rate=maybe(0.005, 0.15),
-        full_rate=maybe(0.02, 0.15),
-        change_rate=rng.uniform(0.2, 2.0) / interval,
-        reload_rate=maybe(0.05, 0.7),
-        get_rate=rng.uniform(0.5, 3.0) / interval,
-        churn_rate=maybe(0.02, 0.3),
-    )
 
 
 @dataclass
@@ -216,7 +109,7 @@ def run_schedule(
     result = Result(seed, profile, fencing, queried_rule, skip)
     with _quiet_logs(), _crash_points() as hook:
         sim = Sim(seed, config, trace, skip)
-        hook.append(sim.crash_point)
+        hook.append(sim.faults.crash_point)
         try:
             sim.run()
         except Violation as v:
@@ -269,6 +162,7 @@ class Sim:
         world = self.world = World(seed, trace)
         rng = world.rng
         self.fault_rng = random.Random(rng.getrandbits(64))
+        self.faults = Faults(self, self.fault_rng)
         self.service = SimService(world, random.Random(rng.getrandbits(64)), list(config.settings))
         self.segment_file = SegmentFile(world)
         self.registry = Registry(world.kernel)
@@ -281,7 +175,8 @@ class Sim:
         self.faults_over = False
         self.faults_end = 0.0
         self.publisher: SimProcess | None = None
-        self._nested = False
+        self.idle = False
+        """The quiet stretch began: nothing is injected any more, not even get() calls."""
         self.wakes_at_idle: dict[int, int] = {}
         self._counts: dict[str, int] = {}
 
@@ -291,7 +186,7 @@ class Sim:
         config, world, checks = self.config, self.world, self.checks
         for _ in range(config.processes):
             world.after(self.fault_rng.uniform(0.0, 0.3 * config.update_interval), self.spawn)
-        self._schedule_faults()
+        self.faults.schedule()
         world.run_until(BOOT + config.fault_time)
         self.faults_over = True
         self.service.error_rate = 0.0
@@ -316,9 +211,13 @@ class Sim:
         world.note(0, "converged; idle from here")
         self.wakes_at_idle = {proc.pid: proc.wakes for proc in self.live()}
         idle_from = world.now
-        self._idle = True
+        self.idle = True
         world.run_until(idle_from + config.idle_time)
         checks.idle(idle_from, config.idle_time)
+
+    def _quiet_reload(self) -> None:
+        self._quiet_reloads -= 1
+        self.faults.reload()
 
     def close(self) -> None:
         self.segment_file.close()
@@ -337,7 +236,8 @@ class Sim:
         counts.update({f"skipped {name}": n for name, n in self.checks.skipped.items()})
         return counts
 
-    def _count(self, what: str) -> None:
+    def count(self, what: str) -> None:
+        """Count one more *what* in the schedule's statistics."""
         self._counts[what] = self._counts.get(what, 0) + 1
 
     # -- processes ------------------------------------------------------------------------------------------
@@ -381,7 +281,7 @@ class Sim:
         stale = host.epoch < self.epoch
         self.generations[generation] = Published(host.epoch, host.pid, stale)
         if stale:
-            self._count("stale publishes")
+            self.count("stale publishes")
         self.world.note(
             host.pid,
             "published generation %d (election %d%s)",
@@ -411,228 +311,6 @@ class Sim:
                 versions[name] = version
         return versions
 
-    # -- faults at effect boundaries ------------------------------------------------------------------------
-
-    def at_boundary(self, proc: SimProcess, effect: object) -> float:
-        """Before *proc* performs *effect*: maybe kill it, or stop it (the seconds it stops, else 0)."""
-        world = self.world
-        previous, proc.previous = proc.previous, effect
-        if proc.engine.leading or type(effect) not in _ROUTINE:
-            world.note(proc.pid, _describe, effect)
-        if self.faults_over:
-            return 0.0
-        rng, config = self.fault_rng, self.config
-        kind = type(effect)
-        narrow = kind is Publish or (kind is Compute and type(previous) is KeepsLead)
-        if narrow and proc.engine.leading and rng.random() < config.issue_stop:
-            # Issue 15's point: the lock checked, the snapshot not yet published.
-            self._count("issue stops")
-            least = policy.UNRESPONSIVE_AFTER + policy.BUSY_PROMISE + 0.5
-            return self._stop_length(rng.uniform(least, max(least + 1.0, config.longest)))
-        if not (config.boundary_kill or config.boundary_stop):
-            return 0.0
-        roll = rng.random()
-        if roll < config.boundary_kill:
-            self._kill(proc)
-            return 0.0
-        if roll < config.boundary_kill + config.boundary_stop:
-            return self._stop_length(self._some_stop())
-        return 0.0
-
-    def cost(self, proc: SimProcess, effect: object) -> float:
-        """The simulated time *effect* takes (its CPU and system calls), sometimes a long stall."""
-        rng = self.fault_rng
-        cost = _COSTS.get(type(effect), 1e-3) * (0.1 + rng.random())
-        if not self.faults_over and self.config.stall and rng.random() < self.config.stall:
-            self._count("stalls")
-            stall = self._cut(rng.uniform(1.0, min(8.0, self.config.longest)))
-            self.world.note(proc.pid, "stalls %.2f s in %s", stall, type(effect).__name__)
-            cost += stall
-            self.faults_end = max(self.faults_end, self.world.now + cost)
-        return cost
-
-    def crash_point(self, step: str) -> None:
-        """The segment writer passes *step* of a publish (a crash point): maybe kill or stop it there."""
-        proc = self.publisher
-        if proc is None:
-            return
-        if step == "published":  # the generation word is stored: readers may see it from now on
-            self.published(proc.host, proc.host.segment.generation())
-        if self.faults_over:
-            return
-        rng, config = self.fault_rng, self.config
-        roll = rng.random() * 10
-        if roll < config.crash_publish:
-            self._count("kills inside publish")
-            self.world.note(proc.pid, "killed inside publish at %s", step)
-            proc.kill()
-            raise Killed
-        if roll < config.crash_publish + config.stop_publish and not self._nested:
-            self._count("stops inside publish")
-            least = policy.UNRESPONSIVE_AFTER + policy.BUSY_PROMISE
-            seconds = self._stop_length(rng.uniform(least, max(least + 1.0, config.longest)))
-            self.world.note(proc.pid, "stops inside publish at %s", step)
-            proc.stop(seconds)
-            self._nested = True
-            try:
-                self.world.run_until(self.world.now + seconds)  # everyone else runs meanwhile
-            finally:
-                self._nested = False
-            if not proc.alive:
-                raise Killed
-
-    # -- faults in time -------------------------------------------------------------------------------------
-
-    def _schedule_faults(self) -> None:
-        config, service = self.config, self.service
-        self._every(config.kill_rate, lambda: self._kill(self._victim()))
-        self._every(config.stop_rate, lambda: self._stop(self._victim()))
-        self._every(config.flip_rate, self._flip)
-        self._every(config.jump_rate, self._jump)
-        self._every(config.outage_rate, self._outage)
-        self._every(config.slow_rate, self._slow)
-        self._every(config.reset_rate, self._reset)
-        self._every(config.full_rate, self._full)
-        self._every(config.change_rate, self._change)
-        self._every(config.reload_rate, self._reload)
-        self._every(config.get_rate, self._get, until_idle=True)
-        self._every(config.churn_rate, self._churn)
-        service.error_rate = config.error_rate
-
-    def _every(self, rate: float, action: Callable[[], None], until_idle: bool = False) -> None:
-        """Run *action* at the times of a Poisson process of *rate* (per second) while faults go on."""
-        if rate <= 0:
-            return
-        world, rng = self.world, self.fault_rng
-
-        def fire() -> None:
-            if self.faults_over and not until_idle:
-                return
-            if getattr(self, "_idle", False):
-                return
-            action()
-            world.after(rng.expovariate(rate), fire)
-
-        world.after(rng.expovariate(rate), fire)
-
-    def _victim(self) -> SimProcess | None:
-        live = [p for p in self.live() if p is not self.publisher or not self._nested]
-        if not live:
-            return None
-        leaders = [p for p in live if p.engine.leading]
-        if leaders and self.fault_rng.random() < 0.5:
-            return leaders[0]
-        return self.fault_rng.choice(live)
-
-    def _kill(self, proc: SimProcess | None) -> None:
-        if proc is None:
-            return
-        self._count("kills")
-        proc.kill()
-        if self.fault_rng.random() < 0.8:
-            self.world.after(self.fault_rng.uniform(0.05, 2.0), self.spawn)
-
-    def _some_stop(self) -> float:
-        rng = self.fault_rng
-        return rng.uniform(0.05, 3.0) if rng.random() < 0.7 else rng.uniform(5.5, self.config.longest)
-
-    def _cut(self, seconds: float) -> float:
-        """*seconds*, cut so that a fault ends at most :data:`RUN_OUT` seconds after the fault phase."""
-        return max(0.05, min(seconds, BOOT + self.config.fault_time + RUN_OUT - self.world.now))
-
-    def _stop_length(self, seconds: float) -> float:
-        seconds = self._cut(seconds)
-        self._count("stops")
-        self.faults_end = max(self.faults_end, self.world.now + seconds)
-        return seconds
-
-    def _stop(self, proc: SimProcess | None) -> None:
-        if proc is not None and not proc.stopped:
-            proc.stop(self._stop_length(self._some_stop()))
-
-    def _flip(self) -> None:
-        self._count("byte flips")
-        offset = self.segment_file.flip(self.fault_rng)
-        self.world.note(0, "bit flipped at offset %d", offset)
-
-    def _jump(self) -> None:
-        rng, world = self.fault_rng, self.world
-        self._count("clock jumps")
-        if rng.random() < 0.7:
-            step = rng.uniform(-7200.0, 7200.0)
-            world.wall_offset += step
-            world.note(0, "wall clock steps %+.0f s", step)
-        else:
-            world.jump(rng.uniform(0.5, 8.0))
-
-    def _outage(self) -> None:
-        rng, service, world = self.fault_rng, self.service, self.world
-        self._count("outages")
-        seconds = self._cut(rng.uniform(1.0, self.config.longest))
-        service.down_until = max(service.down_until, world.now + seconds)
-        service.down_mode = rng.choice(("refused", "hang", "503"))
-        self.faults_end = max(self.faults_end, service.down_until + CLIENT_TIMEOUT)
-        world.note(0, "service down (%s) for %.1f s", service.down_mode, seconds)
-
-    def _slow(self) -> None:
-        rng, service, world = self.fault_rng, self.service, self.world
-        self._count("slow spells")
-        seconds = self._cut(rng.uniform(1.0, self.config.longest * 0.75))
-        service.slow_until = max(service.slow_until, world.now + seconds)
-        service.slow_factor = rng.uniform(20.0, 800.0)
-        self.faults_end = max(self.faults_end, service.slow_until + CLIENT_TIMEOUT)
-        world.note(0, "service slow (x%.0f) for %.1f s", service.slow_factor, seconds)
-
-    def _reset(self) -> None:
-        self._count("data resets")
-        self.service.reset()
-        self.world.note(0, "the service lost all its data")
-
-    def _full(self) -> None:
-        file, world = self.segment_file, self.world
-        if file.full:
-            return
-        self._count("disk full")
-        seconds = self._cut(self.fault_rng.uniform(0.5, self.config.longest))
-        file.full = True
-        self.faults_end = max(self.faults_end, world.now + seconds)
-        world.note(0, "disk full for %.1f s", seconds)
-
-        def freed() -> None:
-            file.full = False
-            world.note(0, "disk space again")
-
-        world.after(seconds, freed)
-
-    def _change(self) -> None:
-        if self.world.now > BOOT + self.config.fault_time - self.config.update_interval:
-            return  # the last interval of faults changes no rule: convergence is then about the faults
-        name = self.service.change_rule()
-        if name is not None:
-            self.world.note(0, "rule of %s changed: version %d", name, self.service.stamp)
-
-    def _reload(self) -> None:
-        live = [p for p in self.live() if not p.stopped]
-        if live:
-            proc = self.fault_rng.choice(live)
-            self.world.note(proc.pid, "reload()")
-            proc.client.reload()
-
-    def _quiet_reload(self) -> None:
-        self._quiet_reloads -= 1
-        self._reload()
-
-    def _get(self) -> None:
-        live = [p for p in self.live() if not p.stopped]
-        if live:
-            self.fault_rng.choice(live).client.apply_latest()
-
-    def _churn(self) -> None:
-        live = [p for p in self.live() if not p.stopped]
-        if live:
-            self._count("closes")
-            self.fault_rng.choice(live).close()
-
 
 def _declaration(name: str, rng: random.Random) -> DeclarationBody:
     """One of the declarations processes make of a setting: most alike, some that differ (a mismatch, an
@@ -646,29 +324,3 @@ def _declaration(name: str, rng: random.Random) -> DeclarationBody:
     elif roll < 0.30:
         version, type_, default = "1.2", "str", "x"  # incompatible with the rules' values: rejected
     return DeclarationBody(name, ["user", "theme"], type_, default, {}, version)
-
-
-_ROUTINE = (Apply, ReadMarks, Housekeep, LookAtLeader, Wait, TakeLead)
-"""A follower's effects at every wake, left out of the trace."""
-
-_COSTS: dict[type, float] = {
-    Publish: 5e-3,
-    ReadHead: 3e-3,
-    ReadBlobs: 3e-3,
-    ScanWishes: 3e-3,
-    Compute: 0.02,
-    Digest: 0.02,
-}
-"""The most an effect takes (it takes 10 % to 110 % of it); 1 ms for the others."""
-"""A follower's effects at every wake, left out of the trace."""
-
-
-def _describe(effect: object) -> str:
-    name = type(effect).__name__
-    if isinstance(effect, Wait):
-        return f"Wait({effect.timeout if effect.timeout is None else round(effect.timeout, 3)})"
-    if isinstance(effect, Call):
-        return f"Call({effect.method} {effect.path})"
-    if isinstance(effect, Publish):
-        return f"Publish(term {effect.term})"
-    return name
