@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, ClassVar
 
 import heksher_shm as heksher
 from heksher_shm.status import segment_status
@@ -38,7 +40,70 @@ def _answer(cmd: tuple[Any, ...], settings: dict[str, heksher.Setting[int]], cli
     if op == "step_clock":
         _step_wall_clock(3.0)
         return True
+    if op == "watch":
+        _Watch(settings[cmd[1]], cmd[2]).start()
+        return True
+    if op == "watched":
+        return _Watch.report()
+    if op == "stop_at":
+        _stop_at(client, cmd[1])
+        return True
     raise ValueError(f"unknown command {cmd!r}")
+
+
+class _Watch(threading.Thread):
+    """Reads a setting over and over and notes every time its value went down (it must never)."""
+
+    seen: ClassVar[dict[str, Any]] = {"last": None, "highest": None, "reads": 0, "backwards": []}
+
+    def __init__(self, setting: heksher.Setting[int], ctx: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self._setting, self._ctx = setting, ctx
+
+    def run(self) -> None:
+        seen = self.seen
+        while True:
+            value = self._setting.get(**self._ctx)
+            last = seen["last"]
+            if last is not None and value < last:
+                seen["backwards"].append((last, value))
+            seen["last"] = value
+            seen["highest"] = value if seen["highest"] is None else max(seen["highest"], value)
+            seen["reads"] += 1
+            time.sleep(0.0005)
+
+    @classmethod
+    def report(cls) -> dict[str, Any]:
+        return dict(cls.seen)
+
+
+def _stop_at(client: Any, point: str) -> None:
+    """Make this process stop itself (SIGSTOP) once, at *point* of its next publish: "publish" (the
+    engine checked the lock and asked the host to publish), or a step inside the segment's publish
+    (heksher_shm._shm.writing's crash points: "table", "claimed"...)."""
+    from heksher_shm._shm import writing
+
+    def stop() -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    if point == "publish":
+        host = client._host
+        real = host.publish
+
+        def publish(*args: Any) -> int:
+            host.publish = real
+            stop()
+            return int(real(*args))
+
+        host.publish = publish
+        return
+
+    def crash_point(name: str) -> None:
+        if name == point:
+            writing._crash_point = None
+            stop()
+
+    writing._crash_point = crash_point
 
 
 def _step_wall_clock(seconds: float) -> None:

@@ -8,6 +8,7 @@ at once; these tests pin single behaviours in a few lines each.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Generator
 from typing import Any
@@ -173,7 +174,8 @@ def test_a_first_term_declares_queries_publishes_and_answers() -> None:
         "Wait",
     ]
     publish = next(e for e in run.log if isinstance(e, fx.Publish))
-    assert publish.term == 1 and publish.busy  # the fencing token of the term, beaten while it runs
+    assert publish.term == 1  # the fencing token of the term
+    assert publish.busy  # beaten while it runs
     ack = next(e for e in run.log if isinstance(e, fx.Acknowledge))
     assert ack.acks == {"p1": Ack(1, None, "", 1, 1)}  # request 1 of p1: served by term 1, generation 1
     # the first success of a term draws its next wait: hosts that started together spread out
@@ -228,7 +230,8 @@ def test_a_follower_replaces_a_leader_that_broke_its_promise() -> None:
         "EndTakeover",
         "Announce",  # term 5 begins
     ]
-    assert run.engine.leader is not None and run.engine.leader.term.number == 5
+    assert run.engine.leader is not None
+    assert run.engine.leader.term.number == 5
 
 
 def test_a_follower_trusts_a_busy_leader_and_sleeps_until_its_promise() -> None:
@@ -270,12 +273,15 @@ def test_failing_queries_back_off_and_a_reload_gets_the_standing_error() -> None
     while clock.now < 1000.0 + 8 * INTERVAL:
         clock.now += wait.timeout
         wait = run.until(lambda e: isinstance(e, fx.Wait), timed)
-    steps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(asked)]
     # equal jitter: half a step, plus up to the other half; doubling from 0.5 s up to the interval
-    assert 0.25 <= steps[0] <= 0.5 and 0.5 <= steps[1] <= 1.0 and 1.0 <= steps[2] <= 2.0
+    assert 0.25 <= steps[0] <= 0.5
+    assert 0.5 <= steps[1] <= 1.0
+    assert 1.0 <= steps[2] <= 2.0
     assert all(INTERVAL <= step <= INTERVAL * 1.25 for step in steps[5:])  # then one per interval at most
     errors = [e for e in run.log if isinstance(e, fx.RecordError)]
-    assert len(errors) == len(asked) and "503" in errors[0].message
+    assert len(errors) == len(asked)
+    assert "503" in errors[0].message
 
     # a reload() during the backoff gets the standing error at once, without a query
     clock.now += wait.timeout / 2  # its ring wakes the leader half-way to its next query
@@ -286,7 +292,8 @@ def test_failing_queries_back_off_and_a_reload_gets_the_standing_error() -> None
         lambda e: isinstance(e, fx.Wait), lambda e: [reloading] if isinstance(e, fx.ScanWishes) else timed(e)
     )
     (ack,) = [e for e in run.log[mark:] if isinstance(e, fx.Acknowledge)]
-    assert ack.acks["p1"].seq == 2 and "503" in (ack.acks["p1"].error or "")
+    assert ack.acks["p1"].seq == 2
+    assert "503" in (ack.acks["p1"].error or "")
     assert len(asked) == count
 
 
