@@ -268,8 +268,8 @@ class Checks:
             if exchange.sent - previous.answered < least - 1e-9:
                 self._violate(
                     "outage-backoff (1, 11)",
-                    f"pid {proc.pid} queried {exchange.sent - previous.answered:.3f} s after its "
-                    f"{failures}th failed query in a row (at least {least:.3f} s)",
+                    f"pid {proc.pid} queried {exchange.sent - previous.answered:.3f} s after the last of "
+                    f"{failures} failed queries in a row (the least backoff step: {least:.3f} s)",
                 )
         term.queries.append(exchange)
         term.answered_since_query = False
