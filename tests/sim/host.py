@@ -50,6 +50,8 @@ class Published:
     pid: int
     stale: bool
     """Published by a leader that had been replaced already: nobody may accept it."""
+    over_damage: bool = False
+    """Its publish found the header damaged, and formatted it anew under the publisher's term."""
 
 
 class Registry:
@@ -97,6 +99,7 @@ class SimHost:
         self.bell = bell_name(pid, start)
         self.epoch = 0
         """The election this process last won (0: never)."""
+        self.over_damage = False
         self.rang_at = 0.0
         self._watched: tuple[int, float] | None = None
         self._exit: int | None = None
@@ -189,6 +192,8 @@ class SimHost:
 
     def publish(self, head: bytes, blobs: Sequence[bytes], term: int) -> int:
         sim = self._sim
+        # (Looked at only for a replaced leader: whether its publish formats a damaged header anew.)
+        self.over_damage = self.epoch < sim.epoch and self.segment.status().header_problem is not None
         outer, sim.publisher = sim.publisher, self.proc  # whom the segment's crash points stop or kill
         try:
             generation = self.segment.publish(head, blobs, term)

@@ -85,18 +85,23 @@ INVARIANTS = (
 )
 
 KNOWN = {
-    "anonymous-leader": (
-        "A leader announces itself (its identity and doorbell in the segment's status block) once, when "
-        "its term begins. When a damaged header is formatted again (a flipped bit in its first 16 "
-        "bytes), the status block is cleared and the leader stays anonymous for the rest of its term: "
-        "followers cannot watch its exit, so they wake every update interval as well as when rung. "
-        "Found by schedule 16 (long)."
+    "leader-record-lost": (
+        "A leader writes its identity (and doorbell) in the segment's status block once, when its term "
+        "begins. When that record is lost or damaged (a damaged header formatted anew clears it; a "
+        "flipped bit changes the pid), the leader never writes it again: followers cannot watch its "
+        "exit, so they wake every update interval as well as when rung. Found by schedules 16 (long) "
+        "and 1035442."
     ),
     "frozen-after-failed-declaration": (
         "A setting whose declaration by this process failed for good (a 4xx) is queried only while "
         "another live process declared it successfully: once the last such process exits, this "
         "process keeps the rules it had, and they never change again (heksher 0.2.2 queries every "
         "setting it holds). Found by schedules 3089 and 4035, among others."
+    ),
+    "stale-leader-formats-the-header": (
+        "A replaced leader that resumes and finds the segment's header damaged (a flipped bit in its "
+        "first 16 bytes) formats it anew under its own, older term, which erases the newer term word; "
+        "its publish then passes the fencing check and readers accept it. Found by schedule 1017674."
     ),
     "refused-snapshot-counts-as-applied": (
         "A client that refuses a snapshot (a replaced leader's, or a damaged one) marks its generation "
@@ -201,7 +206,9 @@ class Checks:
                     self._violate(
                         "replaced-leader-accepted (13)",
                         f"pid {proc.pid} accepted generation {generation}, published by pid {published.pid} "
-                        f"(election {published.epoch}) after it was replaced",
+                        f"(election {published.epoch}) after it was replaced"
+                        + ("; its publish formatted a damaged header anew" if published.over_damage else ""),
+                        "stale-leader-formats-the-header" if published.over_damage else None,
                     )
                 seen = self._epochs.get(who, 0)
                 if published.epoch < seen:
@@ -403,12 +410,14 @@ class Checks:
         for proc in sim.live():
             woke = proc.wakes - sim.wakes_at_idle.get(proc.pid, 0)
             if woke > bound:
-                anonymous = proc.host.segment.leader() is None and any(p.engine.leading for p in sim.live())
+                recorded = proc.host.segment.leader()
+                leaders = {(p.pid, p.start) for p in sim.live() if p.engine.leading}
+                lost = bool(leaders) and (recorded is None or (recorded[0], recorded[1]) not in leaders)
                 self._violate(
                     "quiet-when-idle (11)",
                     f"pid {proc.pid} woke {woke} times in {seconds:.0f} s of quiet (at most {bound:.0f})"
-                    + ("; the segment names no leader" if anonymous else ""),
-                    "anonymous-leader" if anonymous else None,
+                    + (f"; the segment names {recorded and recorded[0]} as the leader" if lost else ""),
+                    "leader-record-lost" if lost else None,
                 )
 
 

@@ -279,7 +279,7 @@ class Sim:
         if generation in self.generations:
             return  # seen at its last crash point already, before a stop there
         stale = host.epoch < self.epoch
-        self.generations[generation] = Published(host.epoch, host.pid, stale)
+        self.generations[generation] = Published(host.epoch, host.pid, stale, stale and host.over_damage)
         if stale:
             self.count("stale publishes")
         self.world.note(
