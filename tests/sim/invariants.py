@@ -107,7 +107,8 @@ KNOWN = {
         "A client that refuses a snapshot (a replaced leader's, or a damaged one) marks its generation "
         "as applied (so that get() does not retry it), and Answering._acked compares the answer's "
         "generation with that mark: an answer naming the refused generation counts as served, and "
-        "set_as_main() returns without the snapshot that covers its settings. Found by schedule 5105."
+        "set_as_main() (or reload()) returns without the snapshot that answers it. Found by schedules "
+        "5105, and 601 (long)."
     ),
     "stale-leader-ack": (
         "A replaced leader that resumes writes its (older term's) acknowledgements over the ones the "
@@ -313,10 +314,13 @@ class Checks:
             for name, wanted in request.versions.items():
                 have = version_of(client.rules.get(name, frozenset()))
                 if have is None or have < wanted:
+                    refused = client.applied_generation != client.head_generation
                     self._violate(
                         "reload-is-fresh (7)",
                         f"pid {proc.pid}'s reload returned with {name} at version {have}, older than the "
-                        f"service's {wanted} when it was called",
+                        f"service's {wanted} when it was called"
+                        + (f"; generation {client.applied_generation} was refused" if refused else ""),
+                        "refused-snapshot-counts-as-applied" if refused else None,
                     )
         quiet = self.quiet_since
         if quiet is not None and request.outcome == "timeout":
