@@ -97,7 +97,10 @@ class Leader:
         wake_at = term.next_update
         if term.declare_retry_at > now:
             wake_at = min(wake_at, term.declare_retry_at)
-        if term.verify_wanted:
+        if term.verify_wanted and wake_at > term.verified + 2 * policy.VERIFY_INTERVAL:
+            # A check put off (one was made lately) waits for the next wake if that comes within two
+            # intervals; only a longer sleep is cut short for it. Waking for it every time, a leader
+            # whose updates and checks drift apart wakes twice per update while nothing happens.
             wake_at = min(wake_at, term.verified + policy.VERIFY_INTERVAL)
         now = ctx.clock.monotonic()
         yield Beat(now, max(now, wake_at))

@@ -54,6 +54,8 @@ class Term:
     entries: list[SettingEntry] = field(default_factory=list)
     blobs: list[bytes] = field(default_factory=list)
     published: bool = False
+    published_outcomes: dict[str, Outcome] = field(default_factory=dict)
+    """The declaration outcomes the last snapshot of this term carries (what processes read them from)."""
     queried: float = 0.0
     as_of: float = 0.0
     """When the service answered the query behind the rules (epoch seconds; 0.0: unknown)."""

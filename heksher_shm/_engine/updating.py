@@ -75,9 +75,11 @@ class Updater:
         asking = [w for w in wishes if w.query_seq > term.queried_for.get(w.key, 0)]
         due = now >= term.next_update
         if not (asking or due or spec != term.spec):
-            if not term.published:
+            if not term.published or term.declared != term.published_outcomes:
+                # The term's first snapshot, or new outcomes: a process reads its declarations'
+                # outcomes in the snapshot its acknowledgement names, so they must be in one.
                 standing = term.error[0] if term.error is not None else None
-                failed = yield from self._publish(term, None, standing)  # the term's first snapshot
+                failed = yield from self._publish(term, None, standing)
                 if failed is not None:
                     yield from self._settle(term, failed)
             yield from self.acknowledge(term, wishes)
@@ -191,7 +193,8 @@ class Updater:
                 entries, blobs, changed = fresh.entries, fresh.blobs, True
             # Rules restored from the last-known-good file, now confirmed by the service: say so.
             changed = changed or term.restored is not None
-        if not (changed or not term.published):
+        # New declaration outcomes are published too: an answer names a snapshot that carries them.
+        if not (changed or not term.published or term.declared != term.published_outcomes):
             if fresh is not None:
                 term.etag, term.queried, term.as_of = fresh.etag, queried, as_of
             return None
@@ -220,6 +223,7 @@ class Updater:
         term.entries, term.blobs, term.queried = entries, blobs, queried
         term.as_of, term.restored = as_of, restored
         term.published = True
+        term.published_outcomes = head.outcomes
         if fresh is not None:
             term.etag = fresh.etag
         if changed:
@@ -256,8 +260,9 @@ class Updater:
         or fenced off: a replaced leader's late snapshot).
 
         Called at every wake; checks at most once per :data:`VERIFY_INTERVAL`
-        (reading back a big snapshot costs), and a check wanted sooner is made
-        when that time comes (the leader wakes for it).
+        (reading back a big snapshot costs). A check wanted sooner is made at
+        the next wake, and the leader wakes for it when that time comes only
+        if it would otherwise sleep more than two intervals.
         """
         if not term.generation or term.fresh:
             # Nothing of this term's to check, or it just published: what it wrote is what is there.
