@@ -168,8 +168,9 @@ class LocalHost:
             self._ack = ack
 
     def read_ack(self) -> Ack | None:
-        """This process's latest acknowledgement."""
-        return self._ack
+        """This process's latest acknowledgement (of the current term)."""
+        ack = self._ack
+        return ack if ack is not None and ack.term == self._terms else None
 
     def bell_fd(self) -> None:
         return None

@@ -475,7 +475,7 @@ class SharedHost:
         registry = self._parts.registry
         for key, ack in acks.items():
             try:
-                registry.write_ack(key, encode_ack(ack))
+                registry.write_ack(key, ack.term, encode_ack(ack))
             except SegmentError:
                 # That process waits for its answer until startup_timeout, and says so; its
                 # next request is answered again. Said once here, not per process.
@@ -485,8 +485,8 @@ class SharedHost:
         self.neighbours.ring(bell for bell in self.source.bells if bell.split(".", 1)[0] in acks)
 
     def read_ack(self) -> Ack | None:
-        """This process's latest acknowledgement (None: none yet, or unreadable)."""
-        data = self._parts.registry.read_ack(self._identity)
+        """The current term's answer to this process's latest request (None: none yet, or unreadable)."""
+        data = self._parts.registry.read_ack(self._identity, self._parts.segment.term())
         if not data:
             return None
         try:

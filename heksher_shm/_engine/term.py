@@ -78,8 +78,11 @@ class Term:
 def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     """What to query: settings whose declaration got an answer, and the union of tracked contexts.
 
-    A setting whose declaration failed for want of an answer (the service
-    is down) is still queried if the snapshot already had it: it existed.
+    A setting whose declaration failed is still queried if the snapshot
+    already had it: it exists (its declaration got no answer while the
+    service was down, or was refused, say for a version conflict with
+    another process's). A process keeps getting the rules of every setting
+    it holds that the service has, as heksher 0.2.2 does.
     """
     names: set[str] = set()
     known = {entry.name for entry in term.entries}
@@ -88,7 +91,7 @@ def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
             outcome = term.declared.get(digest)
             if outcome is None:
                 continue
-            if outcome.error is None or (transient(outcome) and body.name in known):
+            if outcome.error is None or body.name in known:
                 names.add(body.name)
     union: dict[str, str | set[str]] = {}
     for wish in wishes:

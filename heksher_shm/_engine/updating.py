@@ -19,6 +19,7 @@ from heksher_shm._engine.context import Context
 from heksher_shm._engine.declaring import Declarer
 from heksher_shm._engine.effects import (
     Acknowledge,
+    Announce,
     Call,
     Compute,
     Digest,
@@ -276,6 +277,9 @@ class Updater:
             return
         term.verify_wanted = False
         term.verified = now
+        # The leader's record (its identity and doorbell) is written again too: a damaged header
+        # formatted anew lost it, and followers could no longer watch this leader's exit.
+        yield Announce()
         if (yield from self._intact(term)):
             return
         logger.warning("the shared segment was damaged or overwritten; publishing again")

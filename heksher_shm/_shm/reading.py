@@ -172,6 +172,10 @@ class SegmentReader(MappedFile):
         floats = self._floats
         return floats[WORD_PROGRESS], floats[WORD_PROMISE]
 
+    def term(self) -> int:
+        """The segment's term word: the fencing token of the latest leader (0: none yet). One aligned load."""
+        return int(self._words[WORD_TERM])
+
     def registry_seq(self) -> int:
         """The registry change counter (see :meth:`bump_registry_seq`). One aligned load."""
         return self._words[WORD_REGISTRY_SEQ]

@@ -5,7 +5,7 @@ directory (``<segment path>.d/``)::
 
     <segment>.d/                         0700, owned by this user
         <token>.reg                      one Registration per live process, 0600
-        <token>.ack                      the leader's answer to its latest request (an Ack), 0600
+        <token>.<term>.ack               the answer of term <term>'s leader to its latest request, 0600
         <token>.<n>.bell                 a client's doorbell socket (heksher_shm._shm.bell)
         .<token>.<hex>.tmp               a write in progress (named after the writer)
 
@@ -83,10 +83,12 @@ from heksher_shm._shm.registry_names import (
     BELL_RE,
     ENTRY_RE,
     TEMP_RE,
+    ack_name,
     bell_name,
     entry_name,
     entry_owner,
     identity_from,
+    older_answers,
     registry_directory,
 )
 from heksher_shm.exceptions import SegmentError
@@ -248,24 +250,28 @@ class Registry:
         return self._read(self.path_for(identity), len(data) + 1) == data
 
     def remove(self, identity: ProcessIdentity | None = None) -> None:
-        """Delete the registry file of ``identity`` (default: this process), and its acknowledgement."""
+        """Delete the registry file of ``identity`` (default: this process), and its answers."""
         owner = self._identity() if identity is None else identity
         dir_fd = self._open_directory()
         try:
-            for name in (entry_name(owner), f"{token(owner)}.ack"):
+            with os.scandir(dir_fd) as it:
+                answers = [e.name for e in it if (m := ACK_RE.fullmatch(e.name)) and m[1] == token(owner)]
+            for name in (entry_name(owner), *answers):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
 
-    def write_ack(self, key: str, data: bytes) -> None:
-        """The leader's side: replace the acknowledgement of the process whose token is *key*
-        (raises :class:`SegmentError`, naming the file, if it cannot be written)."""
-        self._replace(f"{key}.ack", data, "acknowledgement file")
+    def write_ack(self, key: str, term: int, data: bytes) -> None:
+        """The leader's side: replace term *term*'s answer to the process whose token is *key* (raises
+        :class:`SegmentError`, naming the file, if it cannot be written). The term is in the name, so a
+        replaced leader's late answer never hides its successor's: each process reads the answer of the
+        segment's current term."""
+        self._replace(ack_name(key, term), data, "acknowledgement file")
 
-    def read_ack(self, identity: ProcessIdentity) -> bytes | None:
-        """The acknowledgement the leader wrote for ``identity`` (None: none, or unreadable)."""
-        return self._read(self._directory / f"{token(identity)}.ack", MAX_ACK_BYTES)
+    def read_ack(self, identity: ProcessIdentity, term: int) -> bytes | None:
+        """Term *term*'s answer to ``identity`` (None: none, or unreadable)."""
+        return self._read(self._directory / ack_name(token(identity), term), MAX_ACK_BYTES)
 
     def _read(self, path: Path, limit: int) -> bytes | None:
         """A regular file's first *limit* bytes (never follows a symlink); None if it cannot be read."""
@@ -342,6 +348,9 @@ class Registry:
             with os.scandir(dir_fd) as it:
                 names = sorted(entry.name for entry in it)
             found = _Scan(dir_fd=dir_fd, now_ns=now_ns, prune=prune)
+            for name in older_answers(names):  # a process reads only its latest term's answer
+                if prune:
+                    self._unlink(dir_fd, name)
             for name in names:
                 self._scan_one(found, name)
         finally:

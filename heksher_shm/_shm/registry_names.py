@@ -3,7 +3,7 @@
 See :mod:`heksher_shm._shm.registry` for the folder and what each file holds::
 
     <token>.reg              a process's registration
-    <token>.ack              the leader's answer to its latest request
+    <token>.<term>.ack       the leader's answer to its latest request, per term
     <token>.<n>.bell         a client's doorbell
     .<token>.<hex>.tmp       a write in progress, named after the writer
 """
@@ -21,17 +21,20 @@ __all__ = [
     "BELL_RE",
     "ENTRY_RE",
     "TEMP_RE",
+    "ack_name",
     "bell_name",
     "entry_name",
     "entry_owner",
     "identity_from",
+    "older_answers",
     "registry_directory",
 ]
 
 ENTRY_RE = re.compile(rf"({TOKEN_PATTERN})\.reg")
 TEMP_RE = re.compile(rf"\.({TOKEN_PATTERN})\.[0-9a-f]{{1,32}}\.tmp")
 BELL_RE = re.compile(rf"({TOKEN_PATTERN})\.[1-9][0-9]{{0,8}}\.bell")
-ACK_RE = re.compile(rf"({TOKEN_PATTERN})\.ack")
+ACK_RE = re.compile(rf"({TOKEN_PATTERN})\.([0-9]{{1,20}})\.ack")
+"""An answer, named after its process and the term of the leader that wrote it (group 2)."""
 
 
 def registry_directory(segment_path: str | os.PathLike[str]) -> Path:
@@ -47,6 +50,11 @@ def entry_name(identity: ProcessIdentity) -> str:
 def bell_name(identity: ProcessIdentity, number: int) -> str:
     """The file name of doorbell *number* (>= 1) of the process *identity*, in the registry directory."""
     return f"{token(identity)}.{number}.bell"
+
+
+def ack_name(key: str, term: int) -> str:
+    """The file name of the answer of term *term* to the process whose token is *key*."""
+    return f"{key}.{term}.ack"
 
 
 def entry_owner(name: str) -> ProcessIdentity | None:
@@ -65,3 +73,22 @@ def identity_from(match: re.Match[str]) -> ProcessIdentity:
     identity = parse_token(match[1])
     assert identity is not None  # the match is of TOKEN_PATTERN
     return identity
+
+
+def older_answers(names: list[str]) -> list[str]:
+    """The answers of each process but its latest term's (left by the leaders before the last)."""
+    latest: dict[str, tuple[int, str]] = {}
+    older: list[str] = []
+    for name in names:
+        match = ACK_RE.fullmatch(name)
+        if match is None:
+            continue
+        term = int(match[2])
+        best = latest.get(match[1])
+        if best is None or term > best[0]:
+            if best is not None:
+                older.append(best[1])
+            latest[match[1]] = (term, name)
+        else:
+            older.append(name)
+    return older

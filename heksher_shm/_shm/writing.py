@@ -360,23 +360,24 @@ class SegmentWriter(SegmentReader):
     def _ensure_formatted(self, term: int | None = None) -> None:
         """Format the header in place when it is not a valid header of this version.
 
-        The fresh header's term is *term* (a publisher's own), or else the term
-        word if it is sane, or else this writer's last term.
+        The fresh header's term is the highest of *term* (a publisher's own),
+        this writer's last term and the term word if it is sane (see :meth:`_format`).
         """
         if prefix_problem(self._mm[:16]) is not None:
-            if term is None:
-                old = self._words[WORD_TERM]
-                term = max(old if old < _GENERATION_LIMIT else 0, self._term)
-            self._format(term)
+            self._format(max(self._term, term or 0))
 
     def _used_before(self) -> bool:
         """Whether something was in the file before (maybe a garbage generation a reader saw)."""
         return self._backing.size() > HEADER_SIZE or self._mm[:HEADER_SIZE] != bytes(HEADER_SIZE)
 
     def _format(self, term: int) -> None:
-        """Write a fresh header: no snapshot, no leader, the given term, and a generation floor that
-        keeps generations from repeating (a reader may still hold an old one)."""
+        """Write a fresh header: no snapshot, no leader, a generation floor that keeps generations from
+        repeating (a reader may still hold an old one), and the given term, or the term word if it is
+        sane and newer (a replaced leader formatting a damaged header must not erase its successor's)."""
         words = self._words
+        current = words[WORD_TERM]
+        if current < _GENERATION_LIMIT:
+            term = max(term, current)
         old = [
             w
             for w in (words[WORD_GENERATION], words[layout.OFF_GENERATION_FLOOR // 8])

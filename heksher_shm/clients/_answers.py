@@ -81,9 +81,10 @@ class RequestAnswers:
             return False
         if ack.error is not None:
             return True
-        head, applied = self._feed.head, self._feed.applied
+        # The snapshot this process applied, not one it settled on without applying (refused, damaged).
+        head, accepted = self._feed.head, self._feed.accepted
         return (
-            head is not None and head.term == ack.term and applied is not None and applied >= ack.generation
+            head is not None and head.term == ack.term and accepted is not None and accepted >= ack.generation
         )
 
     def progress(self, seq: int) -> float:

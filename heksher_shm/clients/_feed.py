@@ -122,6 +122,9 @@ class SettingsFeed:
         to be visited again at the next apply)."""
         self.head: Head | None = None
         """The head of the snapshot applied last."""
+        self.accepted: int | None = None
+        """The generation of :attr:`head`: the snapshot applied last (unlike :attr:`applied`, never one
+        refused, damaged or older: those are settled on, not applied)."""
         self._queried = 0.0
         self._reapply = False
         """Every setting is to be rebuilt from the next snapshot, whatever its blob digest."""
@@ -372,7 +375,7 @@ class SettingsFeed:
             for setting in settings:
                 if setting.name not in entries:
                     self._apply_outdated_default(setting, head, read.generation)
-            self.head = head
+            self.head, self.accepted = head, read.generation
             self._queried = head.queried
             self._release_declared(head)
             self.applied = read.generation

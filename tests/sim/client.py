@@ -69,6 +69,7 @@ class SimClient:
         self.startup_timeout = startup_timeout
         self._on_applied = on_applied
         self.applied_generation = -1
+        self.accepted_generation = -1
         self.queried = 0.0
         self.head: Head | None = None
         self.head_generation = 0
@@ -137,7 +138,7 @@ class SimClient:
                     changed[name] = self.rules[name] = rules
                     self.blob_digests[name] = entry.digest
             self.reapply_all = False
-            self.head = head
+            self.head, self.accepted_generation = head, read.generation
             self.head_generation = read.generation
             self.queried = head.queried
             self.applied_generation = read.generation
@@ -219,24 +220,27 @@ class SimClient:
     # -- answers (clients/_answers.py) ---------------------------------------------------------------------
 
     def take_ack(self) -> None:
-        """``Answering._take_ack``."""
-        ack = self._proc.sim.registry.acks.get(self._proc.host.key)
+        """``RequestAnswers.take``: the current term's answer."""
+        proc = self._proc
+        ack = proc.sim.registry.answer(proc.host.key, proc.host.segment.term())
         if ack is not None and (self.ack is None or ack.seq >= self.ack.seq):
             self.ack = ack
 
     def acked(self, seq: int) -> bool:
-        """``Answering._acked``: answered with an error, or by a snapshot this process applied."""
+        """``RequestAnswers.acked``: answered with an error, or by a snapshot this process applied (not
+        one it settled on without applying)."""
         ack = self.ack
         if ack is None or ack.seq < seq:
             return False
         if ack.error is not None:
             return True
         head = self.head
-        return head is not None and head.term == ack.term and self.applied_generation >= ack.generation
+        return head is not None and head.term == ack.term and self.accepted_generation >= ack.generation
 
     def progress(self, seq: int) -> float:
-        """``Answering._progress``: the leader's progress, until a published snapshot answers the request."""
-        ack = self._proc.sim.registry.acks.get(self._proc.host.key)
+        """``RequestAnswers.progress``: the leader's progress, until the current term answers the request."""
+        proc = self._proc
+        ack = proc.sim.registry.answer(proc.host.key, proc.host.segment.term())
         if ack is not None and ack.seq >= seq:
             return -1.0
         return self._proc.host.segment.liveness()[0]

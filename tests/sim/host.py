@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from heksher_shm._engine.host import LeaderSeen, Marks, Wish
+from heksher_shm._engine.host import LeaderSeen, Marks, Restored, Wish
 from heksher_shm._engine.shared import GONE_PATIENCE
 from heksher_shm._model.snapshot import Ack
 from heksher_shm._shm.segment import Segment
@@ -60,8 +60,13 @@ class Registry:
     def __init__(self, kernel: Kernel) -> None:
         self._kernel = kernel
         self.registrations: dict[str, tuple[int, float, Wish]] = {}
-        self.acks: dict[str, Ack] = {}
+        self.acks: dict[tuple[str, int], Ack] = {}
+        """Answers by (process key, term): a process reads the answer of the segment's current term."""
         self.bells: dict[str, tuple[int, float]] = {}
+
+    def answer(self, key: str, term: int) -> Ack | None:
+        """Term *term*'s answer to the process *key* (``Registry.read_ack``)."""
+        return self.acks.get((key, term))
 
     def scan(self, prune: bool) -> tuple[list[Wish], tuple[str, ...]]:
         """Every live process's wish and bell; with *prune*, the dead ones' files are removed."""
@@ -72,7 +77,8 @@ class Registry:
                 wishes.append(wish)
             elif prune:
                 del self.registrations[key]
-                self.acks.pop(key, None)
+                for answered in [k for k in self.acks if k[0] == key]:
+                    del self.acks[answered]
         bells = []
         for name, (pid, start) in sorted(self.bells.items()):
             if alive(pid, start):
@@ -208,6 +214,14 @@ class SimHost:
     def read_blobs(self, generation: int, indices: Sequence[int]) -> list[bytes] | None:
         return self.segment.read_blobs(generation, indices)
 
+    def keep_snapshot(self, head: bytes, blobs: Sequence[bytes]) -> None:
+        """The last-known-good file: one per host, kept by whoever leads (it survives every process)."""
+        self._sim.kept = (head, list(blobs))
+
+    def restore_kept(self) -> Restored | None:
+        kept = self._sim.kept
+        return None if kept is None else Restored(kept[0], list(kept[1]), "the simulated snapshot file")
+
     def record_ok(self, when: float) -> None:
         self.segment.record_update_ok(when)
 
@@ -233,7 +247,7 @@ class SimHost:
     def acknowledge(self, acks: Mapping[str, Ack]) -> None:
         registry = self._sim.registry
         for key, ack in acks.items():
-            registry.acks[key] = ack
+            registry.acks[(key, ack.term)] = ack
         self._ring(bell for bell in self._bells if bell.split(".", 1)[0] in acks)
 
     def _ring(self, bells: Iterable[str]) -> None:

@@ -84,41 +84,12 @@ INVARIANTS = (
     "quiet-when-idle (11)",
 )
 
-KNOWN = {
-    "leader-record-lost": (
-        "A leader writes its identity (and doorbell) in the segment's status block once, when its term "
-        "begins. When that record is lost or damaged (a damaged header formatted anew clears it; a "
-        "flipped bit changes the pid), the leader never writes it again: followers cannot watch its "
-        "exit, so they wake every update interval as well as when rung. Found by schedules 16 (long) "
-        "and 1035442."
-    ),
-    "frozen-after-failed-declaration": (
-        "A setting whose declaration by this process failed for good (a 4xx) is queried only while "
-        "another live process declared it successfully: once the last such process exits, this "
-        "process keeps the rules it had, and they never change again (heksher 0.2.2 queries every "
-        "setting it holds). Found by schedules 3089 and 4035, among others."
-    ),
-    "stale-leader-formats-the-header": (
-        "A replaced leader that resumes and finds the segment's header damaged (a flipped bit in its "
-        "first 16 bytes) formats it anew under its own, older term, which erases the newer term word; "
-        "its publish then passes the fencing check and readers accept it. Found by schedule 1017674."
-    ),
-    "refused-snapshot-counts-as-applied": (
-        "A client that refuses a snapshot (a replaced leader's, or a damaged one) marks its generation "
-        "as applied (so that get() does not retry it), and Answering._acked compares the answer's "
-        "generation with that mark: an answer naming the refused generation counts as served, and "
-        "set_as_main() (or reload()) returns without the snapshot that answers it. Found by schedules "
-        "5105, and 601 (long)."
-    ),
-    "stale-leader-ack": (
-        "A replaced leader that resumes writes its (older term's) acknowledgements over the ones the "
-        "leader in charge wrote, and the leader in charge never writes them again (its term already "
-        "served them): the process's set_as_main() or reload() times out. Found by schedules 336 "
-        "and 2296, among others."
-    ),
-}
+KNOWN: dict[str, str] = {}
 """Open issues the checks recognise: an instance is reported and counted apart, not failed on. Each
-entry goes once the engine is fixed (and the check then fails on any instance)."""
+entry goes once the engine is fixed (and the check then fails on any instance). None is open: the five
+the simulation found (stale-leader-ack, refused-snapshot-counts-as-applied,
+frozen-after-failed-declaration, leader-record-lost, stale-leader-formats-the-header) are fixed, and
+their checks fail like any other."""
 
 _declaration = msgspec.json.Decoder(DeclarationBody)
 
@@ -184,7 +155,7 @@ class Checks:
         if any(name.startswith(prefix) for prefix in self._skip):
             self.skipped[name] = self.skipped.get(name, 0) + 1
             return
-        raise Violation(name, detail, known)
+        raise Violation(name, detail, known if known in KNOWN else None)
 
     def _term(self, epoch: int) -> _Term:
         term = self._terms.get(epoch)
@@ -350,7 +321,7 @@ class Checks:
 
     def _stale_ack(self, proc: SimProcess) -> str | None:
         """``stale-leader-ack`` if *proc*'s answer comes from an older term than the snapshot it applied."""
-        ack = self._sim.registry.acks.get(proc.host.key)
+        ack = self._sim.registry.answer(proc.host.key, proc.host.segment.term())
         head = proc.client.head
         if ack is not None and head is not None and ack.error is None and ack.term < head.term:
             return "stale-leader-ack"

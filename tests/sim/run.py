@@ -166,6 +166,8 @@ class Sim:
         self.service = SimService(world, random.Random(rng.getrandbits(64)), list(config.settings))
         self.segment_file = SegmentFile(world)
         self.registry = Registry(world.kernel)
+        self.kept: tuple[bytes, list[bytes]] | None = None
+        """The last-known-good file (one per host: it outlives every process)."""
         self.checks = Checks(self, skip)
         self.epoch = 0
         """The latest election (the lock taken or seized)."""
