@@ -39,7 +39,7 @@ __all__ = [
     "text_format",
 ]
 
-logger = logging.getLogger("heksher_shm.metrics")
+logger = logging.getLogger("heksher_shm.status")
 
 PREFIX = "heksher_shm_"
 """Every metric's name starts with this."""

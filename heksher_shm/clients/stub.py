@@ -155,6 +155,21 @@ class _StubClient:
     def track_contexts(self, **context_values: Any) -> None:
         """Does nothing: stub rules are all used."""
 
+    # -- for the integrations (heksher_shm.openfeature), as on the real clients --------------------------
+
+    def _context_view(self) -> _ContextView:
+        return self._contexts.view()
+
+    @property
+    def _defaults_version(self) -> int:
+        return self._contexts.version
+
+    def _feeds(self, setting: Setting[Any]) -> bool:
+        return setting._state.feed is self._feed
+
+    def _snapshot_source(self) -> None:
+        return None  # stub rules live in the settings, not in a snapshot
+
     # -- becoming main (heksher_shm._process.main.MainClient) ------------------------------------------------
 
     def _setting_added(self, setting: LiveSetting) -> None:

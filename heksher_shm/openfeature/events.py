@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from openfeature.event import ProviderEventDetails
 from openfeature.exception import ErrorCode
@@ -31,19 +31,34 @@ from heksher_shm.exceptions import SegmentError
 from heksher_shm.openfeature.flags import SnapshotView, read_view
 from heksher_shm.status import stale_after
 
-if TYPE_CHECKING:
-    from heksher_shm.openfeature.provider import HeksherProvider
-
 __all__ = ["Events"]
 
 logger = logging.getLogger("heksher_shm.openfeature")
+
+
+class _Provider(Protocol):
+    """What the events use of their provider (:class:`heksher_shm.openfeature.provider.HeksherProvider`,
+    which holds the events: it is not imported here)."""
+
+    _view: SnapshotView | None
+    _stale_at: float
+
+    def _source(self, client: Any) -> Any: ...
+
+    def emit_provider_configuration_changed(self, details: ProviderEventDetails) -> None: ...
+
+    def emit_provider_error(self, details: ProviderEventDetails) -> None: ...
+
+    def emit_provider_ready(self, details: ProviderEventDetails) -> None: ...
+
+    def emit_provider_stale(self, details: ProviderEventDetails) -> None: ...
 
 
 class Events:
     """The provider's status (``ready``, ``error``, ``stale``, ``unshared``) and the listener that moves
     it."""
 
-    def __init__(self, provider: HeksherProvider) -> None:
+    def __init__(self, provider: _Provider) -> None:
         self._provider = provider
         self._lock = threading.Lock()
         self.client: Any = None
