@@ -21,5 +21,6 @@ Around it (I/O)::
     drivers.py      the two drivers of the effects: blocking and asyncio, side by side
     sleeping.py       how each sleeps until woken (a wake pipe and poll(); a waker on the loop)
     shared.py       the shared host: the segment, the lock, the registry, doorbells, the leader watch
+    keeping.py        the hosts' last-known-good file
     local.py        the in-process host (shared=False)
 """
