@@ -29,7 +29,7 @@ from heksher_shm._engine.effects import (
 )
 from heksher_shm._engine.health import error_text
 from heksher_shm._engine.host import Restored, Wish
-from heksher_shm._engine.term import Term, query_spec
+from heksher_shm._engine.term import LeaderLost, Term, query_spec
 from heksher_shm._engine.updating import Updater, keep_lead
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import Head, SettingEntry, decode_head
@@ -90,7 +90,11 @@ class Leader:
         else:
             yield Apply(blocking=False)
         if (yield from ctx.housekeep()):
-            term.segment_replaced()
+            # The segment file was removed or replaced: its successor holds no term. Take the lead
+            # again, in the new file, under a term of its own (a process answered in the old file's
+            # term would look for its answer under the new one's).
+            logger.warning("the segment file was replaced; leading again in the new one")
+            raise LeaderLost
         # Whatever woke it (an update, a ring from a process that found the segment damaged...),
         # check the segment now and then; never on a timer of its own.
         yield from self._updater.verify(term)

@@ -165,7 +165,7 @@ class RegistrySource:
             assert self._wishes is not None
             return self._wishes
         self._seq = self._segment.registry_seq()  # before the scan: a later bump means a later file
-        result = self._registry.scan()
+        result = self._registry.scan(term=self._segment.term())
         self.bells = result.bells
         wishes = []
         by_registration: dict[int, tuple[Registration, Wish]] = {}

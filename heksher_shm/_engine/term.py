@@ -68,12 +68,6 @@ class Term:
     verified: float = 0.0
     verify_wanted: bool = False
 
-    def segment_replaced(self) -> None:
-        """The segment file was replaced: the new one holds nothing of this term's; publish at once."""
-        self.published = False
-        self.generation = 0
-        self.next_update = 0.0
-
 
 def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     """What to query: settings whose declaration got an answer, and the union of tracked contexts.

@@ -327,8 +327,9 @@ class Registry:
             return True
         return (st.st_ino, st.st_mtime_ns) != stamp
 
-    def scan(self, *, prune: bool = True) -> ScanResult:
-        """Read every registration; delete those of dead processes when ``prune``.
+    def scan(self, *, prune: bool = True, term: int = 0) -> ScanResult:
+        """Read every registration; delete those of dead processes when ``prune``, and answers written
+        under a term older than *term* (the segment's current one: no process reads them).
 
         Never raises for a bad entry: unusable files are skipped and listed in
         :attr:`ScanResult.rejected`, and logged once per version of the file.
@@ -348,8 +349,8 @@ class Registry:
             with os.scandir(dir_fd) as it:
                 names = sorted(entry.name for entry in it)
             found = _Scan(dir_fd=dir_fd, now_ns=now_ns, prune=prune)
-            for name in older_answers(names):  # a process reads only its latest term's answer
-                if prune:
+            if prune:
+                for name in older_answers(names, term):  # a process reads only the current term's
                     self._unlink(dir_fd, name)
             for name in names:
                 self._scan_one(found, name)

@@ -75,20 +75,7 @@ def identity_from(match: re.Match[str]) -> ProcessIdentity:
     return identity
 
 
-def older_answers(names: list[str]) -> list[str]:
-    """The answers of each process but its latest term's (left by the leaders before the last)."""
-    latest: dict[str, tuple[int, str]] = {}
-    older: list[str] = []
-    for name in names:
-        match = ACK_RE.fullmatch(name)
-        if match is None:
-            continue
-        term = int(match[2])
-        best = latest.get(match[1])
-        if best is None or term > best[0]:
-            if best is not None:
-                older.append(best[1])
-            latest[match[1]] = (term, name)
-        else:
-            older.append(name)
-    return older
+def older_answers(names: list[str], term: int) -> list[str]:
+    """The answers among *names* written under a term older than *term* (no process reads them: each
+    reads the answer of the segment's current term)."""
+    return [name for name in names if (match := ACK_RE.fullmatch(name)) is not None and int(match[2]) < term]

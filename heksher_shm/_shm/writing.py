@@ -74,6 +74,10 @@ _U32_MAX = (1 << 32) - 1  # blob_count and head_length are u32 in the descriptor
 
 _WORD_MASK = (1 << 64) - 1
 
+_PLAUSIBLE_TERM = 1 << 53
+"""A term word below this survives a reformat: terms count elections, or start from microseconds since
+the epoch after a lost header (about 2**51 today), while random garbage is almost never this small."""
+
 
 _CRASH_STEPS = (
     "format-cleared",
@@ -373,10 +377,11 @@ class SegmentWriter(SegmentReader):
     def _format(self, term: int) -> None:
         """Write a fresh header: no snapshot, no leader, a generation floor that keeps generations from
         repeating (a reader may still hold an old one), and the given term, or the term word if it is
-        sane and newer (a replaced leader formatting a damaged header must not erase its successor's)."""
+        plausible and newer (a replaced leader formatting a damaged header must not erase its
+        successor's term: its publish would then pass the fencing check)."""
         words = self._words
         current = words[WORD_TERM]
-        if current < _GENERATION_LIMIT:
+        if current < _PLAUSIBLE_TERM:
             term = max(term, current)
         old = [
             w
