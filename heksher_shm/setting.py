@@ -7,8 +7,9 @@ declared setting that is garbage collected is no longer updated.
 
 ``get()`` is the hot path. Each update compiles a setting's rules once
 (:mod:`heksher_shm._model.resolve`) into an immutable :class:`_State`; ``get()``
-checks one generation word, then answers repeated contexts from a small
-per-state cache keyed by the call's keyword arguments.
+checks one generation word, then calls the state's lookup
+(:mod:`heksher_shm._model.lookup`), which answers from a small per-state
+cache, or resolves the context and remembers the answer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from heksher_shm._model.lookup import compile_miss
+from heksher_shm._model.lookup import compile_lookup
 from heksher_shm._model.protocol import DeclarationBody, declaration_digest
 from heksher_shm._model.resolve import CompiledRules
 from heksher_shm.setting_types import Conversion, SettingType, setting_type
@@ -38,7 +39,6 @@ SETTING_NAME = re.compile(r"[a-zA-Z_0-9.]+")
 FEATURE_NAME = re.compile(r"[a-zA-Z_0-9]+")
 VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 
-_MISSING: Any = object()
 _NEVER = (0, 0, 0)  # the words of a setting no client feeds: never stale
 
 _CACHE_LIMIT = 4096
@@ -98,9 +98,8 @@ class _Client(Protocol):
 class _State:
     """Everything ``get()`` reads, replaced whole on every change (never mutated but for the cache).
 
-    ``miss`` answers a context the cache does not know: a closure compiled
-    with everything it needs in local variables, because a new context on
-    every call is a case worth making fast too.
+    ``miss`` is the setting's lookup (:mod:`heksher_shm._model.lookup`): it
+    answers every ``get()``, from ``cache`` (which it fills) or by resolving.
     """
 
     __slots__ = (
@@ -140,7 +139,7 @@ class _State:
         variables = {f: v for f, v in view.variables if f in features} if view is not None else {}
         self.contextvars = tuple(variables.values())
         self.cache: dict[Any, Any] = {}
-        self.miss = compile_miss(
+        self.miss = compile_lookup(
             setting.name,
             features,
             view.const if view is not None else {},
@@ -149,6 +148,8 @@ class _State:
             view.warn if view is not None else None,
             rules,
             server_default if server_default is not None else setting.default_value,
+            self.cache,
+            _CACHE_LIMIT,
         )
         self.pending: Callable[[], None] | None = None
         """Set on a state whose rules arrived but are not compiled yet (see ``Setting._defer``)."""
@@ -319,17 +320,10 @@ class Setting(Generic[T]):
             if client is not None:
                 client._refresh(self)
                 state = self._state
-        key: Any = tuple(contexts.items())
-        if state.contextvars:
-            key = (key, tuple(var.get(None) for var in state.contextvars))
-        value = state.cache.get(key, _MISSING)
-        if value is _MISSING:
-            value = state.miss(contexts)
-            cache = state.cache
-            if len(cache) >= _CACHE_LIMIT:
-                cache.clear()
-            cache[key] = value
-        return value  # type: ignore[no-any-return]
+        # The lookup keeps its own cache (state.cache): see heksher_shm._model.lookup. Loaded into a
+        # local first: a call straight on the slot (state.miss(...)) is not specialised by CPython 3.11.
+        lookup = state.miss
+        return lookup(contexts)  # type: ignore[no-any-return]
 
     # -- internals --------------------------------------------------------------------------------------
 
