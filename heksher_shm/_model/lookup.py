@@ -112,47 +112,46 @@ def compile_lookup(
         limit: the cache is emptied when it holds this many answers.
     """
 
-    def check_keys(contexts: dict[str, str]) -> None:
-        # An unhashable value is a TypeError whatever else is wrong, as it always was.
-        hash(tuple(contexts.values()))
-        redundant = sorted(contexts.keys() - features)
-        raise ValueError(f"the following keys are not configurable for {name}: {redundant}")
-
     if rules is None:
 
         def no_rules(contexts: dict[str, str]) -> Any:
             if not contexts.keys() <= features:
-                check_keys(contexts)
+                _check_keys(name, features, contexts)
             return fallback
 
         return no_rules
 
-    order = rules.features  # every feature a rule may condition on, in the service's order
-
-    def missing(values: tuple[str | None, ...]) -> RuntimeError:
-        feature = min(f for f, v in zip(order, values, strict=True) if v is None)
-        return RuntimeError(
-            f"configurable context feature {feature} of {name} is missing from both "
-            "the arguments and the client's defaults"
-        )
-
     shape = _Shape(features, const, variables, tracked if warn is not None else None, rules)
     bound: dict[str, Any] = {
+        "name": name,
         "features": features,
-        "check_keys": check_keys,
-        "missing": missing,
+        "order": rules.features,
         "warn": warn,
         "cache": cache,
         "limit": limit,
-        "coarse_sets": shape.coarse_sets,
-        "ABSENT": ABSENT,
-        "OTHER": OTHER,
-        "NO_MATCH": NO_MATCH,
+        "condition_values": rules.condition_values,
         "otherwise": rules.catch_all if rules.catch_all is not NO_MATCH else fallback,
         **shape.names,
     }
     miss = shape.miss(bound)
-    return _build(bound, shape.hot(), shape.coarse(), shape.set_names, miss)
+    return _build(bound, shape.hot(), shape.coarse(), [*shape.names, *shape.set_names], miss)
+
+
+def _check_keys(name: str, features: frozenset[str], contexts: dict[str, str]) -> None:
+    """Raise for the keywords of *contexts* that are not features of setting *name*."""
+    # An unhashable value is a TypeError whatever else is wrong, as it always was.
+    hash(tuple(contexts.values()))
+    redundant = sorted(contexts.keys() - features)
+    raise ValueError(f"the following keys are not configurable for {name}: {redundant}")
+
+
+def _missing(name: str, order: tuple[str, ...], values: tuple[str | None, ...]) -> RuntimeError:
+    """The error for the first feature of *order* with no value (None in *values*)."""
+    feature = min(f for f, v in zip(order, values, strict=True) if v is None)
+    return RuntimeError(
+        f"configurable context feature {feature} of {name} is missing from both "
+        "the arguments and the client's defaults"
+    )
 
 
 class _Shape:
@@ -190,19 +189,18 @@ class _Shape:
         self.set_names = [f"S{i}" for i, kind in enumerate(self.kinds) if kind != _RAW]
         self.set_names += [f"S{len(self.every) + i}" for i in self.from_variables]
 
-    def coarse_sets(self) -> list[frozenset[Any]]:
-        """The sets the coarse key tests values against, in the order of :attr:`set_names`."""
-        conditioned = self.rules.condition_values()
-        sets: list[frozenset[Any]] = []
+    def coarse_sets(self) -> list[str]:
+        """Expressions of the sets the coarse key tests values against (``C``: the values rules
+        condition each feature on), in the order of :attr:`set_names`."""
+        sets = []
         for i, kind in enumerate(self.kinds):
-            ruled = conditioned[i] if i < self.used else frozenset()
+            ruled = f"C[{i}]" if i < self.used else "frozenset()"
             if kind == _KEEP:  # the values that stay themselves
-                sets.append(ruled | {None})
+                sets.append(f"{ruled} | {{None}}")
             elif kind == _TRACKED:  # the values that become OTHER
-                sets.append(frozenset(self.watched[i]) - ruled - {None})
+                sets.append(f"frozenset(W{i}) - {ruled} - {{None}}")
         # a variable's value stays itself if a rule names it (ABSENT: unset, its own default counts)
-        sets += [conditioned[i] | {ABSENT, None} for i in self.from_variables]
-        return sets
+        return sets + [f"C[{i}] | {{ABSENT, None}}" for i in self.from_variables]
 
     def hot(self) -> list[str]:
         """``lookup``: the key and the cache. Each name it uses is copied into every call's frame."""
@@ -246,7 +244,7 @@ class _Shape:
         """
         every, used = self.every, self.used
         source = _Source()
-        source.add("if not contexts.keys() <= features:", 1, "check_keys(contexts)", -1)
+        source.add("if not contexts.keys() <= features:", 1, "check_keys(name, features, contexts)", -1)
         source.add(*(f"v{i} = contexts.get(F{i})" for i in range(len(every))))
         for i, values in self.watched.items():
             # An untracked feature (values None) warns about any value; a tracked one about the others.
@@ -262,7 +260,12 @@ class _Shape:
                 source.add(-1, "except LookupError:", 1, "pass", -2)
         if used:
             absent = " or ".join(f"v{i} is None" for i in range(used))
-            source.add(f"if {absent}:", 1, f"raise missing(({', '.join(f'v{i}' for i in range(used))},))", -1)
+            source.add(
+                f"if {absent}:",
+                1,
+                f"raise missing(name, order, ({', '.join(f'v{i}' for i in range(used))},))",
+                -1,
+            )
         if not self.rules.patterns:
             source.add("value = NO_MATCH")
         for j, (indices, table) in enumerate(self.rules.patterns):
@@ -273,7 +276,9 @@ class _Shape:
             source.add(probe if j == 0 else f"if value is NO_MATCH:\n    {probe}")
         source.add("if value is NO_MATCH:", 1, "value = otherwise", -1)
         source.add("if len(cache) >= limit:", 1, "cache.clear()", "if coarse_key is None:", 1)
-        source.add("coarse_key = make_coarse_key(*coarse_sets())  # one assignment: all or nothing", -2)
+        # The sets are built only now: a setting whose contexts fit in its cache never pays for them.
+        source.add("C = condition_values()")
+        source.add(f"coarse_key = make_coarse_key({', '.join([*self.names, *self.coarse_sets()])})", -2)
         source.add("cache[key] = value", "return value")
         return source.lines
 
@@ -294,15 +299,21 @@ class _Source:
 
 
 def _build(
-    bound: dict[str, Any], hot: list[str], coarse: list[str], sets: list[str], miss: list[str]
+    bound: dict[str, Any], hot: list[str], coarse: list[str], coarse_names: list[str], miss: list[str]
 ) -> Lookup:
-    """Make the lookup from the bodies of its three functions, with *bound*'s names bound to its values.
+    """Make the lookup from the bodies of its functions, with *bound*'s names bound to its values.
 
-    ``lookup(contexts)`` runs *hot*, which calls ``coarse_key(contexts)`` (*coarse*, over the
-    *sets*; None until the lookup turns coarse) and ``resolve(contexts, key)`` (*miss*).
+    ``lookup(contexts)`` runs *hot*, which calls ``coarse_key(contexts)`` (*coarse*, None until
+    the lookup turns coarse) and ``resolve(contexts, key)`` (*miss*, which makes ``coarse_key``
+    with ``make_coarse_key(<coarse_names>)``). ``make_coarse_key`` is one function per shape, and
+    the constants and the error helpers are globals: a lookup holds only what is its own.
     """
     source = "\n".join(
         [
+            f"def make_coarse_key({', '.join(coarse_names)}):",
+            "    def coarse_key(contexts):",
+            *(f"        {line}" for line in coarse),
+            "    return coarse_key",
             f"def factory({', '.join(bound)}):",
             "    coarse_key = None",
             "    def lookup(contexts):",
@@ -310,10 +321,6 @@ def _build(
             "    def resolve(contexts, key):",
             "        nonlocal coarse_key",
             *(f"        {line}" for line in miss),
-            f"    def make_coarse_key({', '.join(sets)}):",
-            "        def coarse_key(contexts):",
-            *(f"            {line}" for line in coarse),
-            "        return coarse_key",
             "    return lookup",
         ]
     )
@@ -324,7 +331,13 @@ def _build(
 @functools.lru_cache(maxsize=512)
 def _factory(source: str) -> Callable[..., Lookup]:
     """Compile *source* once per shape: settings alike in features, defaults and patterns share it."""
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {
+        "ABSENT": ABSENT,
+        "OTHER": OTHER,
+        "NO_MATCH": NO_MATCH,
+        "check_keys": _check_keys,
+        "missing": _missing,
+    }
     exec(compile(source, "<heksher_shm lookup>", "exec"), namespace)  # only names made here: see above
     factory: Callable[..., Lookup] = namespace["factory"]
     return factory
