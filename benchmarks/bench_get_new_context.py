@@ -4,9 +4,13 @@ The same set-up as ``get_repeated`` (a leader process, measuring followers;
 the same settings, rules, tracked contexts and default on both sides), but
 each call passes a new ``user`` (every user is tracked, so neither side logs
 an "untracked value" warning). The users have no rule of their own, so every
-call resolves through to the ``{theme: light}`` rule, and on our side every
-call misses the per-setting cache (which is cleared whenever it fills up:
-that cost is included).
+call resolves through to the ``{theme: light}`` rule. On our side, the first
+4,096 contexts a process asks about fill the per-setting cache, each resolved
+and stored (most of them in the first repeat); once the cache has filled up,
+the setting's lookup no longer tells apart values that no rule names, and the
+new users share one cache entry. The median over the repeats is that steady
+state; the first repeat of each process includes the filling. (A new user
+that has rules of its own is still resolved and stored on every call.)
 
 Timing: a plain ``for user in users: get(user=user)`` loop over a list built
 beforehand, divided by its length; the loop itself is inside the timing on
@@ -26,14 +30,14 @@ from benchmarks._sides import role
 NAME = "get_new_context"
 MODULE = "bench_get_new_context"
 TITLE = "Setting.get(), a new context every call"
-TARGET = "<= 1/5 of heksher 0.2.2"
+TARGET = "<= 1/10 of heksher 0.2.2"
 
 CASE = GetCase(
     name=NAME,
     module=MODULE,
     title=TITLE,
     target=TARGET,
-    max_ratio=1 / 5,
+    max_ratio=1 / 10,
     label="get-new",
     value_key="values",
     floor_note="floor loop + f(**kw)",
