@@ -17,6 +17,9 @@ its keys coarse, against a reference that warns once per feature and value
 from __future__ import annotations
 
 import itertools
+import random
+import sys
+import threading
 from contextvars import Context, ContextVar, copy_context
 from typing import Any
 
@@ -296,6 +299,16 @@ def test_a_keyword_that_is_not_a_feature_never_hits_the_cache() -> None:
             lookup({"a": ["x"]})
 
 
+def test_before_any_rules() -> None:
+    """The fallback for any context of features; the same errors for the rest."""
+    lookup = compile_lookup("s", frozenset("ab"), {}, {}, None, None, None, "d", {}, 4096)
+    assert lookup({}) == lookup({"a": "x"}) == lookup({"a": "x", "b": None}) == "d"
+    with pytest.raises(ValueError, match=r"not configurable for s: \['c'\]"):
+        lookup({"a": "x", "c": "x"})
+    with pytest.raises(TypeError, match="unhashable"):
+        lookup({"a": ["x"]})
+
+
 def test_new_values_without_rules_share_one_coarse_entry() -> None:
     """Once the cache has filled up, new values no rule names stop filling it; values rules name, and
     values the client warns about, keep entries of their own."""
@@ -319,6 +332,49 @@ def test_new_values_without_rules_share_one_coarse_entry() -> None:
     assert lookup({"user": "n3", "theme": "blue"}) == 0
     assert warned == [("theme", "blue")]
     assert len(cache) == 5
+
+
+def test_threads_share_a_lookup_while_it_turns_coarse() -> None:
+    """Threads that call one lookup while its cache clears and it turns coarse get the right answers
+    (the switch is one assignment; an exact key stored after it is still right)."""
+    compiled = compile_rules(FEATURES, PAIR_RULES.items())
+    tracked = {"a": {"x", "p"}, "b": TRACK_ALL, "c": TRACK_ALL}
+    users = [{"a": a, "b": b} for a in ("x", "p", "q") for b in ("x", "y", *(f"n{k}" for k in range(40)))]
+    expected = [reference(frozenset(FEATURES), {"c": "y"}, {}, tracked, compiled, c)[0] for c in users]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter lets them
+    try:
+        for _ in range(20):
+            lookup = compile_lookup(
+                "s",
+                frozenset(FEATURES),
+                {"c": "y"},
+                {},
+                tracked,
+                lambda f, v: None,
+                compiled,
+                FALLBACK,
+                {},
+                16,
+            )
+            start = threading.Barrier(4)
+            wrong: list[Any] = []
+
+            def hammer(
+                seed: int, lookup: Any = lookup, start: threading.Barrier = start, wrong: list[Any] = wrong
+            ) -> None:
+                order = random.Random(seed).choices(range(len(users)), k=3000)
+                start.wait()
+                wrong.extend((users[i], got) for i in order if (got := lookup(users[i])) != expected[i])
+
+            threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not wrong
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def test_many_patterns() -> None:

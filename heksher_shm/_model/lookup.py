@@ -115,6 +115,7 @@ def compile_lookup(
     if rules is None:
 
         def no_rules(contexts: dict[str, str]) -> Any:
+            hash(tuple(contexts.values()))  # an unhashable value is a TypeError, as with rules
             if not contexts.keys() <= features:
                 _check_keys(name, features, contexts)
             return fallback
