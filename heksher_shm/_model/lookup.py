@@ -53,7 +53,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from heksher_shm._model.contexts import TRACK_ALL
 from heksher_shm._model.resolve import NO_MATCH, CompiledRules
@@ -111,7 +111,6 @@ def compile_lookup(
         cache: where answers are kept (the lookup's own: its keys mean nothing elsewhere).
         limit: the cache is emptied when it holds this many answers.
     """
-
     if rules is None:
 
         def no_rules(contexts: dict[str, str]) -> Any:
@@ -122,7 +121,9 @@ def compile_lookup(
 
         return no_rules
 
-    shape = _Shape(features, const, variables, tracked if warn is not None else None, rules)
+    # Features no rule conditions on come last: read only to warn about untracked values.
+    every = [*rules.features, *sorted(features.difference(rules.features))]
+    used = len(rules.features)
     bound: dict[str, Any] = {
         "name": name,
         "features": features,
@@ -132,10 +133,27 @@ def compile_lookup(
         "limit": limit,
         "condition_values": rules.condition_values,
         "otherwise": rules.catch_all if rules.catch_all is not NO_MATCH else fallback,
-        **shape.names,
     }
-    miss = shape.miss(bound)
-    return _build(bound, shape.hot(), shape.coarse(), [*shape.names, *shape.set_names], miss)
+    kinds = []
+    for i, feature in enumerate(every):
+        bound[f"F{i}"] = feature
+        values = tracked.get(feature) if tracked is not None and warn is not None else TRACK_ALL
+        if values is TRACK_ALL:
+            kinds.append(_KEEP)
+        elif values is None:  # not tracked at all: every value is warned about
+            kinds.append(_RAW)
+        else:
+            bound[f"W{i}"] = values  # the values that are not warned about
+            kinds.append(_TRACKED)
+    plain = tuple(i for i in range(used) if every[i] in const)
+    # features whose default is a ContextVar (a plain default of the same feature wins)
+    from_variables = tuple(i for i in range(used) if every[i] not in const and every[i] in variables)
+    bound.update({f"C{i}": const[every[i]] for i in plain})
+    bound.update({f"V{i}": variables[every[i]] for i in from_variables})
+    bound.update({f"T{j}": table for j, (_, table) in enumerate(rules.patterns)})
+    shape = _Shape(used, tuple(kinds), plain, from_variables, tuple(indices for indices, _ in rules.patterns))
+    lookup: Lookup = _factory(shape)(**bound)
+    return lookup
 
 
 def _check_keys(name: str, features: frozenset[str], contexts: dict[str, str]) -> None:
@@ -155,57 +173,57 @@ def _missing(name: str, order: tuple[str, ...], values: tuple[str | None, ...]) 
     )
 
 
-class _Shape:
-    """What the generated code of one lookup looks like, and the values its names are bound to."""
+class _Shape(NamedTuple):
+    """What the generated code of a lookup depends on: lookups of one shape share it."""
 
-    def __init__(
-        self,
-        features: frozenset[str],
-        const: Mapping[str, str],
-        variables: Mapping[str, ContextVar[str]],
-        tracked: Mapping[str, str | set[str]] | None,
-        rules: CompiledRules,
-    ) -> None:
-        self.rules = rules
-        self.const = const
-        # Features no rule conditions on come last: read only to warn about untracked values.
-        self.every = [*rules.features, *sorted(features.difference(rules.features))]
-        self.used = len(rules.features)
-        self.kinds: list[str] = []
-        self.watched: dict[int, Any] = {}  # feature index -> what warns: a tracked set, or None (any value)
-        for i, feature in enumerate(self.every):
-            values = tracked.get(feature) if tracked is not None else TRACK_ALL
-            if values is TRACK_ALL:
-                self.kinds.append(_KEEP)
-            else:
-                self.watched[i] = values
-                self.kinds.append(_RAW if values is None else _TRACKED)
-        # features whose default is a ContextVar (a plain default of the same feature wins)
-        self.from_variables = [
-            i for i in range(self.used) if self.every[i] not in const and self.every[i] in variables
-        ]
-        self.names: dict[str, Any] = {f"F{i}": feature for i, feature in enumerate(self.every)}
-        """The names all three functions use: features (F) and their ContextVar defaults (V)."""
-        self.names.update({f"V{i}": variables[self.every[i]] for i in self.from_variables})
-        self.set_names = [f"S{i}" for i, kind in enumerate(self.kinds) if kind != _RAW]
-        self.set_names += [f"S{len(self.every) + i}" for i in self.from_variables]
+    used: int
+    """How many features rules condition on (the first ones)."""
+    kinds: tuple[str, ...]
+    """For each feature, how its value goes into a coarse key (and whether it is warned about)."""
+    plain: tuple[int, ...]
+    """The features with a plain default (``C``)."""
+    from_variables: tuple[int, ...]
+    """The features with a ContextVar default (``V``) and no plain one."""
+    patterns: tuple[tuple[int, ...], ...]
+    """For each rule table (``T``), best first, the features it is keyed by."""
 
-    def coarse_sets(self) -> list[str]:
-        """Expressions of the sets the coarse key tests values against (``C``: the values rules
-        condition each feature on), in the order of :attr:`set_names`."""
-        sets = []
-        for i, kind in enumerate(self.kinds):
-            ruled = f"C[{i}]" if i < self.used else "frozenset()"
-            if kind == _KEEP:  # the values that stay themselves
-                sets.append(f"{ruled} | {{None}}")
-            elif kind == _TRACKED:  # the values that become OTHER
-                sets.append(f"frozenset(W{i}) - {ruled} - {{None}}")
-        # a variable's value stays itself if a rule names it (ABSENT: unset, its own default counts)
-        return sets + [f"C[{i}] | {{ABSENT, None}}" for i in self.from_variables]
+    def source(self) -> str:
+        """The module that defines ``factory(<names>)``, which returns a new lookup.
+
+        ``lookup(contexts)`` runs :meth:`hot`, which calls ``coarse_key(contexts)`` (None until
+        the lookup turns coarse, then made by ``make_coarse_key``, one function per shape) and
+        ``resolve(contexts, key)`` (:meth:`miss`). The markers and the error helpers are globals:
+        a lookup holds only what is its own.
+        """
+        n = len(self.kinds)
+        names = ["name", "features", "order", "warn", "cache", "limit", "condition_values", "otherwise"]
+        names += [f"F{i}" for i in range(n)]
+        names += [f"W{i}" for i, kind in enumerate(self.kinds) if kind == _TRACKED]
+        names += [f"C{i}" for i in self.plain] + [f"V{i}" for i in self.from_variables]
+        names += [f"T{j}" for j in range(len(self.patterns))]
+        sets = [f"S{i}" for i, kind in enumerate(self.kinds) if kind != _RAW]
+        sets += [f"S{n + i}" for i in self.from_variables]
+        shared = [*(f"F{i}" for i in range(n)), *(f"V{i}" for i in self.from_variables)]
+        return "\n".join(
+            [
+                f"def make_coarse_key({', '.join([*shared, *sets])}):",
+                "    def coarse_key(contexts):",
+                *(f"        {line}" for line in self.coarse()),
+                "    return coarse_key",
+                f"def factory({', '.join(names)}):",
+                "    coarse_key = None",
+                "    def lookup(contexts):",
+                *(f"        {line}" for line in self.hot()),
+                "    def resolve(contexts, key):",
+                "        nonlocal coarse_key",
+                *(f"        {line}" for line in self.miss(shared)),
+                "    return lookup",
+            ]
+        )
 
     def hot(self) -> list[str]:
         """``lookup``: the key and the cache. Each name it uses is copied into every call's frame."""
-        exact = [f"contexts[F{i}] if F{i} in contexts else ABSENT" for i in range(len(self.every))]
+        exact = [f"contexts[F{i}] if F{i} in contexts else ABSENT" for i in range(len(self.kinds))]
         exact += [f"V{i}.get(ABSENT)" for i in self.from_variables]
         return [
             "if coarse_key is None:",
@@ -233,28 +251,37 @@ class _Shape:
         for i in self.from_variables:
             # The variable counts only where the caller gave no value.
             source.add(f"d{i} = V{i}.get(ABSENT) if v{i} is None else ABSENT")
-            source.add(f"if d{i} not in S{len(self.every) + i}:", 1, f"d{i} = OTHER", -1)
-        keyed = [*(f"k{i}" for i in range(len(self.every))), *(f"d{i}" for i in self.from_variables)]
+            source.add(f"if d{i} not in S{len(self.kinds) + i}:", 1, f"d{i} = OTHER", -1)
+        keyed = [*(f"k{i}" for i in range(len(self.kinds))), *(f"d{i}" for i in self.from_variables)]
         source.add(f"return (len(contexts), {', '.join(keyed)})")
         return source.lines
 
-    def miss(self, bound: dict[str, Any]) -> list[str]:
-        """``resolve``: check, warn, complete from the defaults, resolve, remember.
+    def coarse_sets(self) -> list[str]:
+        """Expressions of the sets the coarse key tests values against (``C``: the values rules
+        condition each feature on)."""
+        sets = []
+        for i, kind in enumerate(self.kinds):
+            ruled = f"C[{i}]" if i < self.used else "frozenset()"
+            if kind == _KEEP:  # the values that stay themselves
+                sets.append(f"{ruled} | {{None}}")
+            elif kind == _TRACKED:  # the values that become OTHER
+                sets.append(f"frozenset(W{i}) - {ruled} - {{None}}")
+        # a variable's value stays itself if a rule names it (ABSENT: unset, its own default counts)
+        return sets + [f"C[{i}] | {{ABSENT, None}}" for i in self.from_variables]
 
-        Adds the names only it uses to *bound*.
-        """
-        every, used = self.every, self.used
+    def miss(self, shared: list[str]) -> list[str]:
+        """``resolve``: check, warn, complete from the defaults, resolve, remember."""
+        n, used = len(self.kinds), self.used
         source = _Source()
         source.add("if not contexts.keys() <= features:", 1, "check_keys(name, features, contexts)", -1)
-        source.add(*(f"v{i} = contexts.get(F{i})" for i in range(len(every))))
-        for i, values in self.watched.items():
-            # An untracked feature (values None) warns about any value; a tracked one about the others.
-            bound[f"W{i}"] = values
-            check = "" if values is None else f" and v{i} not in W{i}"
-            source.add(f"if v{i} is not None{check}:", 1, f"warn(F{i}, v{i})", -1)
+        source.add(*(f"v{i} = contexts.get(F{i})" for i in range(n)))
+        for i, kind in enumerate(self.kinds):
+            # An untracked feature warns about any value; a tracked one about the others.
+            if kind != _KEEP:
+                check = "" if kind == _RAW else f" and v{i} not in W{i}"
+                source.add(f"if v{i} is not None{check}:", 1, f"warn(F{i}, v{i})", -1)
         for i in range(used):
-            if every[i] in self.const:
-                bound[f"C{i}"] = self.const[every[i]]
+            if i in self.plain:
                 source.add(f"if v{i} is None:", 1, f"v{i} = C{i}", -1)
             elif i in self.from_variables:
                 source.add(f"if v{i} is None:", 1, "try:", 1, f"v{i} = V{i}.get()  # its own default counts")
@@ -267,10 +294,9 @@ class _Shape:
                 f"raise missing(name, order, ({', '.join(f'v{i}' for i in range(used))},))",
                 -1,
             )
-        if not self.rules.patterns:
+        if not self.patterns:
             source.add("value = NO_MATCH")
-        for j, (indices, table) in enumerate(self.rules.patterns):
-            bound[f"T{j}"] = table
+        for j, indices in enumerate(self.patterns):
             values = f"v{indices[0]}" if len(indices) == 1 else f"({', '.join(f'v{i}' for i in indices)})"
             probe = f"value = T{j}.get({values}, NO_MATCH)"
             # Flat, not nested: a setting may have many patterns, and Python limits indentation.
@@ -279,13 +305,13 @@ class _Shape:
         source.add("if len(cache) >= limit:", 1, "cache.clear()", "if coarse_key is None:", 1)
         # The sets are built only now: a setting whose contexts fit in its cache never pays for them.
         source.add("C = condition_values()")
-        source.add(f"coarse_key = make_coarse_key({', '.join([*self.names, *self.coarse_sets()])})", -2)
+        source.add(f"coarse_key = make_coarse_key({', '.join([*shared, *self.coarse_sets()])})", -2)
         source.add("cache[key] = value", "return value")
         return source.lines
 
 
 class _Source:
-    """Lines of the generated function's body; a number passed to :meth:`add` moves the indentation."""
+    """Lines of a generated function's body; a number passed to :meth:`add` moves the indentation."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -299,39 +325,9 @@ class _Source:
                 self.lines += ["    " * self.indent + line for line in part.split("\n")]
 
 
-def _build(
-    bound: dict[str, Any], hot: list[str], coarse: list[str], coarse_names: list[str], miss: list[str]
-) -> Lookup:
-    """Make the lookup from the bodies of its functions, with *bound*'s names bound to its values.
-
-    ``lookup(contexts)`` runs *hot*, which calls ``coarse_key(contexts)`` (*coarse*, None until
-    the lookup turns coarse) and ``resolve(contexts, key)`` (*miss*, which makes ``coarse_key``
-    with ``make_coarse_key(<coarse_names>)``). ``make_coarse_key`` is one function per shape, and
-    the constants and the error helpers are globals: a lookup holds only what is its own.
-    """
-    source = "\n".join(
-        [
-            f"def make_coarse_key({', '.join(coarse_names)}):",
-            "    def coarse_key(contexts):",
-            *(f"        {line}" for line in coarse),
-            "    return coarse_key",
-            f"def factory({', '.join(bound)}):",
-            "    coarse_key = None",
-            "    def lookup(contexts):",
-            *(f"        {line}" for line in hot),
-            "    def resolve(contexts, key):",
-            "        nonlocal coarse_key",
-            *(f"        {line}" for line in miss),
-            "    return lookup",
-        ]
-    )
-    lookup: Lookup = _factory(source)(**bound)
-    return lookup
-
-
 @functools.lru_cache(maxsize=512)
-def _factory(source: str) -> Callable[..., Lookup]:
-    """Compile *source* once per shape: settings alike in features, defaults and patterns share it."""
+def _factory(shape: _Shape) -> Callable[..., Lookup]:
+    """Generate and compile the code of *shape* once: settings alike in shape share it."""
     namespace: dict[str, Any] = {
         "ABSENT": ABSENT,
         "OTHER": OTHER,
@@ -339,6 +335,6 @@ def _factory(source: str) -> Callable[..., Lookup]:
         "check_keys": _check_keys,
         "missing": _missing,
     }
-    exec(compile(source, "<heksher_shm lookup>", "exec"), namespace)  # only names made here: see above
+    exec(compile(shape.source(), "<heksher_shm lookup>", "exec"), namespace)  # only names made here
     factory: Callable[..., Lookup] = namespace["factory"]
     return factory
