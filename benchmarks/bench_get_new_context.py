@@ -20,11 +20,10 @@ once, is reported next to it).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from benchmarks._common import Run, child_main, emit
-from benchmarks._get_case import GetCase, floor, run_get_case, start_setting
+from benchmarks._get_case import GetCase, clock, floor, run_get_case, start_setting
 from benchmarks._sides import role
 
 NAME = "get_new_context"
@@ -45,11 +44,11 @@ CASE = GetCase(
 )
 
 
-def _time_loop(get: Any, users: list[str]) -> float:
-    start = time.perf_counter()
+def _time_loop(get: Any, users: list[str], now: Any) -> float:
+    start = now()
     for user in users:
         get(user=user)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def body(params: dict[str, Any]) -> None:
@@ -59,8 +58,8 @@ def body(params: dict[str, Any]) -> None:
     per_call, floor_ns = [], []
     for repeat in range(repeats):
         users = [f"n{repeat}x{k}" for k in range(calls)]  # new to this process: never asked before
-        per_call.append(_time_loop(setting.get, users) / calls * 1e9)
-        floor_ns.append(_time_loop(floor, users) / calls * 1e9)
+        per_call.append(_time_loop(setting.get, users, clock(params)) / calls * 1e9)
+        floor_ns.append(_time_loop(floor, users, clock(params)) / calls * 1e9)
     values.add(setting.get(user=f"last{repeats}"))
     emit("result", role=role(side, client), values=sorted(values), per_call_ns=per_call, floor_ns=floor_ns)
     client.close()
