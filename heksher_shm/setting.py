@@ -42,7 +42,8 @@ VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 _NEVER = (0, 0, 0)  # the words of a setting no client feeds: never stale
 
 _CACHE_LIMIT = 4096
-"""Distinct contexts remembered per setting between updates; the cache is cleared when full."""
+"""Answers remembered per setting between updates (one per distinct context, or per class of contexts
+once the lookup has turned coarse: see heksher_shm._model.lookup); the cache is cleared when full."""
 
 
 @dataclass(frozen=True)
