@@ -135,6 +135,8 @@ class Run:
     children: list[Child] = field(default_factory=list)
     shared: dict[str, Any] = field(default_factory=dict)
     """State that cases share to save time (the big rule set is seeded once)."""
+    cpu_time: bool = False
+    """Time the get() cases in the measuring thread's CPU time instead of the wall clock."""
 
     def shm_dir(self, label: str) -> str:
         """A fresh, private HEKSHER_SHM_DIR: every measurement starts without segments."""

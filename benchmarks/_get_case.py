@@ -15,6 +15,7 @@ plain function the cases time next to ``get()``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,11 @@ class GetCase:
     """Seeds (once per run) and describes the settings both sides use."""
 
 
+def clock(params: dict[str, Any]) -> Callable[[], float]:
+    """In a measuring child: the clock the run asked for (``--cpu-time``: the thread's CPU time)."""
+    return time.thread_time if params.get("clock") == "cpu" else time.perf_counter
+
+
 def floor(**contexts: str) -> int:
     """A function that returns at once: what any ``get(**contexts)`` pays before doing anything."""
     return 1
@@ -116,6 +122,8 @@ def run_get_case(
     """
     service = r.service
     setup = case.setup(r)
+    child_params = {**child_params, "clock": "cpu" if r.cpu_time else "wall"}
+    params = {**params, "clock": child_params["clock"]}
     shm = r.shm_dir(case.label)
     leader = r.spawn(
         "_holder",

@@ -18,7 +18,7 @@ import timeit
 from typing import Any
 
 from benchmarks._common import Run, child_main, emit
-from benchmarks._get_case import GetCase, floor, run_get_case, start_setting
+from benchmarks._get_case import GetCase, clock, floor, run_get_case, start_setting
 from benchmarks._sides import role
 
 NAME = "get_repeated"
@@ -52,8 +52,8 @@ def body(params: dict[str, Any]) -> None:
     context: dict[str, str] = params["context"]
     value = setting.get(**context)
     arguments = ", ".join(f"{k}={v!r}" for k, v in context.items())
-    timer = timeit.Timer(f"get({arguments})", globals={"get": setting.get})
-    floor_timer = timeit.Timer(f"get({arguments})", globals={"get": floor})
+    timer = timeit.Timer(f"get({arguments})", timer=clock(params), globals={"get": setting.get})
+    floor_timer = timeit.Timer(f"get({arguments})", timer=clock(params), globals={"get": floor})
     number = _calibrate(timer, params["seconds"])
     per_call = [t / number * 1e9 for t in timer.repeat(params["repeats"], number)]
     floor_number = _calibrate(floor_timer, params["seconds"] / 2)

@@ -7,8 +7,9 @@ declared setting that is garbage collected is no longer updated.
 
 ``get()`` is the hot path. Each update compiles a setting's rules once
 (:mod:`heksher_shm._model.resolve`) into a :class:`_State`; ``get()`` checks
-one generation word, then answers repeated contexts from a small per-state
-cache keyed by the call's keyword arguments.
+one generation word, then calls the state's lookup
+(:mod:`heksher_shm._model.lookup`), which answers from a small per-state
+cache, or resolves the context and remembers the answer.
 
 A setting is fed its rules by one *feed* (the main client's
 :class:`~heksher_shm.clients._feed.SettingsFeed`, or a stub client), and the
@@ -32,7 +33,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from heksher_shm._model.lookup import compile_miss
+from heksher_shm._model.lookup import compile_lookup
 from heksher_shm._model.protocol import DeclarationBody, declaration_digest
 from heksher_shm._model.resolve import CompiledRules
 from heksher_shm._process import main as _main
@@ -48,13 +49,13 @@ SETTING_NAME = re.compile(r"[a-zA-Z_0-9.]+")
 FEATURE_NAME = re.compile(r"[a-zA-Z_0-9]+")
 VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 
-_MISSING: Any = object()
 _UNFED = 0
 """The generation of a setting no feed serves: its states watch a constant word of that value."""
 _NEVER_PUBLISHED: Sequence[int] = (_UNFED,)
 
 _CACHE_LIMIT = 4096
-"""Distinct contexts remembered per setting between updates; the cache is cleared when full."""
+"""Answers remembered per setting between updates (one per distinct context, or per class of contexts
+once the lookup has turned coarse: see heksher_shm._model.lookup); the cache is cleared when full."""
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,11 @@ class _Feed(Protocol):
 class _State:
     """Everything ``get()`` reads, replaced whole when the rules change.
 
-    ``miss`` answers a context the cache does not know: a closure compiled
-    with everything it needs in local variables, because a new context on
-    every call is a case worth making fast too. Besides the cache, only
-    ``generation`` changes in place: the feed moves it on when a snapshot
-    leaves these rules as they are (or sets it to ``None`` to have the next
-    ``get()`` refresh the setting).
+    ``miss`` is the setting's lookup (:mod:`heksher_shm._model.lookup`): it
+    answers every ``get()``, from ``cache`` (which it fills) or by resolving.
+    Besides the cache, only ``generation`` changes in place: the feed moves it
+    on when a snapshot leaves these rules as they are (or sets it to ``None``
+    to have the next ``get()`` refresh the setting).
     """
 
     __slots__ = (
@@ -167,7 +167,7 @@ class _State:
         variables = {f: v for f, v in view.variables if f in features} if view is not None else {}
         self.contextvars = tuple(variables.values())
         self.cache: dict[Any, Any] = {}
-        self.miss = compile_miss(
+        self.miss = compile_lookup(
             setting.name,
             features,
             view.const if view is not None else {},
@@ -176,6 +176,8 @@ class _State:
             view.warn if view is not None else None,
             rules,
             server_default if server_default is not None else setting.default_value,
+            self.cache,
+            _CACHE_LIMIT,
         )
         self.pending: Callable[[], None] | None = None
         """Set on a state whose rules arrived but are not compiled yet (see ``Setting._defer``)."""
@@ -331,17 +333,10 @@ class Setting(Generic[T]):
             if feed is not None:
                 feed.refresh(self)
                 state = self._state
-        key: Any = tuple(contexts.items())
-        if state.contextvars:
-            key = (key, tuple(var.get(None) for var in state.contextvars))
-        value = state.cache.get(key, _MISSING)
-        if value is _MISSING:
-            value = state.miss(contexts)
-            cache = state.cache
-            if len(cache) >= _CACHE_LIMIT:
-                cache.clear()
-            cache[key] = value
-        return value  # type: ignore[no-any-return]
+        # The lookup keeps its own cache (state.cache): see heksher_shm._model.lookup. Loaded into a
+        # local first: a call straight on the slot (state.miss(...)) is not specialised by CPython 3.11.
+        lookup = state.miss
+        return lookup(contexts)  # type: ignore[no-any-return]
 
     # -- what a feed does to a setting (see _Feed) -----------------------------------------------------------
     # A feed calls these with its own lock held: it is the only writer of the state of the settings it

@@ -79,3 +79,10 @@ def test_conditions_in_any_order_and_unknown_feature() -> None:
     assert compiled.resolve({"a": "2", "b": "1"}) == "v"
     with pytest.raises(ValueError, match="zz"):
         compile_rules(("a",), [((("zz", "1"),), "v")])
+
+
+def test_condition_values() -> None:
+    compiled = compile_rules(
+        FEATURES, [((("a", "x"),), 1), ((("a", "y"), ("c", "z")), 2), ((("c", "x"),), 3), ((), 4)]
+    )
+    assert compiled.condition_values() == [{"x", "y"}, set(), {"x", "z"}, set()]

@@ -92,6 +92,23 @@ class CompiledRules:
                 return tuple((f, namespace[f]) for f in names)
         return () if self.catch_all is not NO_MATCH else None
 
+    def condition_values(self) -> list[frozenset[Any]]:
+        """For each feature (as in :attr:`features`), the values rules condition it on.
+
+        A value outside these can only miss wherever the feature is probed:
+        resolution cannot tell it from another such value. Built on demand
+        (memory in proportion to the rules), not kept.
+        """
+        values: list[set[Any]] = [set() for _ in self.features]
+        for indices, table in self.patterns:
+            if len(indices) == 1:
+                values[indices[0]].update(table)
+            else:
+                for key in table:
+                    for i, value in zip(indices, key, strict=True):
+                        values[i].add(value)
+        return [frozenset(v) for v in values]
+
 
 def _pattern_rank(indices: tuple[int, ...], width: int) -> tuple[int, tuple[bool, ...]]:
     present = set(indices)
