@@ -17,7 +17,8 @@ wait is :func:`one_poller`'s measurement window.
 A failed check says which one, who was who (:func:`describe`) and what every
 thread of every process of the server was doing at that moment
 (:func:`tests.apps.prefork.stacks.dump_stacks`, read with py-spy before the
-server is killed): a worker that does not answer shows where it waits.
+server is killed, and every greenlet's, which the test app writes to the log
+when asked): a worker that does not answer shows where it waits.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import psutil
 from heksher_shm.status import SegmentStatus, list_segments, segment_status
 from heksher_shm.testing import HeksherService
 from tests import _semaphores
-from tests.apps.prefork.stacks import dump_stacks
+from tests.apps.prefork.stacks import GREENLETS_ENV, dump_stacks, greenlet_dumps
 
 HERE = Path(__file__).resolve().parent
 TIMING = bool(os.environ.get("HEKSHER_PREFORK_TIMING"))
@@ -361,7 +362,11 @@ def stacks(server: Server) -> str:
     roles = [("master", server.pid)] if server.process.poll() is None else []
     roles += [("worker", pid) for pid in sorted(workers)]
     roles += [("other process", pid) for pid in sorted(server.group() - workers - {server.pid})]
-    return dump_stacks(roles) if roles else "no stacks: none of the server's processes is alive"
+    if not roles:
+        return "no stacks: none of the server's processes is alive"
+    # The greenlets first: a process that answers with them is not stuck in native code.
+    greenlets = greenlet_dumps([pid for _, pid in roles], server.log)
+    return dump_stacks(roles) + (f"\n{greenlets}" if greenlets else "")
 
 
 @contextlib.contextmanager
@@ -380,6 +385,7 @@ def check(name: str, server: Server | None = None) -> Iterator[None]:
 def server_env(url: str, interval: float, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HEKSHER_URL=url, HEKSHER_UPDATE_INTERVAL=str(interval), PYTHONUNBUFFERED="1", **extra)
+    env[GREENLETS_ENV] = "1"  # the test app writes its greenlets' stacks to the log when asked
     return env
 
 
