@@ -7,21 +7,27 @@ gevent's. gevent's own rule is to patch before starting any thread: a real
 thread in a patched process starts "threads" that are greenlets of a hub of
 its own (they run only while it waits in gevent), makes conditions over
 gevent locks on top of native ones it made before, and shares gevent locks
-(every ``logging`` handler's) with the main thread's greenlets, whose
-wake-ups are then queued on a hub that may never run again.
+(every ``logging`` handler's) with the main thread's greenlets.
 
 A gunicorn ``--preload`` gevent worker breaks that rule without any fault
 of the application: the arbiter imports the app unpatched, and
 :mod:`heksher_shm._process.fork` restarts a client's thread in each worker
 right after the fork, a few milliseconds *before* the worker calls
-``gevent.monkey.patch_all()``. Seen there (issue 15, py-spy and gevent's
-greenlet dump from the prefork harness): a worker that took over as leader
-lost its thread at once (a beat "thread" started from it was a greenlet on
-that same OS thread, inside the native ``RLock`` of the beat's condition,
-which its ``wait()`` released from under the starter: ``cannot notify on
-un-acquired lock``), and an orphaned worker then hung at exit, forever, in
-``logging.shutdown()``, waiting for a handler's lock whose wake-up was queued
-on the dead thread's hub (about 1 run in 20 on a loaded 2-core machine).
+``gevent.monkey.patch_all()``. Seen there (issue 15, with py-spy and gevent's
+greenlet dump from the prefork harness):
+
+* a worker that took over as leader lost its thread at once: the beat
+  "thread" it started was a greenlet on that same OS thread, which entered
+  the native ``RLock`` of the beat's condition (re-entrant per OS thread),
+  and whose ``wait()`` released it from under the starter (``RuntimeError:
+  cannot notify on un-acquired lock``);
+* an orphaned worker then hung at exit, forever, in ``logging.shutdown()``:
+  gevent had made every logging handler's lock its own, the thread logged
+  its error through one of them while the main greenlet waited for it, and
+  that wake-up never came (the dump showed the lock free, the main greenlet
+  still parked in it, and the thread gone with a hub of its own: gevent's
+  locks are not made to be shared between OS threads). 11 runs in 200 of the
+  gunicorn test hung so, on a loaded 2-core machine.
 
 So a client that starts a real OS thread in a process that imported gevent
 but has not patched ``threading`` yet registers here, and this module
