@@ -130,8 +130,7 @@ class BaseHeksherClient(Registering, Answering, Applying):
         lock's descriptor is closed (not unlocked) by its own fork hook, and the
         parent's doorbell and leader watch are closed, never removed.
         """
-        self._apply_lock = threading.RLock()
-        self._register_lock = threading.Lock()
+        self._renew_locks()
         self._close_driver_in_child()
         if self._neighbours is not None:
             self._neighbours.forget_inherited()
@@ -153,6 +152,13 @@ class BaseHeksherClient(Registering, Answering, Applying):
         if self._main and not self._closed:
             self._wish_changed()
             self._restart_after_fork()
+
+    def _renew_locks(self) -> None:
+        """New locks of this client's own: in a forked child (the parent's threads may have held the old
+        ones) and after gevent patched the process (the old ones are the kernel's, and a greenlet that
+        switches while holding one would block every other greenlet of the process)."""
+        self._apply_lock = threading.RLock()
+        self._register_lock = threading.Lock()
 
     def _become_main(self) -> None:
         """Become the process's main client. ``set_as_main`` then registers what it needs, asking the

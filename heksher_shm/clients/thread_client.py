@@ -13,6 +13,7 @@ from heksher_shm._engine.drivers import WakePipe, drive_sync
 from heksher_shm._engine.effects import Apply
 from heksher_shm._engine.health import Trouble
 from heksher_shm._model import protocol as proto
+from heksher_shm._process.monkey import watch_monkey_patching
 from heksher_shm._process.servers import forking_uwsgi_master
 from heksher_shm._process.threads import block_signals, start_thread
 from heksher_shm.clients._base import BaseHeksherClient
@@ -21,6 +22,10 @@ from heksher_shm.clients._context import SyncMainContext
 __all__ = ["ThreadHeksherClient"]
 
 logger = logging.getLogger("heksher_shm.client")
+
+HANDOVER_TIMEOUT = 10.0
+"""Seconds gevent's patching waits for the thread to reach its next wait (a follower: milliseconds; a
+leader: the end of its request). Past that, the thread goes on as it is, and a warning says so."""
 
 
 class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
@@ -58,6 +63,11 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
         self._wake_pipe = WakePipe()
         self._applied_cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        # Stopping the thread before gevent patches the process (heksher_shm._process.monkey): asked
+        # by the patching thread, granted by the client's thread at its next wait, under this lock.
+        self._handover = threading.Lock()
+        self._pause_asked = False
+        self._paused = False
         # One error line when requests start failing, not one (with a traceback) per call.
         self._failing = {
             what: Trouble(
@@ -78,7 +88,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
             self._start_in_uwsgi_master()
             return
         if self._thread is None:
-            self._thread = start_thread(self._run, "heksher-shm")
+            self._start_thread()
         self._apply(Apply(blocking=True))
         seq = self._register_as_main()
         if seq is not None:
@@ -141,16 +151,71 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
             )
         return pool
 
+    def _start_thread(self) -> None:
+        self._thread = start_thread(self._run, "heksher-shm")
+        # A real OS thread in a process that gevent may patch later (a gunicorn --preload worker):
+        # stopped before the patch, started again after it as a greenlet.
+        watch_monkey_patching(self)
+
     def _run(self) -> None:
         engine = self._engine
+        paused = False
         try:
+            # Stopped by _Pause (gevent patches the process now): the driver lets go of the lock and
+            # rings the others, and _resume_after_monkey_patch starts anew.
             drive_sync(engine.run(), _Hooks(self), engine.closing_effects)
+        except _Pause:
+            paused = True
         except Exception:
             logger.exception("the heksher background thread stopped on an error")
         finally:
             pool, self._pool = self._pool, None
             if pool is not None:
-                pool.shutdown(wait=False)
+                pool.shutdown(wait=paused)  # no thread of ours may live through the patch
+
+    def _pause_point(self) -> None:
+        """Where the thread stops when gevent is about to patch the process (at a wait, before and after)."""
+        if self._pause_asked:
+            with self._handover:
+                if self._pause_asked:
+                    self._paused = True
+                    raise _Pause
+
+    def _pause_for_monkey_patch(self) -> bool:
+        """gevent is about to patch this process: stop the thread at its next wait (see
+        :mod:`heksher_shm._process.monkey`). True when it stopped."""
+        thread = self._thread
+        if thread is None or self._closed or thread is threading.current_thread() or not thread.is_alive():
+            return False
+        with self._handover:
+            self._pause_asked = True
+        self._wake()
+        thread.join(HANDOVER_TIMEOUT)
+        with self._handover:
+            if not self._paused:
+                self._pause_asked = False
+                logger.warning(
+                    "the heksher background thread did not reach a wait within %s s of gevent's patching; "
+                    "it goes on as a real thread of a patched process",
+                    HANDOVER_TIMEOUT,
+                )
+                return False
+        thread.join()  # past its last wait: it only closes the engine's run
+        self._thread = None
+        return True
+
+    def _resume_after_monkey_patch(self) -> None:
+        """gevent patched this process: start the thread again, as the process's threads now start (a
+        greenlet of the main thread), with locks, conditions and an HTTP client of the patched kind."""
+        if self._closed:
+            return
+        http = self._http_client
+        self._wake_pipe.close()
+        self._renew_locks()
+        self._init_driver()
+        if http is not None:
+            http.close()  # its sockets are the kernel's: they would block every greenlet
+        self._start_thread()
 
     def _wake(self) -> None:
         self._wake_pipe.wake()
@@ -175,7 +240,7 @@ class ThreadHeksherClient(SyncMainContext, BaseHeksherClient):
             logger.exception("update callback raised")
 
     def _restart_after_fork(self) -> None:
-        self._thread = start_thread(self._run, "heksher-shm")
+        self._start_thread()
 
     def _try_modification_lock(self) -> bool:
         return self.modification_lock.acquire(blocking=False)
@@ -268,7 +333,11 @@ class _Hooks:
         return self._client._declare_pool(limit)
 
     def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
-        return self._client._wake_pipe.wait(timeout, fds)
+        client = self._client
+        client._pause_point()
+        ready = client._wake_pipe.wait(timeout, fds)
+        client._pause_point()  # woken to stop: what woke it is looked at again after the restart
+        return ready
 
     def apply(self, effect: Apply) -> None:
         self._client._apply(effect)
@@ -278,7 +347,8 @@ class _Hooks:
 
 
 class _Pause(BaseException):
-    """Ends a run of the engine in the calling thread (not an error: nothing may catch it on the way)."""
+    """Ends a run of the engine in the calling thread, or the background thread before gevent patches
+    the process (not an error: nothing may catch it on the way)."""
 
 
 class _UntilAcked(_Hooks):
