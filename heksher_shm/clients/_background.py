@@ -87,6 +87,13 @@ class Background:
         self.engine.closed = closed
         return self.engine
 
+    def renew_locks(self) -> None:
+        """New locks for the feed and the registration: in a forked child (a thread of the parent may
+        have held the old ones) and after gevent patched the process (the old ones are the kernel's, and
+        a greenlet that switched while holding one would block every other greenlet)."""
+        self._feed.renew_lock()
+        self._registration.renew_lock()
+
     def _build(self, context_features: tuple[str, ...]) -> Engine:
         ctx = Context(
             update_interval=self._update_interval,

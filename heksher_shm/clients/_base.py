@@ -375,8 +375,7 @@ class BaseHeksherClient(Generic[R]):
         lock's descriptor is closed (not unlocked) by its own fork hook, and the
         parent's doorbell and leader watch are closed, never removed.
         """
-        self._feed.after_fork_in_child()
-        self._registration.after_fork_in_child()
+        self._background.renew_locks()
         self._runner.after_fork_in_child()
         self._link.after_fork_in_child(listen=not self._closed)
         self._background.rebuild(self._context_features)

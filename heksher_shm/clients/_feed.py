@@ -237,8 +237,8 @@ class SettingsFeed:
             released, self._released_failures = self._released_failures, {}
         return released
 
-    def after_fork_in_child(self) -> None:
-        """A new lock (a thread of the parent may have held it at fork time)."""
+    def renew_lock(self) -> None:
+        """A new lock (see :meth:`heksher_shm.clients._background.Background.renew_locks`)."""
         self.lock = threading.RLock()
 
     # -- applying --------------------------------------------------------------------------------------------

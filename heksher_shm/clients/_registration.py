@@ -190,6 +190,6 @@ class RegistrationWriter:
             except (OSError, SegmentError):
                 logger.warning("could not remove this process's registration", exc_info=True)
 
-    def after_fork_in_child(self) -> None:
-        """A new lock (a thread of the parent may have held it at fork time)."""
+    def renew_lock(self) -> None:
+        """A new lock (see :meth:`heksher_shm.clients._background.Background.renew_locks`)."""
         self._lock = threading.Lock()

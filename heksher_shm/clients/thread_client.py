@@ -25,6 +25,7 @@ from heksher_shm._engine.health import Trouble
 from heksher_shm._engine.local import LocalHost
 from heksher_shm._engine.shared import SharedHost
 from heksher_shm._model import protocol as proto
+from heksher_shm._process.monkey import watch_monkey_patching
 from heksher_shm._process.servers import forking_uwsgi_master
 from heksher_shm._process.threads import block_signals, start_thread
 from heksher_shm.clients._answers import RequestAnswers
@@ -37,6 +38,10 @@ __all__ = ["ThreadHeksherClient"]
 logger = logging.getLogger("heksher_shm.client")
 
 S = TypeVar("S", bound="ThreadHeksherClient")
+
+HANDOVER_TIMEOUT = 10.0
+"""Seconds gevent's patching waits for the thread to reach its next wait (a follower: milliseconds; a
+leader: the end of its request). Past that, the thread goes on as it is, and a warning says so."""
 
 
 class ThreadHeksherClient(BaseHeksherClient["_ThreadRunner"]):
@@ -217,6 +222,12 @@ class ThreadHeksherClient(BaseHeksherClient["_ThreadRunner"]):
     def _thread(self) -> threading.Thread | None:
         return self._runner.thread
 
+    def _pause_for_monkey_patch(self) -> bool:
+        return self._runner._pause_for_monkey_patch()
+
+    def _resume_after_monkey_patch(self) -> None:
+        self._runner._resume_after_monkey_patch()
+
 
 class _ThreadRunner:
     """How the thread client runs its engine: a daemon thread drives it with blocking calls, woken
@@ -244,6 +255,11 @@ class _ThreadRunner:
         self.applied = threading.Condition()
         """Notified whenever a snapshot was applied (or the client closed): waiters look at the answers."""
         self.thread: threading.Thread | None = None
+        # Stopping the thread before gevent patches the process (heksher_shm._process.monkey): asked
+        # by the patching thread, granted by the client's thread at its next wait, under this lock.
+        self._handover = threading.Lock()
+        self._pause_asked = False
+        self._paused = False
         # One error line when requests start failing, not one (with a traceback) per call.
         self.failing = {
             what: Trouble(
@@ -290,18 +306,72 @@ class _ThreadRunner:
         """Run the engine in the background thread (once)."""
         if self.thread is None:
             self.thread = start_thread(self._run, "heksher-shm")
+            # A real OS thread in a process that gevent may patch later (a gunicorn --preload worker):
+            # stopped before the patch, started again after it as a greenlet.
+            watch_monkey_patching(self)
 
     def _run(self) -> None:
         assert self._background is not None
+        paused = False
         try:
             engine = self._background.engine
+            # Stopped by _Pause (gevent patches the process now): the driver lets go of the lock and
+            # rings the others, and _resume_after_monkey_patch starts anew.
             drive_sync(engine.run(), self, engine.closing_effects)
+        except _Pause:
+            paused = True
         except Exception:
             logger.exception("the heksher background thread stopped on an error")
         finally:
             pool, self._pool = self._pool, None
             if pool is not None:
-                pool.shutdown(wait=False)
+                pool.shutdown(wait=paused)  # no thread of ours may live through the patch
+
+    # -- gevent's monkey-patching (heksher_shm._process.monkey.Pausable) -------------------------------------
+
+    def _pause_point(self) -> None:
+        """Where the thread stops when gevent is about to patch the process (at a wait, before and after)."""
+        if self._pause_asked:
+            with self._handover:
+                if self._pause_asked:
+                    self._paused = True
+                    raise _Pause
+
+    def _pause_for_monkey_patch(self) -> bool:
+        """gevent is about to patch this process: stop the thread at its next wait. True when it stopped."""
+        thread = self.thread
+        if thread is None or self.closed or thread is threading.current_thread() or not thread.is_alive():
+            return False
+        with self._handover:
+            self._pause_asked = True
+        self.wake()
+        thread.join(HANDOVER_TIMEOUT)
+        with self._handover:
+            if not self._paused:
+                self._pause_asked = False
+                logger.warning(
+                    "the heksher background thread did not reach a wait within %s s of gevent's patching; "
+                    "it goes on as a real thread of a patched process",
+                    HANDOVER_TIMEOUT,
+                )
+                return False
+        thread.join()  # past its last wait: it only closes the engine's run
+        self.thread = None
+        return True
+
+    def _resume_after_monkey_patch(self) -> None:
+        """gevent patched this process: start the thread again, as the process's threads now start (a
+        greenlet of the main thread), with locks, conditions and an HTTP client of the patched kind."""
+        if self.closed:
+            return
+        assert self._background is not None
+        http = self._http_client
+        self._wake_pipe.close()
+        self._background.renew_locks()
+        self._make()
+        if http is not None:
+            http.close()  # its sockets are the kernel's: they would block every greenlet
+        self.start()
 
     def run_here_until(self, seq: int, answers: RequestAnswers, startup_timeout: float) -> bool:
         """Run the engine in the calling thread until request *seq* is answered, or ``startup_timeout``
@@ -366,7 +436,10 @@ class _ThreadRunner:
         return pool
 
     def wait(self, timeout: float | None, fds: tuple[int, ...]) -> set[int]:
-        return self._wake_pipe.wait(timeout, fds)
+        self._pause_point()
+        ready = self._wake_pipe.wait(timeout, fds)
+        self._pause_point()  # woken to stop: what woke it is looked at again after the restart
+        return ready
 
     def apply(self, effect: Apply) -> None:
         assert self._feed is not None
@@ -388,7 +461,8 @@ def _unbound(error: BaseException | None) -> None:
 
 
 class _Pause(BaseException):
-    """Ends a run of the engine in the calling thread (not an error: nothing may catch it on the way)."""
+    """Ends a run of the engine in the calling thread, or the background thread before gevent patches
+    the process (not an error: nothing may catch it on the way)."""
 
 
 class _UntilAcked:

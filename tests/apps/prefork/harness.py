@@ -13,6 +13,12 @@ The five checks every scenario makes: :func:`every_worker_answers`,
 :func:`starts_again`. :func:`full_run` and :func:`master_leads_run` chain them.
 Every wait polls something observable under a named deadline; the only timed
 wait is :func:`one_poller`'s measurement window.
+
+A failed check says which one, who was who (:func:`describe`) and what every
+thread of every process of the server was doing at that moment
+(:func:`tests.apps.prefork.stacks.dump_stacks`, read with py-spy before the
+server is killed, and every greenlet's, which the test app writes to the log
+when asked): a worker that does not answer shows where it waits.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import psutil
 from heksher_shm.status import SegmentStatus, list_segments, segment_status
 from heksher_shm.testing import HeksherService
 from tests import _semaphores
+from tests.apps.prefork.stacks import GREENLETS_ENV, dump_stacks, greenlet_dumps
 
 HERE = Path(__file__).resolve().parent
 TIMING = bool(os.environ.get("HEKSHER_PREFORK_TIMING"))
@@ -287,13 +294,26 @@ Start = Callable[[str], Server]
 """Starts one server; the argument tells its log file apart (``""``, ``"-again"``)."""
 
 
+class CheckFailed(AssertionError):
+    """A check failed; its message holds who was who and every thread's stack (see :func:`check`)."""
+
+
 @contextlib.contextmanager
 def shown_on_failure(server: Server) -> Iterator[None]:
-    """Print the tail of the server's log when the block fails (pytest shows it with the failure)."""
+    """Print the tail of the server's log when the block fails (pytest shows it with the failure).
+
+    A failure that is not a :class:`CheckFailed` (a pytest timeout, an assertion
+    outside :func:`check`) also prints every thread's stack, read before the
+    server is killed.
+    """
     try:
         yield
-    except BaseException:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
         print(f"---- {server.log_path.name} ----\n{server.log()[-6000:]}")
+        if not isinstance(e, CheckFailed):
+            print(stacks(server))
         raise
 
 
@@ -336,18 +356,36 @@ def describe(server: Server | None = None) -> str:
     return "\n".join(lines)
 
 
+def stacks(server: Server) -> str:
+    """Every thread's stack of every live process of *server*'s session: master, workers, others."""
+    workers = server.children()
+    roles = [("master", server.pid)] if server.process.poll() is None else []
+    roles += [("worker", pid) for pid in sorted(workers)]
+    roles += [("other process", pid) for pid in sorted(server.group() - workers - {server.pid})]
+    if not roles:
+        return "no stacks: none of the server's processes is alive"
+    # The greenlets first: a process that answers with them is not stuck in native code.
+    greenlets = greenlet_dumps([pid for _, pid in roles], server.log)
+    return dump_stacks(roles) + (f"\n{greenlets}" if greenlets else "")
+
+
 @contextlib.contextmanager
 def check(name: str, server: Server | None = None) -> Iterator[None]:
-    """Name the check a failure belongs to, with the worker pids and the leader's status at that moment."""
+    """Name the check a failure belongs to, with the worker pids, the leader's status and every thread's
+    stack at that moment (:class:`CheckFailed`)."""
     try:
         yield
     except AssertionError as e:
-        raise AssertionError(f"check {name} failed: {e}\n{describe(server)}") from e
+        shown = f"check {name} failed: {e}\n{describe(server)}"
+        if server is not None:
+            shown += f"\n{stacks(server)}"
+        raise CheckFailed(shown) from e
 
 
 def server_env(url: str, interval: float, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HEKSHER_URL=url, HEKSHER_UPDATE_INTERVAL=str(interval), PYTHONUNBUFFERED="1", **extra)
+    env[GREENLETS_ENV] = "1"  # the test app writes its greenlets' stacks to the log when asked
     return env
 
 

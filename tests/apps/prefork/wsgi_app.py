@@ -14,13 +14,25 @@ the setting's value for that user, and which worker process answered.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import heksher_shm as heksher
+
+if os.environ.get("HEKSHER_PREFORK_GREENLET_DUMP"):
+    # Only under the tests' harness: every greenlet's stack in the log on request (see stacks.py beside
+    # this file, loaded by path: the servers put different folders on sys.path).
+    _spec = importlib.util.spec_from_file_location("prefork_stacks", Path(__file__).with_name("stacks.py"))
+    assert _spec is not None
+    assert _spec.loader is not None
+    _stacks = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_stacks)
+    _stacks.install_greenlet_dump()
 
 cache_size = heksher.Setting("cache_size", int, ["user"], default_value=10)
 
