@@ -22,7 +22,6 @@ through the methods under "what a feed does to a setting" below.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import re
@@ -96,6 +95,19 @@ class _ContextView:
     tracked: Mapping[str, str | set[str]] | None
     """Tracked values per feature (``TRACK_ALL`` or a set); None: no warnings about untracked values."""
     warn: Callable[[str, str], None]
+
+    def default(self, feature: str) -> str | None:
+        """The client's default for *feature*: a constant, else its context variable's value; None when
+        there is none (no default, or a variable with no value)."""
+        if feature in self.const:
+            return self.const[feature]
+        for name, variable in self.variables:
+            if name == feature:
+                try:
+                    return variable.get()
+                except LookupError:
+                    return None
+        return None
 
 
 class _Feed(Protocol):
@@ -365,13 +377,9 @@ class Setting(Generic[T]):
         for feature in rules.features:
             if feature in namespace or view is None:
                 continue
-            if feature in view.const:
-                namespace[feature] = view.const[feature]
-                continue
-            variable = dict(view.variables).get(feature)
-            if variable is not None:
-                with contextlib.suppress(LookupError):  # get() raised already if the feature is needed
-                    namespace[feature] = variable.get()
+            default = view.default(feature)  # none: get() raised already if the feature is needed
+            if default is not None:
+                namespace[feature] = default
         return value, rules.match(namespace), state
 
     def _convert(self, raw: Any, rule: QueriedRule | None) -> Conversion[T]:

@@ -6,7 +6,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,13 +19,23 @@ SPAWN = multiprocessing.get_context("spawn")
 
 
 class Worker:
-    """A worker process and the test's end of its pipe."""
+    """A worker process and the test's end of its pipe: *target* (by default
+    :func:`tests._workers.worker`) runs in it, as ``target(conn, url, kind, what, interval, extra)``."""
 
-    def __init__(self, url: str, kind: str, names: list[str], interval: float, **extra: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        kind: str,
+        what: list[Any],
+        interval: float,
+        *,
+        target: Callable[..., None] = worker,
+        **extra: Any,
+    ) -> None:
         self.conn, child = SPAWN.Pipe()
         self.kind = kind
         self.process = SPAWN.Process(
-            target=worker, args=(child, url, kind, names, interval, extra), daemon=True
+            target=target, args=(child, url, kind, what, interval, extra), daemon=True
         )
         self.process.start()
         child.close()

@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +21,10 @@ from heksher_shm._exposition import Family, text_format
 from heksher_shm.metrics import HeksherCollector
 from heksher_shm.status import ENV_STALE_AFTER
 from heksher_shm.testing import Fault, HeksherService
-from tests._support import FEATURES
 from tests.test_openfeature import SPECS, Proc
 
 # Seconds since something: read a moment apart, so they differ a little.
 _MOVING = {"heksher_shm_staleness_seconds", "heksher_shm_heartbeat_age_seconds"}
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        yield svc
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 def _parse(text: str) -> dict[str, tuple[str, dict[tuple[tuple[str, str], ...], float]]]:
@@ -71,11 +55,11 @@ def _value(parsed: dict[str, Any], name: str, **labels: str) -> float:
     raise AssertionError(f"no sample of {name} with {labels}: {parsed[name]}")
 
 
-def test_the_collector_and_the_command_line_agree(service: HeksherService, procs: list[Proc]) -> None:
+def test_the_collector_and_the_command_line_agree(service: HeksherService, workers: list[Proc]) -> None:
     leader = Proc(service.url, "thread", SPECS)
-    procs.append(leader)
+    workers.append(leader)
     follower = Proc(service.url, "async", SPECS[:1])
-    procs.append(follower)
+    workers.append(follower)
     service.add_rule("cache_size", {"user": "alice"}, 20)
     leader.ask("reload")
 
@@ -127,9 +111,9 @@ def _agree(scraped: dict[str, Any], cli: dict[str, Any]) -> None:
                 assert cli[name][1][labels] == value, (name, labels)
 
 
-def test_a_leftover_and_an_unreadable_segment(service: HeksherService, procs: list[Proc]) -> None:
+def test_a_leftover_and_an_unreadable_segment(service: HeksherService, workers: list[Proc]) -> None:
     leader = Proc(service.url, "thread", SPECS[:1])
-    procs.append(leader)
+    workers.append(leader)
     leader.stop()  # the segment stays, used by no one
     folder = Path(os.environ["HEKSHER_SHM_DIR"])
     bad = folder / "bad.seg"

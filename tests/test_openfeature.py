@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +29,7 @@ from heksher_shm.openfeature.kinds import Kind, parse
 from heksher_shm.status import ENV_STALE_AFTER
 from heksher_shm.testing import Fault, HeksherService
 from tests._integration_workers import Color, Spec, set_provider, worker
+from tests._procs import Worker
 from tests._support import FEATURES
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -46,48 +45,12 @@ SPECS: list[Spec] = [
 ]
 
 
-class Proc:
-    """A spawned worker of tests._integration_workers and the test's end of its pipe."""
+class Proc(Worker):
+    """A spawned worker of tests._integration_workers (it declares *specs*), ready."""
 
     def __init__(self, url: str, kind: str, specs: list[Spec], interval: float = 60, **extra: Any) -> None:
-        self.conn, child = SPAWN.Pipe()
-        self.process = SPAWN.Process(
-            target=worker, args=(child, url, kind, specs, interval, extra), daemon=True
-        )
-        self.process.start()
-        child.close()
-        assert self.conn.poll(60), "worker did not start"
-        status, detail = self.conn.recv()
-        assert status == "ready", detail
-        self.pid: int = detail
-
-    def ask(self, *cmd: Any, timeout: float = 30) -> Any:
-        self.conn.send(cmd)
-        assert self.conn.poll(timeout), f"no answer to {cmd}"
-        return self.conn.recv()
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            with contextlib.suppress(AssertionError, OSError, EOFError):
-                self.ask("exit", timeout=10)
-            self.process.join(10)
-        if self.process.is_alive():
-            os.kill(self.process.pid or 0, signal.SIGKILL)
-        self.process.join(10)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-@pytest.fixture
-def service() -> Iterator[HeksherService]:
-    with HeksherService(context_features=FEATURES) as svc:
-        yield svc
+        super().__init__(url, kind, specs, interval, target=worker, **extra)
+        self.ready(60)
 
 
 @pytest.fixture(autouse=True)
@@ -100,10 +63,10 @@ def _fresh_sdk() -> Iterator[None]:
 
 
 @pytest.fixture
-def rules(service: HeksherService, procs: list[Proc]) -> dict[str, int]:
+def rules(service: HeksherService, workers: list[Proc]) -> dict[str, int]:
     """A leader that declared every setting of SPECS, and rules on them it has queried."""
     leader = Proc(service.url, "thread", SPECS, track={"user": heksher.TRACK_ALL, "theme": heksher.TRACK_ALL})
-    procs.append(leader)
+    workers.append(leader)
     ids = {
         "cache_size": service.add_rule(
             "cache_size", {"user": "alice"}, 20, metadata={"owner": "ops", "n": [1]}
@@ -263,13 +226,13 @@ async def test_errors(follower: Any) -> None:
 
 
 def test_events_fire_in_the_leader_and_in_a_follower(
-    service: HeksherService, rules: dict[str, int], procs: list[Proc], monkeypatch: pytest.MonkeyPatch
+    service: HeksherService, rules: dict[str, int], workers: list[Proc], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """READY, CONFIGURATION_CHANGED (with the names), ERROR, STALE, READY again: in a spawned follower and in
     this process (a follower too), from the wake-ups that run on_update_ok/on_update_error."""
-    leader = procs[0]
+    leader = workers[0]
     other = Proc(service.url, "async", SPECS[:1])
-    procs.append(other)
+    workers.append(other)
     assert other.ask("leading") is False
     client = _follower("thread", service)
     seen: list[tuple[str, list[str] | None]] = []
@@ -353,12 +316,12 @@ def test_events_fire_in_the_leader_and_in_a_follower(
 
 
 def test_a_spawned_follower_evaluates_through_the_sdk(
-    service: HeksherService, rules: dict[str, int], procs: list[Proc]
+    service: HeksherService, rules: dict[str, int], workers: list[Proc]
 ) -> None:
     """A worker process of each client kind, following: its own setting and the leader's only."""
     for kind in ("thread", "async"):
         proc = Proc(service.url, kind, SPECS[:1])
-        procs.append(proc)
+        workers.append(proc)
         assert proc.ask("leading") is False
         found = proc.ask("eval", "integer", "cache_size", 0, "alice", None)
         assert (found["value"], found["reason"]) == (20, "TARGETING_MATCH")

@@ -368,16 +368,10 @@ def resolve_foreign(flag: Flag, features: dict[str, str], targeting_key: str) ->
     for feature in flag.order:
         if feature in namespace:
             continue
-        if feature in view.const:
-            namespace[feature] = view.const[feature]
+        default = view.default(feature)
+        if default is not None:
+            namespace[feature] = default
             continue
-        variable = dict(view.variables).get(feature)
-        if variable is not None:
-            try:
-                namespace[feature] = variable.get()
-                continue
-            except LookupError:
-                pass
         message = (
             f"configurable context feature {feature} of {flag.name} is missing from both the evaluation "
             "context and the client's defaults"
