@@ -11,6 +11,7 @@ changes (joined, moved to a replaced segment file, forked).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import logging
 from collections.abc import Callable
@@ -97,7 +98,7 @@ class HostLink:
             neighbours = Neighbours(parts, wish_key(identity), next(_bell_numbers))
         except SegmentError as error:
             self.unshared = str(error)
-            _say_unshared(self.unshared)
+            _say_unshared(self.unshared, _fix_for(error))
             return False
         self.key = wish_key(identity)
         self.neighbours = neighbours
@@ -170,16 +171,29 @@ class HostLink:
 _said_unshared: set[str] = set()
 
 
-def _say_unshared(problem: str) -> None:
+def _fix_for(error: SegmentError) -> str:
+    """What to do about *error*, in words, by what the system said (its cause's errno)."""
+    cause = error.__cause__
+    code = cause.errno if isinstance(cause, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that file system (df), or point HEKSHER_SHM_DIR (or shm_dir) at another"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "point HEKSHER_SHM_DIR (or shm_dir) at a private folder this user can write"
+    return (
+        "make that folder or file this user's own and private (or remove it: it is made again), or point "
+        "HEKSHER_SHM_DIR (or shm_dir) at a private folder of this user's"
+    )
+
+
+def _say_unshared(problem: str, fix: str) -> None:
     """Once per process and problem, at ERROR: why this process polls on its own, and the fix."""
     if problem in _said_unshared or len(_said_unshared) > 64:
         return
     _said_unshared.add(problem)
     logger.error(
         "cannot share the host's rule cache: %s; this process serves its settings on its own, polling "
-        "the service itself as heksher 0.2.2 does. To share again, make that folder or file this user's "
-        "own and private (or remove it: it is made again), or point HEKSHER_SHM_DIR (or shm_dir) at a "
-        "private folder of this user's, and restart the processes",
+        "the service itself as heksher 0.2.2 does. To share again, %s, and restart the processes",
         problem,
+        fix,
         extra={"problem": problem},
     )

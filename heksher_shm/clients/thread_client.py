@@ -58,7 +58,7 @@ class ThreadHeksherClient(BaseHeksherClient["_ThreadRunner"]):
         shared: share one poller with the host's other processes (the default);
             ``False`` makes this a plain single-process client.
         shm_dir: the folder of the shared files (default: ``HEKSHER_SHM_DIR``,
-            else a per-user folder under ``/dev/shm`` or the temp dir).
+            else a per-user folder in a private ``$XDG_RUNTIME_DIR``, under ``/dev/shm`` or in the temp dir).
         segment_name: the shared segment's name (default: derived from the
             service URL and the context features).
         startup_timeout: seconds ``set_as_main()`` and ``reload()`` wait without
