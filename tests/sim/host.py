@@ -142,7 +142,8 @@ class SimHost:
     def _begin_term(self) -> int:
         self.epoch = self._sim.elected(self.pid)
         if not self._sim.fencing:
-            return 1  # before fencing: every term alike, and readers compare nothing
+            # Before fencing: every term alike (the segment's first), and readers compare nothing.
+            return self.segment.term() or self.segment.begin_term()
         return self.segment.begin_term()
 
     def announce(self) -> None:
