@@ -380,3 +380,22 @@ def test_a_new_term_over_fresh_rules_queries_when_the_old_leader_would_have() ->
     run.until(lambda e: isinstance(e, fx.Wait), inherit)
     (query,) = [e for e in run.log if isinstance(e, fx.Call) and e.path == proto.QUERY]
     assert query.headers == {"If-None-Match": '"7"'}  # unchanged rules will cost a 304
+
+
+def test_a_setting_whose_declaration_was_refused_is_queried_once_another_one_created_it() -> None:
+    """A declaration refused for good (a new setting declared at version 1.1: a 400) leaves its setting
+    out of the query while nothing shows the service has it; once another process's declaration of it
+    succeeded this term, it is queried, even after that process is gone."""
+    from heksher_shm._engine.term import Term, query_spec
+    from heksher_shm._model.snapshot import Outcome
+
+    (first,) = wish().declarations.values()
+    newer = proto.DeclarationBody(
+        name="size", configurable_features=["user"], type="int", default_value=3, metadata={}, version="1.1"
+    )
+    refused = Wish("p1", {proto.declaration_digest(newer): newer}, {"user": ["alice"]}, 1)
+    term = Term(1)
+    term.declared[proto.declaration_digest(newer)] = Outcome("size", None, 400, error="400 Bad Request")
+    assert query_spec(term, [refused])[0] == ()
+    term.declared[proto.declaration_digest(first)] = Outcome("size", "created", 200)  # by p2, gone since
+    assert query_spec(term, [refused])[0] == ("size",)

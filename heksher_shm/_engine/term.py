@@ -72,14 +72,18 @@ class Term:
 def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     """What to query: settings whose declaration got an answer, and the union of tracked contexts.
 
-    A setting whose declaration failed is still queried if the snapshot
-    already had it: it exists (its declaration got no answer while the
-    service was down, or was refused, say for a version conflict with
-    another process's). A process keeps getting the rules of every setting
-    it holds that the service has, as heksher 0.2.2 does.
+    A setting whose declaration failed is still queried if the service is
+    known to have it: the snapshot already had it, or another declaration of
+    it succeeded this term (another process's, perhaps gone since). Its own
+    declaration got no answer while the service was down, or was refused,
+    say for a version conflict with another process's, or because it
+    declared a new setting at a version other than 1.0 before another
+    process's 1.0 created it. A process keeps getting the rules of every
+    setting it holds that the service has, as heksher 0.2.2 does.
     """
     names: set[str] = set()
     known = {entry.name for entry in term.entries}
+    known.update(outcome.name for outcome in term.declared.values() if outcome.error is None)
     for wish in wishes:
         for digest, body in wish.declarations.items():
             outcome = term.declared.get(digest)
