@@ -46,6 +46,8 @@ class Term:
     """Whether an update of this term succeeded yet (the first success's next wait is drawn)."""
     error: tuple[str, str] | None = None
     """The standing error (text, id) while updates fail: what a reload() gets during the backoff."""
+    lost: set[str] = field(default_factory=set)
+    """Settings a query's 404 named: the service does not have them, whatever the snapshot holds."""
     next_prune: float = 0.0
     queried_for: dict[str, int] = field(default_factory=dict)
     """Per process, the latest ``query_seq`` a query (or a standing error) has answered."""
@@ -76,10 +78,11 @@ def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     already had it: it exists (its declaration got no answer while the
     service was down, or was refused, say for a version conflict with
     another process's). A process keeps getting the rules of every setting
-    it holds that the service has, as heksher 0.2.2 does.
+    it holds that the service has, as heksher 0.2.2 does; not those a 404
+    named (``term.lost``): asking for one again fails the whole query.
     """
     names: set[str] = set()
-    known = {entry.name for entry in term.entries}
+    known = {entry.name for entry in term.entries} - term.lost
     for wish in wishes:
         for digest, body in wish.declarations.items():
             outcome = term.declared.get(digest)
