@@ -299,6 +299,52 @@ def test_failing_queries_back_off_and_a_reload_gets_the_standing_error() -> None
     assert len(asked) == count
 
 
+def test_a_lost_setting_that_cannot_be_declared_again_is_no_longer_asked_for() -> None:
+    """The service lost its data; one setting's declaration is refused now (a new setting must be
+    version 1.0). After the 404 the leader declares again and queries once more without it, and from
+    then on one query per update: asked for, it would fail every query, twice per backoff step."""
+    clock = FakeClock()
+    sized = wish()
+    gone = proto.DeclarationBody(
+        name="gone", configurable_features=["user"], type="int", default_value=1, metadata={}, version="1.1"
+    )
+    both = Wish("p1", {**sized.declarations, proto.declaration_digest(gone): gone}, {"user": ["alice"]}, 1)
+    base = calm(wishes=[both])
+    lost = False
+    queried: list[str] = []
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.Call) and effect.path == proto.QUERY:
+            asked = (effect.params or {})["settings"]
+            queried.append(asked)
+            if lost and "gone" in asked.split(","):
+                text = "the following are not setting names: ['gone']"
+                return httpx.Response(404, text=text, request=httpx.Request("GET", "http://h/"))
+        if isinstance(effect, fx.Calls) and lost:
+            return [
+                response(400, {"detail": "newly created settings must have version 1.0"})
+                if b'"gone"' in (call.content or b"")
+                else response(201, {"outcome": "created"})
+                for call in effect.calls
+            ]
+        if isinstance(effect, fx.Digest):
+            entries = [SettingEntry("size", 0, b"d", 0), SettingEntry("gone", 1, b"g", 0)][: 1 if lost else 2]
+            return Fresh(entries, [b"blob"] * len(entries), '"1"', effect.queried)
+        return base(effect)
+
+    run = Run(engine(clock), clock)
+    wait = run.until(lambda e: isinstance(e, fx.Wait), answer)
+    assert queried == ["gone,size"]
+    lost = True
+    for _ in range(3):
+        clock.now += wait.timeout
+        mark = len(run.log)
+        wait = run.until(lambda e: isinstance(e, fx.Wait), answer)
+        assert not [e for e in run.log[mark:] if isinstance(e, fx.RecordError)]
+    assert queried == ["gone,size", "gone,size", "size", "size", "size"]
+    assert wait.timeout >= INTERVAL * (1 - DESYNC_SPREAD)
+
+
 def test_a_new_registration_is_answered_without_a_republish() -> None:
     """Acknowledging a process that needs nothing new is one small write, not a snapshot (O(1))."""
     clock = FakeClock()

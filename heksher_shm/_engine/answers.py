@@ -12,7 +12,8 @@ This module does no I/O.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -32,6 +33,15 @@ class ServiceLostSettings(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(response.text[:200] or "404 Not Found")
         self.response = response
+
+    def unknown(self, asked: Iterable[str]) -> set[str]:
+        """The settings of *asked* that the answer names (Heksher answers "the following are not
+        setting names: ['a', 'b']"); all of *asked* if it names none of them."""
+        named = set(_QUOTED.findall(self.response.text)) & set(asked)
+        return named or set(asked)
+
+
+_QUOTED = re.compile(r"'([^']+)'")
 
 
 def declaration_outcome(

@@ -46,6 +46,8 @@ class Term:
     """Whether an update of this term succeeded yet (the first success's next wait is drawn)."""
     error: tuple[str, str] | None = None
     """The standing error (text, id) while updates fail: what a reload() gets during the backoff."""
+    lost: set[str] = field(default_factory=set)
+    """Settings a query's 404 named: the service does not have them, whatever the snapshot holds."""
     next_prune: float = 0.0
     queried_for: dict[str, int] = field(default_factory=dict)
     """Per process, the latest ``query_seq`` a query (or a standing error) has answered."""
@@ -79,10 +81,12 @@ def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     say for a version conflict with another process's, or because it
     declared a new setting at a version other than 1.0 before another
     process's 1.0 created it. A process keeps getting the rules of every
-    setting it holds that the service has, as heksher 0.2.2 does.
+    setting it holds that the service has, as heksher 0.2.2 does; not those a
+    404 named (``term.lost``) unless a declaration of it succeeded since:
+    asking for one again fails the whole query.
     """
     names: set[str] = set()
-    known = {entry.name for entry in term.entries}
+    known = {entry.name for entry in term.entries} - term.lost
     known.update(outcome.name for outcome in term.declared.values() if outcome.error is None)
     for wish in wishes:
         for digest, body in wish.declarations.items():

@@ -102,7 +102,9 @@ class Updater:
 
         A 404 means the service lost a setting this host still uses (its data
         was reset, or someone deleted the setting): declare everything again,
-        then query once more. Failures back off (see :mod:`heksher_shm._engine.health`).
+        then query once more, without the settings the 404 named that no
+        declaration brought back (asked for, they would fail every query of
+        the term). Failures back off (see :mod:`heksher_shm._engine.health`).
         What the query brought is committed to the term only once published:
         a publish that fails (a full disk) leaves the term describing what
         readers have, and the next update fetches again.
@@ -120,6 +122,7 @@ class Updater:
                         "the service does not know a setting this host uses; declaring everything again",
                         extra={"response_content": lost.response.content[:200]},
                     )
+                    term.lost |= lost.unknown(spec[0])  # not asked for again unless declared anew
                     term.declared = {d: o for d, o in term.declared.items() if o.error is not None}
                     term.etag = ""
                     yield from self._declarer.declare(term, wishes)
