@@ -87,9 +87,9 @@ def _engine_update(segment: Any, specs: list[Any]) -> tuple[Any, int]:
             return segment.publish(effect.head, effect.blobs, effect.term)
         if isinstance(effect, fx.RecordOk):
             return segment.record_update_ok(effect.when)
-        if isinstance(effect, (fx.Acknowledge, fx.RecordError)):
-            return None
-        raise RuntimeError(f"the update step asked for more than one request: {effect!r}")
+        if isinstance(effect, (fx.Acknowledge, fx.RecordError, fx.KeepSnapshot)):
+            return None  # no one waits for an answer here, and no last-known-good file is kept
+        raise RuntimeError(f"the update step asked for more than one request: {type(effect).__name__}")
 
     def update(response: httpx.Response | None) -> tuple[fx.Call, Any]:
         steps = updater.update(Term(term), [], spec)
