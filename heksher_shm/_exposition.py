@@ -179,7 +179,7 @@ def _figures(st: SegmentStatus) -> Iterable[tuple[str, float | Mapping[str, floa
     yield "last_update_timestamp_seconds", st.last_update_ok
     yield "update_interval_seconds", st.update_interval
     yield "heartbeat_age_seconds", st.heartbeat_age if live_leader else None
-    # The header's counters (format 3): only ever incremented by leaders, read as whole words.
+    # The header's counters (format 4): only ever incremented by leaders, read as whole words.
     if header is not None and header.formatted:
         yield "updates", {"ok": header.updates_ok, "failed": st.error_count}
         yield "leader_changes", header.leader_changes

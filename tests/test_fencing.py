@@ -1,4 +1,4 @@
-"""Fenced leaders: terms (fencing tokens) in segment format 3, refused by writers and by readers.
+"""Fenced leaders: terms (fencing tokens) in segment format 4, refused by writers and by readers.
 
 Two ``Segment`` objects on one file stand for two processes: each has its own
 ``MAP_SHARED`` mapping, so what one stores the other loads. The narrow window
@@ -67,8 +67,8 @@ def at_step(step: str, action: Callable[[], object]) -> Callable[[str], None]:
 # ---------------------------------------------------------------------- the layout
 
 
-def test_format_3_layout() -> None:
-    assert layout.FORMAT_VERSION == 3
+def test_format_4_layout() -> None:
+    assert layout.FORMAT_VERSION == 4
     assert layout.DESCRIPTOR_SIZE == 64
     assert layout.DESCRIPTOR_CRC_SPAN == 56
     leader_words = [
@@ -78,8 +78,9 @@ def test_format_3_layout() -> None:
         (layout.OFF_UPDATES_OK, layout.WORD_UPDATES_OK),
         (layout.OFF_DECLARATIONS_OK, layout.WORD_DECLARATIONS_OK),
         (layout.OFF_DECLARATION_FAILURES, layout.WORD_DECLARATION_FAILURES),
+        (layout.OFF_TERM_CHECK, layout.WORD_TERM_CHECK),
     ]
-    assert [offset for offset, _ in leader_words] == list(range(1280, 1328, 8))
+    assert [offset for offset, _ in leader_words] == list(range(1280, 1336, 8))
     assert all(word * 8 == offset for offset, word in leader_words)
     assert layout.OFF_STATUS + layout.STATUS_SIZE == 1272  # the status block ends before them
     assert not hasattr(layout, "descriptor_offset")
@@ -96,7 +97,8 @@ def test_format_3_layout() -> None:
 
     fresh = layout.format_header(99, term=6)
     assert len(fresh) == layout.HEADER_SIZE
-    assert struct.unpack_from("<QQQQQQ", fresh, layout.OFF_TERM) == (6, 0, 0, 0, 0, 0)
+    assert struct.unpack_from("<QQQQQQQ", fresh, layout.OFF_TERM) == (6, 0, 0, 0, 0, 0, layout.term_check(6))
+    assert layout.term_check(0) == 0  # a zeroed header agrees with itself
     assert layout.unpack_prefix(fresh).generation_floor == 99
 
 
@@ -256,6 +258,48 @@ def test_a_reformat_keeps_the_term(old: Segment, seg_path: Path) -> None:
     assert (old.status().term, snapshot(old)[3]) == (5, 5)
     poke(seg_path, 0, bytes(layout.HEADER_SIZE))  # the header is lost, terms and all
     assert old.begin_term() > 10**15
+
+
+@pytest.mark.parametrize(
+    ("word", "damage"),
+    [
+        (layout.OFF_TERM, 0),  # the term word reads lower
+        (layout.OFF_TERM_CHECK, layout.term_check(1)),  # its copy reads lower
+        (layout.OFF_TERM_CHECK, layout.term_check(2) ^ 0x04),  # its copy, a bit flipped: garbage
+        (layout.OFF_TERM, 2 | 1 << 60),  # the term word, a bit flipped: garbage
+    ],
+)
+def test_a_damaged_term_word_never_lowers_the_fence(
+    old: Segment, new: Segment, seg_path: Path, word: int, damage: int
+) -> None:
+    """The term is kept twice (the word and an encoded copy). One copy damaged (as the simulation found:
+    a flipped bit lowered the term word, and a replaced leader's publish passed; seed 1188394), the
+    other still fences: the replaced leader's publish is refused, its successor's is not, and puts the
+    copies back; a new term over damaged copies is taken above any count of earlier terms."""
+    stale = old.begin_term()
+    assert new.begin_term() == stale + 1 == 2
+    poke(seg_path, word, struct.pack("<Q", damage))
+    assert new.status().term == stale + 1  # the higher plausible copy counts
+    with pytest.raises(SnapshotFencedError, match=r"term 1 was replaced by term 2"):
+        old.publish(b"stale", [b"x"], stale)
+    generation = new.publish(b"new", [b"y"], stale + 1)  # its own term: the copies are put back
+    assert peek(seg_path, layout.OFF_TERM, 8) == struct.pack("<Q", stale + 1)
+    assert peek(seg_path, layout.OFF_TERM_CHECK, 8) == struct.pack("<Q", layout.term_check(stale + 1))
+    assert snapshot(old) == (generation, b"new", [b"y"], stale + 1)
+    poke(seg_path, word, struct.pack("<Q", damage))  # damaged again, and a new term begins over it
+    assert old.begin_term() > 10**15  # above any count: the damaged copy may have been the higher one
+    with pytest.raises(SnapshotFencedError):
+        new.publish(b"replaced", [], stale + 1)
+
+
+def test_a_term_begun_half_way_fences_the_old_term(old: Segment, new: Segment, seg_path: Path) -> None:
+    """A process killed between storing the new term and its copy: the higher copy (the new term)
+    already fences the old one, and the next term is taken above any count."""
+    stale = old.begin_term()
+    poke(seg_path, layout.OFF_TERM, struct.pack("<Q", stale + 1))  # the term stored, not yet its copy
+    with pytest.raises(SnapshotFencedError):
+        old.publish(b"stale", [], stale)
+    assert new.begin_term() > 10**15
 
 
 # ---------------------------------------------------------------------- the engine

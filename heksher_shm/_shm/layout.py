@@ -41,7 +41,8 @@ Header (offsets in bytes)::
       1304     8  updates_ok      u64    successful updates (with last_update_ok)
       1312     8  declarations_ok u64    declarations the service accepted
       1320     8  declaration_failures u64  declarations that failed
-      1328  2768  reserved               zero, up to HEADER_SIZE
+      1328     8  term_check      u64    the term times an odd constant (mod 2**64), stored after it
+      1336  2760  reserved               zero, up to HEADER_SIZE
 
 **Fencing.** A leader takes a term (``term + 1``) right after it takes the
 election lock, and every descriptor records the term that published it. A
@@ -49,6 +50,13 @@ snapshot whose descriptor carries a lower term than the header's ``term``
 word was published by a replaced leader, unless it is the ``adopted`` one
 (the snapshot that was current, and readable, when the term began: what the
 new leader inherits). Readers refuse the others (see ``reading.py``).
+The term is kept twice, as ``term`` and encoded as ``term_check`` (a
+bijection of 64-bit words that maps 0 to 0, so a zeroed header agrees with
+itself; :func:`fence`): where the two disagree (a damaged byte, or a term
+begun half-way by a process killed between the two stores), the higher of
+the plausible ones (below 2**53) counts, so that no damage lowers the fence;
+the next term is then taken above any count of earlier terms (see
+``writing.py``).
 
 Slot descriptor (64 bytes, at ``64 + 64 * index``)::
 
@@ -86,6 +94,7 @@ its own crc, so reading a few blobs never touches the data of the others.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import NamedTuple
 
 __all__ = [
@@ -111,8 +120,10 @@ __all__ = [
     "OFF_STATUS",
     "OFF_STATUS_SEQ",
     "OFF_TERM",
+    "OFF_TERM_CHECK",
     "OFF_UPDATES_OK",
     "PAGE",
+    "PLAUSIBLE_TERM",
     "SLOT_COUNT",
     "STATUS_SIZE",
     "TABLE_ENTRY_SIZE",
@@ -122,21 +133,25 @@ __all__ = [
     "WORD_ERROR_COUNT",
     "WORD_GENERATION",
     "WORD_LEADER_CHANGES",
+    "WORD_MASK",
     "WORD_PROGRESS",
     "WORD_PROMISE",
     "WORD_REGISTRY_SEQ",
     "WORD_STATUS_SEQ",
     "WORD_TERM",
+    "WORD_TERM_CHECK",
     "WORD_UPDATES_OK",
     "HeaderPrefix",
     "SlotDescriptor",
     "StatusBlock",
     "align_up",
     "encode_error_text",
+    "fence",
     "format_header",
     "pack_descriptor",
     "pack_status",
     "slot_capacity_for",
+    "term_check",
     "unpack_descriptor",
     "unpack_prefix",
     "unpack_status",
@@ -145,7 +160,7 @@ __all__ = [
 MAGIC = b"HKSHMSEG"
 """First 8 bytes of every formatted segment."""
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Bumped on any incompatible layout change; readers refuse other versions."""
 
 HEADER_SIZE = 4096
@@ -182,6 +197,7 @@ OFF_LEADER_CHANGES = 1296
 OFF_UPDATES_OK = 1304
 OFF_DECLARATIONS_OK = 1312
 OFF_DECLARATION_FAILURES = 1320
+OFF_TERM_CHECK = 1328
 
 # Indices into the header viewed as an array of 8-byte words.
 WORD_GENERATION = OFF_GENERATION // 8
@@ -196,6 +212,12 @@ WORD_LEADER_CHANGES = OFF_LEADER_CHANGES // 8
 WORD_UPDATES_OK = OFF_UPDATES_OK // 8
 WORD_DECLARATIONS_OK = OFF_DECLARATIONS_OK // 8
 WORD_DECLARATION_FAILURES = OFF_DECLARATION_FAILURES // 8
+WORD_TERM_CHECK = OFF_TERM_CHECK // 8
+WORD_MASK = (1 << 64) - 1
+PLAUSIBLE_TERM = 1 << 53
+"""Terms are counts, or microseconds since the epoch: a term word at or above this is damaged."""
+_CHECK_FACTOR = 0x9E3779B97F4A7C15  # odd, so multiplying by it is a bijection of 64-bit words
+_CHECK_INVERSE = pow(_CHECK_FACTOR, -1, 1 << 64)
 
 BLOB_END_SIZE = 8
 BLOB_CRC_SIZE = 4
@@ -313,7 +335,23 @@ def format_header(generation_floor: int, term: int = 0) -> bytes:
     header = bytearray(HEADER_SIZE)
     header[: len(prefix)] = prefix
     _LEADER_WORDS.pack_into(header, OFF_TERM, term, 0)
+    struct.pack_into("<Q", header, OFF_TERM_CHECK, term_check(term))
     return bytes(header)
+
+
+def term_check(term: int) -> int:
+    """The ``term_check`` word of *term*."""
+    return (term * _CHECK_FACTOR) & WORD_MASK
+
+
+def fence(words: Sequence[int]) -> tuple[int, bool]:
+    """The fencing term the header's words (an array of 8-byte words) name, and whether its two copies
+    disagree. Disagreeing, the higher plausible copy counts, so that a damaged copy never lowers the
+    fence (and ``WORD_MASK``, which fences every term, when neither is plausible)."""
+    term = int(words[WORD_TERM])
+    copy = (int(words[WORD_TERM_CHECK]) * _CHECK_INVERSE) & WORD_MASK
+    plausible = [t for t in (term, copy) if t < PLAUSIBLE_TERM]
+    return max(plausible, default=WORD_MASK), term != copy
 
 
 def encode_error_text(message: str) -> bytes:

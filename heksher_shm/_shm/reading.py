@@ -56,10 +56,10 @@ from heksher_shm._shm.layout import (
     WORD_PROMISE,
     WORD_REGISTRY_SEQ,
     WORD_STATUS_SEQ,
-    WORD_TERM,
     WORD_UPDATES_OK,
     SlotDescriptor,
     StatusBlock,
+    fence,
 )
 from heksher_shm._shm.mapped import MappedFile
 from heksher_shm._shm.records import BlobCopy, HeaderStatus, HeadRead, SlotInfo
@@ -173,8 +173,9 @@ class SegmentReader(MappedFile):
         return floats[WORD_PROGRESS], floats[WORD_PROMISE]
 
     def term(self) -> int:
-        """The segment's term word: the fencing token of the latest leader (0: none yet). One aligned load."""
-        return int(self._words[WORD_TERM])
+        """The segment's fencing token: the term of the latest leader (0: none yet), from its two copies
+        (:func:`heksher_shm._shm.layout.fence`). Two aligned loads."""
+        return fence(self._words)[0]
 
     def registry_seq(self) -> int:
         """The registry change counter (see :meth:`bump_registry_seq`). One aligned load."""
@@ -227,7 +228,7 @@ class SegmentReader(MappedFile):
         # publish land before the new term was stored, so it counts as published before the
         # replacement (the new leader's loads after its barrier see it too).
         words = self._words
-        term = words[WORD_TERM]
+        term, _ = fence(words)  # a damaged copy never lowers it
         if read.term < term and read.generation != words[WORD_ADOPTED]:
             raise SnapshotFencedError(
                 f"segment file {self.path}: generation {read.generation} was published by term {read.term},"
@@ -458,7 +459,7 @@ class SegmentReader(MappedFile):
             last_error_time=_time_or_none(block.last_error_time) if block else None,
             error_count=block.error_count if block else 0,
             # Single aligned words the leader alone writes: each read whole, no seqlock.
-            term=words[WORD_TERM],
+            term=fence(words)[0],
             adopted=words[WORD_ADOPTED],
             leader_changes=words[WORD_LEADER_CHANGES],
             updates_ok=words[WORD_UPDATES_OK],

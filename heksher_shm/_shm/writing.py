@@ -58,9 +58,12 @@ from heksher_shm._shm.layout import (
     WORD_REGISTRY_SEQ,
     WORD_STATUS_SEQ,
     WORD_TERM,
+    WORD_TERM_CHECK,
     WORD_UPDATES_OK,
     SlotDescriptor,
     StatusBlock,
+    fence,
+    term_check,
 )
 from heksher_shm._shm.reading import SegmentReader, prefix_problem
 from heksher_shm.exceptions import SegmentError, SnapshotFencedError
@@ -74,9 +77,9 @@ _U32_MAX = (1 << 32) - 1  # blob_count and head_length are u32 in the descriptor
 
 _WORD_MASK = (1 << 64) - 1
 
-_PLAUSIBLE_TERM = 1 << 53
-"""A term word below this survives a reformat: terms count elections, or start from microseconds since
-the epoch after a lost header (about 2**51 today), while random garbage is almost never this small."""
+_PLAUSIBLE_TERM = layout.PLAUSIBLE_TERM
+"""A term below this survives a reformat: terms count elections, or start from microseconds since the
+epoch after a lost header (about 2**51 today), while random garbage is almost never this small."""
 
 
 _CRASH_STEPS = (
@@ -158,19 +161,23 @@ class SegmentWriter(SegmentReader):
         with self._write_lock:
             words = self._words
             header = self._mm[:OFF_STATUS]
-            old = words[WORD_TERM]
+            old, damaged = fence(words)
             descs = [layout.unpack_descriptor(header, i) for i in range(SLOT_COUNT)]
             # Above every term this file or this writer has seen, so a stale leader's is always older.
             seen = [t for t in (old, self._term, *(d.term for d in descs)) if t < _GENERATION_LIMIT]
             term = max(seen, default=0) + 1
             usable = prefix_problem(header) is None
-            if old >= _GENERATION_LIMIT or (not usable and self._used_before()):
-                # The term word is garbage, or the header was lost with it: microseconds since the epoch
-                # exceed any count of earlier terms (as the generation floor does for generations).
+            if old >= _GENERATION_LIMIT or damaged or (not usable and self._used_before()):
+                # The term word is garbage or damaged (its copies disagree: one of them may have been
+                # lowered), or the header was lost with it: microseconds since the epoch exceed any
+                # count of earlier terms (as the generation floor does for generations).
                 term = max(term, int(self._backing.wall() * 1_000_000) + 1)
             if usable:
-                words[WORD_ADOPTED] = self._adoptable(layout.unpack_prefix(header).generation, descs, old)
+                # Nothing is adopted under a damaged term: what was readable cannot be judged.
+                judged = _GENERATION_LIMIT if damaged else old
+                words[WORD_ADOPTED] = self._adoptable(layout.unpack_prefix(header).generation, descs, judged)
                 words[WORD_TERM] = term  # after adopted: a reader that sees this term sees what it adopted
+                words[WORD_TERM_CHECK] = term_check(term)  # then its copy (until then, they disagree)
             else:
                 self._format(term)
             words[WORD_LEADER_CHANGES] = (words[WORD_LEADER_CHANGES] + 1) & _WORD_MASK
@@ -194,7 +201,12 @@ class SegmentWriter(SegmentReader):
 
     def _check_term(self, term: int) -> None:
         """Refuse to publish under *term* when the header names a newer one (best effort: see module)."""
-        current = self._words[WORD_TERM]
+        words = self._words
+        current, damaged = fence(words)
+        if damaged and current == term:
+            # One copy of this leader's own term was damaged (lowered): put both back.
+            words[WORD_TERM] = term
+            words[WORD_TERM_CHECK] = term_check(term)
         if current > term:
             raise SnapshotFencedError(
                 f"segment file {self.path}: term {term} was replaced by term {current}; not publishing"
@@ -380,7 +392,7 @@ class SegmentWriter(SegmentReader):
         plausible and newer (a replaced leader formatting a damaged header must not erase its
         successor's term: its publish would then pass the fencing check)."""
         words = self._words
-        current = words[WORD_TERM]
+        current, _ = fence(words)
         if current < _PLAUSIBLE_TERM:
             term = max(term, current)
         old = [
