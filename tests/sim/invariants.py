@@ -40,9 +40,11 @@ Each check raises :class:`~tests.sim.world.Violation` with the name below
     Once faults stop, every live process has applied the service's latest
     rules for each of its settings within :func:`convergence_bound`.
 ``quiet-when-idle (11)``
-    Over a quiet stretch (from one update interval after convergence), the
-    service gets at most one query per update interval (plus two), no
-    declarations, and no process wakes more than :func:`idle_bound` times.
+    Over a quiet stretch (from one update interval after convergence and
+    after the latest election, once a leader stalled until the faults ended
+    has shown progress or been replaced), the service gets at most one query
+    per update interval (plus two), no declarations, and no process wakes
+    more than :func:`idle_bound` times.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from heksher_shm._engine.effects import Call
+from heksher_shm._engine.health import DESYNC_SPREAD
 from heksher_shm._model.protocol import DeclarationBody
 from heksher_shm._shm import writing
 from tests.sim.config import PROFILES, Config, config_for
@@ -171,6 +172,8 @@ class Sim:
         self.checks = Checks(self, skip)
         self.epoch = 0
         """The latest election (the lock taken or seized)."""
+        self.elected_at = 0.0
+        """When the latest election was."""
         self.generations: dict[int, Published] = {}
         self.procs: list[SimProcess] = []
         self._next_pid = 100
@@ -208,8 +211,17 @@ class Sim:
         checks.converged()
         if not config.idle_time:
             return
-        # Converged, the leader may still finish work the faults left it (a new term's declarations).
-        world.run_until(world.now + config.update_interval)
+        # Converged, the leader may still finish work the faults left it: a new term's declarations,
+        # or a takeover still to come. A leader stalled or stopped until the faults ended sleeps out the
+        # wait it drew before (up to 1 + DESYNC_SPREAD intervals) before it shows progress again, and is
+        # replaced only then if it overran its promise; the new term declares everything once. So the
+        # quiet stretch begins an interval after convergence, after that longest wait, and an interval
+        # after the latest election.
+        interval = config.update_interval
+        settled = max(world.now + interval, self.faults_end + (1 + DESYNC_SPREAD) * interval)
+        while world.now < settled:
+            world.run_until(settled)
+            settled = max(settled, self.elected_at + interval)
         world.note(0, "converged; idle from here")
         self.wakes_at_idle = {proc.pid: proc.wakes for proc in self.live()}
         idle_from = world.now
@@ -273,6 +285,7 @@ class Sim:
     def elected(self, pid: int) -> int:
         """A process took (or seized) the election lock: the election's number."""
         self.epoch += 1
+        self.elected_at = self.world.now
         self.world.note(pid, "elected: election %d", self.epoch)
         return self.epoch
 
