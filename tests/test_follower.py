@@ -7,13 +7,18 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
+import msgspec
 import pytest
 
 import heksher_shm as heksher
-from heksher_shm.exceptions import SegmentError
+from heksher_shm._engine.context import ErrorBook
+from heksher_shm._model.snapshot import FORMAT, Ack, Head, Outcome, SettingEntry
+from heksher_shm.clients._answers import RequestAnswers
+from heksher_shm.exceptions import LeaderUpdateError, SegmentError
 from heksher_shm.testing import Fault, HeksherService
 from tests._procs import Worker
 from tests._support import FEATURES, unique, until
@@ -336,3 +341,38 @@ async def test_leader_repairs_a_damaged_segment(service: HeksherService, workers
         assert setting.get(user="alice") == 9
     finally:
         client.close()
+
+
+def test_a_later_snapshot_without_the_rules_of_a_declared_setting_is_no_answer() -> None:
+    """The new leader answered set_as_main with its first snapshot, where the declaration had failed; the
+    process, stopped meanwhile, applied a later one first, where the declaration had succeeded but the
+    query that followed had failed (no rules for the setting). That is the query's error, not a success
+    (simulation seed 1059092)."""
+    digest = b"d" * 16
+    head = Head(
+        format=FORMAT,
+        term=2,
+        published=0.0,
+        context_features=["user"],
+        settings=[],
+        outcomes={digest: Outcome("size", "uptodate", 200, type="int", features=("user",))},
+        ok=False,
+        error="ReadError: connection reset by peer",
+    )
+    feed = SimpleNamespace(
+        head=head,
+        accepted=3,
+        settings=[SimpleNamespace(name="size", _digest=digest)],
+        take_released_failures=dict,
+    )
+    link = SimpleNamespace(joined=True, host=SimpleNamespace(read_ack=lambda: Ack(1, term=2, generation=1)))
+    answers = RequestAnswers(cast(Any, feed), cast(Any, None), cast(Any, link), ErrorBook(1), 30.0)
+    answers.take()
+    assert answers.acked(1)
+    error = answers.error(1, starting=True)
+    assert isinstance(error, LeaderUpdateError)
+    assert "connection reset by peer" in str(error)
+    # Once a query with it succeeded, the same answer counts.
+    served = [SettingEntry("size", 0, b"x", 0)]
+    feed.head = msgspec.structs.replace(head, settings=served, ok=True, error=None)
+    assert answers.error(1, starting=True) is None

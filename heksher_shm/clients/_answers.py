@@ -109,6 +109,10 @@ class RequestAnswers:
     def error(self, seq: int, starting: bool) -> BaseException | None:
         """The error to raise for request *seq*, or None when it went well.
 
+        A setting whose declaration succeeded but that the applied snapshot
+        holds no rules for did not go well: the query that followed failed
+        (the answer named an earlier snapshot, where the declaration had
+        failed, and this process applied a later one before reading it).
         When *starting* (``set_as_main``) and the service cannot be reached but
         a snapshot from an earlier leader covers this process's settings, that
         snapshot serves: a warning is logged instead.
@@ -118,18 +122,31 @@ class RequestAnswers:
         original: BaseException | None = None
         # Settings released once their declaration failed for good (nobody kept them): reported once, here.
         released = self._feed.take_released_failures()
+        unserved: list[str] = []
         if head is not None:
             names = dict(released)
             names.update({s._digest: s.name for s in list(self._feed.settings)})
+            held = {entry.name for entry in head.settings}
             for digest, name in names.items():
                 outcome = head.outcomes.get(digest)
                 if outcome is not None and outcome.error is not None:
                     problems.append(f"declaring {name} failed: {outcome.error}")
                     original = original or self._errors.get(outcome.error_id)
+                elif outcome is not None and name not in held and digest not in released:
+                    unserved.append(name)
         ack = self._ack
         if ack is not None and ack.error is not None and ack.seq >= seq:
             problems.append(f"the update failed: {ack.error}")
             original = original or self._errors.get(ack.error_id)
+        elif head is not None and unserved:
+            # Declared, but without rules in this snapshot: no query with them has succeeded. The
+            # answer named an earlier snapshot, where their declarations had failed; this later one
+            # has their success, and the failure of the query that followed.
+            problems.append(
+                f"the update failed: {head.error}"
+                if head.error
+                else f"no rules published for {', '.join(sorted(unserved))}"
+            )
         if not problems:
             return None
         if starting and self._covered_by_snapshot(released.values()):

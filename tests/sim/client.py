@@ -262,10 +262,13 @@ class SimClient:
         head = self.head
         problems = False
         if head is not None:
-            for digest in self.digests.values():
+            held = {entry.name for entry in head.settings}
+            for name, digest in self.digests.items():
                 outcome = head.outcomes.get(digest)
                 if outcome is not None and outcome.error is not None:
                     problems = True
+                elif outcome is not None and name not in held:
+                    problems = True  # declared since the answer's snapshot; the query that followed failed
         ack = self.ack
         if ack is not None and ack.error is not None and ack.seq >= seq:
             problems = True
