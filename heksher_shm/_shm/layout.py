@@ -346,12 +346,15 @@ def term_check(term: int) -> int:
 
 def fence(words: Sequence[int]) -> tuple[int, bool]:
     """The fencing term the header's words (an array of 8-byte words) name, and whether its two copies
-    disagree. Disagreeing, the higher plausible copy counts, so that a damaged copy never lowers the
-    fence (and ``WORD_MASK``, which fences every term, when neither is plausible)."""
+    disagree. Agreeing, they are the term (whatever its size). Disagreeing, the higher plausible copy
+    counts, so that a damaged copy never lowers the fence (and ``WORD_MASK``, which fences every term,
+    when neither is plausible)."""
     term = int(words[WORD_TERM])
     copy = (int(words[WORD_TERM_CHECK]) * _CHECK_INVERSE) & WORD_MASK
+    if term == copy:
+        return term, False
     plausible = [t for t in (term, copy) if t < PLAUSIBLE_TERM]
-    return max(plausible, default=WORD_MASK), term != copy
+    return max(plausible, default=WORD_MASK), True
 
 
 def encode_error_text(message: str) -> bytes:
