@@ -29,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "DESYNC_SPREAD",
+    "DESYNC_WAVES",
     "FIRST_DELAY",
     "STEADY_SPREAD",
     "SUMMARY_INTERVAL",
@@ -149,10 +150,16 @@ def error_text(exc: BaseException) -> str:
 
 DESYNC_SPREAD = 0.75
 """After a term's first successful update, and after the first success that ends a run of failures, the
-next update waits the interval times a factor drawn uniformly from ``1 ± DESYNC_SPREAD``; every other
-wait is the interval itself. Hosts that started together (a fleet's deploy) or came back together (the
-end of an outage) all query at once that time; the draw spreads their next queries over 1.5 intervals,
-so they do not stay in lockstep, and on average they query as often as they would without it."""
+next :data:`DESYNC_WAVES` updates each wait the interval times a factor drawn uniformly from
+``1 ± DESYNC_SPREAD``; every other wait is the interval itself. Hosts that started together (a fleet's
+deploy) or came back together (the end of an outage) all query at once that time; the draws spread
+their next queries over 1.5 intervals, and the sum of three of them further (a few hosts in step also
+end up more than an interval apart), so they do not stay in lockstep; on average they query as often
+as they would without it."""
+
+DESYNC_WAVES = 3
+"""How many waits in a row are drawn (see :data:`DESYNC_SPREAD`): the spread's requirement is met within
+three intervals."""
 
 
 def update_delay(interval: float, rng: random.Random, desync: bool) -> float:

@@ -43,7 +43,9 @@ class Term:
     failures: int = 0
     """Failed updates in a row (the backoff step)."""
     updated_once: bool = False
-    """Whether an update of this term succeeded yet (the first success's next wait is drawn)."""
+    """Whether an update of this term succeeded yet."""
+    desync_left: int = 0
+    """How many more waits after a success are drawn (see :data:`heksher_shm._engine.health.DESYNC_WAVES`)."""
     error: tuple[str, str] | None = None
     """The standing error (text, id) while updates fail: what a reload() gets during the backoff."""
     lost: set[str] = field(default_factory=set)

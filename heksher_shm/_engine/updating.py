@@ -32,7 +32,7 @@ from heksher_shm._engine.effects import (
     RecordError,
     RecordOk,
 )
-from heksher_shm._engine.health import backoff_delay, error_text, update_delay
+from heksher_shm._engine.health import DESYNC_WAVES, backoff_delay, error_text, update_delay
 from heksher_shm._engine.host import Wish
 from heksher_shm._engine.term import LeaderLost, Spec, Term, acknowledgements, query_spec
 from heksher_shm._model import protocol as proto
@@ -165,8 +165,12 @@ class Updater:
         now = ctx.clock.monotonic()
         if error is None:
             # The first success of a term, or the first after failures: hosts that got here together
-            # (a fleet's start, the end of an outage) must not stay in lockstep.
-            desync = not term.updated_once or term.failures > 0
+            # (a fleet's start, the end of an outage) must not stay in lockstep. The waits after it and
+            # after the next few successes are drawn (see DESYNC_WAVES).
+            if not term.updated_once or term.failures > 0:
+                term.desync_left = DESYNC_WAVES
+            desync = term.desync_left > 0
+            term.desync_left = max(term.desync_left - 1, 0)
             term.failures = 0
             term.error = None
             term.updated_once = True
