@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import stat
@@ -16,9 +17,12 @@ import pytest
 
 import heksher_shm as heksher
 from heksher_shm._engine.context import ErrorBook
-from heksher_shm._model.snapshot import FORMAT, Ack, Head, Outcome, SettingEntry
+from heksher_shm._model.snapshot import FORMAT, Ack, Head, Outcome, SettingEntry, encode_head
+from heksher_shm._shm.layout import WORD_GENERATION
 from heksher_shm.clients._answers import RequestAnswers
-from heksher_shm.exceptions import LeaderUpdateError, SegmentError
+from heksher_shm.clients._contexts import Contexts
+from heksher_shm.clients._feed import SettingsFeed
+from heksher_shm.exceptions import LeaderUpdateError, SegmentCorruptedError, SegmentError
 from heksher_shm.testing import Fault, HeksherService
 from tests._procs import Worker
 from tests._support import FEATURES, unique, until
@@ -376,3 +380,48 @@ def test_a_later_snapshot_without_the_rules_of_a_declared_setting_is_no_answer()
     served = [SettingEntry("size", 0, b"x", 0)]
     feed.head = msgspec.structs.replace(head, settings=served, ok=True, error=None)
     assert answers.error(1, starting=True) is None
+
+
+def test_a_snapshot_with_a_damaged_blob_is_not_applied() -> None:
+    """A byte flipped in a setting's blob after the leader published it: the apply keeps the previous
+    rules and does not count the snapshot as applied, so a reload() it answers waits for the leader's
+    repair instead of returning with the previous rules (simulation seed 1632, long profile)."""
+
+    class DamagedBlob:
+        def verified(self) -> bytes:
+            raise SegmentCorruptedError("checksum mismatch in blob 0")
+
+    name = unique("size")
+    head = Head(
+        format=FORMAT,
+        term=11,
+        published=0.0,
+        context_features=["user"],
+        settings=[SettingEntry(name, 0, b"d" * 16, 1)],
+        outcomes={},
+        ok=True,
+    )
+    words = [0] * (WORD_GENERATION + 1)
+    words[WORD_GENERATION] = 13
+    transport = SimpleNamespace(
+        words=array.array("Q", words),
+        generation=lambda: 13,
+        read_head=lambda: SimpleNamespace(generation=13, head=encode_head(head)),
+        copy_blobs=lambda generation, indices: [DamagedBlob() for _ in indices],
+    )
+    damaged: list[bool] = []
+    feed = SettingsFeed(
+        Contexts(),
+        cast(Any, transport),
+        cast(Any, None),
+        is_main=lambda: False,
+        damaged=lambda: damaged.append(True),
+        update_failed=lambda error: None,
+        applied=lambda: None,
+    )
+    feed.adopt([heksher.Setting(name, int, ["user"], 0)])
+    feed.apply_latest(notify=False)
+    assert damaged
+    assert feed.accepted is None  # settled on, not applied
+    assert feed.head is None
+    assert feed.applied == 13  # not read again at every get()

@@ -353,7 +353,7 @@ class SettingsFeed:
             ]
             indices = sorted({entry.blob for _, entry in todo})
             try:
-                blobs = transport.copy_blobs(read.generation, indices) if indices else []
+                blobs = _copy_checked(transport, read.generation, indices)
             except SegmentError:
                 logger.exception("the shared segment is unreadable; keeping the previous rules")
                 self._settle(generation)
@@ -497,6 +497,17 @@ class _PendingRules:
         if failure is not None:
             # Outside the lock: the callback may do anything, even wait for an update.
             feed._conversion_failed(setting, failure)
+
+
+def _copy_checked(transport: Snapshots, generation: int, indices: Sequence[int]) -> Sequence[Blob] | None:
+    """The blobs at *indices* of snapshot *generation*, their checksums checked now (raises
+    :class:`~heksher_shm.exceptions.SegmentCorruptedError`), for a full apply: a snapshot damaged since
+    it was published is not applied, so that a request it answers waits for the leader's repair rather
+    than returning with the previous rules (its settings' next ``get()`` would keep them)."""
+    blobs = transport.copy_blobs(generation, indices) if indices else []
+    for blob in blobs or ():
+        blob.verified()
+    return blobs
 
 
 def _generation_word(transport: Snapshots) -> memoryview:

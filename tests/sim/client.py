@@ -122,6 +122,8 @@ class SimClient:
             indices = sorted({entry.blob for _, entry in todo})
             try:
                 blobs = segment.copy_blobs(read.generation, indices) if indices else []
+                for blob in blobs or ():
+                    blob.verified()  # _copy_checked: a damaged blob is not applied
             except SegmentError:
                 self.applied_generation = generation
                 self.segment_damaged()
