@@ -7,9 +7,9 @@ master and the workers as they were when the check gave up (see
 :mod:`tests.apps.prefork.stacks`).
 
 ``HEKSHER_GEVENT_LOOP`` sets how many times (default 15: about two minutes on
-an idle 2-core machine, the part of CI's bounded stress step this test may
-take). The loop issue 15 asked for, 200 runs, stopping at the first failure
-and counting them as it goes::
+an idle 2-core machine; CI's bounded stress step runs 3). The loop issue 15
+asked for, 200 runs, stopping at the first failure and counting them as it
+goes::
 
     HEKSHER_GEVENT_LOOP=200 nice -n 10 .venv/bin/pytest -m stress -p no:randomly -x -q \\
         tests/prefork/test_gevent_loop.py
