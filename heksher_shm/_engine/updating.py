@@ -92,13 +92,14 @@ class Updater:
             return False, None
         for wish in wishes:
             term.queried_for[wish.key] = wish.query_seq  # requests seen now are answered by this query
-        error = yield from self.update(term, wishes, spec)
+        error = yield from self.update(term, wishes, spec, scheduled=due)
         return True, error
 
     def update(
-        self, term: Term, wishes: Sequence[Wish], spec: Spec
+        self, term: Term, wishes: Sequence[Wish], spec: Spec, scheduled: bool = True
     ) -> Generator[Effect, Any, BaseException | None]:
-        """Query, publish and acknowledge; returns the error, if any. The update timer restarts here.
+        """Query, publish and acknowledge; returns the error, if any. The update timer restarts here
+        (*scheduled*: the update was due, rather than asked for by a process).
 
         A 404 means the service lost a setting this host still uses (its data
         was reset, or someone deleted the setting): declare everything again,
@@ -147,7 +148,7 @@ class Updater:
         failed = yield from self._publish(term, fresh, None if error is None else error_text(error))
         if error is None and failed is not None:
             error = failed  # the service answered, but readers do not have it: the update failed all the same
-        yield from self._settle(term, error)
+        yield from self._settle(term, error, scheduled)
         yield from self.acknowledge(term, wishes)
         return error
 
@@ -159,7 +160,9 @@ class Updater:
         if changed:
             yield Acknowledge(changed)
 
-    def _settle(self, term: Term, error: BaseException | None) -> Generator[Effect, Any, None]:
+    def _settle(
+        self, term: Term, error: BaseException | None, scheduled: bool = True
+    ) -> Generator[Effect, Any, None]:
         """The end of an update: the next one is due an interval from now, or after a backoff step."""
         ctx = self._ctx
         now = ctx.clock.monotonic()
@@ -167,10 +170,13 @@ class Updater:
             # The first success of a term, or the first after failures: hosts that got here together
             # (a fleet's start, the end of an outage) must not stay in lockstep. The waits after it and
             # after the next few successes are drawn (see DESYNC_WAVES).
+            # An update a process asked for (a reload) restarts the timer at a whole interval, as
+            # clients.rst says; the draws are for the scheduled ones.
             if not term.updated_once or term.failures > 0:
                 term.desync_left = DESYNC_WAVES
-            desync = term.desync_left > 0
-            term.desync_left = max(term.desync_left - 1, 0)
+            desync = scheduled and term.desync_left > 0
+            if desync:
+                term.desync_left -= 1
             term.failures = 0
             term.error = None
             term.updated_once = True
