@@ -148,12 +148,18 @@ def compile_case(
     return features, compiled, const, make_variables(kinds)
 
 
-@settings(max_examples=500, deadline=None)
-@given(
+CASES = (
     st.none() | rule_sets,
     st.lists(st.sampled_from(FEATURES), unique=True, min_size=1),
     defaults,
     tracking,
+)
+"""A case's rules, configurable features, client defaults and tracked values (see :func:`compile_case`)."""
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    *CASES,
     st.lists(partial_contexts, min_size=1, max_size=8),
     st.sampled_from((0, 1000)),
 )
@@ -184,10 +190,7 @@ def test_every_call_resolved_matches_reference(
 
 @settings(max_examples=500, deadline=None)
 @given(
-    st.none() | rule_sets,
-    st.lists(st.sampled_from(FEATURES), unique=True, min_size=1),
-    defaults,
-    tracking,
+    *CASES,
     st.lists(st.tuples(partial_contexts, variable_values), min_size=1, max_size=30),
     st.sampled_from((1, 2, 3, 5, 4096)),
 )
