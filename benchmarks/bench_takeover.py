@@ -10,10 +10,12 @@ status block first names a new leader pid, to split the latency into
 and published". A fresh process then replaces the dead one, so every round
 starts with four.
 
-A new leader first queries the settings its predecessor served that live
-processes still want, then re-declares every setting (once per term): the
-main row has the usual ten settings, a second row (full mode only) has 1,000,
-to show the first snapshot does not wait for the declarations.
+A new leader adopts the snapshot its predecessor left. Rules queried less
+than an interval ago (always, here) it publishes again under its own term at
+once, before any call to the service; older ones it queries first. Then it
+declares every setting again (once per term): the main row has the usual ten
+settings, a second row (full mode only) has 1,000, to show the first
+snapshot does not wait for the declarations.
 
 Heksher 0.2.2 has no leader, so there is no peer number.
 """

@@ -388,18 +388,22 @@ def test_closing_mid_term_lets_go_of_the_lock() -> None:
 
 def test_a_new_term_over_fresh_rules_queries_when_the_old_leader_would_have() -> None:
     """A takeover (or a new main client in one process) costs the service no query: rules queried
-    less than an interval ago are inherited with their ETag, and the first query comes on schedule."""
-    from heksher_shm._model.snapshot import FORMAT, Head, encode_head
+    less than an interval ago are inherited with their ETag, and the first query comes on schedule.
+    They are published again under the new term before its declarations (its first snapshot does
+    not wait for them), with the previous term's declaration outcomes until its own replace them."""
+    from heksher_shm._model.snapshot import FORMAT, Head, Outcome, decode_head, encode_head
 
     clock = FakeClock()
     queried = clock.now - 2.0  # the old leader queried 2 s ago, at a 10 s interval
+    (digest,) = wish().declarations
+    old_outcome = Outcome("size", "uptodate", 200, type="int", features=("user",))
     head = Head(
         format=FORMAT,
         term=1,
         published=clock.wall(),
         context_features=["user"],
         settings=[SettingEntry("size", 0, b"d", 0)],
-        outcomes={},
+        outcomes={digest: old_outcome, "gone": old_outcome},
         ok=True,
         queried=queried,
         filters="user:(alice)",
@@ -417,10 +421,19 @@ def test_a_new_term_over_fresh_rules_queries_when_the_old_leader_would_have() ->
     run = Run(engine(clock), clock)
     wait = run.until(lambda e: isinstance(e, fx.Wait), inherit)
     assert not [e for e in run.log if isinstance(e, fx.Call) and e.path == proto.QUERY]
-    assert [type(e).__name__ for e in run.log if isinstance(e, fx.Publish | fx.Acknowledge)] == [
-        "Publish",  # the term's first snapshot (its answers must name one of its own)
+    steps = [e for e in run.log if isinstance(e, fx.Publish | fx.Acknowledge) or isinstance(e, fx.Calls)]
+    assert [type(e).__name__ for e in steps] == [
+        "Publish",  # the term's first snapshot: the adopted rules, before any declaration
+        "Calls",  # the term's declarations
+        "Publish",  # with their outcomes (an answer names a snapshot of the term that has them)
         "Acknowledge",
     ]
+    first, second = (decode_head(e.head) for e in steps if isinstance(e, fx.Publish))
+    assert (first.term, second.term) == (2, 2)
+    assert [s.name for s in first.settings] == [s.name for s in second.settings] == ["size"]
+    assert first.outcomes == {digest: old_outcome, "gone": old_outcome}
+    assert set(second.outcomes) == {digest}  # the term's own outcomes only
+    assert first.etag == second.etag == '"7"'
     assert wait.timeout == pytest.approx(queried + INTERVAL - clock.now)
     clock.now += wait.timeout
     run.until(lambda e: isinstance(e, fx.Wait), inherit)

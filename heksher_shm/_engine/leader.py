@@ -32,7 +32,7 @@ from heksher_shm._engine.host import Restored, Wish
 from heksher_shm._engine.term import LeaderLost, Term, query_spec
 from heksher_shm._engine.updating import Updater, keep_lead
 from heksher_shm._model import protocol as proto
-from heksher_shm._model.snapshot import Head, SettingEntry, decode_head
+from heksher_shm._model.snapshot import Head, Outcome, SettingEntry, decode_head
 
 __all__ = ["Leader"]
 
@@ -54,6 +54,7 @@ class Leader:
         self._closed = closed
         self._updater = Updater(ctx, Declarer(ctx))
         self._wishes: list[Wish] = []
+        self._inherited_outcomes: dict[str, Outcome] = {}
 
     def run(self) -> Generator[Effect, Any, None]:
         """The term, until the client closes; raises :class:`~heksher_shm._engine.term.LeaderLost` when it
@@ -67,6 +68,11 @@ class Leader:
         term.next_prune = ctx.clock.monotonic() + ctx.update_interval
         yield RingAll()  # followers watch this process from now on
         yield from self._inherit()
+        if term.next_update > ctx.clock.monotonic():
+            # Rules as fresh as a query would make them: the term's first snapshot needs no call to
+            # the service (the first costs tens of milliseconds: the HTTP client is made then).
+            yield from self._updater.carry_over(term, self._inherited_outcomes)
+        self._inherited_outcomes = {}
         term.context_features = (yield from self._fetch_context_features()) or term.context_features
         yield from self._refresh_inherited()
         while not self._closed():
@@ -176,6 +182,7 @@ class Leader:
             term.etag = head.etag
             term.spec = (tuple(sorted(entry.name for entry in head.settings)), head.filters)
             term.next_update = queried + self._ctx.update_interval
+            self._inherited_outcomes = dict(head.outcomes)
 
     def _refresh_inherited(self) -> Generator[Effect, Any, None]:
         """A new term's first update, before its declarations: the settings the previous leader

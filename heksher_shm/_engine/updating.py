@@ -36,7 +36,7 @@ from heksher_shm._engine.health import DESYNC_WAVES, backoff_delay, error_text, 
 from heksher_shm._engine.host import Wish
 from heksher_shm._engine.term import LeaderLost, Spec, Term, acknowledgements, query_spec
 from heksher_shm._model import protocol as proto
-from heksher_shm._model.snapshot import FORMAT, Head, encode_head
+from heksher_shm._model.snapshot import FORMAT, Head, Outcome, encode_head
 from heksher_shm.exceptions import SnapshotFencedError
 
 __all__ = ["Updater", "keep_lead"]
@@ -189,13 +189,30 @@ class Updater:
             term.error = (text, ctx.errors.remember(error))
             yield RecordError(text, ctx.clock.wall())
 
+    def carry_over(self, term: Term, outcomes: dict[str, Outcome]) -> Generator[Effect, Any, None]:
+        """A new term's first snapshot, before its declarations: the rules it adopted (queried less than
+        an interval ago, so a query now would bring nothing), under its own term.
+
+        Declaring every setting again takes a while (1,000 settings: about a
+        second), and the term's first snapshot should not wait for it: from
+        this one on, the segment holds a snapshot of the live term (readers
+        no longer rely on the adopted one, and :meth:`verify` has something
+        to check). It carries the previous term's declaration *outcomes*
+        (what readers already had), until the term's own declarations
+        replace them in its next snapshot.
+        """
+        failed = yield from self._publish(term, None, None, outcomes)
+        if failed is not None:
+            yield from self._settle(term, failed)
+
     def _publish(
-        self, term: Term, fresh: Fresh | None, error: str | None
+        self, term: Term, fresh: Fresh | None, error: str | None, inherited: dict[str, Outcome] | None = None
     ) -> Generator[Effect, Any, BaseException | None]:
         """Publish what changed (or the term's first snapshot); returns why publishing failed, if it did.
 
         *error* describes the failure of the update behind it (the head says whether its rules come
-        from a successful query).
+        from a successful query). *inherited*: the previous term's outcomes, for the term's first
+        snapshot (see :meth:`carry_over`).
         """
         ctx = self._ctx
         entries, blobs, queried, as_of = term.entries, term.blobs, term.queried, term.as_of
@@ -219,7 +236,7 @@ class Updater:
             published=ctx.clock.wall(),
             context_features=term.context_features or ctx.context_features,
             settings=entries,
-            outcomes=dict(term.declared),
+            outcomes={**inherited, **term.declared} if inherited is not None else dict(term.declared),
             ok=error is None,
             error=error,
             update_interval=ctx.update_interval,
@@ -237,7 +254,7 @@ class Updater:
         term.entries, term.blobs, term.queried = entries, blobs, queried
         term.as_of, term.restored = as_of, restored
         term.published = True
-        term.published_outcomes = head.outcomes
+        term.published_outcomes = dict(term.declared)
         if fresh is not None:
             term.etag = fresh.etag
         if changed:
