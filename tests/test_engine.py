@@ -421,7 +421,7 @@ def test_a_new_term_over_fresh_rules_queries_when_the_old_leader_would_have() ->
     run = Run(engine(clock), clock)
     wait = run.until(lambda e: isinstance(e, fx.Wait), inherit)
     assert not [e for e in run.log if isinstance(e, fx.Call) and e.path == proto.QUERY]
-    steps = [e for e in run.log if isinstance(e, fx.Publish | fx.Acknowledge) or isinstance(e, fx.Calls)]
+    steps = [e for e in run.log if isinstance(e, fx.Publish | fx.Acknowledge | fx.Calls)]
     assert [type(e).__name__ for e in steps] == [
         "Publish",  # the term's first snapshot: the adopted rules, before any declaration
         "Calls",  # the term's declarations

@@ -488,3 +488,43 @@ def test_malformed_declaration_is_logged_once(
     assert [r.getMessage() for r in caplog.records].count(
         "skipping a malformed declaration in a registration"
     ) == 1
+
+
+def test_one_declaration_of_many_processes_is_decoded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live_identities: Callable[[], ProcessIdentity]
+) -> None:
+    """Workers of one application declare the same settings: the leader decodes each distinct
+    declaration once, not once per process, and a scan after one registration changed decodes only
+    what is new in it; every process's wish still holds every declaration."""
+    from heksher_shm._engine import shared
+    from heksher_shm._shm.registry import Registry
+
+    decoded: list[bytes] = []
+    real = shared._declaration_decoder
+
+    class Counting:
+        def decode(self, raw: Any) -> Any:
+            decoded.append(bytes(raw))
+            return real.decode(raw)
+
+    monkeypatch.setattr(shared, "_declaration_decoder", Counting())
+    directory = tmp_path / "registry"
+    directory.mkdir(mode=0o700)
+    segment = Segment.open(tmp_path / "segment")
+    common = [_declaration(f"s{i}") for i in range(50)]
+    identities = [live_identities() for _ in range(4)]
+    for identity in identities:
+        (directory / f"{token(identity)}.reg").write_bytes(_registration(identity, declarations=common))
+    source = shared.RegistrySource(Registry(directory), segment)
+    wishes = source.wishes(prune=True)
+    assert [len(w.declarations) for w in wishes] == [50] * 4
+    assert len(decoded) == 50
+    decoded.clear()
+    changed = identities[0]
+    extra = [*common, _declaration("new")]
+    entry = directory / f"{token(changed)}.reg"
+    entry.write_bytes(_registration(changed, declarations=extra, reload_seq=2))
+    wishes = source.wishes(prune=True)  # (the segment is not formatted: no counter to bump)
+    assert sorted(len(w.declarations) for w in wishes) == [50, 50, 50, 51]
+    assert [msgspec.json.decode(raw)["name"] for raw in decoded] == ["new"]
+    segment.close()

@@ -90,14 +90,15 @@ class Declarer:
         """One try of each declaration, concurrently, never the same setting name twice at once."""
         outcomes: dict[str, Outcome] = {}
         rounds: list[list[tuple[str, proto.DeclarationBody]]] = []
+        seen: dict[str, int] = {}  # name -> how many declarations of it went into rounds so far
         for digest, body in bodies.items():
-            # Two processes may declare one setting differently (two versions): one at a time.
-            for batch in rounds:
-                if all(other.name != body.name for _, other in batch):
-                    batch.append((digest, body))
-                    break
-            else:
-                rounds.append([(digest, body)])
+            # Two processes may declare one setting differently (two versions): one at a time, the
+            # n-th declaration of a name in the n-th round.
+            n = seen.get(body.name, 0)
+            seen[body.name] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append((digest, body))
         for batch in rounds:
             calls = [
                 Call(
