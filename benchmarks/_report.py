@@ -84,6 +84,12 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"* Load average when the run started (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load)}"
         )
+    for rerun in report.get("reruns", []):
+        lines.append(
+            f"* Run again apart, and shown from that run: {', '.join(rerun['cases'])}; "
+            f"``{rerun['command'].strip()}``, {rerun['date']}, commit {rerun['source']}, load average "
+            f"{', '.join(f'{x:.2f}' for x in rerun['loadavg_at_start'])}"
+        )
     lines += [
         "",
         ".. list-table:: Medians, with (min to max) over the repeats; ratio is ours / peer",

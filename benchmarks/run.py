@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         help="run nothing: write the docs (--write-docs) from the JSON of an earlier run",
     )
     parser.add_argument(
+        "--replace-in",
+        type=Path,
+        metavar="RESULTS",
+        help="put the cases run (with --only) in place of the same cases in the JSON of an earlier run, "
+        "noting the run apart in it; --write-docs then writes the docs from the whole",
+    )
+    parser.add_argument(
         "--service",
         metavar="URL",
         help="run against the real Heksher at URL (as HEKSHER_TEST_URL does; default: in-memory)",
@@ -112,6 +119,21 @@ def _run_cases(run: Run, cases: list[str]) -> tuple[list[dict[str, Any]], list[s
         log(f"case {case} took {result['seconds']} s")
         results.append(result)
     return results, failures
+
+
+def _replaced(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """*base* (a whole run) with *part*'s cases in place of its own, and *part* noted as a run apart."""
+    new = {case["case"]: case for case in part["cases"]}
+    cases = [new.pop(case["case"], case) for case in base["cases"]]
+    cases += new.values()  # cases the base run did not have
+    rerun = {
+        "cases": [case["case"] for case in part["cases"]],
+        "command": part["command"],
+        "date": part["machine"]["date"],
+        "source": part["machine"].get("source", "unknown"),
+        "loadavg_at_start": part["machine"]["loadavg_at_start"],
+    }
+    return {**base, "cases": cases, "reruns": [*base.get("reruns", []), rerun]}
 
 
 def _command(argv: list[str]) -> str:
@@ -161,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started, 1),
         "cases": results,
     }
+    if args.replace_in is not None:
+        report = _replaced(json.loads(args.replace_in.read_text()), report)
+        args.replace_in.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.replace_in}")
     text = json.dumps(report, indent=2)
     print(text)
     if args.json is not None:
