@@ -299,6 +299,45 @@ def test_failing_queries_back_off_and_a_reload_gets_the_standing_error() -> None
     assert len(asked) == count
 
 
+def test_an_update_with_nothing_to_ask_neither_ends_nor_resets_a_backoff() -> None:
+    """Queries fail; the only process that wanted a setting leaves, so an update comes with nothing to
+    ask: that says nothing of the service (no "recovered", no success recorded), and once a process
+    wants a setting again the backoff goes on where it was (simulated seed 1712689: it restarted at
+    its first step, 0.5 s, after two failures)."""
+    clock = FakeClock()
+    run = Run(engine(clock), clock)
+    calm_world = calm()
+    present = {"wishes": [wish()]}
+    asked: list[float] = []
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.ScanWishes):
+            return present["wishes"]
+        if isinstance(effect, fx.Call) and effect.path == proto.QUERY:
+            asked.append(clock.now)
+            return response(503, {"detail": "down"})
+        return calm_world(effect)
+
+    def step() -> None:
+        clock.now += wait.timeout
+        run.answer(False)
+
+    wait = run.until(lambda e: isinstance(e, fx.Wait), answer)  # the first query failed
+    step()
+    wait = run.until(lambda e: isinstance(e, fx.Wait), answer)  # the second
+    present["wishes"] = []
+    step()
+    wait = run.until(lambda e: isinstance(e, fx.Wait), answer)  # nothing to ask
+    assert len(asked) == 2
+    assert 0.5 <= wait.timeout <= 1.0  # the same step again, not the first one
+    present["wishes"] = [wish()]
+    step()
+    wait = run.until(lambda e: isinstance(e, fx.Wait), answer)  # the third query failed
+    assert len(asked) == 3
+    assert 1.0 <= wait.timeout <= 2.0  # the step after three failures in a row
+    assert not [e for e in run.log if isinstance(e, fx.RecordOk)]
+
+
 def test_a_lost_setting_that_cannot_be_declared_again_is_no_longer_asked_for() -> None:
     """The service lost its data; one setting's declaration is refused now (a new setting must be
     version 1.0). After the 404 the leader declares again and queries once more without it, and from

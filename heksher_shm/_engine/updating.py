@@ -136,6 +136,10 @@ class Updater:
             except Exception as e:  # transport, protocol, and anything unexpected: reported, never fatal
                 error = e
             break
+        if error is None and not spec[0] and term.failures:
+            # Nothing to ask (no live process wants a setting the service has) says nothing of the
+            # service: a run of failures goes on as it was, neither recovered nor reset.
+            return (yield from self._nothing_asked(term, wishes, spec))
         if error is None:
             term.spec = spec
             self._ctx.service.resolved()
@@ -151,6 +155,23 @@ class Updater:
         yield from self._settle(term, error, scheduled)
         yield from self.acknowledge(term, wishes)
         return error
+
+    def _nothing_asked(
+        self, term: Term, wishes: Sequence[Wish], spec: Spec
+    ) -> Generator[Effect, Any, BaseException | None]:
+        """An update with no setting to ask for while updates fail: publish what changed (declaration
+        outcomes) with the standing error, and wait another backoff step at the same one."""
+        ctx = self._ctx
+        term.spec = spec
+        standing = term.error[0] if term.error is not None else None
+        failed = yield from self._publish(term, None, standing)
+        if failed is not None:
+            yield from self._settle(term, failed)
+        else:
+            step = backoff_delay(term.failures, ctx.update_interval, ctx.rng)
+            term.next_update = ctx.clock.monotonic() + step
+        yield from self.acknowledge(term, wishes)
+        return failed
 
     def acknowledge(self, term: Term, wishes: Sequence[Wish]) -> Generator[Effect, Any, None]:
         """Answer the requests that this term's work answered and that were not answered yet."""
