@@ -160,7 +160,12 @@ class Updater:
         self, term: Term, wishes: Sequence[Wish], spec: Spec
     ) -> Generator[Effect, Any, BaseException | None]:
         """An update with no setting to ask for while updates fail: publish what changed (declaration
-        outcomes) with the standing error, and wait another backoff step at the same one."""
+        outcomes) with the standing error, and sleep an interval, as a leader with nothing to ask does.
+
+        The run of failures stays: a process that wants a setting again meanwhile is answered as during
+        a backoff (the standing error at once, and a query when the next update is due, or as soon as a
+        declaration of its gets an answer), never by a query sooner than the backoff allows.
+        """
         ctx = self._ctx
         term.spec = spec
         standing = term.error[0] if term.error is not None else None
@@ -168,8 +173,7 @@ class Updater:
         if failed is not None:
             yield from self._settle(term, failed)
         else:
-            step = backoff_delay(term.failures, ctx.update_interval, ctx.rng)
-            term.next_update = ctx.clock.monotonic() + step
+            term.next_update = ctx.clock.monotonic() + ctx.update_interval
         yield from self.acknowledge(term, wishes)
         return failed
 
