@@ -79,10 +79,7 @@ class Updater:
             if not term.published or term.declared != term.published_outcomes:
                 # The term's first snapshot, or new outcomes: a process reads its declarations'
                 # outcomes in the snapshot its acknowledgement names, so they must be in one.
-                standing = term.error[0] if term.error is not None else None
-                failed = yield from self._publish(term, None, standing)
-                if failed is not None:
-                    yield from self._settle(term, failed)
+                yield from self._republish(term)
             yield from self.acknowledge(term, wishes)
             return False, None
         if term.failures and not due and not answered:
@@ -168,11 +165,8 @@ class Updater:
         """
         ctx = self._ctx
         term.spec = spec
-        standing = term.error[0] if term.error is not None else None
-        failed = yield from self._publish(term, None, standing)
-        if failed is not None:
-            yield from self._settle(term, failed)
-        else:
+        failed = yield from self._republish(term)
+        if failed is None:
             term.next_update = ctx.clock.monotonic() + ctx.update_interval
         yield from self.acknowledge(term, wishes)
         return failed
@@ -226,9 +220,18 @@ class Updater:
         (what readers already had), until the term's own declarations
         replace them in its next snapshot.
         """
-        failed = yield from self._publish(term, None, None, outcomes)
+        yield from self._republish(term, outcomes)
+
+    def _republish(
+        self, term: Term, inherited: dict[str, Outcome] | None = None
+    ) -> Generator[Effect, Any, BaseException | None]:
+        """Publish what the term holds, without a query (new outcomes, or its first snapshot), with the
+        standing error while updates fail; a publish that fails is a failed update (a backoff step)."""
+        standing = term.error[0] if term.error is not None else None
+        failed = yield from self._publish(term, None, standing, inherited)
         if failed is not None:
             yield from self._settle(term, failed)
+        return failed
 
     def _publish(
         self, term: Term, fresh: Fresh | None, error: str | None, inherited: dict[str, Outcome] | None = None
