@@ -113,9 +113,13 @@ def test_takeover_after_sigkill(service: HeksherService, workers: list[Worker]) 
             assert time.monotonic() - t0 < 2, "no takeover within 2 s"
         # the new leader re-declared and serves: a reload from any survivor reaches the service
         service.set_rule_value(rule, round_)
-        alive[-1].ask("reload")
+        reloader = alive[-1]
+        reloader.ask("reload")
+        assert reloader.ask("get", name, {"user": "alice"}) == round_  # applied in its process on return
+        # The others apply the snapshot when the leader rings them; a get() meanwhile (or while their
+        # background loop applies it: get() never waits for that) answers with the rules they had.
         for w in alive:
-            assert w.ask("get", name, {"user": "alice"}) == round_
+            assert w.ask("wait_value", name, {"user": "alice"}, round_, 2.0) is not None, w.pid
         workers.append(Worker(service.url, "thread", [name], interval))
         workers[-1].ready()
 
