@@ -156,6 +156,11 @@ _SPECS: tuple[tuple[str, Literal["gauge", "counter"], str], ...] = (
     ("updates", "counter", "Updates of the rules by the segment's leaders, by outcome (ok, failed)."),
     ("leader_changes", "counter", "Times a new leader took the segment over (takeovers)."),
     ("declarations", "counter", "Declarations sent by the segment's leaders, by outcome (ok, failed)."),
+    (
+        "damage_reports",
+        "counter",
+        "Times a process found the published snapshot damaged and asked the leader to check the segment.",
+    ),
     ("generation", "gauge", "The generation of the published snapshot (0: nothing published)."),
     ("settings", "gauge", "Settings in the published snapshot."),
     ("rules", "gauge", "Rules in the published snapshot."),
@@ -179,11 +184,13 @@ def _figures(st: SegmentStatus) -> Iterable[tuple[str, float | Mapping[str, floa
     yield "last_update_timestamp_seconds", st.last_update_ok
     yield "update_interval_seconds", st.update_interval
     yield "heartbeat_age_seconds", st.heartbeat_age if live_leader else None
-    # The header's counters (format 4): only ever incremented by leaders, read as whole words.
+    # The header's counters: only ever incremented (by leaders; damage reports by any process), read as
+    # whole words.
     if header is not None and header.formatted:
         yield "updates", {"ok": header.updates_ok, "failed": st.error_count}
         yield "leader_changes", header.leader_changes
         yield "declarations", {"ok": header.declarations_ok, "failed": header.declaration_failures}
+        yield "damage_reports", header.damage_reports
     else:
         yield "updates", {"ok": None, "failed": st.error_count}
     yield "generation", st.generation

@@ -122,6 +122,8 @@ def calm(term: int = 1, wishes: list[Wish] | None = None, publish: Callable[[Any
             return False
         if isinstance(effect, fx.ReadMarks):
             return Marks(0.0, 0, None)
+        if isinstance(effect, fx.DamageReports):
+            return 0
         return None
 
     return answer
@@ -159,6 +161,7 @@ def test_a_first_term_declares_queries_publishes_and_answers() -> None:
         "Call",  # the service's context features
         "KeepsLead",
         "ScanWishes",
+        "DamageReports",  # a check of the segment only when a process reported damage
         "Calls",  # the declaration
         "CountDeclarations",
         "Call",  # the query
@@ -408,6 +411,60 @@ def test_a_new_registration_is_answered_without_a_republish() -> None:
     (ack,) = [e for e in new if isinstance(e, fx.Acknowledge)]
     assert list(ack.acks) == ["p2"]
     assert sum(isinstance(e, fx.Publish) for e in run.log) == published
+
+
+def test_a_ring_from_a_registration_costs_no_segment_check_and_a_damage_report_does() -> None:
+    """The idle 1 x 1,000 benchmark: a leader woken 1 ms after its first publish by its own process's
+    registration read back its 1,000 blobs 2 s later (VERIFY_INTERVAL). A wake that the registrations
+    explain checks nothing; one after a process reported damage (the counter moved) checks, right away
+    or (within VERIFY_INTERVAL of the last check) at a wake of its own, VERIFY_INTERVAL after it."""
+    clock = FakeClock()
+    interval = 100.0  # the first update's wait is drawn: at least 25 s, far beyond these wakes
+    context = Context(
+        update_interval=interval,
+        context_features=["user"],
+        shared=True,
+        clock=clock,
+        rng=random.Random(1),
+        errors=ErrorBook(1),
+    )
+    run = Run(Engine(context), clock)
+    wishes = [wish("p1")]
+    reports = {"count": 7}  # what earlier terms left: the term's first publish covers it
+    calm_world = calm(wishes=wishes)
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.DamageReports):
+            return reports["count"]
+        return calm_world(effect)
+
+    def next_wake(advance: float) -> tuple[float, list[Any]]:
+        clock.now += advance
+        mark = len(run.log)
+        wait = run.until(lambda e: isinstance(e, fx.Wait), answer)
+        return clock.now + wait.timeout, run.log[mark:]
+
+    def checks(effects: list[Any]) -> list[str]:
+        return [type(e).__name__ for e in effects if isinstance(e, fx.ReadHead | fx.ReadBlobs)]
+
+    update_due, _ = next_wake(0.0)
+    wishes.append(wish("p2"))  # a newcomer rings, 1 ms after the publish
+    wake_at, new = next_wake(0.001)
+    assert checks(new) == []
+    assert wake_at == update_due  # and no wake of its own for a check
+    wake_at, new = next_wake(3.0)  # rung again (a process added a setting): still nothing to check
+    assert (checks(new), wake_at) == ([], update_due)
+
+    reports["count"] += 1  # a process found the snapshot damaged, then rang
+    wake_at, new = next_wake(0.5)
+    assert (checks(new), wake_at) == (["ReadHead", "ReadBlobs"], update_due)
+    checked = clock.now
+    reports["count"] += 1  # another report, 1 ms after that check: put off, with a wake of its own
+    wake_at, new = next_wake(0.001)
+    assert checks(new) == []
+    assert wake_at == pytest.approx(checked + policy.VERIFY_INTERVAL)
+    wake_at, new = next_wake(wake_at - clock.now)
+    assert (checks(new), wake_at) == (["ReadHead", "ReadBlobs"], update_due)
 
 
 def test_closing_mid_term_lets_go_of_the_lock() -> None:

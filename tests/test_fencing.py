@@ -1,4 +1,4 @@
-"""Fenced leaders: terms (fencing tokens) in segment format 4, refused by writers and by readers.
+"""Fenced leaders: terms (fencing tokens) in the segment (since format 4), refused by writers and by readers.
 
 Two ``Segment`` objects on one file stand for two processes: each has its own
 ``MAP_SHARED`` mapping, so what one stores the other loads. The narrow window
@@ -67,8 +67,8 @@ def at_step(step: str, action: Callable[[], object]) -> Callable[[str], None]:
 # ---------------------------------------------------------------------- the layout
 
 
-def test_format_4_layout() -> None:
-    assert layout.FORMAT_VERSION == 4
+def test_format_5_layout() -> None:
+    assert layout.FORMAT_VERSION == 5
     assert layout.DESCRIPTOR_SIZE == 64
     assert layout.DESCRIPTOR_CRC_SPAN == 56
     leader_words = [
@@ -79,8 +79,9 @@ def test_format_4_layout() -> None:
         (layout.OFF_DECLARATIONS_OK, layout.WORD_DECLARATIONS_OK),
         (layout.OFF_DECLARATION_FAILURES, layout.WORD_DECLARATION_FAILURES),
         (layout.OFF_TERM_CHECK, layout.WORD_TERM_CHECK),
+        (layout.OFF_DAMAGE_REPORTS, layout.WORD_DAMAGE_REPORTS),  # format 5: bumped by any process
     ]
-    assert [offset for offset, _ in leader_words] == list(range(1280, 1336, 8))
+    assert [offset for offset, _ in leader_words] == list(range(1280, 1344, 8))
     assert all(word * 8 == offset for offset, word in leader_words)
     assert layout.OFF_STATUS + layout.STATUS_SIZE == 1272  # the status block ends before them
     assert not hasattr(layout, "descriptor_offset")
@@ -97,7 +98,8 @@ def test_format_4_layout() -> None:
 
     fresh = layout.format_header(99, term=6)
     assert len(fresh) == layout.HEADER_SIZE
-    assert struct.unpack_from("<QQQQQQQ", fresh, layout.OFF_TERM) == (6, 0, 0, 0, 0, 0, layout.term_check(6))
+    words = struct.unpack_from("<QQQQQQQQ", fresh, layout.OFF_TERM)
+    assert words == (6, 0, 0, 0, 0, 0, layout.term_check(6), 0)
     assert layout.term_check(0) == 0  # a zeroed header agrees with itself
     assert layout.unpack_prefix(fresh).generation_floor == 99
 

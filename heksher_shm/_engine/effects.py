@@ -44,6 +44,7 @@ __all__ = [
     "Calls",
     "Compute",
     "CountDeclarations",
+    "DamageReports",
     "Digest",
     "Effect",
     "EndTakeover",
@@ -404,6 +405,17 @@ class ScanWishes(HostEffect):
 
     def perform(self, host: Host) -> Any:
         return host.scan_wishes(self.prune)
+
+
+@dataclass(frozen=True)
+class DamageReports(HostEffect):
+    """The segment's damage report counter: processes that found the published snapshot damaged
+    bump it before they ring the leader (one aligned load)."""
+
+    quick: ClassVar[bool] = True
+
+    def perform(self, host: Host) -> int:
+        return host.damage_reports()
 
 
 @dataclass(frozen=True)

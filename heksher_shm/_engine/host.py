@@ -190,6 +190,11 @@ class Host(Protocol):
         """Add to the declaration counters."""
         ...
 
+    def damage_reports(self) -> int:
+        """How many times processes reported the published snapshot damaged (a counter that only
+        moves: the leader compares it with what it saw last)."""
+        ...
+
     # -- the other processes --------------------------------------------------------------------------
 
     def scan_wishes(self, prune: bool) -> list[Wish]:

@@ -152,6 +152,9 @@ class LocalHost:
     def count_declarations(self, ok: int, failed: int) -> None:
         pass
 
+    def damage_reports(self) -> int:
+        return 0  # a snapshot kept in this process's memory is not shared: nobody else can damage it
+
     # -- this process's wish and answers -------------------------------------------------------------
 
     def scan_wishes(self, prune: bool) -> list[Wish]:

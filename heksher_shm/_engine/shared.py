@@ -495,6 +495,9 @@ class SharedHost:
     def count_declarations(self, ok: int, failed: int) -> None:
         self._parts.segment.count_declarations(ok, failed)
 
+    def damage_reports(self) -> int:
+        return self._parts.segment.damage_reports()
+
     # -- the other processes --------------------------------------------------------------------------
 
     def scan_wishes(self, prune: bool) -> list[Wish]:

@@ -70,7 +70,11 @@ class Term:
     fresh: bool = False
     """It published at this wake (nothing to verify yet)."""
     verified: float = 0.0
+    """When it last checked the segment (or published: monotonic seconds)."""
     verify_wanted: bool = False
+    """A check is due at the next wake at least VERIFY_INTERVAL after the last one."""
+    damage_seen: int | None = None
+    """The segment's damage report counter when it last looked (None: not yet, in this term)."""
 
 
 def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:

@@ -314,14 +314,17 @@ class Updater:
         term.fresh = True
         return None
 
-    def verify(self, term: Term) -> Generator[Effect, Any, None]:
+    def verify(self, term: Term, updated: bool) -> Generator[Effect, Any, None]:
         """Republish if what readers would find is not what this leader published (damaged, overwritten,
         or fenced off: a replaced leader's late snapshot).
 
-        Called at every wake; checks at most once per :data:`VERIFY_INTERVAL`
-        (reading back a big snapshot costs). A check wanted sooner is made at
-        the next wake, and the leader wakes for it when that time comes only
-        if it would otherwise sleep more than two intervals.
+        Called at every wake; a check is wanted after an update (*updated*)
+        that published nothing, and when a process reported damage (the
+        leader saw the segment's damage report counter move: ``verify_wanted``).
+        It checks at most once per :data:`VERIFY_INTERVAL` (reading back a big
+        snapshot costs). A check wanted sooner is made at the next wake, and the
+        leader wakes for it when that time comes only if it would otherwise
+        sleep more than two intervals.
         """
         if not term.generation or term.fresh:
             # Nothing of this term's to check, or it just published: what it wrote is what is there.
@@ -329,7 +332,9 @@ class Updater:
             term.verify_wanted = False
             term.verified = self._ctx.clock.monotonic()
             return
-        term.verify_wanted = True
+        term.verify_wanted = term.verify_wanted or updated
+        if not term.verify_wanted:
+            return  # woken by a registration, a request answered without a query...: nothing to check
         now = self._ctx.clock.monotonic()
         if now - term.verified < policy.VERIFY_INTERVAL:
             return

@@ -42,7 +42,9 @@ Header (offsets in bytes)::
       1312     8  declarations_ok u64    declarations the service accepted
       1320     8  declaration_failures u64  declarations that failed
       1328     8  term_check      u64    the term times an odd constant (mod 2**64), stored after it
-      1336  2760  reserved               zero, up to HEADER_SIZE
+      1336     8  damage_reports  u64    bumped by any process that found the published snapshot
+                                         damaged, before it rings the leader (format 5)
+      1344  2752  reserved               zero, up to HEADER_SIZE
 
 **Fencing.** A leader takes a term (``term + 1``) right after it takes the
 election lock, and every descriptor records the term that published it. A
@@ -108,6 +110,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "OFF_ADOPTED",
+    "OFF_DAMAGE_REPORTS",
     "OFF_DECLARATIONS_OK",
     "OFF_DECLARATION_FAILURES",
     "OFF_ERROR_COUNT",
@@ -128,6 +131,7 @@ __all__ = [
     "STATUS_SIZE",
     "TABLE_ENTRY_SIZE",
     "WORD_ADOPTED",
+    "WORD_DAMAGE_REPORTS",
     "WORD_DECLARATIONS_OK",
     "WORD_DECLARATION_FAILURES",
     "WORD_ERROR_COUNT",
@@ -160,7 +164,7 @@ __all__ = [
 MAGIC = b"HKSHMSEG"
 """First 8 bytes of every formatted segment."""
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """Bumped on any incompatible layout change; readers refuse other versions."""
 
 HEADER_SIZE = 4096
@@ -198,6 +202,7 @@ OFF_UPDATES_OK = 1304
 OFF_DECLARATIONS_OK = 1312
 OFF_DECLARATION_FAILURES = 1320
 OFF_TERM_CHECK = 1328
+OFF_DAMAGE_REPORTS = 1336
 
 # Indices into the header viewed as an array of 8-byte words.
 WORD_GENERATION = OFF_GENERATION // 8
@@ -213,6 +218,7 @@ WORD_UPDATES_OK = OFF_UPDATES_OK // 8
 WORD_DECLARATIONS_OK = OFF_DECLARATIONS_OK // 8
 WORD_DECLARATION_FAILURES = OFF_DECLARATION_FAILURES // 8
 WORD_TERM_CHECK = OFF_TERM_CHECK // 8
+WORD_DAMAGE_REPORTS = OFF_DAMAGE_REPORTS // 8
 WORD_MASK = (1 << 64) - 1
 PLAUSIBLE_TERM = 1 << 53
 """Terms are counts, or microseconds since the epoch: a term word at or above this is damaged."""
@@ -241,7 +247,7 @@ assert OFF_DESCRIPTORS + SLOT_COUNT * DESCRIPTOR_SIZE == OFF_STATUS
 assert _DESCRIPTOR.size - 8 == DESCRIPTOR_CRC_SPAN  # the crc and the reserved word are not covered
 assert OFF_STATUS + STATUS_SIZE <= OFF_TERM
 assert OFF_TERM % 8 == 0
-assert OFF_DECLARATION_FAILURES + 8 <= HEADER_SIZE
+assert OFF_DAMAGE_REPORTS + 8 <= HEADER_SIZE
 
 DESCRIPTOR_OFFSETS = tuple(OFF_DESCRIPTORS + i * DESCRIPTOR_SIZE for i in range(SLOT_COUNT))
 """Header offset of each slot descriptor."""

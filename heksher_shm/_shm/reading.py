@@ -47,6 +47,7 @@ from heksher_shm._shm.layout import (
     STATUS_SIZE,
     TABLE_ENTRY_SIZE,
     WORD_ADOPTED,
+    WORD_DAMAGE_REPORTS,
     WORD_DECLARATION_FAILURES,
     WORD_DECLARATIONS_OK,
     WORD_ERROR_COUNT,
@@ -180,6 +181,10 @@ class SegmentReader(MappedFile):
     def registry_seq(self) -> int:
         """The registry change counter (see :meth:`bump_registry_seq`). One aligned load."""
         return self._words[WORD_REGISTRY_SEQ]
+
+    def damage_reports(self) -> int:
+        """The damage report counter (see :meth:`report_damage`). One aligned load."""
+        return self._words[WORD_DAMAGE_REPORTS]
 
     def error_count(self) -> int:
         """How many errors the leader recorded; only ever increases. One aligned load."""
@@ -465,6 +470,7 @@ class SegmentReader(MappedFile):
             updates_ok=words[WORD_UPDATES_OK],
             declarations_ok=words[WORD_DECLARATIONS_OK],
             declaration_failures=words[WORD_DECLARATION_FAILURES],
+            damage_reports=words[WORD_DAMAGE_REPORTS],
         )
 
     def _read_status_block(self) -> StatusBlock | None:

@@ -107,3 +107,5 @@ class HeaderStatus:
     """Declarations the service accepted."""
     declaration_failures: int = 0
     """Declarations that failed."""
+    damage_reports: int = 0
+    """Times a process found the published snapshot damaged and reported it to the leader."""

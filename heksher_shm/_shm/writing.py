@@ -48,6 +48,7 @@ from heksher_shm._shm.layout import (
     STATUS_SIZE,
     TABLE_ENTRY_SIZE,
     WORD_ADOPTED,
+    WORD_DAMAGE_REPORTS,
     WORD_DECLARATION_FAILURES,
     WORD_DECLARATIONS_OK,
     WORD_ERROR_COUNT,
@@ -485,6 +486,20 @@ class SegmentWriter(SegmentReader):
                 error_text=text, last_error_time=when, error_count=(block.error_count + 1) & _WORD_MASK
             )
         )
+
+    def report_damage(self) -> None:
+        """Say "the published snapshot is damaged" to the leader: any process may call it, before it
+        rings the leader (which checks the segment when the counter moved, and only then when a ring
+        woke it: rings that registrations explain cost it no check).
+
+        Not atomic across processes, as :meth:`bump_registry_seq`: a bump lost to a concurrent one
+        came from a process that read the counter before the other wrote it, so it found the damage
+        before the leader saw the counter move, and the check that follows covers it. Written even in
+        a header whose magic is damaged (the word is the leader's to judge, not the reporter's).
+        """
+        self._check_open()
+        words = self._words
+        words[WORD_DAMAGE_REPORTS] = (words[WORD_DAMAGE_REPORTS] + 1) & _WORD_MASK
 
     def bump_registry_seq(self) -> None:
         """Say "a registration changed" to the leader: any process may call it, after writing its file.

@@ -358,9 +358,11 @@ class BaseHeksherClient(Generic[R]):
         self.on_update_error(error)
 
     def _segment_damaged(self) -> None:
-        """A snapshot failed its checks: have whoever leads check the segment (it publishes again)."""
+        """A snapshot failed its checks: report it in the segment, then have whoever leads check the
+        segment (it publishes again)."""
         if self._link.neighbours is None:
             return
+        self._link.report_damage()
         if self.leading:
             self._runner.wake()
         else:

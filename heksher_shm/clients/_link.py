@@ -10,6 +10,7 @@ changes (joined, moved to a replaced segment file, forked).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -133,6 +134,15 @@ class HostLink:
         """Listen again if this client's doorbell vanished."""
         if self.neighbours is not None:
             self.neighbours.ensure_bell()
+
+    def report_damage(self) -> None:
+        """Count a damaged snapshot in the segment's header, for whoever leads (never raises: the report
+        comes from a reader, which goes on with the rules it has)."""
+        parts = self.parts
+        # Closed meanwhile (the client closes, or the file was replaced): nobody to tell.
+        if parts is not None:
+            with contextlib.suppress(SegmentError):
+                parts.segment.report_damage()
 
     def ring_leader(self) -> None:
         """Ring whoever leads (a request of this process waits in the registry)."""

@@ -180,7 +180,9 @@ class SimClient:
         self.reports.append("ok" if error is None else "error")
 
     def segment_damaged(self) -> None:
-        """``Registering._segment_damaged``: have whoever leads check the segment."""
+        """``BaseHeksherClient._segment_damaged``: report it in the segment, then have whoever leads
+        check the segment."""
+        self._proc.host.segment.report_damage()
         if self._proc.engine.leading:
             self._proc.wake()
         else:

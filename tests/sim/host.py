@@ -232,6 +232,9 @@ class SimHost:
     def count_declarations(self, ok: int, failed: int) -> None:
         self.segment.count_declarations(ok, failed)
 
+    def damage_reports(self) -> int:
+        return self.segment.damage_reports()
+
     # -- the other processes --------------------------------------------------------------------------
 
     def scan_wishes(self, prune: bool) -> list[Wish]:
