@@ -263,6 +263,35 @@ def test_segment_damaged_under_running_clients(service: HeksherService) -> None:
     assert max(t for times in repairs.values() for t in times) < FAST_VERIFY + 1.5
 
 
+def test_a_reader_that_finds_the_snapshot_damaged_has_it_repaired_long_before_an_update(
+    service: HeksherService,
+) -> None:
+    """Segment format 5: the leader checks the segment when a process reported damage, not for rings
+    that registrations explain. With an update interval of 60 s, a newcomer that reads a damaged blob
+    counts it in the header and rings; the leader checks and publishes again within VERIFY_INTERVAL,
+    without a query, and the newcomer starts with the right value."""
+    name, _ = counter_setting(service, "reported")
+    leader = FaultWorker(service.url, "thread", [(name, "int", -1)], 60)
+    workers = [leader]
+    with reaping(workers):
+        leader.ready()
+        path = Path(leader.ask("segment_path"))
+        with Segment.open(path, create=False) as watch:
+            assert snapshot_value(watch, name) == 0
+            assert watch.status().damage_reports == 0
+            queries = service.count(path="/api/v1/query")
+            _flips_in("blobs", 3)(path, random.Random(5))
+            assert snapshot_value(watch, name) is None  # the blob's checksum no longer matches
+            newcomer = FaultWorker(service.url, "async", [(name, "int", -1)], 60)
+            workers.append(newcomer)
+            newcomer.ready()  # its set_as_main() read the damaged blob, reported it, and got a repair
+            assert newcomer.ask("wait_value", 0, 1.0) is not None
+            assert wait_repaired(watch, name, 0, VERIFY_INTERVAL + 1.5) < VERIFY_INTERVAL + 1.5
+            assert watch.status().damage_reports >= 1
+            assert service.count(path="/api/v1/query") == queries  # a check repaired it, not an update
+    check_readers(workers, 0)
+
+
 @pytest.mark.stress
 @pytest.mark.timeout(stress_seconds(45) + 180)
 def test_segment_damaged_under_running_clients_long(service: HeksherService) -> None:
