@@ -26,6 +26,7 @@ from heksher_shm._process import fork as _fork
 from heksher_shm._process import gc as _gc
 from heksher_shm._process import main as _main
 from heksher_shm._process.gc import paused_gc
+from heksher_shm.testing import HeksherService
 
 CHILD_DEADLINE = 10.0
 STEP_DEADLINE = 5.0
@@ -248,3 +249,33 @@ def test_upper_layers_register_their_reset_and_it_runs_after_the_lower_ones(
         return " ".join(call for call in calls if call in {"main", "upper", "upper, replaced", "upmost"})
 
     assert _fork_child(child) == ("main upper upmost", 0)
+
+
+def test_a_closed_client_still_referenced_closes_none_of_a_forked_childs_descriptors() -> None:
+    """A closed client that something still holds (an OpenFeature provider, a module global) resumes in a
+    forked child like any live one; closing its wake pipe there again closed whatever had reused the
+    pipe's numbers since, two of the child's own descriptors (found by the OpenFeature fork test: its
+    pipe to the test read "Bad file descriptor")."""
+    with HeksherService() as service:
+        client = heksher_shm.ThreadHeksherClient(service.url, 60, ["user"], shared=False)
+        client.close()
+        probe = os.pipe()  # the lowest free numbers: those the closed client's wake pipe had
+        inodes = [os.fstat(fd).st_ino for fd in probe]
+        try:
+
+            def child() -> str:
+                # Still the same pipe? (A number closed and taken again by a new pipe is open, too.)
+                alive = []
+                for fd, inode in zip(probe, inodes, strict=True):
+                    try:
+                        alive.append("same" if os.fstat(fd).st_ino == inode else "another")
+                    except OSError as error:
+                        alive.append(error.strerror or "?")
+                return " ".join(alive)
+
+            report, code = _fork_child(child)
+        finally:
+            for fd in probe:
+                os.close(fd)
+        del client  # held to the fork (a closed client that something keeps)
+    assert (report, code) == ("same same", 0)

@@ -49,7 +49,9 @@ class WakePipe:
         self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def wake(self) -> None:
-        """Make the current or next :meth:`wait` return (never blocks)."""
+        """Make the current or next :meth:`wait` return (never blocks; nothing once closed)."""
+        if self._write < 0:
+            return
         with contextlib.suppress(BlockingIOError, OSError):  # full: a wake is pending already
             os.write(self._write, b"\0")
 
@@ -72,11 +74,22 @@ class WakePipe:
         ready.discard(self._read)
         return ready
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (its descriptors are no longer this pipe's)."""
+        return self._read < 0
+
     def close(self) -> None:
-        """Close both ends (also right in a forked child, where they are copies of the parent's)."""
-        for fd in (self._read, self._write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Close both ends (also right in a forked child, where they are copies of the parent's).
+
+        Once: the numbers are free afterwards, and whatever the process opens
+        next may take them (closing them again closed someone else's files).
+        """
+        fds, (self._read, self._write) = (self._read, self._write), (-1, -1)
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class LoopWaker:

@@ -244,14 +244,14 @@ class _ThreadRunner:
         self._report: Callable[[BaseException | None], None] = _unbound
         self._make()
 
-    def _make(self) -> None:
+    def _make(self, wake_pipe: WakePipe | None = None) -> None:
         # Also run in a forked child: nothing of the parent's threads is kept,
         # and the parent's HTTP client (with its sockets) is abandoned, never closed.
         self.modification_lock = threading.Lock()
         """Held while setting values change; hold it to keep them from changing."""
         self._http_client: httpx.Client | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._wake_pipe = WakePipe()
+        self._wake_pipe = wake_pipe if wake_pipe is not None else WakePipe()
         self.applied = threading.Condition()
         """Notified whenever a snapshot was applied (or the client closed): waiters look at the answers."""
         self.thread: threading.Thread | None = None
@@ -294,8 +294,13 @@ class _ThreadRunner:
             self.applied.notify_all()
 
     def after_fork_in_child(self) -> None:
-        self._wake_pipe.close()
-        self._make()
+        # The parent's copies go. A closed client's pipe was closed already, and its numbers may be
+        # anyone's by now (closing them again, a child lost two of its own descriptors); it gets no
+        # new one: nothing waits or wakes in a closed client.
+        pipe = self._wake_pipe
+        closed = pipe.closed
+        pipe.close()
+        self._make(pipe if closed else None)
 
     def resume_in_child(self) -> None:
         self.start()
