@@ -185,6 +185,7 @@ class Faults:
     def _flip(self) -> None:
         self.sim.count("byte flips")
         offset = self.sim.segment_file.flip(self.rng)
+        self.sim.flipped_at = self.sim.world.now
         self.sim.world.note(0, "bit flipped at offset %d", offset)
 
     def _jump(self) -> None:

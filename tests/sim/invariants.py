@@ -42,7 +42,8 @@ Each check raises :class:`~tests.sim.world.Violation` with the name below
 ``quiet-when-idle (11)``
     Over a quiet stretch (from one update interval after convergence and
     after the latest election, once a leader stalled until the faults ended
-    has shown progress or been replaced), the service gets at most one query
+    has shown progress or been replaced, and once the leader checked the
+    segment after the last flipped byte), the service gets at most one query
     per update interval (plus two), no declarations, and no process wakes
     more than :func:`idle_bound` times.
 """

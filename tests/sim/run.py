@@ -32,6 +32,7 @@ import httpx
 
 from heksher_shm._engine.effects import Call
 from heksher_shm._engine.health import DESYNC_SPREAD
+from heksher_shm._engine.policy import VERIFY_INTERVAL
 from heksher_shm._model.protocol import DeclarationBody
 from heksher_shm._shm import writing
 from tests.sim.config import PROFILES, Config, config_for
@@ -179,6 +180,8 @@ class Sim:
         self._next_pid = 100
         self.faults_over = False
         self.faults_end = 0.0
+        self.flipped_at: float | None = None
+        """When a byte of the segment last flipped."""
         self.publisher: SimProcess | None = None
         self.idle = False
         """The quiet stretch began: nothing is injected any more, not even get() calls."""
@@ -216,9 +219,15 @@ class Sim:
         # wait it drew before (up to 1 + DESYNC_SPREAD intervals) before it shows progress again, and is
         # replaced only then if it overran its promise; the new term declares everything once. So the
         # quiet stretch begins an interval after convergence, after that longest wait, and an interval
-        # after the latest election.
+        # after the latest election. A flipped byte that no reader came upon (the term word, say:
+        # readers see no snapshot of theirs damaged, nobody reports it) waits for the leader's next
+        # check of the segment: at its first update that publishes nothing, at least VERIFY_INTERVAL
+        # after its previous check (seed 1114431: a term word flipped high, found 2.4 s after the
+        # faults, fenced the leader off; its successor's declarations fell in the quiet stretch).
         interval = config.update_interval
         settled = max(world.now + interval, self.faults_end + (1 + DESYNC_SPREAD) * interval)
+        if self.flipped_at is not None:
+            settled = max(settled, self.flipped_at + VERIFY_INTERVAL + (1 + DESYNC_SPREAD) * interval)
         while world.now < settled:
             world.run_until(settled)
             settled = max(settled, self.elected_at + interval)
