@@ -162,6 +162,7 @@ def test_a_first_term_declares_queries_publishes_and_answers() -> None:
         "KeepsLead",
         "ScanWishes",
         "DamageReports",  # a check of the segment only when a process reported damage
+        "KeepsLead",  # a replaced leader declares nothing
         "Calls",  # the declaration
         "CountDeclarations",
         "Call",  # the query

@@ -137,6 +137,19 @@ REGRESSIONS = {
     # The first fix of that one kept the backoff's short steps for the updates with nothing to ask: the
     # leader woke every 0.4 s while nobody wanted anything.
     1066967: "quiet-when-idle (11)",
+    # The simulation's fault, not the engine's: a flip raised the header's term word 0.7 s before the
+    # faults ended; no reader came upon it (no snapshot of theirs was damaged), so the leader found it at
+    # its next check, 2.4 s after the faults (fenced off by the higher term, it stepped down), and the
+    # new term's declarations fell in the quiet stretch. The quiet stretch now begins once the leader
+    # can have checked the segment after the last flip.
+    1114431: "quiet-when-idle (11)",
+    # A leader stopped between its registry scan and its declarations was replaced; the new term's
+    # declarations of a new setting were refused (a version other than 1.0). Resumed, the old leader
+    # declared what it had read before the stop, a 1.0 of that setting for a process gone since, and
+    # created it; the new term never learned it existed, and its processes never got its rules. A
+    # leader now checks that it still leads right before it declares.
+    1277433: "convergence (5, 7)",
+    1292264: "convergence (5, 7)",
 }
 
 
@@ -167,10 +180,11 @@ def test_long_regression(seed: int) -> None:
 
 # -- fencing ------------------------------------------------------------------------------------------------
 
-HOLE = 0
+HOLE = 2
 """A CI schedule in which, without fencing, a leader stopped between its lock check and its publish is
 replaced, resumes, publishes, and its own process accepts that snapshot (issue 15's hole):
-``python -m tests.sim --seed 0 --no-fencing``."""
+``python -m tests.sim --seed 2 --no-fencing``. (Any change to the engine's effects changes every
+schedule: search again with ``tests.sim.run_schedule(seed, fencing=False)`` when it no longer holds.)"""
 
 BACKWARDS = 11
 """A CI schedule in which, without fencing *and* without the clients' refusal of a snapshot queried

@@ -16,7 +16,7 @@ from heksher_shm._engine.context import Context
 from heksher_shm._engine.effects import Call, Calls, CountDeclarations, Effect, Wait
 from heksher_shm._engine.health import backoff_delay
 from heksher_shm._engine.host import Wish
-from heksher_shm._engine.term import Term, transient
+from heksher_shm._engine.term import Term, keep_lead, transient
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import Outcome
 
@@ -109,6 +109,10 @@ class Declarer:
                 )
                 for _, body in batch
             ]
+            # A leader replaced while it could not run (stopped after its registry scan) must not
+            # declare what it read then: a process gone since could create a setting that the new
+            # term's own declarations found missing, and that term would never learn of it.
+            yield from keep_lead()
             results = yield Calls(calls, policy.DECLARE_CONCURRENCY, busy=True)
             for (digest, body), result in zip(batch, results, strict=True):
                 outcomes[digest] = declaration_outcome(body, result, self._ctx.failed)

@@ -30,8 +30,8 @@ from heksher_shm._engine.effects import (
 )
 from heksher_shm._engine.health import error_text
 from heksher_shm._engine.host import Restored, Wish
-from heksher_shm._engine.term import LeaderLost, Term, query_spec
-from heksher_shm._engine.updating import Updater, keep_lead
+from heksher_shm._engine.term import LeaderLost, Term, keep_lead, query_spec
+from heksher_shm._engine.updating import Updater
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import Head, Outcome, SettingEntry, decode_head
 

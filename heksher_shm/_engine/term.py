@@ -8,15 +8,20 @@ processes' wishes.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from heksher_shm._engine.effects import Effect, KeepsLead
 from heksher_shm._engine.host import Wish
 from heksher_shm._model.contexts import TRACK_ALL, context_filters
 from heksher_shm._model.snapshot import Ack, Outcome, SettingEntry
 
-__all__ = ["LeaderLost", "Spec", "Term", "acknowledgements", "query_spec", "transient"]
+__all__ = ["LeaderLost", "Spec", "Term", "acknowledgements", "keep_lead", "query_spec", "transient"]
+
+logger = logging.getLogger("heksher_shm.engine")
 
 Spec = tuple[tuple[str, ...], str]
 """What one query asks for: the setting names, and the context filters."""
@@ -24,6 +29,14 @@ Spec = tuple[tuple[str, ...], str]
 
 class LeaderLost(Exception):
     """The term ended: the lock was lost, or a newer term fenced this one off."""
+
+
+def keep_lead() -> Generator[Effect, Any, None]:
+    """Step down (raise :class:`LeaderLost`) if the lock file was removed or replaced: someone else may
+    lock the new one, or already did, having judged this leader stuck."""
+    if not (yield KeepsLead()):
+        logger.warning("the election lock file was removed or replaced; stepping down")
+        raise LeaderLost
 
 
 @dataclass

@@ -24,7 +24,6 @@ from heksher_shm._engine.effects import (
     Compute,
     Digest,
     Effect,
-    KeepsLead,
     KeepSnapshot,
     Publish,
     ReadBlobs,
@@ -34,7 +33,7 @@ from heksher_shm._engine.effects import (
 )
 from heksher_shm._engine.health import DESYNC_WAVES, backoff_delay, error_text, update_delay
 from heksher_shm._engine.host import Wish
-from heksher_shm._engine.term import LeaderLost, Spec, Term, acknowledgements, query_spec
+from heksher_shm._engine.term import LeaderLost, Spec, Term, acknowledgements, keep_lead, query_spec
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import FORMAT, Head, Outcome, encode_head
 from heksher_shm.exceptions import SnapshotFencedError
@@ -42,14 +41,6 @@ from heksher_shm.exceptions import SnapshotFencedError
 __all__ = ["Updater", "keep_lead"]
 
 logger = logging.getLogger("heksher_shm.engine")
-
-
-def keep_lead() -> Generator[Effect, Any, None]:
-    """Step down (raise :class:`LeaderLost`) if the lock file was removed or replaced: someone else may
-    lock the new one, or already did, having judged this leader stuck."""
-    if not (yield KeepsLead()):
-        logger.warning("the election lock file was removed or replaced; stepping down")
-        raise LeaderLost
 
 
 class Updater:
