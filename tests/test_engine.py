@@ -560,3 +560,62 @@ def test_a_setting_whose_declaration_was_refused_is_queried_once_another_one_cre
     assert query_spec(term, [refused])[0] == ()
     term.declared[proto.declaration_digest(first)] = Outcome("size", "created", 200)  # by p2, gone since
     assert query_spec(term, [refused])[0] == ("size",)
+
+
+def test_a_setting_refused_as_new_is_looked_for_at_each_update_and_queried_once_it_exists() -> None:
+    """A declaration refused as a new setting (a 400 to version 1.1) says the service lacks the setting.
+    Someone else may create it later (another host, or a leader replaced while its declarations were on
+    their way: simulated seeds 1007892, 1277433, 1292264, where the term never learned of it and the
+    process never got its rules). The leader asks for it at each scheduled update, never in between, and
+    queries it from the update that finds it; it is declared once all the same."""
+    clock = FakeClock()
+    run = Run(engine(clock), clock)
+    newer = proto.DeclarationBody(
+        name="size", configurable_features=["user"], type="int", default_value=3, metadata={}, version="1.1"
+    )
+    wishes = [Wish("p1", {proto.declaration_digest(newer): newer}, {"user": ["alice"]}, 1)]
+    calm_world = calm(wishes=wishes)
+    exists = {"size": False}
+    looked: list[float] = []
+    queried: list[str] = []
+
+    def answer(effect: Any) -> Any:
+        if isinstance(effect, fx.Calls) and effect.calls[0].path == proto.DECLARE:
+            return [response(400, "new setting must have version 1.0") for _ in effect.calls]
+        if isinstance(effect, fx.Calls):
+            assert [c.path for c in effect.calls] == ["/api/v1/settings/size"]
+            looked.append(clock.now)
+            return [response(200 if exists["size"] else 404, {}) for _ in effect.calls]
+        if isinstance(effect, fx.Call) and effect.path == proto.QUERY:
+            queried.append(str((effect.params or {}).get("settings")))
+        return calm_world(effect)
+
+    def next_wake(advance: float) -> Any:
+        clock.now += advance
+        return run.until(lambda e: isinstance(e, fx.Wait), answer)
+
+    wait = run.until(lambda e: isinstance(e, fx.Wait), answer)
+    assert looked == [clock.now]  # the term's first update: looked for at once, missing
+    assert queried == []  # nothing to query
+    wishes.append(wish("p2"))  # a ring in between (a newcomer; its 1.0 is refused too, in this world)
+    wait = next_wake(0.01)
+    assert len(looked) == 1  # not looked for between updates
+    wishes.pop()
+    wait = next_wake(wait.timeout)  # the next update: looked for, still missing
+    assert len(looked) == 2
+    assert not any("size" in q for q in queried)
+    exists["size"] = True  # someone else created it
+    wait = next_wake(wait.timeout)
+    assert len(looked) == 3
+    assert queried
+    assert "size" in queried[-1]  # queried at the update that found it
+    wait = next_wake(wait.timeout)
+    assert len(looked) == 3  # found: not looked for again
+    declared = [
+        c
+        for e in run.log
+        if isinstance(e, fx.Calls)
+        for c in e.calls
+        if c.path == proto.DECLARE and b'"version":"1.1"' in (c.content or b"")
+    ]
+    assert len(declared) == 1  # declared once this term, whatever happened since

@@ -19,7 +19,16 @@ from heksher_shm._engine.host import Wish
 from heksher_shm._model.contexts import TRACK_ALL, context_filters
 from heksher_shm._model.snapshot import Ack, Outcome, SettingEntry
 
-__all__ = ["LeaderLost", "Spec", "Term", "acknowledgements", "keep_lead", "query_spec", "transient"]
+__all__ = [
+    "LeaderLost",
+    "Spec",
+    "Term",
+    "acknowledgements",
+    "keep_lead",
+    "query_spec",
+    "refused_as_new",
+    "transient",
+]
 
 logger = logging.getLogger("heksher_shm.engine")
 
@@ -63,6 +72,9 @@ class Term:
     """The standing error (text, id) while updates fail: what a reload() gets during the backoff."""
     lost: set[str] = field(default_factory=set)
     """Settings a query's 404 named: the service does not have them, whatever the snapshot holds."""
+    found: set[str] = field(default_factory=set)
+    """Settings whose declarations were refused as new ones (a version other than 1.0) that the
+    service has since: someone else created them (see :func:`refused_as_new`)."""
     next_prune: float = 0.0
     queried_for: dict[str, int] = field(default_factory=dict)
     """Per process, the latest ``query_seq`` a query (or a standing error) has answered."""
@@ -105,7 +117,7 @@ def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     asking for one again fails the whole query.
     """
     names: set[str] = set()
-    known = {entry.name for entry in term.entries} - term.lost
+    known = ({entry.name for entry in term.entries} | term.found) - term.lost
     known.update(outcome.name for outcome in term.declared.values() if outcome.error is None)
     for wish in wishes:
         for digest, body in wish.declarations.items():
@@ -160,6 +172,35 @@ def acknowledgements(term: Term, wishes: Sequence[Wish]) -> dict[str, Ack]:
             continue
         acks[wish.key] = Ack(wish.reload_seq, error, error_id, term.number, term.generation)
     return acks
+
+
+def refused_as_new(term: Term, wishes: Sequence[Wish]) -> list[str]:
+    """Settings live processes want whose declarations the service refused as new settings (a 400 to
+    a version other than 1.0: Heksher creates a setting only at 1.0) and that the term does not know
+    to exist since.
+
+    Someone else may create such a setting later: a process of another host,
+    or a leader replaced while its declarations were on their way. Its
+    processes then get its rules only if the term learns of it: the leader
+    asks the service for these settings at each scheduled update (one request
+    each, only while such a declaration is wanted), as heksher 0.2.2's
+    processes get a setting's rules once it exists.
+    """
+    known = ({entry.name for entry in term.entries} | term.found) - term.lost
+    known.update(outcome.name for outcome in term.declared.values() if outcome.error is None)
+    names: set[str] = set()
+    for wish in wishes:
+        for digest, body in wish.declarations.items():
+            outcome = term.declared.get(digest)
+            if (
+                outcome is not None
+                and outcome.error is not None
+                and outcome.status == 400
+                and body.version != "1.0"
+                and body.name not in known
+            ):
+                names.add(body.name)
+    return sorted(names)
 
 
 _FILTERABLE = re.compile(r"[a-z]+")

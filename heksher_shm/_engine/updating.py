@@ -21,6 +21,7 @@ from heksher_shm._engine.effects import (
     Acknowledge,
     Announce,
     Call,
+    Calls,
     Compute,
     Digest,
     Effect,
@@ -33,7 +34,15 @@ from heksher_shm._engine.effects import (
 )
 from heksher_shm._engine.health import DESYNC_WAVES, backoff_delay, error_text, update_delay
 from heksher_shm._engine.host import Wish
-from heksher_shm._engine.term import LeaderLost, Spec, Term, acknowledgements, keep_lead, query_spec
+from heksher_shm._engine.term import (
+    LeaderLost,
+    Spec,
+    Term,
+    acknowledgements,
+    keep_lead,
+    query_spec,
+    refused_as_new,
+)
 from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import FORMAT, Head, Outcome, encode_head
 from heksher_shm.exceptions import SnapshotFencedError
@@ -62,10 +71,12 @@ class Updater:
         # A declaration the service answered is a sign it is back (during a backoff); whether it
         # brought a setting to query is for the spec to say (an ``uptodate`` one usually does not).
         answered = yield from self._declarer.declare(term, wishes)
-        spec = query_spec(term, wishes)
         now = self._ctx.clock.monotonic()
-        asking = [w for w in wishes if w.query_seq > term.queried_for.get(w.key, 0)]
         due = now >= term.next_update
+        if due:
+            yield from self._look_for_refused(term, wishes)
+        spec = query_spec(term, wishes)
+        asking = [w for w in wishes if w.query_seq > term.queried_for.get(w.key, 0)]
         if not (asking or due or spec != term.spec):
             if not term.published or term.declared != term.published_outcomes:
                 # The term's first snapshot, or new outcomes: a process reads its declarations'
@@ -82,6 +93,23 @@ class Updater:
             term.queried_for[wish.key] = wish.query_seq  # requests seen now are answered by this query
         error = yield from self.update(term, wishes, spec, scheduled=due)
         return True, error
+
+    def _look_for_refused(self, term: Term, wishes: Sequence[Wish]) -> Generator[Effect, Any, None]:
+        """Ask the service whether the settings refused as new exist now (see :func:`refused_as_new`):
+        those it has are queried from this update on."""
+        names = refused_as_new(term, wishes)
+        if not names:
+            return
+        results = yield Calls(
+            [Call("GET", f"{proto.SETTINGS}/{name}") for name in names], policy.DECLARE_CONCURRENCY, busy=True
+        )
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, httpx.Response) and result.status_code == 200:
+                term.found.add(name)
+                logger.info(
+                    "a setting whose declaration was refused as new exists now; its rules are queried",
+                    extra={"setting_name": name},
+                )
 
     def update(
         self, term: Term, wishes: Sequence[Wish], spec: Spec, scheduled: bool = True
@@ -112,6 +140,7 @@ class Updater:
                         extra={"response_content": lost.response.content[:200]},
                     )
                     term.lost |= lost.unknown(spec[0])  # not asked for again unless declared anew
+                    term.found -= term.lost  # nor found again unless the service shows it again
                     term.declared = {d: o for d, o in term.declared.items() if o.error is not None}
                     term.etag = ""
                     yield from self._declarer.declare(term, wishes)
