@@ -150,6 +150,9 @@ REGRESSIONS = {
     # leader now checks that it still leads right before it declares.
     1277433: "convergence (5, 7)",
     1292264: "convergence (5, 7)",
+    # The same, by a leader stopped between that check and its requests (in CI's stress range): the
+    # leader now also looks for the settings refused as new at each scheduled update.
+    1007892: "convergence (5, 7)",
 }
 
 
