@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from heksher_shm._engine.health import DESYNC_SPREAD, DESYNC_WAVES
 from heksher_shm.testing import HeksherService
 from tests._procs import Worker, leaders_of
 from tests._support import FEATURES, unique
@@ -24,6 +25,14 @@ def test_one_poller_same_values_and_fast_propagation(service: HeksherService, wo
     rule = service.add_rule(name, {"user": "alice"}, 1)
     for w in workers:
         assert w.ask("wait_value", name, {"user": "alice"}, 1, interval + 2) is not None
+    # The first waits of a term are drawn (up to 1.75 intervals: DESYNC_WAVES, so that hosts started
+    # together drift apart); propagation within an interval is the steady state's promise. A change made
+    # during those waits waited up to 0.86 s here once: wait until the leader queried past them.
+    service.reset_requests()
+    waves = DESYNC_WAVES + 1
+    assert service.wait_for_requests(
+        waves, path="/api/v1/query", timeout=waves * interval * (1 + DESYNC_SPREAD) + 2
+    )
 
     # Over several update intervals the service sees one poller: about one query per interval.
     service.reset_requests()
