@@ -117,8 +117,7 @@ def query_spec(term: Term, wishes: Sequence[Wish]) -> Spec:
     asking for one again fails the whole query.
     """
     names: set[str] = set()
-    known = ({entry.name for entry in term.entries} | term.found) - term.lost
-    known.update(outcome.name for outcome in term.declared.values() if outcome.error is None)
+    known = _known_to_service(term)
     for wish in wishes:
         for digest, body in wish.declarations.items():
             outcome = term.declared.get(digest)
@@ -174,6 +173,14 @@ def acknowledgements(term: Term, wishes: Sequence[Wish]) -> dict[str, Ack]:
     return acks
 
 
+def _known_to_service(term: Term) -> set[str]:
+    """The settings the term knows the service has: the snapshot's (unless a 404 named them), those it
+    found since they were refused as new, and those a declaration of succeeded this term."""
+    known = ({entry.name for entry in term.entries} | term.found) - term.lost
+    known.update(outcome.name for outcome in term.declared.values() if outcome.error is None)
+    return known
+
+
 def refused_as_new(term: Term, wishes: Sequence[Wish]) -> list[str]:
     """Settings live processes want whose declarations the service refused as new settings (a 400 to
     a version other than 1.0: Heksher creates a setting only at 1.0) and that the term does not know
@@ -186,8 +193,7 @@ def refused_as_new(term: Term, wishes: Sequence[Wish]) -> list[str]:
     each, only while such a declaration is wanted), as heksher 0.2.2's
     processes get a setting's rules once it exists.
     """
-    known = ({entry.name for entry in term.entries} | term.found) - term.lost
-    known.update(outcome.name for outcome in term.declared.values() if outcome.error is None)
+    known = _known_to_service(term)
     names: set[str] = set()
     for wish in wishes:
         for digest, body in wish.declarations.items():

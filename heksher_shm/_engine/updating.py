@@ -47,7 +47,7 @@ from heksher_shm._model import protocol as proto
 from heksher_shm._model.snapshot import FORMAT, Head, Outcome, encode_head
 from heksher_shm.exceptions import SnapshotFencedError
 
-__all__ = ["Updater", "keep_lead"]
+__all__ = ["Updater"]
 
 logger = logging.getLogger("heksher_shm.engine")
 
